@@ -1,0 +1,1 @@
+"""zchat-bench: throughput and C10K benchmarks against in-run baselines."""

@@ -1,0 +1,1 @@
+"""The zchat broker program: its config, its event loop, and zchat-admin."""

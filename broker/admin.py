@@ -1,0 +1,161 @@
+"""``zchat-admin``: the operator's tool, speaking to the broker's PAIR socket.
+
+libzmq made PAIR for ``inproc`` pipes: a bound PAIR takes one peer at a time,
+turns away a second one silently, and a connection does not come back by
+itself. So each command opens a fresh PAIR, sends one request with a unique
+``id``, waits briefly for the reply carrying that ``id``, and closes at once
+(linger 0) so the next operator can connect. When the broker is busy with
+another operator, the request is sent again on a new connection until the
+deadline; the broker answers a repeated ``id`` from its memory instead of
+running the command twice.
+
+Control frames are MessagePack maps: ``{type: stats|who|kick|say|shutdown,
+id, name?, reason?, text?}``; replies are ``{type: result, id, ...}`` or
+``{type: error, id, code, detail}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from zchat.broker.config import DEFAULT_CONTROL
+from zchat.errors import ProtocolError, ZchatError
+from zchat.protocol import decode_frame, encode
+
+__all__ = ["AdminError", "command", "main"]
+
+ATTEMPT_SECONDS = 0.5
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the broker refused the command (e.g. no such user)
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3  # no answer within --timeout
+
+
+class AdminError(ZchatError):
+    """The command failed; ``unreachable`` when the broker did not answer."""
+
+    def __init__(self, detail: str, *, unreachable: bool = False) -> None:
+        super().__init__(detail)
+        self.unreachable = unreachable
+
+
+def command(
+    endpoint: str, request: dict[str, Any], *, timeout: float = 5.0,
+    context: zmq.Context[Any] | None = None,
+) -> dict[str, Any]:
+    """Send one control command and return the broker's result map.
+
+    Raises:
+        AdminError: the broker answered with an error, or not at all.
+    """
+    ctx = context or zmq.Context.instance()
+    rid = secrets.token_hex(8)
+    frame = encode({**request, "id": rid})
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AdminError(
+                f"no answer from the broker at {endpoint} within {timeout:g}s "
+                "(is it running? is another operator connected?)",
+                unreachable=True,
+            )
+        sock = ctx.socket(zmq.PAIR)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(endpoint)
+            sock.send(frame)
+            reply = _wait_reply(sock, rid, min(ATTEMPT_SECONDS, remaining))
+        finally:
+            sock.close()
+        if reply is None:
+            continue
+        if reply.get("type") == "error":
+            raise AdminError(f"{reply.get('code')}: {reply.get('detail')}")
+        return reply
+
+
+def _wait_reply(sock: zmq.Socket[Any], rid: str, seconds: float) -> dict[str, Any] | None:
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if not sock.poll(left * 1000):
+            return None
+        try:
+            reply = decode_frame(sock.recv())
+        except ProtocolError:
+            continue
+        # A late reply to some earlier operator's request is not ours.
+        if reply.get("id") == rid:
+            return reply
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zchat-admin",
+        description="Operate a running zchat broker through its control endpoint.",
+        epilog="Exit codes: 0 done, 1 the broker refused (e.g. no such user), 2 usage, "
+               "3 no answer from the broker within --timeout.",
+    )
+    p.add_argument("--control", metavar="EP",
+                   default=os.environ.get("ZCHAT_CONTROL") or DEFAULT_CONTROL,
+                   help="the broker's control endpoint (env ZCHAT_CONTROL; default %(default)s)")
+    p.add_argument("--timeout", metavar="SECONDS", type=float, default=5.0,
+                   help="give up after this long (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the reply as JSON")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("stats", help="counters: members, seq, messages, errors, uptime")
+    sub.add_parser("who", help="joined members with their real addresses")
+    kick = sub.add_parser("kick", help="disconnect a member (they get `bye kicked`)")
+    kick.add_argument("name")
+    kick.add_argument("reason", nargs="*", help="shown to everyone")
+    say = sub.add_parser("say", help="announce a notice to the room")
+    say.add_argument("text", nargs="+")
+    sub.add_parser("shutdown", help="stop the broker cleanly")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    request: dict[str, Any] = {"type": args.command}
+    if args.command == "kick":
+        request["name"] = args.name
+        if args.reason:
+            request["reason"] = " ".join(args.reason)
+    elif args.command == "say":
+        request["text"] = " ".join(args.text)
+    try:
+        reply = command(args.control, request, timeout=args.timeout)
+    except AdminError as exc:
+        print(f"zchat-admin: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE if exc.unreachable else EXIT_FAILED
+    finally:
+        zmq.Context.instance().term()
+    reply.pop("id", None)
+    reply.pop("type", None)
+    if args.json:
+        print(json.dumps(reply, sort_keys=True))
+    elif args.command == "stats":
+        for key, value in sorted(reply["stats"].items()):
+            print(f"{key:14} {value:.1f}" if isinstance(value, float) else f"{key:14} {value}")
+    elif args.command == "who":
+        for member in reply["members"]:
+            print(f"{member['name']:32} {member['addr']}")
+        print(f"{len(reply['members'])} member(s)")
+    else:
+        print("ok")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

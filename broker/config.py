@@ -1,0 +1,62 @@
+"""The broker's settings, and checks on them that need no sockets."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from zchat.state import Limits
+
+__all__ = ["Config", "ConfigError", "check_control_endpoint"]
+
+DEFAULT_INPUT = "tcp://*:5555"
+DEFAULT_BROADCAST = "tcp://*:5556"
+DEFAULT_CONTROL = "tcp://127.0.0.1:5557"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything ``zchat-broker`` can be told (see ``zchat-broker --help``)."""
+
+    input: str = DEFAULT_INPUT
+    broadcast: str = DEFAULT_BROADCAST
+    control: str = DEFAULT_CONTROL
+    heartbeat: float = 5.0
+    limits: Limits = Limits()
+    hide_addresses: bool = False
+    advertise: str | None = None  # the broadcast endpoint `welcome` names
+    quiet: bool = False  # do not print chat lines on stdout
+    io_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.heartbeat > 0:
+            raise ConfigError(f"heartbeat must be positive, not {self.heartbeat}")
+        if self.io_threads < 1:
+            raise ConfigError("io-threads must be at least 1")
+        check_control_endpoint(self.control)
+
+
+def check_control_endpoint(endpoint: str) -> None:
+    """Refuse an operator endpoint that anyone on the network could reach."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return
+    if scheme != "tcp":
+        raise ConfigError(f"control endpoint {endpoint!r}: use tcp://127.0.0.1:PORT or ipc://PATH")
+    host = urlsplit(f"tcp://{rest}").hostname or ""
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(
+            f"control endpoint {endpoint!r} is not loopback: the operator channel can stop "
+            "the broker, so it listens on 127.0.0.1, [::1] or ipc:// only"
+        )

@@ -1,0 +1,184 @@
+"""``zchat-broker``: parse the command line, then run the server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from zchat.broker.config import (
+    DEFAULT_BROADCAST,
+    DEFAULT_CONTROL,
+    DEFAULT_INPUT,
+    Config,
+    ConfigError,
+)
+from zchat.broker.server import Server, raise_fd_limit
+from zchat.state import Limits
+
+__all__ = ["build_parser", "config_from_args", "env_default", "main"]
+
+ENV_PREFIX = "ZCHAT_"
+
+EXIT_OK = 0
+EXIT_CONFIG = 2  # bad option or setting (argparse uses 2 as well)
+EXIT_BIND = 3  # an endpoint could not be bound
+
+DESCRIPTION = """\
+The zchat broker: one event loop that relays every chat message to every
+client, prints the chat on this screen, and announces who joins and leaves
+(name and IP address). Clients connect a DEALER to --input and a SUB to
+--broadcast; the operator uses `zchat-admin` on --control.
+"""
+
+EPILOG = f"""\
+Every option can also be set by an environment variable: {ENV_PREFIX}<OPTION>,
+upper case with '-' as '_' (e.g. {ENV_PREFIX}HEARTBEAT=0.5, {ENV_PREFIX}HIDE_ADDRESSES=1).
+A command-line option wins over the environment. A limit of 0 turns it off.
+
+Exit codes: 0 stopped cleanly (SIGINT, SIGTERM or `zchat-admin shutdown`),
+2 bad configuration, 3 an endpoint could not be bound.
+"""
+
+
+def env_default(name: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
+    """The default for option ``name``: ``ZCHAT_<NAME>`` if set, else ``default``."""
+    raw = os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"))
+    if raw is None or raw == "":
+        return default
+    try:
+        return convert(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper().replace('-', '_')}={raw!r}: {exc}") from exc
+
+
+def env_flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    limits = Limits()
+    p = argparse.ArgumentParser(
+        prog="zchat-broker",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ep = p.add_argument_group("endpoints (ZeroMQ addresses; port 0 picks a free port)")
+    ep.add_argument("--input", metavar="EP", default=env_default("input", DEFAULT_INPUT),
+                    help="ROUTER socket for client requests (default: %(default)s)")
+    ep.add_argument("--broadcast", metavar="EP",
+                    default=env_default("broadcast", DEFAULT_BROADCAST),
+                    help="PUB socket for room events and heartbeats (default: %(default)s)")
+    ep.add_argument("--control", metavar="EP", default=env_default("control", DEFAULT_CONTROL),
+                    help="PAIR socket for zchat-admin; loopback tcp or ipc:// only "
+                         "(default: %(default)s)")
+    ep.add_argument("--advertise", metavar="EP", default=env_default("advertise", None),
+                    help="broadcast endpoint named to clients in `welcome` (default: the bound "
+                         "port alone when bound to *, so clients use the host they reached)")
+    beh = p.add_argument_group("behaviour")
+    beh.add_argument("--heartbeat", metavar="SECONDS", type=float,
+                     default=env_default("heartbeat", 5.0, float),
+                     help="seconds between heartbeats; clients silent for 3 of them are "
+                          "dropped (default: %(default)s)")
+    beh.add_argument("--history", metavar="N", type=int,
+                     default=env_default("history", limits.history, int),
+                     help="room events kept for `history` (default: %(default)s)")
+    beh.add_argument("--hide-addresses", action="store_true",
+                     default=env_default("hide-addresses", False, env_flag),
+                     help="show clients a stable cloak instead of each other's IP address "
+                          "(the operator still sees real addresses with `zchat-admin who`)")
+    beh.add_argument("--quiet", action="store_true", default=env_default("quiet", False, env_flag),
+                     help="do not print chat lines on stdout")
+    beh.add_argument("--io-threads", metavar="N", type=int,
+                     default=env_default("io-threads", 1, int),
+                     help="libzmq I/O threads (default: %(default)s)")
+    lim = p.add_argument_group("limits per client (0 turns one off)")
+    lim.add_argument("--max-text", metavar="N", type=int,
+                     default=env_default("max-text", limits.max_text, int),
+                     help="characters in one message (default: %(default)s)")
+    lim.add_argument("--max-frame", metavar="BYTES", type=int,
+                     default=env_default("max-frame", limits.max_frame, int),
+                     help="bytes in one frame (default: %(default)s)")
+    lim.add_argument("--rate", metavar="PER_SECOND", type=float,
+                     default=env_default("rate", limits.rate, float),
+                     help="messages per second, sustained (default: %(default)s)")
+    lim.add_argument("--burst", metavar="N", type=int,
+                     default=env_default("burst", limits.burst, int),
+                     help="messages at once before the rate applies (default: %(default)s)")
+    p.add_argument("--log-level", metavar="LEVEL",
+                   default=env_default("log-level", "INFO", str.upper),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    for name in ("max_text", "max_frame", "rate", "burst", "history"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
+    return Config(
+        input=args.input,
+        broadcast=args.broadcast,
+        control=args.control,
+        heartbeat=args.heartbeat,
+        limits=Limits(
+            max_text=args.max_text,
+            max_frame=args.max_frame,
+            rate=args.rate,
+            burst=args.burst,
+            history=args.history,
+        ),
+        hide_addresses=args.hide_addresses,
+        advertise=args.advertise,
+        quiet=args.quiet,
+        io_threads=args.io_threads,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"zchat-broker: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    log = logging.getLogger("zchat.broker")
+    fds = raise_fd_limit()
+    server = Server(config)
+    try:
+        endpoints = server.bind()
+    except OSError as exc:
+        print(f"zchat-broker: {exc}", file=sys.stderr)
+        return EXIT_BIND
+    server.install_signal_handlers()
+    log.info(
+        "listening: input %s, broadcast %s, control %s (heartbeat %gs, open-file limit %d)",
+        endpoints.input, endpoints.broadcast, endpoints.control, config.heartbeat, fds,
+    )
+    # One machine-readable line on stdout so scripts and tests learn the ports.
+    print(
+        f"zchat-broker listening input={endpoints.input} broadcast={endpoints.broadcast} "
+        f"control={endpoints.control}",
+        flush=True,
+    )
+    server.run()
+    log.info("stopped")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

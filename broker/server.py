@@ -1,0 +1,415 @@
+"""The broker's event loop: a thin shell around ``zchat.state.Broker``.
+
+One thread, one ``zmq.Poller`` (epoll underneath) over three sockets and a
+self-pipe::
+
+    ROUTER  input      client DEALERs -> requests; replies go back here
+    PUB     broadcast  room events and heartbeats to every client SUB
+    PAIR    control    operator commands from ``zchat-admin``
+    pipe    wake-up    written by the SIGINT/SIGTERM handler
+
+Each wake-up drains what is ready without blocking, decodes each frame,
+asks the state what to send and sends it. The poll timeout is the time to
+the state's next deadline (heartbeat, expiry). A peer's bad frame gets an
+``error`` reply and a rate-limited warning in the log; nothing a peer sends
+can stop the loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import resource
+import secrets
+import signal
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any, TextIO
+
+import msgpack
+import zmq
+
+from zchat.broker.config import Config
+from zchat.errors import ProtocolError
+from zchat.protocol import ROOM_TOPIC, ErrorCode, decode_frame, parse_request, request_id
+from zchat.display import printable
+from zchat.state import Broker, Outgoing, Publish
+
+__all__ = ["Endpoints", "Server", "raise_fd_limit"]
+
+log = logging.getLogger("zchat.broker")
+
+DRAIN_BATCH = 4096  # frames taken from one socket before looking at the others
+CLOSE_LINGER_MS = 1000  # time to flush `bye` and `shutdown` at exit
+CONTROL_IDS_KEPT = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    """The endpoints the broker actually bound (port 0 resolved)."""
+
+    input: str
+    broadcast: str
+    control: str
+
+
+class _Throttle:
+    """Log a kind of warning at most once per ``interval`` seconds, with a count."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval) < self.interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._last[key] = now
+        skipped = self._suppressed.pop(key, 0)
+        if skipped:
+            message += " (and %d more like it)"
+            args = (*args, skipped)
+        log.warning(message, *args)
+
+
+def raise_fd_limit() -> int:
+    """Raise the open-file soft limit to the hard limit; return the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    return soft
+
+
+def make_cloak(key: bytes) -> Any:
+    """A stable stand-in for an address, like IRC host cloaks."""
+
+    def cloak(addr: str) -> str:
+        digest = hmac.new(key, addr.encode(), hashlib.sha256).hexdigest()
+        return f"cloak-{digest[:10]}"
+
+    return cloak
+
+
+class Server:
+    """Binds the broker's sockets and runs its loop until told to stop."""
+
+    def __init__(
+        self, config: Config, *, context: zmq.Context[Any] | None = None,
+        screen: TextIO | None = None,
+    ) -> None:
+        self.config = config
+        self._own_context = context is None
+        self.context = context or zmq.Context(io_threads=config.io_threads)
+        self.screen = None if config.quiet else (screen or sys.stdout)
+        self._throttle = _Throttle()
+        self._stopping = False
+        self._control_replies: OrderedDict[str, bytes] = OrderedDict()
+        self.endpoints: Endpoints | None = None
+        self.state: Broker | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    # ------------------------------------------------------------------ setup
+
+    def bind(self) -> Endpoints:
+        """Bind the three sockets; return the endpoints actually bound."""
+        cfg = self.config
+        ctx = self.context
+        self.router = ctx.socket(zmq.ROUTER)
+        # A reply to a peer that is gone raises instead of vanishing silently,
+        # so it can be counted; it never blocks (NOBLOCK at every send).
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        max_frame = cfg.limits.max_frame
+        # Frames a little over the limit get a `too_large` reply; far over it,
+        # libzmq drops the connection before the frame fills our memory.
+        self.router.setsockopt(zmq.MAXMSGSIZE, max(4 * max_frame, 1 << 20) if max_frame else -1)
+        self.router.setsockopt(zmq.RCVHWM, 10_000)
+        self.router.setsockopt(zmq.SNDHWM, 10_000)
+        self.pub = ctx.socket(zmq.PUB)
+        # A subscriber that stops reading loses frames past this many; it sees
+        # the seq gap when it reads again and fetches the rest with `history`.
+        self.pub.setsockopt(zmq.SNDHWM, 10_000)
+        self.control = ctx.socket(zmq.PAIR)
+        for sock in (self.router, self.pub, self.control):
+            sock.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
+        try:
+            self.router.bind(cfg.input)
+            self.pub.bind(cfg.broadcast)
+            self.control.bind(cfg.control)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise OSError(f"cannot bind: {exc}") from exc
+        self.endpoints = Endpoints(
+            input=self._last_endpoint(self.router),
+            broadcast=self._last_endpoint(self.pub),
+            control=self._last_endpoint(self.control),
+        )
+        now = time.time()
+        cloak = make_cloak(secrets.token_bytes(16)) if cfg.hide_addresses else None
+        self.state = Broker(
+            heartbeat=cfg.heartbeat,
+            limits=cfg.limits,
+            pub=cfg.advertise or advertised(cfg.broadcast, self.endpoints.broadcast),
+            cloak=cloak,
+            now=now,
+        )
+        return self.endpoints
+
+    def _bind_state(self) -> Broker:
+        self.bind()
+        if self.state is None:  # pragma: no cover - bind() always sets it
+            raise RuntimeError("bind() set no state")
+        return self.state
+
+    @staticmethod
+    def _last_endpoint(sock: zmq.Socket[Any]) -> str:
+        endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
+        return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+
+    def install_signal_handlers(self) -> None:
+        """SIGINT and SIGTERM stop the loop cleanly (also as PID 1)."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        self.stop()
+
+    def stop(self) -> None:
+        """Ask the loop to stop (safe from a signal handler or another thread)."""
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    # ------------------------------------------------------------------- loop
+
+    def run(self) -> None:
+        """Serve until ``stop()``; then say goodbye to everyone and close."""
+        state = self.state if self.state is not None else self._bind_state()
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        self._send(state.tick(time.time()))
+        try:
+            while not self._stopping:
+                timeout = max(0.0, state.next_deadline() - time.time())
+                ready = dict(poller.poll(timeout * 1000))
+                if self.router in ready:
+                    self._drain_input(state)
+                if self.control in ready:
+                    self._drain_control(state)
+                now = time.time()
+                if now >= state.next_deadline():
+                    self._send(state.tick(now))
+                if self.screen is not None:
+                    self.screen.flush()
+            self._send(state.shutdown(time.time()))
+        finally:
+            if self.screen is not None:
+                self.screen.flush()
+            self.close()
+
+    def _drain_input(self, state: Broker) -> None:
+        router = self.router
+        max_frame = self.config.limits.max_frame
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            peer = frames[0].bytes
+            now = time.time()
+            try:
+                if len(frames) != 2:
+                    raise ProtocolError(
+                        ErrorCode.BAD_FRAME, f"expected 1 payload frame, got {len(frames) - 1}"
+                    )
+                payload = frames[1]
+                body = decode_frame(payload.buffer, max_frame)
+            except ProtocolError as exc:
+                self._warn_peer(state, peer, exc)
+                self._send([state.error(peer, exc.code, exc.detail)])
+                continue
+            try:
+                request = parse_request(body)
+            except ProtocolError as exc:
+                self._warn_peer(state, peer, exc)
+                self._send([state.error(peer, exc.code, exc.detail, request_id(body))])
+                continue
+            addr = ""
+            if body["type"] == "join":
+                addr = _peer_address(payload)
+            out = state.handle(peer, request, now, addr)
+            self._send(out)
+
+    def _warn_peer(self, state: Broker, peer: bytes, exc: ProtocolError) -> None:
+        who = state.name_of(peer) or f"peer {peer.hex()}"
+        self._throttle.warning(exc.code, "%s sent a bad frame: %s", who, exc)
+
+    def _send(self, out: list[Outgoing]) -> None:
+        pack = msgpack.packb
+        for item in out:
+            if type(item) is Publish:
+                self.pub.send_multipart([item.topic, pack(item.body)], zmq.NOBLOCK)
+                if self.screen is not None and item.topic == ROOM_TOPIC:
+                    self.screen.write(screen_line(item.body))
+                continue
+            body = item.body
+            if body["type"] == "error" and body["code"] == ErrorCode.RATE_LIMITED:
+                self._throttle.warning("rate", "rate limited %s", item.peer.hex())
+            try:
+                self.router.send_multipart([item.peer, pack(body)], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                # EHOSTUNREACH: the peer is gone; EAGAIN: it reads too slowly.
+                # Either way only that peer misses this reply.
+                self._throttle.warning(
+                    "unreachable", "reply %s to %s dropped: %s", body["type"], item.peer.hex(),
+                    exc.strerror,
+                )
+
+    # ---------------------------------------------------------------- control
+
+    def _drain_control(self, state: Broker) -> None:
+        while True:
+            try:
+                frame = self.control.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = self._control_reply(state, frame)
+            except Exception:  # the operator's tool, not a peer: log, keep serving
+                log.exception("control command failed")
+                reply = msgpack.packb({"type": "error", "code": "internal", "detail": "see log"})
+            try:
+                self.control.send(reply, zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("operator went away before the reply")
+
+    def _control_reply(self, state: Broker, frame: bytes) -> bytes:
+        try:
+            body = decode_frame(frame)
+        except ProtocolError as exc:
+            return msgpack.packb({"type": "error", "code": exc.code, "detail": exc.detail})
+        rid = body.get("id")
+        if isinstance(rid, str) and rid in self._control_replies:
+            # A retry of a command already done (its reply was lost): answer again.
+            return self._control_replies[rid]
+        result = self._control_command(state, body)
+        result.setdefault("type", "result")
+        if isinstance(rid, str):
+            result["id"] = rid
+        packed: bytes = msgpack.packb(result)
+        if isinstance(rid, str):
+            self._control_replies[rid] = packed
+            if len(self._control_replies) > CONTROL_IDS_KEPT:
+                self._control_replies.popitem(last=False)
+        return packed
+
+    def _control_command(self, state: Broker, body: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        cmd = body["type"]
+        if cmd == "stats":
+            stats = asdict(state.statistics(now))
+            if self.endpoints is not None:
+                stats.update(asdict(self.endpoints))
+            stats["pid"] = os.getpid()
+            return {"stats": stats}
+        if cmd == "who":
+            return {"members": state.members(real_addresses=True)}
+        if cmd == "kick":
+            name, reason = body.get("name"), body.get("reason")
+            if not isinstance(name, str) or not (reason is None or isinstance(reason, str)):
+                return _control_error("bad_request", "kick needs a name (and an optional reason)")
+            try:
+                self._send(state.kick(name, now, reason))
+            except ProtocolError as exc:
+                return _control_error(exc.code, exc.detail)
+            log.info("operator kicked %s", name)
+            return {}
+        if cmd == "say":
+            text = body.get("text")
+            if not isinstance(text, str) or not text:
+                return _control_error("bad_request", "say needs a text")
+            self._send(state.notice(text, now))
+            return {}
+        if cmd == "shutdown":
+            log.info("operator asked for shutdown")
+            self.stop()
+            return {}
+        return _control_error("bad_request", f"unknown command {cmd!r}")
+
+    # ---------------------------------------------------------------- closing
+
+    def close(self) -> None:
+        for name in ("router", "pub", "control"):
+            sock = getattr(self, name, None)
+            if sock is not None and not sock.closed:
+                sock.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+        if self._own_context:
+            self.context.term()
+
+
+def _control_error(code: str, detail: str) -> dict[str, Any]:
+    return {"type": "error", "code": code, "detail": detail}
+
+
+def _peer_address(frame: zmq.Frame) -> str:
+    try:
+        addr = frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return "local"
+    return str(addr) if addr else "local"
+
+
+def advertised(configured: str, bound: str) -> str:
+    """The broadcast endpoint to tell clients: the port alone for wildcards.
+
+    A broker bound to ``tcp://*:5556`` cannot know which of its addresses a
+    client reached, so it says ``"5556"`` and the client uses the host it
+    connected to. A concrete host or an ``ipc://`` path is told in full.
+    """
+    if not bound.startswith("tcp://"):
+        return bound
+    host = configured.removeprefix("tcp://").rpartition(":")[0]
+    if host in ("*", "0.0.0.0", "[::]", "::", ""):
+        return bound.rpartition(":")[2]
+    return bound
+
+
+def screen_line(event: dict[str, Any]) -> str:
+    """One readable line for the operator's screen."""
+    stamp = datetime.fromtimestamp(event["ts"]).strftime("%H:%M:%S")
+    event = {key: printable(value) if isinstance(value, str) else value
+             for key, value in event.items()}
+    kind = event["type"]
+    seq = event["seq"]
+    if kind == "message":
+        return f"{stamp} #{seq} <{event['from']}> {event['text']}\n"
+    if kind == "joined":
+        return f"{stamp} #{seq} --> {event['name']} joined from {event['addr']}\n"
+    if kind == "left":
+        detail = f": {event['detail']}" if event.get("detail") else ""
+        return f"{stamp} #{seq} <-- {event['name']} ({event['addr']}) left [{event['reason']}]{detail}\n"
+    if kind == "notice":
+        return f"{stamp} #{seq} *** notice: {event['text']}\n"
+    return f"{stamp} #{seq} {kind}\n"

@@ -1,0 +1,1 @@
+"""The zchat client programs: the terminal client and its scriptable mode."""

@@ -1,0 +1,96 @@
+"""The exceptions zchat raises, in one tree.
+
+::
+
+    ZchatError
+    ├── ProtocolError          a peer sent something the protocol forbids
+    │                          (code: one of the protocol's error codes)
+    └── ClientError            raised by the client library
+        ├── RequestFailed      the broker answered a request with ``error``
+        │   ├── NameTaken
+        │   ├── RateLimited
+        │   └── NoSuchUser
+        ├── BrokerUnreachable  no answer from the broker in time
+        └── ClientClosed       the client was closed (or kicked, replaced)
+
+``ProtocolError`` is what the broker catches around one peer's frame: it
+answers that peer with ``error`` and carries on. The client library raises
+``RequestFailed`` subclasses so that bot authors can catch what they expect.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerUnreachable",
+    "ClientClosed",
+    "ClientError",
+    "NameTaken",
+    "NoSuchUser",
+    "ProtocolError",
+    "RateLimited",
+    "RequestFailed",
+    "ZchatError",
+]
+
+
+class ZchatError(Exception):
+    """The base of every exception zchat raises."""
+
+
+class ProtocolError(ZchatError):
+    """A peer broke the protocol; ``code`` is the wire error code."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+class ClientError(ZchatError):
+    """Something the client library could not do."""
+
+
+class RequestFailed(ClientError):
+    """The broker refused a request with an ``error`` reply."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+    @staticmethod
+    def from_reply(code: str, detail: str) -> RequestFailed:
+        """The most specific subclass for an error code."""
+        cls = _BY_CODE.get(code, RequestFailed)
+        return cls(code, detail)
+
+
+class NameTaken(RequestFailed):
+    """``name_taken``: another live client holds the name."""
+
+
+class RateLimited(RequestFailed):
+    """``rate_limited``: slow down; the message was not delivered."""
+
+
+class NoSuchUser(RequestFailed):
+    """``no_such_user``: nobody of that name is joined."""
+
+
+class BrokerUnreachable(ClientError):
+    """The broker did not answer in time."""
+
+
+class ClientClosed(ClientError):
+    """The client is closed, or the broker said ``bye`` to it."""
+
+    def __init__(self, reason: str = "closed") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+_BY_CODE: dict[str, type[RequestFailed]] = {
+    "name_taken": NameTaken,
+    "rate_limited": RateLimited,
+    "no_such_user": NoSuchUser,
+}

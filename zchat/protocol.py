@@ -1,0 +1,376 @@
+"""The zchat wire protocol, version 1: frames to typed messages and back.
+
+This module does no I/O and imports no ``zmq``. Every payload on the wire is
+one frame holding one MessagePack map with string keys (see ``PROTOCOL.md``).
+
+Client -> broker requests (``decode_request``)::
+
+    type       fields                                  class
+    join       name, since?, token?                    Join
+    message    text                                    Say
+    leave      reason?                                 Leave
+    ping       (anything)                              Ping
+    who        -                                       Who
+    history    after, limit?                           GetHistory
+    dm         to, text                                SendDm
+
+Every request may carry ``id`` (str, at most 64 chars), echoed by its reply.
+
+Broker -> client frames (``decode_frame`` on the client side, parsed by
+``parse_event``)::
+
+    room events (PUB, topic "lobby\\0"): joined, message, left, notice
+    direct (DEALER): welcome, ack, error, pong, members, history, dm, bye
+    broker-wide (PUB, topic "\\0"): heartbeat, shutdown
+
+Anything a peer got wrong raises ``ProtocolError`` with one of the protocol's
+error codes, so the broker can answer that peer and carry on.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+import msgpack
+
+from zchat.errors import ProtocolError
+
+__all__ = [
+    "BROKER_TOPIC",
+    "MAX_ID_CHARS",
+    "MAX_NAME_CHARS",
+    "PROTOCOL_VERSION",
+    "ROOM",
+    "ROOM_TOPIC",
+    "Direct",
+    "ErrorCode",
+    "Event",
+    "GetHistory",
+    "Join",
+    "Joined",
+    "Leave",
+    "Left",
+    "Member",
+    "Message",
+    "Notice",
+    "OtherEvent",
+    "Ping",
+    "Request",
+    "Say",
+    "SendDm",
+    "Who",
+    "check_name",
+    "decode_frame",
+    "decode_request",
+    "encode",
+    "fold_name",
+    "parse_event",
+    "parse_request",
+]
+
+PROTOCOL_VERSION: Final = 1
+ROOM: Final = "lobby"
+ROOM_TOPIC: Final = ROOM.encode() + b"\x00"
+BROKER_TOPIC: Final = b"\x00"
+
+MAX_ID_CHARS: Final = 64
+MAX_NAME_CHARS: Final = 32
+DEFAULT_MAX_FRAME: Final = 64 * 1024
+
+
+class ErrorCode:
+    """The error codes of ``error`` replies."""
+
+    BAD_FRAME: Final = "bad_frame"
+    BAD_REQUEST: Final = "bad_request"
+    BAD_NAME: Final = "bad_name"
+    NAME_TAKEN: Final = "name_taken"
+    NOT_JOINED: Final = "not_joined"
+    TOO_LARGE: Final = "too_large"
+    RATE_LIMITED: Final = "rate_limited"
+    NO_SUCH_USER: Final = "no_such_user"
+
+
+# --------------------------------------------------------------------------
+# Frames
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    """Pack one map into one frame (text as MessagePack ``str``)."""
+    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode_frame(frame: bytes, max_size: int = DEFAULT_MAX_FRAME) -> dict[str, Any]:
+    """Unpack one frame into a map with string keys and a string ``type``.
+
+    Raises:
+        ProtocolError: ``too_large`` past ``max_size`` bytes (0: no limit),
+            ``bad_frame`` for anything that is not one UTF-8 MessagePack map,
+            ``bad_request`` when ``type`` is missing or not a string.
+    """
+    if max_size and len(frame) > max_size:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE, f"frame of {len(frame)} bytes exceeds {max_size}"
+        )
+    try:
+        body = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError) as exc:
+        # UnicodeDecodeError is a ValueError: non-UTF-8 text lands here too.
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"not one MessagePack map: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"payload is a {type(body).__name__}, not a map")
+    kind = body.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "missing or non-string 'type'")
+    return body
+
+
+# --------------------------------------------------------------------------
+# Names
+
+
+def fold_name(name: str) -> str:
+    """The key under which names are unique (case-insensitive)."""
+    return name.casefold()
+
+
+def check_name(name: object) -> str:
+    """Return ``name`` if it is a valid user name, else raise ``bad_name``."""
+    if not isinstance(name, str):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'name' must be a string")
+    if not 1 <= len(name) <= MAX_NAME_CHARS:
+        raise ProtocolError(ErrorCode.BAD_NAME, f"name must be 1 to {MAX_NAME_CHARS} characters")
+    for char in name:
+        # Z* are separators (spaces), C* are control, format and unassigned.
+        if char.isspace() or unicodedata.category(char)[0] in "CZ":
+            raise ProtocolError(
+                ErrorCode.BAD_NAME, "name must not contain whitespace or control characters"
+            )
+    return name
+
+
+# --------------------------------------------------------------------------
+# Requests (client -> broker)
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    name: str
+    since: int | None = None
+    token: str | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Say:
+    """A ``message`` request: say ``text`` in the room."""
+
+    text: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    reason: str | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Who:
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GetHistory:
+    after: int
+    limit: int | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendDm:
+    to: str
+    text: str
+    id: str | None = None
+
+
+Request: TypeAlias = Join | Say | Leave | Ping | Who | GetHistory | SendDm
+
+# The request table: wire type -> (class, {field: (accepted type, required)}).
+# ``int`` means a true int (a MessagePack bool is refused).
+_FieldSpec: TypeAlias = dict[str, tuple[type, bool]]
+_REQUESTS: Final[dict[str, tuple[type, _FieldSpec]]] = {
+    "join": (Join, {"name": (str, True), "since": (int, False), "token": (str, False)}),
+    "message": (Say, {"text": (str, True)}),
+    "leave": (Leave, {"reason": (str, False)}),
+    "ping": (Ping, {}),
+    "who": (Who, {}),
+    "history": (GetHistory, {"after": (int, True), "limit": (int, False)}),
+    "dm": (SendDm, {"to": (str, True), "text": (str, True)}),
+}
+
+
+def request_id(body: dict[str, Any]) -> str | None:
+    """The request's ``id`` if it is a valid one, so errors can echo it."""
+    rid = body.get("id")
+    if isinstance(rid, str) and len(rid) <= MAX_ID_CHARS:
+        return rid
+    return None
+
+
+def parse_request(body: dict[str, Any]) -> Request:
+    """Turn a decoded map into a typed request.
+
+    Raises:
+        ProtocolError: ``bad_request`` for an unknown type, a missing or
+            wrongly typed field, or a bad ``id``.
+    """
+    kind = body["type"]
+    entry = _REQUESTS.get(kind)
+    if entry is None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown type {kind!r}")
+    cls, fields = entry
+    rid = body.get("id")
+    if rid is not None and not (isinstance(rid, str) and len(rid) <= MAX_ID_CHARS):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"'id' must be a string of at most {MAX_ID_CHARS} characters"
+        )
+    values: dict[str, Any] = {"id": rid}
+    for field, (ftype, required) in fields.items():
+        value = body.get(field)
+        if value is None:
+            if required:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"{kind!r} needs {field!r}")
+            continue
+        if type(value) is not ftype:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"{kind!r} field {field!r} must be {ftype.__name__}"
+            )
+        values[field] = value
+    return cls(**values)  # type: ignore[no-any-return]
+
+
+def decode_request(frame: bytes, max_size: int = DEFAULT_MAX_FRAME) -> Request:
+    """Decode one client frame into a typed request (``ProtocolError`` if bad)."""
+    return parse_request(decode_frame(frame, max_size))
+
+
+# --------------------------------------------------------------------------
+# Events (broker -> client), as the client library hands them to its user
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    name: str
+    addr: str
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    seq: int
+    ts: float
+    name: str
+    addr: str
+    room: str = ROOM
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    seq: int
+    ts: float
+    sender: str
+    text: str
+    room: str = ROOM
+
+
+@dataclass(frozen=True, slots=True)
+class Left:
+    seq: int
+    ts: float
+    name: str
+    addr: str
+    reason: str
+    room: str = ROOM
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    seq: int
+    ts: float
+    text: str
+    room: str = ROOM
+
+
+@dataclass(frozen=True, slots=True)
+class OtherEvent:
+    """A room event of a type this version does not know (it still has a seq)."""
+
+    seq: int
+    ts: float
+    type: str
+    body: dict[str, Any]
+    room: str = ROOM
+
+
+@dataclass(frozen=True, slots=True)
+class Direct:
+    """A private ``dm`` received on the DEALER socket (never on PUB)."""
+
+    sender: str
+    text: str
+    ts: float
+
+
+Event: TypeAlias = Joined | Message | Left | Notice | OtherEvent
+
+
+def _field(body: dict[str, Any], name: str, ftype: type | tuple[type, ...]) -> Any:
+    value = body.get(name)
+    if not isinstance(value, ftype) or isinstance(value, bool):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{body.get('type')!r} field {name!r} is bad")
+    return value
+
+
+def parse_event(body: dict[str, Any]) -> Event:
+    """Turn a room event map into a typed event (unknown types are kept).
+
+    Raises:
+        ProtocolError: when ``seq`` or ``ts`` is missing, or a known type
+            lacks one of its fields.
+    """
+    seq = _field(body, "seq", int)
+    ts = float(_field(body, "ts", (int, float)))
+    room = body.get("room", ROOM)
+    kind = body["type"]
+    if kind == "message":
+        return Message(seq, ts, _field(body, "from", str), _field(body, "text", str), room)
+    if kind == "joined":
+        return Joined(seq, ts, _field(body, "name", str), _field(body, "addr", str), room)
+    if kind == "left":
+        return Left(
+            seq, ts, _field(body, "name", str), _field(body, "addr", str),
+            _field(body, "reason", str), room,
+        )
+    if kind == "notice":
+        return Notice(seq, ts, _field(body, "text", str), room)
+    return OtherEvent(seq, ts, kind, body, room)
+
+
+def parse_members(items: object) -> list[Member]:
+    """Parse a ``members`` list of ``{name, addr}`` maps."""
+    if not isinstance(items, list):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'members' must be a list")
+    members = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "a member must be a map")
+        members.append(Member(_field(item, "name", str), _field(item, "addr", str)))
+    return members
