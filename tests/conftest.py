@@ -1,0 +1,240 @@
+"""Shared fixtures: real brokers on ephemeral loopback ports, tracked sockets.
+
+``start_broker(*args)`` runs ``zchat-broker`` as a real subprocess bound to
+``tcp://127.0.0.1:0`` and returns a ``RunningBroker`` with the endpoints it
+reported. ``ctx`` is a ZeroMQ context whose sockets the test need not close:
+teardown closes them with linger 0 and fails if the context cannot end.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(r"input=(\S+) broadcast=(\S+) control=(\S+)")
+
+
+@dataclass
+class RunningBroker:
+    """A ``zchat-broker`` subprocess and what it printed."""
+
+    proc: subprocess.Popen[str]
+    input: str
+    broadcast: str
+    control: str
+    args: tuple[str, ...]
+    stdout_lines: list[str] = field(default_factory=list)
+    stderr_lines: list[str] = field(default_factory=list)
+
+    def wait_output(self, pattern: str, timeout: float = 10.0) -> str:
+        """Wait until a stdout line matches ``pattern``; return it."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.stdout_lines):
+                if regex.search(line):
+                    return line
+            if self.proc.poll() is not None and not self._readers_alive():
+                break
+            time.sleep(0.02)
+        raise AssertionError(
+            f"no broker line matched {pattern!r}; stdout:\n" + "".join(self.stdout_lines)
+        )
+
+    def _readers_alive(self) -> bool:
+        return any(t.is_alive() for t in getattr(self, "_readers", []))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError("broker did not stop in time") from None
+
+
+    def release(self) -> None:
+        """Kill the process if it still runs and close its pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        for t in getattr(self, "_readers", []):
+            t.join(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _pump(stream: Any, lines: list[str]) -> None:
+    for line in stream:
+        lines.append(line)
+
+
+def launch_broker(*args: str, env: dict[str, str] | None = None,
+                  timeout: float = 15.0) -> RunningBroker:
+    """Start ``zchat-broker`` on ephemeral loopback ports (args may override)."""
+    argv = [
+        sys.executable, "-m", "zchat.broker.main",
+        "--input", "tcp://127.0.0.1:0",
+        "--broadcast", "tcp://127.0.0.1:0",
+        "--control", "tcp://127.0.0.1:0",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    stdout: list[str] = []
+    stderr: list[str] = []
+    readers = [
+        threading.Thread(target=_pump, args=(proc.stdout, stdout), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, stderr), daemon=True),
+    ]
+    for t in readers:
+        t.start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in stdout:
+            match = LISTENING.search(line)
+            if match:
+                broker = RunningBroker(proc, *match.groups(), args=tuple(args),
+                                       stdout_lines=stdout, stderr_lines=stderr)
+                broker._readers = readers  # type: ignore[attr-defined]
+                return broker
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait(5)
+    raise AssertionError(f"broker did not start: {''.join(stderr)}")
+
+
+@pytest.fixture
+def start_broker() -> Iterator[Callable[..., RunningBroker]]:
+    """A factory of real brokers, all stopped at teardown."""
+    started: list[RunningBroker] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> RunningBroker:
+        broker = launch_broker(*args, env=env)
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in started:
+        broker.release()
+
+
+@pytest.fixture
+def broker(start_broker: Callable[..., RunningBroker]) -> RunningBroker:
+    """One real broker with a short heartbeat and rate limits off."""
+    return start_broker("--heartbeat", "0.5", "--rate", "0")
+
+
+class TrackingContext(zmq.Context):  # type: ignore[type-arg]
+    """Keeps every socket it made, so teardown can close them all."""
+
+    made: list[zmq.Socket[Any]] = []  # declared here: pyzmq treats unknown attributes as options
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.made = []
+
+    def socket(self, *args: Any, **kwargs: Any) -> zmq.Socket[Any]:
+        sock = super().socket(*args, **kwargs)
+        self.made.append(sock)
+        return sock
+
+
+def close_context(context: TrackingContext, timeout: float = 5.0) -> None:
+    """Close every socket with linger 0; fail if the context cannot end."""
+    for sock in context.made:
+        if not sock.closed:
+            sock.close(linger=0)
+    done = threading.Thread(target=context.term, daemon=True)
+    done.start()
+    done.join(timeout)
+    if done.is_alive():
+        raise AssertionError("the ZeroMQ context did not terminate: a socket was left open")
+
+
+@pytest.fixture
+def ctx() -> Iterator[TrackingContext]:
+    """A context whose sockets are all closed (linger 0) at teardown."""
+    context = TrackingContext()
+    yield context
+    close_context(context)
+
+
+class RawClient:
+    """A client speaking raw ZeroMQ + MessagePack, independent of zchat.client."""
+
+    def __init__(self, ctx: zmq.Context[Any], broker: RunningBroker) -> None:
+        self.dealer = ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.connect(broker.input)
+        self.sub = ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, 0)
+        self.broker = broker
+
+    def send(self, body: Any) -> None:
+        self.dealer.send(msgpack.packb(body))
+
+    def send_raw(self, *frames: bytes) -> None:
+        self.dealer.send_multipart(list(frames))
+
+    def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        if not self.dealer.poll(timeout * 1000):
+            raise AssertionError(f"no reply within {timeout}s")
+        reply: dict[str, Any] = msgpack.unpackb(self.dealer.recv())
+        return reply
+
+    def request(self, body: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        self.send(body)
+        return self.recv(timeout)
+
+    def subscribe(self, topic: bytes = b"") -> None:
+        self.sub.setsockopt(zmq.SUBSCRIBE, topic)
+        self.sub.connect(self.broker.broadcast)
+
+    def join(self, name: str, **fields: Any) -> dict[str, Any]:
+        """Subscribe to everything, then join; return the broker's reply."""
+        self.subscribe()
+        return self.request({"type": "join", "name": name, **fields})
+
+    def next_event(self, timeout: float = 5.0) -> tuple[bytes, dict[str, Any]]:
+        if not self.sub.poll(timeout * 1000):
+            raise AssertionError(f"no broadcast within {timeout}s")
+        topic, payload = self.sub.recv_multipart()
+        return topic, msgpack.unpackb(payload)
+
+    def wait_event(self, match: Callable[[dict[str, Any]], bool],
+                   timeout: float = 5.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            _, body = self.next_event(left)
+            if match(body):
+                return body
+        raise AssertionError("no matching broadcast in time")
+
+
+@pytest.fixture
+def raw(ctx: zmq.Context[Any], broker: RunningBroker) -> Callable[[], RawClient]:
+    """A factory of raw-protocol clients on the ``broker`` fixture."""
+    return lambda: RawClient(ctx, broker)
