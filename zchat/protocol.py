@@ -299,6 +299,7 @@ class Left:
     addr: str
     reason: str
     room: str = ROOM
+    detail: str = ""  # the client's free-text `leave` reason, or the operator's for a kick
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +359,7 @@ def parse_event(body: dict[str, Any]) -> Event:
         return Left(
             seq, ts, _field(body, "name", str), _field(body, "addr", str),
             _field(body, "reason", str), room,
+            body["detail"] if isinstance(body.get("detail"), str) else "",
         )
     if kind == "notice":
         return Notice(seq, ts, _field(body, "text", str), room)
