@@ -192,6 +192,7 @@ class RawClient:
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, 0)
         self.broker = broker
+        self._early: list[tuple[bytes, dict[str, Any]]] = []
 
     def send(self, body: Any) -> None:
         self.dealer.send(msgpack.packb(body))
@@ -214,11 +215,24 @@ class RawClient:
         self.sub.connect(self.broker.broadcast)
 
     def join(self, name: str, **fields: Any) -> dict[str, Any]:
-        """Subscribe to everything, then join; return the broker's reply."""
+        """Subscribe to everything, join, and wait until the SUB is live.
+
+        PUB/SUB connects asynchronously (the slow joiner): the SUB is known
+        to be connected once it has received a frame, a heartbeat at the
+        latest. Frames received meanwhile are kept for ``next_event``.
+        """
         self.subscribe()
-        return self.request({"type": "join", "name": name, **fields})
+        reply = self.request({"type": "join", "name": name, **fields})
+        if reply.get("type") == "welcome":
+            if not self.sub.poll(10_000):
+                raise AssertionError("the SUB heard nothing, not even a heartbeat")
+            topic, payload = self.sub.recv_multipart()
+            self._early.append((topic, msgpack.unpackb(payload)))
+        return reply
 
     def next_event(self, timeout: float = 5.0) -> tuple[bytes, dict[str, Any]]:
+        if self._early:
+            return self._early.pop(0)
         if not self.sub.poll(timeout * 1000):
             raise AssertionError(f"no broadcast within {timeout}s")
         topic, payload = self.sub.recv_multipart()
