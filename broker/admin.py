@@ -27,9 +27,10 @@ from typing import Any
 
 import zmq
 
-from zchat.broker.config import DEFAULT_CONTROL
 from zchat.errors import ProtocolError, ZchatError
 from zchat.protocol import decode_frame, encode
+
+from .config import DEFAULT_CONTROL
 
 __all__ = ["AdminError", "command", "main"]
 
@@ -88,7 +89,7 @@ def command(
 def _wait_reply(sock: zmq.Socket[Any], rid: str, seconds: float) -> dict[str, Any] | None:
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
-        if not sock.poll(left * 1000):
+        if not sock.poll(int(left * 1000) + 1):
             return None
         try:
             reply = decode_frame(sock.recv())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from zchat.state import Limits
@@ -27,7 +27,7 @@ class Config:
     broadcast: str = DEFAULT_BROADCAST
     control: str = DEFAULT_CONTROL
     heartbeat: float = 5.0
-    limits: Limits = Limits()
+    limits: Limits = field(default_factory=Limits)
     hide_addresses: bool = False
     advertise: str | None = None  # the broadcast endpoint `welcome` names
     quiet: bool = False  # do not print chat lines on stdout

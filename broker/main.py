@@ -9,15 +9,16 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from zchat.broker.config import (
+from zchat.state import Limits
+
+from .config import (
     DEFAULT_BROADCAST,
     DEFAULT_CONTROL,
     DEFAULT_INPUT,
     Config,
     ConfigError,
 )
-from zchat.broker.server import Server, raise_fd_limit
-from zchat.state import Limits
+from .server import Server, raise_fd_limit
 
 __all__ = ["build_parser", "config_from_args", "env_default", "main"]
 

@@ -34,11 +34,19 @@ from typing import Any, TextIO
 import msgpack
 import zmq
 
-from zchat.broker.config import Config
-from zchat.errors import ProtocolError
-from zchat.protocol import ROOM_TOPIC, ErrorCode, decode_frame, parse_request, request_id
 from zchat.display import printable
+from zchat.errors import ProtocolError
+from zchat.protocol import (
+    ROOM_TOPIC,
+    ErrorCode,
+    decode_frame,
+    encode,
+    parse_request,
+    request_id,
+)
 from zchat.state import Broker, Outgoing, Publish
+
+from .config import Config
 
 __all__ = ["Endpoints", "Server", "raise_fd_limit"]
 
@@ -207,7 +215,7 @@ class Server:
         try:
             while not self._stopping:
                 timeout = max(0.0, state.next_deadline() - time.time())
-                ready = dict(poller.poll(timeout * 1000))
+                ready = dict(poller.poll(int(timeout * 1000) + 1))
                 if self.router in ready:
                     self._drain_input(state)
                 if self.control in ready:
@@ -263,7 +271,7 @@ class Server:
     def _send(self, out: list[Outgoing]) -> None:
         pack = msgpack.packb
         for item in out:
-            if type(item) is Publish:
+            if isinstance(item, Publish):
                 self.pub.send_multipart([item.topic, pack(item.body)], zmq.NOBLOCK)
                 if self.screen is not None and item.topic == ROOM_TOPIC:
                     self.screen.write(screen_line(item.body))
@@ -293,7 +301,7 @@ class Server:
                 reply = self._control_reply(state, frame)
             except Exception:  # the operator's tool, not a peer: log, keep serving
                 log.exception("control command failed")
-                reply = msgpack.packb({"type": "error", "code": "internal", "detail": "see log"})
+                reply = encode({"type": "error", "code": "internal", "detail": "see log"})
             try:
                 self.control.send(reply, zmq.NOBLOCK)
             except zmq.Again:
@@ -303,7 +311,7 @@ class Server:
         try:
             body = decode_frame(frame)
         except ProtocolError as exc:
-            return msgpack.packb({"type": "error", "code": exc.code, "detail": exc.detail})
+            return encode({"type": "error", "code": exc.code, "detail": exc.detail})
         rid = body.get("id")
         if isinstance(rid, str) and rid in self._control_replies:
             # A retry of a command already done (its reply was lost): answer again.
@@ -312,7 +320,7 @@ class Server:
         result.setdefault("type", "result")
         if isinstance(rid, str):
             result["id"] = rid
-        packed: bytes = msgpack.packb(result)
+        packed = encode(result)
         if isinstance(rid, str):
             self._control_replies[rid] = packed
             if len(self._control_replies) > CONTROL_IDS_KEPT:
@@ -409,7 +417,8 @@ def screen_line(event: dict[str, Any]) -> str:
         return f"{stamp} #{seq} --> {event['name']} joined from {event['addr']}\n"
     if kind == "left":
         detail = f": {event['detail']}" if event.get("detail") else ""
-        return f"{stamp} #{seq} <-- {event['name']} ({event['addr']}) left [{event['reason']}]{detail}\n"
+        who = f"{event['name']} ({event['addr']})"
+        return f"{stamp} #{seq} <-- {who} left [{event['reason']}]{detail}\n"
     if kind == "notice":
         return f"{stamp} #{seq} *** notice: {event['text']}\n"
     return f"{stamp} #{seq} {kind}\n"

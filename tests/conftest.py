@@ -149,7 +149,7 @@ def broker(start_broker: Callable[..., RunningBroker]) -> RunningBroker:
 class TrackingContext(zmq.Context):  # type: ignore[type-arg]
     """Keeps every socket it made, so teardown can close them all."""
 
-    made: list[zmq.Socket[Any]] = []  # declared here: pyzmq treats unknown attributes as options
+    made: list[zmq.Socket[Any]] = []  # noqa: RUF012 - declared here: pyzmq treats unknown attributes as options
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -77,7 +77,7 @@ def test_commands_one_after_another_and_two_at_once(broker: RunningBroker) -> No
              for _ in range(4)]
     outcomes = []
     for proc in procs:
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
         outcomes.append((proc.returncode, err))
     assert [code for code, _ in outcomes] == [0, 0, 0, 0], outcomes
 

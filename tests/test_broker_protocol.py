@@ -80,7 +80,7 @@ def test_text_is_utf8_str_on_the_wire(raw: Raw) -> None:
     alice.request({"type": "message", "text": "héllo ☃"})
     alice.sub.setsockopt(zmq.RCVTIMEO, 5000)
     while True:
-        topic, payload = alice.sub.recv_multipart()
+        _, payload = alice.sub.recv_multipart()
         body = msgpack.unpackb(payload, raw=True)  # keep the wire types
         if body[b"type"] == b"message":
             assert isinstance(body[b"text"], bytes)
@@ -318,7 +318,7 @@ def test_heartbeats_on_broker_topic(raw: Raw) -> None:
 def test_silent_client_times_out(raw: Raw) -> None:
     watcher = raw()
     watcher.join("watcher")
-    silent, _ = joined(raw, "silent")
+    joined(raw, "silent")
     # The watcher keeps pinging; the silent one says nothing.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

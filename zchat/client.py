@@ -241,7 +241,9 @@ class Client:
 
     def ping(self, timeout: float | None = None) -> float:
         """Round trip to the broker; return the broker's clock."""
-        return self._wait(self._request({"type": "ping"}, lambda r: float(r["ts"])), timeout)
+        fut = self._request({"type": "ping"}, lambda r: float(r["ts"]))
+        broker_time: float = self._wait(fut, timeout)
+        return broker_time
 
     def next_event(self, timeout: float | None = None) -> Item | None:
         """The next event, or None after ``timeout`` seconds or once closed."""
@@ -332,7 +334,7 @@ class Client:
                     if sock is not None and sock not in poller:
                         poller.register(sock, zmq.POLLIN)
                 timeout = max(0.0, self._deadline() - time.monotonic())
-                ready = dict(poller.poll(timeout * 1000))
+                ready = dict(poller.poll(int(timeout * 1000) + 1))
                 if self._wake_r.fileno() in ready:
                     self._drain_commands()
                 if self._dealer is not None and self._dealer in ready:

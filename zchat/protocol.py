@@ -102,7 +102,7 @@ def encode(body: dict[str, Any]) -> bytes:
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def decode_frame(frame: bytes, max_size: int = DEFAULT_MAX_FRAME) -> dict[str, Any]:
+def decode_frame(frame: bytes | memoryview, max_size: int = DEFAULT_MAX_FRAME) -> dict[str, Any]:
     """Unpack one frame into a map with string keys and a string ``type``.
 
     Raises:
@@ -258,7 +258,7 @@ def parse_request(body: dict[str, Any]) -> Request:
     return cls(**values)  # type: ignore[no-any-return]
 
 
-def decode_request(frame: bytes, max_size: int = DEFAULT_MAX_FRAME) -> Request:
+def decode_request(frame: bytes | memoryview, max_size: int = DEFAULT_MAX_FRAME) -> Request:
     """Decode one client frame into a typed request (``ProtocolError`` if bad)."""
     return parse_request(decode_frame(frame, max_size))
 
