@@ -1,0 +1,294 @@
+"""How the terminal client shows things: pure functions from events to lines.
+
+Nothing here does I/O. ``render(item, view, now)`` turns a library item (a
+room event, a private message, a connection ``Status``) or one of the
+client's own records (``SentPrivate``) into a ``Line``: a tuple of
+``(sgr, text)`` spans, where ``sgr`` is an ANSI "select graphic rendition"
+parameter string (``"1"`` bold, ``"38;5;33"`` a 256-colour foreground, ``""``
+plain). ``to_ansi`` paints a line for a terminal, ``to_plain`` strips it for
+pipes and logs, and ``item_json`` gives the ``--json`` form of an item.
+
+Every string a peer chose (names, text, addresses, reasons) goes through
+``zchat.display.printable`` so that a message can never move the cursor or
+fake a line on someone's terminal.
+
+Line shapes (``HH:MM`` first, then)::
+
+    <alice> hello                      a message (yours in bold)
+    * alice waves                      an action: a message "/me waves"
+    --> bob (10.0.0.7) joined
+    <-- bob (10.0.0.7) left: lunch     left / timed out / was kicked ...
+    [private from alice] psst          and [private to bob] on the sender's side
+    -!- notice: maintenance at noon    an operator announcement
+    -!- broker unreachable, retrying…  connection changes
+
+Defines ``Span``, ``Line``, ``View``, ``SentPrivate``, ``ACTION_PREFIX``,
+``render``, ``notice``, ``who_line``, ``help_lines``, ``to_ansi``,
+``to_plain``, ``item_json``, ``is_action``, ``refusal``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from zchat import Direct, Joined, Left, Member, Message, Notice, OtherEvent, Status
+from zchat.display import name_colour, printable
+
+__all__ = [
+    "ACTION_PREFIX",
+    "Item",
+    "Line",
+    "SentPrivate",
+    "Span",
+    "View",
+    "help_lines",
+    "is_action",
+    "item_json",
+    "notice",
+    "refusal",
+    "render",
+    "to_ansi",
+    "to_plain",
+    "who_line",
+]
+
+Span: TypeAlias = tuple[str, str]  # (SGR parameters, text)
+Line: TypeAlias = tuple[Span, ...]
+
+# The /me convention (PROTOCOL.md, notes): the wire text is "/me waves", which
+# a client that knows nothing of it still shows as something readable.
+ACTION_PREFIX = "/me "
+
+PLAIN = ""
+BOLD = "1"
+DIM = "2"
+RED = "31"
+GREEN = "32"
+YELLOW = "33"
+MAGENTA = "35"
+MENTION = "1;33"  # someone said our name
+
+LEAVE_VERBS = {
+    "leave": "left",
+    "timeout": "timed out",
+    "kicked": "was kicked by the operator",
+    "shutdown": "left: the broker shut down",
+}
+
+STATUS_STYLES = {
+    "connected": GREEN,
+    "reconnected": GREEN,
+    "disconnected": YELLOW,
+    "history_lost": YELLOW,
+    "missed": YELLOW,
+    "closed": RED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """Who is looking, and how: the things a line's look depends on.
+
+    Args:
+        me: our name; our own messages are bold, lines naming us stand out.
+        clock: ``strftime`` format of the time column.
+    """
+
+    me: str
+    clock: str = "%H:%M"
+
+
+@dataclass(frozen=True, slots=True)
+class SentPrivate:
+    """A private message we sent, once the broker took it."""
+
+    to: str
+    text: str
+    ts: float
+
+
+Item: TypeAlias = Message | Joined | Left | Notice | OtherEvent | Direct | Status | SentPrivate
+
+
+def is_action(text: str) -> bool:
+    """True for a message that is an action (``/me waves``)."""
+    return text.startswith(ACTION_PREFIX) and len(text) > len(ACTION_PREFIX)
+
+
+def _name(name: str, view: View, style: str = "") -> Span:
+    colour = f"38;5;{name_colour(name)}"
+    return (";".join(s for s in (style, colour) if s), printable(name))
+
+
+def _stamp(ts: float, view: View) -> Span:
+    return (DIM, time.strftime(view.clock, time.localtime(ts)) + " ")
+
+
+def _mentions(text: str, me: str) -> bool:
+    folded = text.casefold()
+    start = folded.find(me.casefold())
+    while start >= 0:
+        end = start + len(me)
+        before = folded[start - 1] if start else " "
+        after = folded[end] if end < len(folded) else " "
+        if not (before.isalnum() or after.isalnum()):
+            return True
+        start = folded.find(me.casefold(), start + 1)
+    return False
+
+
+def render(item: Item, view: View, now: float | None = None) -> Line:
+    """The line that shows ``item``; ``now`` stamps items without a time."""
+    if isinstance(item, Message):
+        return _message(item, view)
+    if isinstance(item, Joined):
+        return (
+            _stamp(item.ts, view), (GREEN, "--> "), _name(item.name, view),
+            (DIM, f" ({printable(item.addr)}) joined"),
+        )
+    if isinstance(item, Left):
+        verb = LEAVE_VERBS.get(item.reason, f"left [{printable(item.reason)}]")
+        detail = f": {printable(item.detail)}" if item.detail else ""
+        return (
+            _stamp(item.ts, view), (RED, "<-- "), _name(item.name, view),
+            (DIM, f" ({printable(item.addr)}) {verb}{detail}"),
+        )
+    if isinstance(item, Notice):
+        return (_stamp(item.ts, view), (MAGENTA, "-!- "), ("1;35", "notice: "),
+                (BOLD, printable(item.text)))
+    if isinstance(item, OtherEvent):
+        return (_stamp(item.ts, view), (DIM, f"-!- a {printable(item.type)} event (#{item.seq})"))
+    if isinstance(item, Direct):
+        return (
+            _stamp(item.ts, view), (MAGENTA, "[private from "), _name(item.sender, view),
+            (MAGENTA, "] "), (PLAIN, printable(item.text)),
+        )
+    if isinstance(item, SentPrivate):
+        return (
+            _stamp(item.ts, view), (MAGENTA, "[private to "), _name(item.to, view),
+            (MAGENTA, "] "), (BOLD, printable(item.text)),
+        )
+    return _status(item, view, time.time() if now is None else now)
+
+
+def _message(item: Message, view: View) -> Line:
+    mine = item.sender.casefold() == view.me.casefold()
+    text_style = BOLD if mine else (MENTION if _mentions(item.text, view.me) else PLAIN)
+    name = _name(item.sender, view, BOLD if mine else "")
+    if is_action(item.text):
+        action = item.text[len(ACTION_PREFIX):]
+        return (_stamp(item.ts, view), (name[0], "* "), name,
+                (text_style, " " + printable(action)))
+    return (_stamp(item.ts, view), (PLAIN, "<"), name, (PLAIN, "> "),
+            (text_style, printable(item.text)))
+
+
+def _status(item: Status, view: View, now: float) -> Line:
+    style = STATUS_STYLES.get(item.state, YELLOW)
+    if item.state == "connected":
+        text = f"connected (your address: {printable(item.detail)})"
+    elif item.state == "reconnected":
+        text = "reconnected"
+    elif item.state == "history_lost":
+        text = "the broker was restarted: the room's history starts afresh"
+    elif item.state == "missed":
+        text = f"{item.count} events were lost: the broker no longer keeps them"
+    elif item.state == "closed":
+        text = f"disconnected: {printable(item.detail)}" if item.detail else "disconnected"
+    else:
+        text = printable(item.detail) or item.state
+    return (_stamp(now, view), (style, "-!- " + text))
+
+
+def notice(text: str, now: float, view: View, style: str = YELLOW) -> Line:
+    """A line of the client's own: help, errors, hints."""
+    return (_stamp(now, view), (style, "-!- " + text))
+
+
+def who_line(members: Iterable[Member], view: View, now: float) -> Line:
+    """``-!- 3 here: alice (10.0.0.7), bob (…), carol (you)``."""
+    people = sorted(members, key=lambda m: m.name.casefold())
+    spans: list[Span] = [_stamp(now, view), (GREEN, f"-!- {len(people)} here: ")]
+    for index, member in enumerate(people):
+        if index:
+            spans.append((PLAIN, ", "))
+        spans.append(_name(member.name, view))
+        mine = member.name.casefold() == view.me.casefold()
+        spans.append((DIM, f" ({printable(member.addr)}{', you' if mine else ''})"))
+    return tuple(spans)
+
+
+HELP = (
+    ("TEXT", "say TEXT to the room (start with // to say something beginning with /)"),
+    ("/msg NAME TEXT", "a private message to NAME; only you and NAME see it"),
+    ("/me ACTION", "say what you are doing: * you ACTION"),
+    ("/who", "who is here, with their address"),
+    ("/help", "this help"),
+    ("/quit [REASON]", "leave (Ctrl-D and Ctrl-C leave too)"),
+    ("Up / Down", "recall what you typed"),
+    ("Tab", "complete a name or a command"),
+)
+
+
+def help_lines(view: View, now: float) -> list[Line]:
+    width = max(len(key) for key, _ in HELP)
+    return [notice("commands:", now, view, GREEN)] + [
+        (_stamp(now, view), (GREEN, "-!-   "), (BOLD, key.ljust(width)), (PLAIN, "  " + what))
+        for key, what in HELP
+    ]
+
+
+def refusal(code: str, detail: str, text: str, to: str | None = None) -> str:
+    """Why a line was not sent, in a few words, quoting the start of it."""
+    quoted = printable(text if len(text) <= 40 else text[:39] + "…")
+    if code == "rate_limited":
+        return f"slow down: rate limited, not sent: {quoted}"
+    if code == "too_large":
+        return f"too long ({len(text)} characters), not sent: {quoted}"
+    if code == "no_such_user":
+        return f"nobody called {printable(to or '?')} is here, not sent: {quoted}"
+    return f"not sent ({printable(code)}: {printable(detail)}): {quoted}"
+
+
+def to_ansi(line: Line) -> str:
+    """The line with ANSI colours, for a terminal."""
+    return "".join(f"\x1b[{sgr}m{text}\x1b[0m" if sgr else text for sgr, text in line)
+
+
+def to_plain(line: Line) -> str:
+    """The line without styling, for pipes and logs."""
+    return "".join(text for _, text in line)
+
+
+def item_json(item: Item, me: str) -> dict[str, Any]:
+    """The ``--json`` form of an item: room events as on the wire, plus
+    ``dm`` (with ``from`` and ``to``) and ``status``."""
+    if isinstance(item, Message):
+        return {"type": "message", "seq": item.seq, "ts": item.ts, "from": item.sender,
+                "text": item.text}
+    if isinstance(item, Joined):
+        return {"type": "joined", "seq": item.seq, "ts": item.ts, "name": item.name,
+                "addr": item.addr}
+    if isinstance(item, Left):
+        body = {"type": "left", "seq": item.seq, "ts": item.ts, "name": item.name,
+                "addr": item.addr, "reason": item.reason}
+        if item.detail:
+            body["detail"] = item.detail
+        return body
+    if isinstance(item, Notice):
+        return {"type": "notice", "seq": item.seq, "ts": item.ts, "text": item.text}
+    if isinstance(item, OtherEvent):
+        return {**item.body, "type": item.type, "seq": item.seq, "ts": item.ts}
+    if isinstance(item, Direct):
+        return {"type": "dm", "from": item.sender, "to": me, "text": item.text, "ts": item.ts}
+    if isinstance(item, SentPrivate):
+        return {"type": "dm", "from": me, "to": item.to, "text": item.text, "ts": item.ts}
+    body = {"type": "status", "state": item.state}
+    if item.detail:
+        body["detail"] = item.detail
+    if item.count:
+        body["count"] = item.count
+    return body

@@ -1,0 +1,357 @@
+"""The scriptable ``zchat-client``: lines in, events out, an exit code.
+
+How a run goes:
+
+1. Join (``--timeout`` or 10 s; exit 3 if the broker does not answer, 4 if
+   the name is taken). Fetch the recent room history if ``--history`` or
+   ``--expect`` needs it: names heard there count for ``--expect``, so two
+   scripted clients find each other whichever started first.
+2. A printer thread prints every event, one per line (text, or JSON with
+   ``--json``), flushing each so a pipe reader sees it at once.
+3. The main thread sends each ``--say`` text, then each line of stdin (read
+   by a small thread straight from the file descriptor), one at a time: each
+   waits for the broker's ack, and ``rate_limited`` is waited out with a
+   backoff, so any amount of input arrives complete and in order.
+4. At end of input it waits until every ``--expect`` name was heard, then
+   leaves and exits 0, or with ``--stay`` keeps printing until SIGINT or
+   SIGTERM (which leave and exit 0 at any time).
+
+Exit codes are the ``EXIT_*`` of ``zchat.clients.terminal``; errors are one
+line on stderr, never a traceback.
+
+Defines ``run_script`` and the ``Script`` run it drives.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from types import FrameType
+from typing import Any, TextIO
+
+from zchat import (
+    BrokerUnreachable,
+    Client,
+    ClientClosed,
+    Direct,
+    Message,
+    Notice,
+    ProtocolError,
+    RateLimited,
+    RequestFailed,
+    Status,
+)
+from zchat.clients.commands import Help, Invalid, Private, Quit, Say, Who, parse_line
+from zchat.clients.render import Item, SentPrivate, View, item_json, render, to_plain, who_line
+from zchat.clients.terminal import (
+    EXIT_CLOSED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_TIMEOUT,
+    EXIT_UNREACHABLE,
+    EXIT_UNSENT,
+    EXIT_USAGE,
+    Options,
+)
+from zchat.protocol import check_name
+
+__all__ = ["Script", "run_script"]
+
+CONTEXT_EVENTS = 100  # how far back "recently heard" and --history look
+RETRY_MIN, RETRY_MAX = 0.05, 2.0  # backoff after rate_limited
+
+
+class Stop(BaseException):
+    """SIGTERM or SIGHUP: leave and exit 0 (a BaseException, like KeyboardInterrupt)."""
+
+
+class Failed(Exception):
+    """The run cannot go on; ``code`` is the exit code, the message its reason."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise Stop(signal.Signals(signum).name)
+
+
+class Script:
+    """One scripted session on a joined ``client``."""
+
+    def __init__(self, options: Options, client: Client, out: TextIO, err: TextIO) -> None:
+        self.options = options
+        self.client = client
+        self.out = out
+        self.err = err
+        self.me = client.name
+        self.view = View(client.name, clock="%H:%M:%S")
+        self.deadline = None if options.timeout is None else time.monotonic() + options.timeout
+        self.unsent = 0
+        self.leave_reason: str | None = None
+        self._heard: set[str] = set()
+        self._closed: str | None = None  # why the broker closed us, once it did
+        self._changed = threading.Condition()
+        self._print_lock = threading.Lock()
+        self._out_broken = False
+        self._printer = threading.Thread(target=self._print_events, name="zchat-printer",
+                                         daemon=True)
+
+    # ------------------------------------------------------------ output
+
+    def show(self, item: Item) -> None:
+        if self.options.json:
+            text = json.dumps(item_json(item, self.me), ensure_ascii=False)
+        else:
+            text = to_plain(render(item, self.view))
+        self.write(text)
+
+    def write(self, text: str) -> None:
+        with self._print_lock:
+            if self._out_broken:
+                return
+            try:
+                self.out.write(text + "\n")
+                self.out.flush()
+            except (BrokenPipeError, ValueError):
+                # The reader went away (`| head -1`): keep chatting, stop printing.
+                self._out_broken = True
+
+    def warn(self, text: str) -> None:
+        print(f"zchat-client: {text}", file=self.err, flush=True)
+
+    def _note(self, item: Item) -> None:
+        with self._changed:
+            if isinstance(item, Message | Direct):
+                self._heard.add(item.sender.casefold())
+            elif isinstance(item, Status) and item.state == "closed":
+                self._closed = item.detail or "closed"
+            self._changed.notify_all()
+
+    def _print_events(self) -> None:
+        for item in self.client.events():
+            self._note(item)
+            self.show(item)
+        with self._changed:
+            self._closed = self._closed or "closed"
+            self._changed.notify_all()
+
+    # ------------------------------------------------------------ the run
+
+    def start(self) -> None:
+        """Show the connection, the context the options ask for, then go live."""
+        first = self.client.next_event(timeout=0)
+        if first is not None:
+            self._note(first)
+            self.show(first)
+        welcome = self.client.welcome
+        if welcome is not None and (self.options.history or self.options.expect):
+            after = max(0, welcome.seq - CONTEXT_EVENTS)
+            recent = [e for e in self.client.history(after, CONTEXT_EVENTS, self._left(10.0))
+                      if e.seq <= welcome.seq]
+            for event in recent:
+                if isinstance(event, Message):
+                    self._note(event)
+            said = [e for e in recent if isinstance(e, Message | Notice)]
+            for event in said[len(said) - self.options.history:] if self.options.history else []:
+                self.show(event)
+        self._printer.start()
+
+    def run(self, read_stdin: bool) -> int:
+        for text in self.options.say:
+            if not self.submit(text, literal=True):
+                return EXIT_OK
+        if read_stdin:
+            lines = _read_lines(sys.stdin.fileno())
+            while (line := self._next_line(lines)) is not None:
+                if not self.submit(line, literal=not self.options.commands):
+                    return EXIT_OK
+        self.wait_heard(self.options.expect)
+        if self.options.stay:
+            self.wait_closed()
+        return EXIT_UNSENT if self.unsent else EXIT_OK
+
+    def finish(self) -> None:
+        """Leave (announced to the room) and print what is still queued."""
+        self.client.leave(self.leave_reason)
+        if self._printer.is_alive():
+            self._printer.join(5.0)
+
+    # ----------------------------------------------------------- helpers
+
+    def _left(self, default: float | None = None) -> float | None:
+        """Seconds left before --timeout (``default`` without one)."""
+        if self.deadline is None:
+            return default
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise Failed(EXIT_TIMEOUT, f"timeout after {self.options.timeout:g} s")
+        return left
+
+    def _check_closed(self) -> None:
+        if self._closed is not None:
+            raise Failed(EXIT_CLOSED, f"disconnected: {self._closed}")
+
+    def _next_line(self, lines: queue.Queue[str | None]) -> str | None:
+        while True:
+            self._check_closed()
+            wait = self._left(0.5)
+            try:
+                return lines.get(timeout=min(0.5, wait if wait is not None else 0.5))
+            except queue.Empty:
+                continue
+
+    def submit(self, line: str, literal: bool) -> bool:
+        """Send one input line; False when it asked to quit."""
+        command = parse_line(line) if not literal else (Say(line) if line.strip() else None)
+        if command is None:
+            return True
+        if isinstance(command, Say):
+            self._deliver(lambda: self.client.send_nowait(command.text), command.text)
+        elif isinstance(command, Private):
+            if self._deliver(lambda: self.client.dm_nowait(command.to, command.text),
+                             command.text):
+                self.show(SentPrivate(command.to, command.text, time.time()))
+        elif isinstance(command, Who):
+            members = self.client.who(self._left())
+            self.write(to_plain(who_line(members, self.view, time.time())))
+        elif isinstance(command, Quit):
+            self.leave_reason = command.reason
+            return False
+        elif isinstance(command, Help):
+            self.warn("in scriptable mode: /msg NAME TEXT, /me ACTION, /who, /quit [REASON]")
+        elif isinstance(command, Invalid):
+            self.warn(command.why)
+            self.unsent += 1
+        return True
+
+    def _deliver(self, send: Callable[[], Future[Any]], text: str) -> bool:
+        """Send until acked, waiting out rate limits; False if refused."""
+        backoff = RETRY_MIN
+        while True:
+            self._check_closed()
+            future = send()
+            try:
+                future.result(self._left())
+                return True
+            except FutureTimeout:
+                raise Failed(EXIT_TIMEOUT, f"timeout after {self.options.timeout:g} s: "
+                                           "a line was not acknowledged") from None
+            except RateLimited:
+                time.sleep(backoff)  # the broker refills our bucket over time
+                backoff = min(backoff * 2, RETRY_MAX)
+            except ClientClosed as exc:
+                raise Failed(EXIT_CLOSED, f"disconnected: {self._closed or exc}") from None
+            except RequestFailed as exc:
+                self.unsent += 1
+                self.warn(f"not sent ({exc.code}: {exc.detail}): {text[:60]!r}")
+                return False
+
+    def wait_heard(self, names: list[str]) -> None:
+        """Wait until each name said something (or --timeout)."""
+        wanted = {name.casefold(): name for name in names}
+        with self._changed:
+            while missing := [n for key, n in wanted.items() if key not in self._heard]:
+                self._check_closed()
+                try:
+                    wait = self._left(None)
+                except Failed:
+                    raise Failed(EXIT_TIMEOUT, f"timeout after {self.options.timeout:g} s: "
+                                               f"did not hear from {', '.join(missing)}") from None
+                self._changed.wait(wait)
+
+    def wait_closed(self) -> None:
+        """--stay: until a signal, or until the broker closes us."""
+        with self._changed:
+            while self._closed is None:
+                self._changed.wait()
+        self._check_closed()
+
+
+def _read_lines(fd: int) -> queue.Queue[str | None]:
+    """Lines of ``fd`` as they come, then None; read by a daemon thread.
+
+    ``os.read`` rather than ``sys.stdin``: a thread blocked inside a buffered
+    file would hold its lock while the interpreter shuts down.
+    """
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            pending += decoder.decode(chunk, final=not chunk)
+            *complete, pending = pending.split("\n")
+            for line in complete:
+                lines.put(line.removesuffix("\r"))
+            if not chunk:
+                if pending:
+                    lines.put(pending)
+                lines.put(None)
+                return
+
+    threading.Thread(target=pump, name="zchat-stdin", daemon=True).start()
+    return lines
+
+
+def run_script(options: Options, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run the scriptable client; return the exit code."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    name = options.name or ""
+
+    def fail(code: int, reason: str) -> int:
+        print(f"zchat-client: {reason}", file=err, flush=True)
+        return code
+
+    try:
+        check_name(name)
+    except ProtocolError as exc:
+        return fail(EXIT_USAGE, f"bad name {name!r}: {exc.detail}")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_stop)
+    client = Client(options.connect, name)
+    script: Script | None = None
+    try:
+        try:
+            client.connect(timeout=options.join_timeout)
+        except BrokerUnreachable:
+            return fail(EXIT_UNREACHABLE, f"broker unreachable at {options.connect} "
+                                          f"(no answer within {options.join_timeout:g} s)")
+        except RequestFailed as exc:
+            reason = f"name {name!r} is taken" if exc.code == "name_taken" else exc.detail
+            return fail(EXIT_REFUSED, f"join refused: {reason}")
+        script = Script(options, client, out, err)
+        script.start()
+        read_stdin = not (sys.stdin.isatty() and (options.say or options.expect or options.stay))
+        return script.run(read_stdin)
+    except Failed as exc:
+        return fail(exc.code, str(exc))
+    except BrokerUnreachable as exc:
+        return fail(EXIT_TIMEOUT, f"timeout: {exc}")
+    except ClientClosed as exc:
+        return fail(EXIT_CLOSED, f"disconnected: {exc}")
+    except (KeyboardInterrupt, Stop):
+        return EXIT_OK
+    finally:
+        # A second signal while leaving must not cut the leave short.
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        if script is not None:
+            script.finish()
+        else:
+            client.close()

@@ -1,0 +1,281 @@
+"""The terminal client's pure parts: line rendering, commands, completion, options.
+
+No sockets and no terminal: these are the functions the interactive and
+scriptable shells call, tested on their own in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from zchat import Direct, Joined, Left, Member, Message, Notice, OtherEvent, Status
+from zchat.clients.commands import (
+    Help,
+    Invalid,
+    Private,
+    Quit,
+    Say,
+    Who,
+    complete,
+    parse_line,
+)
+from zchat.clients.render import (
+    BOLD,
+    MENTION,
+    SentPrivate,
+    View,
+    help_lines,
+    is_action,
+    item_json,
+    refusal,
+    render,
+    to_ansi,
+    to_plain,
+    who_line,
+)
+from zchat.clients.terminal import Options, parse_options
+from zchat.display import name_colour
+from zchat.protocol import parse_event
+
+TS = 1_700_000_000.0
+STAMP = time.strftime("%H:%M", time.localtime(TS))
+ALICE = View("alice")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def plain(item: object, view: View = ALICE) -> str:
+    return to_plain(render(item, view, now=TS))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- messages
+
+
+def test_message_shows_time_name_and_text() -> None:
+    assert plain(Message(5, TS, "bob", "hello")) == f"{STAMP} <bob> hello"
+
+
+def test_each_name_keeps_its_colour() -> None:
+    line = render(Message(5, TS, "bob", "hi"), ALICE)
+    first = dict((text, sgr) for sgr, text in line)["bob"]
+    again = dict((text, sgr) for sgr, text in render(Joined(6, TS, "bob", "1.2.3.4"), ALICE))
+    assert first == f"38;5;{name_colour('bob')}" == again["bob"]
+
+
+def test_own_messages_stand_out_in_bold() -> None:
+    line = render(Message(5, TS, "Alice", "mine"), ALICE)  # names compare case-insensitively
+    styles = dict((text, sgr) for sgr, text in line)
+    assert styles["Alice"].startswith(BOLD + ";")
+    assert styles["mine"] == BOLD
+    other = dict((text, sgr) for sgr, text in render(Message(6, TS, "bob", "yours"), ALICE))
+    assert other["yours"] == ""
+
+
+@pytest.mark.parametrize(("text", "mentioned"), [
+    ("hi alice!", True), ("ALICE: look", True), ("alice", True),
+    ("malice aforethought", False), ("alicexyz", False), ("nothing", False),
+])
+def test_lines_naming_me_are_highlighted(text: str, mentioned: bool) -> None:
+    styles = dict((t, sgr) for sgr, t in render(Message(5, TS, "bob", text), ALICE))
+    assert (styles[text] == MENTION) is mentioned
+
+
+def test_me_action_is_shown_as_an_action() -> None:
+    assert is_action("/me waves")
+    assert not is_action("/me ")
+    assert not is_action("/meh")
+    assert plain(Message(5, TS, "bob", "/me waves")) == f"{STAMP} * bob waves"
+
+
+def test_peer_text_cannot_move_the_cursor() -> None:
+    evil = Message(5, TS, "bo\x1b[2Jb", "red\x1b[31m\r\nfake line\x07")
+    text = plain(evil)
+    assert "\x1b" not in text and "\r" not in text and "\n" not in text and "\x07" not in text
+    assert "\\x1b" in text
+    # The only escapes in the painted line are our own styles.
+    painted = to_ansi(render(evil, ALICE))
+    assert "\n" not in painted and ANSI_ESCAPE.sub("", painted) == text
+
+
+# ------------------------------------------------------------ join / leave
+
+
+def test_join_line_has_name_and_address() -> None:
+    assert plain(Joined(3, TS, "bob", "10.0.0.7")) == f"{STAMP} --> bob (10.0.0.7) joined"
+
+
+@pytest.mark.parametrize(("reason", "detail", "shown"), [
+    ("leave", "", "left"),
+    ("leave", "lunch", "left: lunch"),
+    ("timeout", "", "timed out"),
+    ("kicked", "spam", "was kicked by the operator: spam"),
+    ("shutdown", "", "left: the broker shut down"),
+    ("vanished", "", "left [vanished]"),
+])
+def test_leave_line_says_why(reason: str, detail: str, shown: str) -> None:
+    left = Left(4, TS, "bob", "cloak-1a2b", reason, detail=detail)
+    assert plain(left) == f"{STAMP} <-- bob (cloak-1a2b) {shown}"
+
+
+def test_left_event_keeps_detail_from_the_wire() -> None:
+    body = {"type": "left", "seq": 4, "ts": TS, "name": "bob", "addr": "x", "reason": "leave",
+            "detail": "bye all"}
+    event = parse_event(body)
+    assert isinstance(event, Left) and event.detail == "bye all"
+    assert isinstance(parse_event({**body, "detail": 7}), Left)  # a bad detail is dropped
+
+
+# ------------------------------------------------------ private, notices
+
+
+def test_private_lines_say_private_on_both_sides() -> None:
+    assert plain(Direct("bob", "psst", TS)) == f"{STAMP} [private from bob] psst"
+    assert plain(SentPrivate("bob", "psst", TS)) == f"{STAMP} [private to bob] psst"
+
+
+def test_operator_notice_and_unknown_event() -> None:
+    assert plain(Notice(9, TS, "restart at noon")) == f"{STAMP} -!- notice: restart at noon"
+    assert plain(OtherEvent(10, TS, "topic", {})) == f"{STAMP} -!- a topic event (#10)"
+
+
+@pytest.mark.parametrize(("status", "shown"), [
+    (Status("disconnected", "broker unreachable, retrying…"), "broker unreachable, retrying…"),
+    (Status("reconnected", "127.0.0.1"), "reconnected"),
+    (Status("connected", "127.0.0.1"), "connected (your address: 127.0.0.1)"),
+    (Status("closed", "kicked by the operator: spam"),
+     "disconnected: kicked by the operator: spam"),
+    (Status("missed", "3 events are no longer kept", 3),
+     "3 events were lost: the broker no longer keeps them"),
+    (Status("history_lost", "x"), "the broker was restarted: the room's history starts afresh"),
+])
+def test_connection_changes_are_notices(status: Status, shown: str) -> None:
+    assert plain(status) == f"{STAMP} -!- {shown}"
+
+
+def test_who_line_sorts_names_and_marks_me() -> None:
+    members = [Member("bob", "10.0.0.2"), Member("alice", "10.0.0.1"), Member("Carl", "c")]
+    assert to_plain(who_line(members, ALICE, TS)) == (
+        f"{STAMP} -!- 3 here: alice (10.0.0.1, you), bob (10.0.0.2), Carl (c)"
+    )
+
+
+def test_help_lists_every_command() -> None:
+    text = "\n".join(to_plain(line) for line in help_lines(ALICE, TS))
+    for command in ("/msg NAME TEXT", "/me ACTION", "/who", "/help", "/quit [REASON]", "Tab"):
+        assert command in text
+
+
+@pytest.mark.parametrize(("code", "to", "words"), [
+    ("rate_limited", None, "slow down"),
+    ("too_large", None, "too long (100 characters)"),
+    ("no_such_user", "zed", "nobody called zed is here"),
+    ("bad_request", None, "not sent (bad_request: why)"),
+])
+def test_refusals_are_one_short_line(code: str, to: str | None, words: str) -> None:
+    text = refusal(code, "why", "x" * 100, to)
+    assert words in text and "\n" not in text and len(text) < 100
+
+
+# -------------------------------------------------------------------- JSON
+
+
+@pytest.mark.parametrize(("item", "expected"), [
+    (Message(5, TS, "bob", "hi"),
+     {"type": "message", "seq": 5, "ts": TS, "from": "bob", "text": "hi"}),
+    (Joined(3, TS, "bob", "10.0.0.7"),
+     {"type": "joined", "seq": 3, "ts": TS, "name": "bob", "addr": "10.0.0.7"}),
+    (Left(4, TS, "bob", "a", "kicked", detail="spam"),
+     {"type": "left", "seq": 4, "ts": TS, "name": "bob", "addr": "a", "reason": "kicked",
+      "detail": "spam"}),
+    (Notice(9, TS, "hey"), {"type": "notice", "seq": 9, "ts": TS, "text": "hey"}),
+    (OtherEvent(10, TS, "topic", {"type": "topic", "topic": "x"}),
+     {"type": "topic", "seq": 10, "ts": TS, "topic": "x"}),
+    (Direct("bob", "psst", TS),
+     {"type": "dm", "from": "bob", "to": "alice", "text": "psst", "ts": TS}),
+    (SentPrivate("bob", "psst", TS),
+     {"type": "dm", "from": "alice", "to": "bob", "text": "psst", "ts": TS}),
+    (Status("missed", "lost", 3),
+     {"type": "status", "state": "missed", "detail": "lost", "count": 3}),
+])
+def test_json_form_of_each_item(item: object, expected: dict[str, object]) -> None:
+    body = item_json(item, "alice")  # type: ignore[arg-type]
+    assert body == expected
+    assert json.loads(json.dumps(body)) == expected
+
+
+# ---------------------------------------------------------------- commands
+
+
+@pytest.mark.parametrize(("line", "command"), [
+    ("hello", Say("hello")),
+    ("  spaced  ", Say("  spaced  ")),
+    ("//etc/motd", Say("/etc/motd")),
+    ("/me waves", Say("/me waves")),
+    ("/ME waves hard", Say("/me waves hard")),
+    ("/msg bob psst  there", Private("bob", "psst  there")),
+    ("/query bob hi", Private("bob", "hi")),
+    ("/who", Who()),
+    ("/names", Who()),
+    ("/help", Help()),
+    ("/quit", Quit(None)),
+    ("/quit gone fishing", Quit("gone fishing")),
+    ("/exit", Quit(None)),
+    ("", None),
+    ("   ", None),
+])
+def test_parse_line(line: str, command: object) -> None:
+    assert parse_line(line) == command
+
+
+@pytest.mark.parametrize("line", ["/me", "/msg", "/msg bob", "/msg bob   ", "/frobnicate x"])
+def test_bad_commands_say_what_to_type(line: str) -> None:
+    command = parse_line(line)
+    assert isinstance(command, Invalid)
+    assert "usage" in command.why or "unknown command /frobnicate" in command.why
+
+
+def test_tab_completes_names_and_commands() -> None:
+    names = ["bob", "Bobby", "alice"]
+    assert complete("b", names) == (1, ["bob: ", "Bobby: "])  # addressing at line start
+    assert complete("hi B", names) == (1, ["bob ", "Bobby "])
+    assert complete("/msg al", names) == (2, ["alice "])
+    assert complete("/m", names) == (2, ["/me ", "/msg "])
+    assert complete("/q", names) == (2, ["/quit "])
+    assert complete("hi ", names) == (0, [])
+    assert complete("zed", names) == (3, [])
+
+
+# ----------------------------------------------------------------- options
+
+
+def test_mode_follows_the_terminal_and_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ZCHAT_NAME", raising=False)
+    monkeypatch.delenv("ZCHAT_CONNECT", raising=False)
+    assert parse_options(["--name", "a"], tty=True).interactive
+    assert parse_options([], tty=True) == Options(interactive=True, history=20)
+    assert not parse_options(["--name", "a"], tty=False).interactive
+    assert not parse_options(["--name", "a", "--say", "hi"], tty=True).interactive
+    assert parse_options(["--name", "a"], tty=False).history == 0
+
+
+def test_script_mode_needs_a_name(monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("ZCHAT_NAME", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_options(["--say", "hi"], tty=False)
+    assert exit_info.value.code == 2
+    assert "a name is needed" in capsys.readouterr().err
+
+
+def test_environment_sets_name_and_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZCHAT_NAME", "envname")
+    monkeypatch.setenv("ZCHAT_CONNECT", "tcp://10.1.2.3:5555")
+    monkeypatch.setenv("ZCHAT_TIMEOUT", "7")
+    options = parse_options(["--expect", "bob,carol", "--expect", "dan"], tty=False)
+    assert (options.name, options.connect, options.timeout) == (
+        "envname", "tcp://10.1.2.3:5555", 7.0)
+    assert options.expect == ["bob", "carol", "dan"]
+    assert parse_options(["--name", "cli"], tty=False).name == "cli"  # the option wins

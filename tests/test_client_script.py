@@ -1,0 +1,276 @@
+"""The scriptable zchat-client as scripts use it: a real subprocess on a pipe.
+
+Each test runs ``python -m zchat.clients.terminal`` with stdin and stdout on
+pipes (so it is in scriptable mode) against a real broker, and checks what a
+script can rely on: every line delivered once and in order, events printed
+(text or JSON lines), --say/--expect/--stay/--timeout, and the exit codes
+with their one-line reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import zmq
+
+from conftest import RunningBroker
+from zchat import Client, Direct, Left, Message
+from zchat.client import Item
+
+CLIENT = [sys.executable, "-m", "zchat.clients.terminal"]
+
+
+def run_client(broker: RunningBroker | str, *args: str, stdin: str = "",
+               timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    endpoint = broker if isinstance(broker, str) else broker.input
+    return subprocess.run([*CLIENT, "--connect", endpoint, *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+class Running:
+    """A client subprocess whose stdout lines are collected as they come."""
+
+    def __init__(self, broker: RunningBroker, *args: str) -> None:
+        self.proc = subprocess.Popen([*CLIENT, "--connect", broker.input, *args],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        assert self.proc.stdout is not None
+        self._reader = threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True)
+        self._reader.start()
+
+    def _pump(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_line(self, predicate: Callable[[str], bool], timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if predicate(line):
+                    return line
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"no such line; got: {self.lines}")
+
+    def finish(self, timeout: float = 10.0) -> tuple[int, str]:
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        assert self.proc.stderr is not None
+        return code, self.proc.stderr.read()
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        self._reader.join(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., Running]]:
+    started: list[Running] = []
+
+    def start(broker: RunningBroker, *args: str) -> Running:
+        running = Running(broker, *args)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.release()
+
+
+@pytest.fixture
+def listen(ctx: zmq.Context[Any], broker: RunningBroker) -> Iterator[Callable[[str], Client]]:
+    """Library clients on the ``broker``, closed at teardown."""
+    clients: list[Client] = []
+
+    def join(name: str) -> Client:
+        client = Client(broker.input, name, context=ctx, timeout=5.0)
+        client.connect()
+        clients.append(client)
+        return client
+
+    yield join
+    for client in clients:
+        client.close()
+
+
+def collect(client: Client, done: Callable[[list[Item]], bool],
+            timeout: float = 10.0) -> list[Item]:
+    items: list[Item] = []
+    deadline = time.monotonic() + timeout
+    while not done(items):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"condition not met; got {items}")
+        item = client.next_event(timeout=left)
+        if item is not None:
+            items.append(item)
+    return items
+
+
+def texts_from(items: list[Item], sender: str) -> list[str]:
+    return [i.text for i in items if isinstance(i, Message) and i.sender == sender]
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+# ----------------------------------------------------------------- sending
+
+
+def test_every_input_line_arrives_once_in_order_despite_rate_limits(
+        start_broker: Callable[..., RunningBroker], ctx: zmq.Context[Any]) -> None:
+    broker = start_broker("--heartbeat", "0.5", "--burst", "5", "--rate", "50")
+    with Client(broker.input, "reader", context=ctx, timeout=5.0) as reader:
+        lines = [f"line {n}" for n in range(30)]
+        result = run_client(broker, "--name", "pipe", stdin="\n".join(lines) + "\n\n")
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
+        items = collect(reader, lambda got: any(isinstance(i, Left) for i in got))
+    assert texts_from(items, "pipe") == lines  # the blank line is not sent
+    left = [i for i in items if isinstance(i, Left)]
+    assert [(i.name, i.reason) for i in left] == [("pipe", "leave")]
+
+
+def test_events_are_plain_lines_with_recent_history(
+        broker: RunningBroker, listen: Callable[[str], Client]) -> None:
+    bob = listen("bob")
+    bob.send("said before pipe came")
+    # pipe hears bob in the history shown on joining, so --expect is met at once.
+    result = run_client(broker, "--name", "pipe", "--history", "5", "--expect", "bob",
+                        "--timeout", "10", stdin="first\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith(" -!- connected (your address: 127.0.0.1)")
+    assert lines[1].endswith(" <bob> said before pipe came")
+    assert all(line[:8].replace(":", "").isdigit() for line in lines)  # HH:MM:SS first
+    items = collect(bob, lambda got: any(isinstance(i, Left) for i in got))
+    assert texts_from(items, "pipe") == ["first"]
+
+
+def test_say_and_expect_find_each_other_whoever_starts_first(
+        broker: RunningBroker, spawn: Callable[..., Running]) -> None:
+    first = spawn(broker, "--name", "ann", "--say", "hi from ann", "--expect", "ben",
+                  "--timeout", "15")
+    first.wait_line(lambda line: "<ann> hi from ann" in line)
+    # ann spoke before ben was there: ben hears her in the room's recent history.
+    second = run_client(broker, "--name", "ben", "--say", "hi from ben", "--expect", "ann",
+                        "--timeout", "15")
+    assert second.returncode == 0, second.stderr
+    code, stderr = first.finish()
+    assert code == 0, stderr
+    assert any("<ben> hi from ben" in line for line in first.lines)
+
+
+def test_json_lines_and_stay_until_sigterm(broker: RunningBroker, spawn: Callable[..., Running],
+                                           listen: Callable[[str], Client]) -> None:
+    bot = spawn(broker, "--name", "jbot", "--json", "--stay")
+    bot.wait_line(lambda line: '"connected"' in line)
+    carol = listen("carol")
+    carol.send("hello \x1b[31m jbot")
+    carol.dm("jbot", "psst")
+    bot.wait_line(lambda line: '"psst"' in line)
+    bot.proc.send_signal(signal.SIGTERM)
+    code, stderr = bot.finish()
+    assert (code, stderr) == (0, "")
+    events = [json.loads(line) for line in bot.lines]  # every line is one JSON object
+    assert events[0] == {"type": "status", "state": "connected", "detail": "127.0.0.1"}
+    assert {"type": "joined", "name": "carol", "addr": "127.0.0.1"}.items() <= events[1].items()
+    said = [e for e in events if e["type"] == "message"]
+    assert [(e["from"], e["text"]) for e in said] == [("carol", "hello \x1b[31m jbot")]
+    assert [e for e in events if e["type"] == "dm"] == [
+        {"type": "dm", "from": "carol", "to": "jbot", "text": "psst", "ts": pytest.approx(
+            time.time(), abs=60)}]
+    # SIGTERM made it leave, announced to the room.
+    gone = collect(carol, lambda got: any(isinstance(i, Left) for i in got))
+    assert [(i.name, i.reason) for i in gone if isinstance(i, Left)] == [("jbot", "leave")]
+
+
+def test_commands_mode_sends_private_messages_and_actions(
+        broker: RunningBroker, listen: Callable[[str], Client]) -> None:
+    bob = listen("bob")
+    carl = listen("carl")
+    script = "/msg bob for bob only\n/me waves\n//slash\n/quit done here\nnot sent\n"
+    result = run_client(broker, "--name", "cmd", "--commands", stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert "[private to bob] for bob only" in result.stdout
+    bob_items = collect(bob, lambda got: any(isinstance(i, Left) for i in got))
+    assert [(d.sender, d.text) for d in bob_items if isinstance(d, Direct)] == [
+        ("cmd", "for bob only")]
+    assert texts_from(bob_items, "cmd") == ["/me waves", "/slash"]
+    assert [i.detail for i in bob_items if isinstance(i, Left)] == ["done here"]
+    carl_items = collect(carl, lambda got: any(isinstance(i, Left) for i in got))
+    assert not [i for i in carl_items if isinstance(i, Direct)]
+
+
+# -------------------------------------------------------------- exit codes
+
+
+def test_expect_times_out_with_exit_1(broker: RunningBroker) -> None:
+    result = run_client(broker, "--name", "waiter", "--expect", "godot", "--timeout", "1")
+    assert result.returncode == 1
+    assert one_line(result.stderr) == (
+        "zchat-client: timeout after 1 s: did not hear from godot")
+
+
+def test_broker_unreachable_exits_3() -> None:
+    with socket.socket() as probe:  # a port with nobody listening on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_client(f"tcp://127.0.0.1:{port}", "--name", "lonely", "--timeout", "0.5",
+                        "--say", "anyone?")
+    assert result.returncode == 3
+    assert one_line(result.stderr) == (
+        f"zchat-client: broker unreachable at tcp://127.0.0.1:{port} "
+        "(no answer within 0.5 s)")
+
+
+def test_taken_name_exits_4(broker: RunningBroker, listen: Callable[[str], Client]) -> None:
+    listen("Taken")
+    result = run_client(broker, "--name", "taken", "--say", "hi")
+    assert result.returncode == 4
+    assert one_line(result.stderr) == "zchat-client: join refused: name 'taken' is taken"
+
+
+def test_bad_name_is_a_usage_error(broker: RunningBroker) -> None:
+    result = run_client(broker, "--name", "two words", "--say", "hi")
+    assert result.returncode == 2
+    assert "bad name 'two words'" in one_line(result.stderr)
+
+
+def test_refused_line_is_reported_and_exits_6(
+        start_broker: Callable[..., RunningBroker], ctx: zmq.Context[Any]) -> None:
+    broker = start_broker("--heartbeat", "0.5", "--max-text", "10")
+    with Client(broker.input, "reader", context=ctx, timeout=5.0) as reader:
+        result = run_client(broker, "--name", "wordy", stdin="far too long a line\nshort\n")
+        items = collect(reader, lambda got: any(isinstance(i, Left) for i in got))
+    assert result.returncode == 6
+    assert "not sent (too_large" in one_line(result.stderr)
+    assert texts_from(items, "wordy") == ["short"]
+
+
+def test_help_documents_options_commands_and_exit_codes() -> None:
+    result = subprocess.run([*CLIENT, "--help"], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0
+    for word in ("--name", "--connect", "--say", "--expect", "--timeout", "--stay", "--json",
+                 "/msg NAME TEXT", "/me ACTION", "/who", "/quit", "ZCHAT_NAME", "exit codes:"):
+        assert word in result.stdout
