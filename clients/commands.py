@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from zchat.clients.render import ACTION_PREFIX
+from .render import ACTION_PREFIX
 
 __all__ = [
     "COMMANDS",

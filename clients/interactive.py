@@ -54,8 +54,11 @@ from zchat import (
     RequestFailed,
     Status,
 )
-from zchat.clients.commands import Help, Invalid, Private, Quit, Say, Who, complete, parse_line
-from zchat.clients.render import (
+from zchat.display import name_colour, printable
+from zchat.protocol import check_name
+
+from .commands import Help, Invalid, Private, Quit, Say, Who, complete, parse_line
+from .render import (
     BOLD,
     GREEN,
     RED,
@@ -71,9 +74,7 @@ from zchat.clients.render import (
     to_ansi,
     who_line,
 )
-from zchat.clients.terminal import EXIT_CLOSED, EXIT_OK, Options
-from zchat.display import name_colour, printable
-from zchat.protocol import check_name
+from .terminal import EXIT_CLOSED, EXIT_OK, Options
 
 __all__ = ["Inbox", "Session", "run_interactive"]
 

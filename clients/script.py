@@ -50,9 +50,11 @@ from zchat import (
     RequestFailed,
     Status,
 )
-from zchat.clients.commands import Help, Invalid, Private, Quit, Say, Who, parse_line
-from zchat.clients.render import Item, SentPrivate, View, item_json, render, to_plain, who_line
-from zchat.clients.terminal import (
+from zchat.protocol import check_name
+
+from .commands import Help, Invalid, Private, Quit, Say, Who, parse_line
+from .render import Item, SentPrivate, View, item_json, render, to_plain, who_line
+from .terminal import (
     EXIT_CLOSED,
     EXIT_OK,
     EXIT_REFUSED,
@@ -62,7 +64,6 @@ from zchat.clients.terminal import (
     EXIT_USAGE,
     Options,
 )
-from zchat.protocol import check_name
 
 __all__ = ["Script", "run_script"]
 

@@ -186,10 +186,10 @@ def parse_options(argv: Sequence[str] | None = None, *, tty: bool | None = None)
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
     if options.interactive:
-        from zchat.clients.interactive import run_interactive
+        from .interactive import run_interactive
 
         return run_interactive(options)
-    from zchat.clients.script import run_script
+    from .script import run_script
 
     return run_script(options)
 
