@@ -1,0 +1,274 @@
+"""A scripted chat peer for the Docker demo: a ball passed round a ring of peers.
+
+Each peer of the docker-compose demo runs in its own container and is told
+the ring, e.g. ``alice,bob,dave``. Once every peer of the ring is in the room,
+the first one says ``@bob 1/9 ...``; whoever is named takes the ball and,
+after ``--pace`` seconds, passes it on to the next (``@dave 2/9 ...``), round
+and round until the last hop. A hop is only taken when the message naming
+its taker has crossed the broker, so a finished ring proves that every
+peer's messages reached the others. Every peer then leaves and exits 0; a
+peer that has not seen the ring finish within ``--timeout`` leaves and exits
+1, naming the peers it never heard from. SIGTERM or SIGINT (``docker compose
+down``, Ctrl-C) make it leave at once, announced in the room.
+
+The rules of the game are ``Relay``, a pure object fed with room events
+(easy to test); ``run`` is the shell around ``zchat.Client``. Settings come
+from the command line or from ``ZCHAT_*`` environment variables::
+
+    ZCHAT_CONNECT=tcp://broker:5555 ZCHAT_NAME=alice ZCHAT_RING=alice,bob,dave \\
+        python -m zchat.clients.demo_peer
+
+Defines ``Relay``, ``Pass`` (a hop to say), ``run`` and ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from zchat import BrokerUnreachable, Client, ClientError, Joined, Left, Message, Status
+from zchat.display import printable
+
+__all__ = ["Pass", "Relay", "main", "run"]
+
+EXIT_OK = 0
+EXIT_INCOMPLETE = 1  # timed out before the ball came round, or was kicked
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3  # no broker answered
+
+POLL_SECONDS = 0.25  # how often the main thread looks at its deadlines and signals
+HOP = re.compile(r"^@(?P<taker>\S+) (?P<hop>\d+)/(?P<total>\d+)\b")
+
+
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """A hop this peer must say: ``@taker hop/total``."""
+
+    taker: str
+    hop: int
+    total: int
+
+    def text(self, sender: str, addr: str) -> str:
+        return f"@{self.taker} {self.hop}/{self.total} catch! ({sender} at {addr})"
+
+
+@dataclass
+class Relay:
+    """The ring game as seen by one peer; feed it room events, it says what to pass.
+
+    Names compare case-insensitively, as the broker does.
+    """
+
+    name: str
+    ring: list[str]
+    rounds: int = 3
+    present: set[str] = field(default_factory=set)
+    heard: set[str] = field(default_factory=set)
+    last_hop: int = 0
+    started: bool = False
+
+    def __post_init__(self) -> None:
+        keys = [peer.casefold() for peer in self.ring]
+        if self.name.casefold() not in keys:
+            raise ValueError(f"{self.name} is not in the ring {','.join(self.ring)}")
+        if len(set(keys)) != len(keys) or len(keys) < 2:
+            raise ValueError("the ring needs two or more distinct names")
+        if self.rounds < 1:
+            raise ValueError("rounds must be at least 1")
+        self.present.add(self.name.casefold())
+
+    @property
+    def total(self) -> int:
+        return self.rounds * len(self.ring)
+
+    @property
+    def others(self) -> list[str]:
+        return [peer for peer in self.ring if peer.casefold() != self.name.casefold()]
+
+    @property
+    def missing(self) -> list[str]:
+        """Ring peers not in the room (yet)."""
+        return [peer for peer in self.ring if peer.casefold() not in self.present]
+
+    @property
+    def unheard(self) -> list[str]:
+        """Ring peers none of whose hops reached us."""
+        return [peer for peer in self.others if peer.casefold() not in self.heard]
+
+    @property
+    def done(self) -> bool:
+        return self.last_hop >= self.total and not self.unheard
+
+    def next_of(self, peer: str) -> str:
+        keys = [p.casefold() for p in self.ring]
+        return self.ring[(keys.index(peer.casefold()) + 1) % len(self.ring)]
+
+    def arrived(self, name: str) -> Pass | None:
+        """``name`` is in the room; the first peer throws once everyone is."""
+        self.present.add(name.casefold())
+        return self._maybe_start()
+
+    def departed(self, name: str) -> None:
+        self.present.discard(name.casefold())
+
+    def message(self, sender: str, text: str) -> Pass | None:
+        """A room message; returns the hop to pass if it threw the ball to us."""
+        match = HOP.match(text)
+        if match is None or sender.casefold() not in {p.casefold() for p in self.ring}:
+            return None
+        hop, total = int(match["hop"]), int(match["total"])
+        if total != self.total or hop <= self.last_hop:
+            return None  # another game, or a hop seen already
+        self.last_hop = hop
+        self.started = True
+        if sender.casefold() != self.name.casefold():
+            self.heard.add(sender.casefold())
+        if match["taker"].casefold() != self.name.casefold() or hop >= self.total:
+            return None
+        return Pass(self.next_of(self.name), hop + 1, self.total)
+
+    def _maybe_start(self) -> Pass | None:
+        if self.started or self.missing or self.ring[0].casefold() != self.name.casefold():
+            return None
+        self.started = True
+        return Pass(self.next_of(self.name), 1, self.total)
+
+
+def env(name: str, default: str) -> str:
+    return os.environ.get(f"ZCHAT_{name}") or default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m zchat.clients.demo_peer",
+        description="Join, pass a numbered ball round a ring of peers, leave; exit 0 once "
+                    "the ball came round and every other peer was heard.",
+        epilog="Each option also comes from ZCHAT_<OPTION> (e.g. ZCHAT_RING=alice,bob,dave). "
+               "Exit codes: 0 done, 1 not done within --timeout, 2 usage, "
+               "3 no broker answered.",
+    )
+    p.add_argument("--connect", metavar="EP", default=env("CONNECT", "tcp://127.0.0.1:5555"),
+                   help="the broker's input endpoint (default: %(default)s)")
+    p.add_argument("--name", default=env("NAME", ""), help="the name to join with")
+    p.add_argument("--ring", default=env("RING", ""),
+                   help="comma-separated names in passing order; the first one starts")
+    p.add_argument("--rounds", type=int, default=int(env("ROUNDS", "3")),
+                   help="times the ball goes round (default: %(default)s)")
+    p.add_argument("--pace", metavar="SECONDS", type=float, default=float(env("PACE", "1")),
+                   help="pause before passing the ball on, so people can watch "
+                        "(default: %(default)s)")
+    p.add_argument("--timeout", metavar="SECONDS", type=float,
+                   default=float(env("TIMEOUT", "120")),
+                   help="give up after this long (default: %(default)s)")
+    return p
+
+
+class _Stop:
+    """Set by SIGTERM/SIGINT; the main loop looks at it between events."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.event = threading.Event()
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signal = signal.Signals(signum).name
+        self.event.set()
+
+
+def say(line: str) -> None:
+    print(time.strftime("%H:%M:%S ") + line, flush=True)
+
+
+def run(args: argparse.Namespace, stop: _Stop) -> int:
+    """Play the ring game against the broker at ``args.connect``."""
+    ring = [peer.strip() for peer in args.ring.split(",") if peer.strip()]
+    relay = Relay(args.name, ring, args.rounds)
+    deadline = time.monotonic() + args.timeout
+    chat = Client(args.connect, args.name, timeout=10.0)
+    try:
+        welcome = chat.connect(timeout=args.timeout)
+    except BrokerUnreachable as exc:
+        say(f"{args.name}: {exc}")
+        return EXIT_UNREACHABLE
+    except ClientError as exc:
+        say(f"{args.name}: the broker refused the join: {exc}")
+        return EXIT_INCOMPLETE
+    say(f"joined as {welcome.name} from {welcome.addr}; ring {', '.join(ring)}, "
+        f"{relay.total} hops")
+    due: list[tuple[float, Pass]] = []  # hops to say, each at its time
+    first = relay.arrived(args.name)
+    for member in welcome.members:
+        first = relay.arrived(member.name) or first
+    if first is not None:
+        due.append((time.monotonic() + args.pace, first))
+    if relay.missing:
+        say(f"waiting for {', '.join(relay.missing)}")
+    try:
+        while not relay.done:
+            if stop.event.is_set():
+                say(f"{stop.signal}: leaving before the ball came round")
+                chat.leave(f"stopped by {stop.signal}")
+                return EXIT_OK
+            now = time.monotonic()
+            if now >= deadline:
+                say(f"timed out at hop {relay.last_hop}/{relay.total}; never heard: "
+                    f"{', '.join(relay.unheard) or 'nobody missing'}")
+                chat.leave("timed out")
+                return EXIT_INCOMPLETE
+            while due and due[0][0] <= now:
+                _, hop = due.pop(0)
+                chat.send_nowait(hop.text(args.name, welcome.addr))
+            item = chat.next_event(POLL_SECONDS)
+            if isinstance(item, Status) and item.state == "closed":
+                say(f"closed by the broker: {item.detail}")
+                return EXIT_INCOMPLETE
+            if isinstance(item, Joined):
+                say(f"--> {printable(item.name)} joined from {item.addr}")
+                hop_first = relay.arrived(item.name)
+                if hop_first is not None:
+                    due.append((time.monotonic() + args.pace, hop_first))
+            elif isinstance(item, Left):
+                say(f"<-- {printable(item.name)} left")
+                relay.departed(item.name)
+            elif isinstance(item, Message):
+                say(f"<{printable(item.sender)}> {printable(item.text)}")
+                hop_next = relay.message(item.sender, item.text)
+                if hop_next is not None:
+                    due.append((time.monotonic() + args.pace, hop_next))
+        say(f"done: the ball went {relay.total}/{relay.total} round {', '.join(ring)}; "
+            f"heard {', '.join(relay.others)}")
+        chat.leave("the ball came round")
+        return EXIT_OK
+    finally:
+        chat.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.name or not args.ring:
+            parser.error("--name and --ring (or ZCHAT_NAME and ZCHAT_RING) are needed")
+        ring = [peer.strip() for peer in args.ring.split(",") if peer.strip()]
+        Relay(args.name, ring, args.rounds)  # checks the ring before joining
+    except ValueError as exc:
+        print(f"demo_peer: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    stop = _Stop()
+    stop.install()
+    return run(args, stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
