@@ -56,6 +56,10 @@ DRAIN_BATCH = 4096  # frames taken from one socket before looking at the others
 CLOSE_LINGER_MS = 1000  # time to flush `bye` and `shutdown` at exit
 CONTROL_IDS_KEPT = 64
 
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoints:
@@ -125,6 +129,10 @@ class Server:
         self._control_replies: OrderedDict[str, bytes] = OrderedDict()
         self.endpoints: Endpoints | None = None
         self.state: Broker | None = None
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._screen_lines: list[str] = []
+        self._stamp_second = -1
+        self._stamp = ""
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
@@ -223,31 +231,47 @@ class Server:
                 now = time.time()
                 if now >= state.next_deadline():
                     self._send(state.tick(now))
-                if self.screen is not None:
-                    self.screen.flush()
+                self._flush_screen()
             self._send(state.shutdown(time.time()))
         finally:
-            if self.screen is not None:
-                self.screen.flush()
+            self._flush_screen()
             self.close()
+
+    def _flush_screen(self) -> None:
+        # One write per loop turn: a write per chat line costs more than the chat.
+        if self.screen is not None and self._screen_lines:
+            self.screen.write("".join(self._screen_lines))
+            self._screen_lines.clear()
+            self.screen.flush()
 
     def _drain_input(self, state: Broker) -> None:
         router = self.router
+        recv = router.recv
+        more = router.get
         max_frame = self.config.limits.max_frame
         for _ in range(DRAIN_BATCH):
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                peer = recv(_NOBLOCK)
             except zmq.Again:
                 return
-            peer = frames[0].bytes
+            # A member's payload is copied into bytes (cheapest for small
+            # frames); a stranger's stays a Frame so that a join can read the
+            # Peer-Address property libzmq attached to it.
+            stranger = not state.is_member(peer)
+            payload = recv(_NOBLOCK, copy=not stranger) if more(_RCVMORE) else b""
+            extra = 0
+            while more(_RCVMORE):
+                recv(_NOBLOCK)
+                extra += 1
             now = time.time()
             try:
-                if len(frames) != 2:
+                if extra:
                     raise ProtocolError(
-                        ErrorCode.BAD_FRAME, f"expected 1 payload frame, got {len(frames) - 1}"
+                        ErrorCode.BAD_FRAME, f"expected 1 payload frame, got {extra + 1}"
                     )
-                payload = frames[1]
-                body = decode_frame(payload.buffer, max_frame)
+                body = decode_frame(
+                    payload.buffer if isinstance(payload, zmq.Frame) else payload, max_frame
+                )
             except ProtocolError as exc:
                 self._warn_peer(state, peer, exc)
                 self._send([state.error(peer, exc.code, exc.detail)])
@@ -259,28 +283,35 @@ class Server:
                 self._send([state.error(peer, exc.code, exc.detail, request_id(body))])
                 continue
             addr = ""
-            if body["type"] == "join":
+            if stranger and isinstance(payload, zmq.Frame) and body["type"] == "join":
                 addr = _peer_address(payload)
-            out = state.handle(peer, request, now, addr)
-            self._send(out)
+            self._send(state.handle(peer, request, now, addr))
 
     def _warn_peer(self, state: Broker, peer: bytes, exc: ProtocolError) -> None:
         who = state.name_of(peer) or f"peer {peer.hex()}"
         self._throttle.warning(exc.code, "%s sent a bad frame: %s", who, exc)
 
     def _send(self, out: list[Outgoing]) -> None:
-        pack = msgpack.packb
+        # Plain int flags and one reused Packer: pyzmq's send_multipart and
+        # msgpack.packb cost more in Python overhead than the sends themselves.
+        pack = self._packer.pack
+        pub_send = self.pub.send
+        router_send = self.router.send
+        screen = self.screen
         for item in out:
             if isinstance(item, Publish):
-                self.pub.send_multipart([item.topic, pack(item.body)], zmq.NOBLOCK)
-                if self.screen is not None and item.topic == ROOM_TOPIC:
-                    self.screen.write(screen_line(item.body))
+                pub_send(item.topic, _MORE_NOBLOCK)
+                pub_send(pack(item.body), _NOBLOCK)
+                if screen is not None and item.topic == ROOM_TOPIC:
+                    self._screen_lines.append(self._screen_line(item.body))
                 continue
             body = item.body
             if body["type"] == "error" and body["code"] == ErrorCode.RATE_LIMITED:
                 self._throttle.warning("rate", "rate limited %s", item.peer.hex())
             try:
-                self.router.send_multipart([item.peer, pack(body)], zmq.NOBLOCK)
+                # With ROUTER_MANDATORY only the first frame can fail; the
+                # second then goes out whole with it.
+                router_send(item.peer, _MORE_NOBLOCK)
             except zmq.ZMQError as exc:
                 # EHOSTUNREACH: the peer is gone; EAGAIN: it reads too slowly.
                 # Either way only that peer misses this reply.
@@ -288,6 +319,15 @@ class Server:
                     "unreachable", "reply %s to %s dropped: %s", body["type"], item.peer.hex(),
                     exc.strerror,
                 )
+                continue
+            router_send(pack(body), _NOBLOCK)
+
+    def _screen_line(self, event: dict[str, Any]) -> str:
+        second = int(event["ts"])
+        if second != self._stamp_second:
+            self._stamp_second = second
+            self._stamp = datetime.fromtimestamp(second).strftime("%H:%M:%S")
+        return screen_line(event, self._stamp)
 
     # ---------------------------------------------------------------- control
 
@@ -404,21 +444,20 @@ def advertised(configured: str, bound: str) -> str:
     return bound
 
 
-def screen_line(event: dict[str, Any]) -> str:
-    """One readable line for the operator's screen."""
-    stamp = datetime.fromtimestamp(event["ts"]).strftime("%H:%M:%S")
-    event = {key: printable(value) if isinstance(value, str) else value
-             for key, value in event.items()}
+def screen_line(event: dict[str, Any], stamp: str | None = None) -> str:
+    """One readable line for the operator's screen (control characters escaped)."""
+    if stamp is None:
+        stamp = datetime.fromtimestamp(event["ts"]).strftime("%H:%M:%S")
     kind = event["type"]
     seq = event["seq"]
     if kind == "message":
-        return f"{stamp} #{seq} <{event['from']}> {event['text']}\n"
+        return f"{stamp} #{seq} <{event['from']}> {printable(event['text'])}\n"
     if kind == "joined":
         return f"{stamp} #{seq} --> {event['name']} joined from {event['addr']}\n"
     if kind == "left":
-        detail = f": {event['detail']}" if event.get("detail") else ""
+        detail = f": {printable(event['detail'])}" if event.get("detail") else ""
         who = f"{event['name']} ({event['addr']})"
         return f"{stamp} #{seq} <-- {who} left [{event['reason']}]{detail}\n"
     if kind == "notice":
-        return f"{stamp} #{seq} *** notice: {event['text']}\n"
-    return f"{stamp} #{seq} {kind}\n"
+        return f"{stamp} #{seq} *** notice: {printable(event['text'])}\n"
+    return f"{stamp} #{seq} {printable(kind)}\n"
