@@ -32,10 +32,13 @@ class Config:
     advertise: str | None = None  # the broadcast endpoint `welcome` names
     quiet: bool = False  # do not print chat lines on stdout
     io_threads: int = 1
+    coalesce: int = 0  # most events per batch frame on BATCH_TOPIC; 0: no batches
 
     def __post_init__(self) -> None:
         if not self.heartbeat > 0:
             raise ConfigError(f"heartbeat must be positive, not {self.heartbeat}")
+        if self.coalesce < 0:
+            raise ConfigError("coalesce must not be negative")
         if self.io_threads < 1:
             raise ConfigError("io-threads must be at least 1")
         check_control_endpoint(self.control)

@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "(the operator still sees real addresses with `zchat-admin who`)")
     beh.add_argument("--quiet", action="store_true", default=env_default("quiet", False, env_flag),
                      help="do not print chat lines on stdout")
+    beh.add_argument("--coalesce", metavar="N", type=int,
+                     default=env_default("coalesce", 0, int),
+                     help="also publish room events coalesced, up to N per frame, on the batch "
+                          "topic that zchat clients use (fewer frames per subscriber under "
+                          "load; plain v1 subscribers are unaffected); 0 turns it off "
+                          "(default: %(default)s)")
     beh.add_argument("--io-threads", metavar="N", type=int,
                      default=env_default("io-threads", 1, int),
                      help="libzmq I/O threads (default: %(default)s)")
@@ -142,6 +148,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         advertise=args.advertise,
         quiet=args.quiet,
         io_threads=args.io_threads,
+        coalesce=args.coalesce,
     )
 
 

@@ -394,3 +394,46 @@ def test_environment_configures_the_broker(start_broker: Callable[..., RunningBr
     welcome = client.join("alice")
     assert welcome["heartbeat"] == 0.25
     assert client.request({"type": "message", "text": "123456"})["code"] == "too_large"
+
+
+def test_coalesced_batches_carry_the_same_events_in_order(
+    start_broker: Callable[..., RunningBroker], ctx: zmq.Context[Any],
+) -> None:
+    broker = start_broker("--coalesce", "8", "--rate", "0", "--heartbeat", "0.5")
+    batched = ctx.socket(zmq.SUB)
+    batched.setsockopt(zmq.LINGER, 0)
+    batched.setsockopt(zmq.SUBSCRIBE, b"\x01lobby\x00")
+    batched.setsockopt(zmq.SUBSCRIBE, b"\x00")
+    batched.connect(broker.broadcast)
+    v1 = ctx.socket(zmq.SUB)  # subscribed as PROTOCOL.md v1 says
+    v1.setsockopt(zmq.LINGER, 0)
+    v1.setsockopt(zmq.SUBSCRIBE, b"lobby\x00")
+    v1.setsockopt(zmq.SUBSCRIBE, b"\x00")
+    v1.connect(broker.broadcast)
+    plain = RawClient(ctx, broker)
+    welcome = plain.join("alice")
+    assert welcome["batch"] is True
+    assert batched.poll(5000)  # live once it heard a heartbeat
+    assert v1.poll(5000)
+    for i in range(50):
+        plain.send({"type": "message", "text": f"m{i}"})
+    last = max(plain.recv()["seq"] for _ in range(50))
+    singles: list[int] = []
+    v1.setsockopt(zmq.RCVTIMEO, 5000)
+    while not singles or singles[-1] < last:
+        topic, payload = v1.recv_multipart()
+        assert topic != b"\x01lobby\x00"  # a v1 subscriber never sees batches
+        if topic == b"lobby\x00":
+            singles.append(msgpack.unpackb(payload)["seq"])
+    from_batches: list[int] = []
+    sizes = []
+    batched.setsockopt(zmq.RCVTIMEO, 5000)
+    while not from_batches or from_batches[-1] < last:
+        topic, payload = batched.recv_multipart()
+        body = msgpack.unpackb(payload)
+        if topic == b"\x01lobby\x00":
+            assert (body["type"], body["room"]) == ("batch", "lobby")
+            sizes.append(len(body["events"]))
+            from_batches.extend(e["seq"] for e in body["events"])
+    assert from_batches[-len(singles):] == singles
+    assert max(sizes) <= 8

@@ -233,3 +233,16 @@ def test_async_client(broker: RunningBroker) -> None:
             await bob.leave()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_library_uses_batches_when_the_broker_offers_them(
+    start_broker: Callable[..., RunningBroker], clients: Callable[..., Client],
+) -> None:
+    broker = start_broker("--coalesce", "16", "--rate", "0", "--heartbeat", "0.5")
+    alice = clients(broker, "alice")
+    bob = clients(broker, "bob")
+    for i in range(100):
+        alice.send_nowait(f"m{i}")
+    alice.send("done")
+    got = messages_until(bob, "done")
+    assert [m.text for m in got] == [f"m{i}" for i in range(100)] + ["done"]

@@ -47,6 +47,7 @@ from zchat.errors import (
     RequestFailed,
 )
 from zchat.protocol import (
+    BATCH_TOPIC,
     BROKER_TOPIC,
     ROOM_TOPIC,
     Direct,
@@ -469,7 +470,7 @@ class Client:
         self._retry = RETRY_MIN
         self._last_heard = time.monotonic()
         self.members = {m.name.casefold(): m for m in welcome.members}
-        self._connect_sub(welcome.pub)
+        self._connect_sub(welcome.pub, batched=reply.get("batch") is True)
         restarted = welcome.epoch != self._epoch and self._epoch is not None
         if restarted or (self._has_seq and welcome.seq < self.last_seq):
             # The broker lost its history: old seqs mean nothing now.
@@ -490,13 +491,15 @@ class Client:
         if not self._joined_future.done():
             self._joined_future.set_result(welcome)
 
-    def _connect_sub(self, pub: str) -> None:
+    def _connect_sub(self, pub: str, batched: bool) -> None:
         endpoint = self._broadcast or resolve_pub(pub, self.endpoint)
         if self._sub is not None:
             self._sub.close(linger=0)
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
-        self._sub.setsockopt(zmq.SUBSCRIBE, ROOM_TOPIC)
+        # A broker that coalesces events offers them as batches too: fewer
+        # frames for it to send, and for us to receive.
+        self._sub.setsockopt(zmq.SUBSCRIBE, BATCH_TOPIC if batched else ROOM_TOPIC)
         self._sub.setsockopt(zmq.SUBSCRIBE, BROKER_TOPIC)
         self._sub.connect(endpoint)
 
@@ -578,13 +581,18 @@ class Client:
             elif body["type"] == "shutdown":
                 self._lost("broker shut down, retrying…", time.monotonic())
             return
-        try:
-            event = parse_event(body)
-        except ProtocolError:
-            return
         if self.welcome is None:
             return  # resumed after the next welcome, from history
-        self._accept(event)
+        items = body.get("events") if frames[0] == BATCH_TOPIC else [body]
+        if not isinstance(items, list):
+            return
+        for item in items:
+            try:
+                event = parse_event(item) if isinstance(item, dict) and "type" in item else None
+            except ProtocolError:
+                event = None
+            if event is not None:
+                self._accept(event)
 
     def _accept(self, event: Event) -> None:
         if event.seq <= self.last_seq:

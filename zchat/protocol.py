@@ -38,6 +38,7 @@ import msgpack
 from zchat.errors import ProtocolError
 
 __all__ = [
+    "BATCH_TOPIC",
     "BROKER_TOPIC",
     "MAX_ID_CHARS",
     "MAX_NAME_CHARS",
@@ -65,6 +66,7 @@ __all__ = [
     "decode_frame",
     "decode_request",
     "encode",
+    "encode_batch",
     "fold_name",
     "parse_event",
     "parse_request",
@@ -74,6 +76,8 @@ PROTOCOL_VERSION: Final = 1
 ROOM: Final = "lobby"
 ROOM_TOPIC: Final = ROOM.encode() + b"\x00"
 BROKER_TOPIC: Final = b"\x00"
+# Extension: room events coalesced into one frame under load (see PROTOCOL.md).
+BATCH_TOPIC: Final = b"\x01" + ROOM_TOPIC
 
 MAX_ID_CHARS: Final = 64
 MAX_NAME_CHARS: Final = 32
@@ -126,6 +130,27 @@ def decode_frame(frame: bytes | memoryview, max_size: int = DEFAULT_MAX_FRAME) -
     if not isinstance(kind, str):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "missing or non-string 'type'")
     return body
+
+
+_BATCH_HEAD: Final = b"\x83" + b"".join(
+    msgpack.packb(word) for word in ("type", "batch", "room", ROOM, "events")
+)
+
+
+def encode_batch(packed_events: list[bytes]) -> bytes:
+    """One ``batch`` frame from already packed room events, without repacking.
+
+    ``{type: "batch", room, events: [...]}``: a MessagePack array is its
+    header followed by its items, so the events' bytes are joined as they are.
+    """
+    count = len(packed_events)
+    if count < 16:
+        header = bytes((0x90 | count,))
+    elif count < 0x10000:
+        header = b"\xdc" + count.to_bytes(2, "big")
+    else:
+        header = b"\xdd" + count.to_bytes(4, "big")
+    return _BATCH_HEAD + header + b"".join(packed_events)
 
 
 # --------------------------------------------------------------------------

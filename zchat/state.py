@@ -146,6 +146,8 @@ class Broker:
             ``3 * heartbeat`` are dropped.
         limits: per-client limits.
         pub: the broadcast endpoint that ``welcome`` tells clients.
+        batch: tell clients (in ``welcome``) that room events are also
+            published coalesced on ``BATCH_TOPIC``.
         cloak: maps a peer address to what other clients see.
         now: the clock at start.
     """
@@ -159,11 +161,13 @@ class Broker:
         cloak: Callable[[str], str] | None = None,
         now: float = 0.0,
         epoch: str | None = None,
+        batch: bool = False,
     ) -> None:
         self.heartbeat = heartbeat
         self.limits = limits or Limits()
         self.pub = pub
         self.epoch = epoch or secrets.token_hex(8)
+        self.batch = batch
         self._cloak = cloak or (lambda addr: addr)
         self._started = now
         self._by_peer: dict[bytes, _Member] = {}
@@ -306,6 +310,8 @@ class Broker:
             "token": member.token,
             "epoch": self.epoch,
         }
+        if self.batch:
+            body["batch"] = True
         if rid is not None:
             body["id"] = rid
         return body
