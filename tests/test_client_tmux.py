@@ -1,0 +1,260 @@
+"""The interactive zchat-client in real terminals: tmux panes, a real broker.
+
+Each test starts a private tmux server (``tmux -L zchat-test-<pid>-<n>``,
+killed at teardown, and no other), runs clients in fixed-size detached
+sessions, types with ``send-keys`` and reads the screens with
+``capture-pane``, polling until the expected text shows (never a fixed
+sleep). What a person would see is what is asserted: join lines with the
+address, messages crossing, a half-typed line surviving incoming messages,
+/who, /msg unseen by a third person, /quit announced, Tab and Up, a taken
+name asked again, and a broker restart with nothing lost or doubled.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from conftest import RunningBroker
+from zchat import Client, Joined
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (.ci/run)")
+
+WIDTH, HEIGHT = 110, 30
+_servers = itertools.count(1)
+
+
+class Tmux:
+    """A private tmux server whose sessions are zchat clients."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.socket = f"zchat-test-{os.getpid()}-{next(_servers)}"
+        config = tmp_path / f"{self.socket}.conf"
+        # Dead panes stay readable (with their exit status); no status bar.
+        config.write_text("set -g remain-on-exit on\nset -g status off\n"
+                          "set -g history-limit 5000\n")
+        self.base = ["tmux", "-u", "-L", self.socket, "-f", str(config)]
+        self.env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "USER": "tester"}
+        self.started = False
+
+    def run(self, *args: str) -> str:
+        done = subprocess.run([*self.base, *args], capture_output=True, text=True,
+                              env=self.env, timeout=10)
+        if done.returncode != 0:
+            raise AssertionError(f"tmux {args[0]} failed: {done.stderr}")
+        return done.stdout
+
+    def client(self, session: str, *args: str) -> None:
+        """Start ``zchat-client ARGS`` in a new session called ``session``."""
+        # tmux runs this with sh -c; the shell prints how the client ended
+        # (tmux's own pane_dead_status races the pane's end of file).
+        command = " ".join([sys.executable, "-m", "zchat.clients.terminal", *args,
+                            "; echo [exited $?]"])
+        self.run("new-session", "-d", "-s", session, "-x", str(WIDTH), "-y", str(HEIGHT),
+                 command)
+        self.started = True
+
+    def screen(self, session: str) -> str:
+        """What the session shows, scrollback included, wrapped lines joined."""
+        return self.run("capture-pane", "-p", "-J", "-S", "-1000", "-t", session)
+
+    def prompt_line(self, session: str) -> str:
+        """The last non-blank line of the visible screen: the input line."""
+        lines = [line for line in self.run("capture-pane", "-p", "-t", session).splitlines()
+                 if line.strip()]
+        return lines[-1] if lines else ""
+
+    def wait(self, session: str, pattern: str, timeout: float = 10.0) -> str:
+        """Wait until the screen matches ``pattern`` (a regex); return the screen."""
+        return self.wait_for(session, lambda screen: re.search(pattern, screen) is not None,
+                             f"/{pattern}/", timeout)
+
+    def wait_for(self, session: str, check: Callable[[str], bool], what: str,
+                 timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen(session)
+            if check(screen):
+                return screen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{session}: no {what} on screen:\n{screen}")
+            time.sleep(0.05)  # polling interval, not a settle delay
+
+    def wait_prompt(self, session: str, text: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (line := self.prompt_line(session)) != text:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{session}: input line is {line!r}, not {text!r}")
+            time.sleep(0.05)
+
+    def type(self, session: str, text: str, enter: bool = True) -> None:
+        self.run("send-keys", "-t", session, "-l", text)
+        if enter:
+            self.run("send-keys", "-t", session, "Enter")
+
+    def keys(self, session: str, *keys: str) -> None:
+        self.run("send-keys", "-t", session, *keys)
+
+    def exit_status(self, session: str, timeout: float = 10.0) -> int:
+        """Wait for the client in ``session`` to exit; return its status."""
+        screen = self.wait(session, r"\[exited \d+\]", timeout)
+        return int(re.findall(r"\[exited (\d+)\]", screen)[-1])
+
+    def kill_server(self) -> None:
+        if self.started:
+            subprocess.run([*self.base, "kill-server"], capture_output=True, env=self.env,
+                           timeout=10)
+
+
+@pytest.fixture
+def tmux(tmp_path: Path) -> Iterator[Tmux]:
+    server = Tmux(tmp_path)
+    yield server
+    server.kill_server()
+
+
+def count(screen: str, text: str) -> int:
+    return screen.count(text)
+
+
+def test_two_people_chat_and_a_third_joins(broker: RunningBroker, tmux: Tmux) -> None:
+    ep = f"--connect {broker.input}"
+    tmux.client("alice", "--name alice", ep)
+    tmux.wait("alice", r"1 here: alice \(127\.0\.0\.1, you\)")
+    tmux.wait_prompt("alice", "[alice]")
+    tmux.type("alice", "hello, anyone here?")
+    tmux.wait("alice", r"\d\d:\d\d <alice> hello, anyone here\?")
+
+    # A newcomer gets context: the last messages and who is here.
+    tmux.client("bob", "--name bob", ep)
+    screen = tmux.wait("bob", r"2 here: alice \(127\.0\.0\.1\), bob \(127\.0\.0\.1, you\)")
+    assert re.search(r"the last message:\n\d\d:\d\d <alice> hello, anyone here\?", screen)
+    tmux.wait("alice", r"--> bob \(127\.0\.0\.1\) joined")
+
+    # What alice is typing survives bob's messages arriving above it.
+    tmux.wait_prompt("bob", "[bob]")
+    tmux.type("alice", "half-typed", enter=False)
+    tmux.wait_prompt("alice", "[alice] half-typed")
+    tmux.type("bob", "hi alice")
+    tmux.type("bob", "/me waves")
+    tmux.wait("alice", r"<bob> hi alice\n.*\* bob waves")
+    assert tmux.prompt_line("alice") == "[alice] half-typed"
+    tmux.type("alice", " line")
+    tmux.wait("bob", r"<alice> half-typed line")
+
+    # A private message is marked private on both sides and unseen by carol.
+    tmux.client("carol", "--name carol", ep)
+    tmux.wait("alice", r"--> carol \(127\.0\.0\.1\) joined")
+    tmux.wait_prompt("carol", "[carol]")
+    tmux.type("alice", "/msg bob just between us")
+    tmux.wait("alice", r"\[private to bob\] just between us")
+    tmux.wait("bob", r"\[private from alice\] just between us")
+    tmux.type("alice", "public again")
+    screen = tmux.wait("carol", r"<alice> public again")
+    assert "just between us" not in screen
+
+    tmux.type("carol", "/who")
+    tmux.wait("carol", r"3 here: alice \(127\.0\.0\.1\), bob \(127\.0\.0\.1\), "
+                       r"carol \(127\.0\.0\.1, you\)")
+    # Tab completes a name, Up recalls the last line.
+    tmux.wait_prompt("carol", "[carol]")
+    tmux.type("carol", "/msg b", enter=False)
+    tmux.keys("carol", "Tab")
+    tmux.wait_prompt("carol", "[carol] /msg bob")
+    tmux.keys("carol", "C-u", "Up")
+    tmux.wait_prompt("carol", "[carol] /who")
+    tmux.keys("carol", "C-u")
+
+    # Leaving, three ways: /quit with a reason, Ctrl-D, Ctrl-C.
+    tmux.type("bob", "/quit lunch time")
+    tmux.wait("alice", r"<-- bob \(127\.0\.0\.1\) left: lunch time")
+    assert tmux.exit_status("bob") == 0
+    assert "you left the room" in tmux.screen("bob")
+    tmux.wait_prompt("carol", "[carol]")
+    tmux.keys("carol", "C-d")
+    tmux.wait("alice", r"<-- carol \(127\.0\.0\.1\) left")
+    assert tmux.exit_status("carol") == 0
+    tmux.keys("alice", "C-c")
+    assert tmux.exit_status("alice") == 0
+    assert "Traceback" not in tmux.screen("alice") + tmux.screen("bob") + tmux.screen("carol")
+
+
+def test_broker_restart_loses_and_doubles_nothing(
+        start_broker: Callable[..., RunningBroker], tmux: Tmux) -> None:
+    first = start_broker("--heartbeat", "0.5", "--rate", "0")
+    ep = f"--connect {first.input}"
+    tmux.client("ann", "--name ann", ep)
+    tmux.wait("ann", r"1 here: ann")
+    tmux.client("ben", "--name ben", ep)
+    tmux.wait("ann", r"--> ben \(127\.0\.0\.1\) joined")
+    tmux.wait_prompt("ann", "[ann]")
+    tmux.type("ann", "before the restart")
+    tmux.wait("ben", r"<ann> before the restart")
+
+    first.stop(signal.SIGKILL)  # no goodbye: the clients notice the silence
+    for name in ("ann", "ben"):
+        tmux.wait(name, r"-!- broker unreachable, retrying…")
+    tmux.wait_prompt("ann", "[ann offline]")
+    tmux.type("ann", "typed while the broker was down")
+    tmux.wait("ann", r"not connected: will be sent on reconnecting: typed while the broker")
+
+    start_broker("--heartbeat", "0.5", "--rate", "0",
+                 "--input", first.input, "--broadcast", first.broadcast)
+    for name in ("ann", "ben"):
+        screen = tmux.wait(name, r"(?s)-!- reconnected.*<ann> typed while the broker was down",
+                           timeout=15)
+        assert count(screen, "<ann> typed while the broker was down") == 1
+        assert count(screen, "<ann> before the restart") == 1
+    tmux.wait_prompt("ann", "[ann]")
+    tmux.type("ben", "all good?")
+    screen = tmux.wait("ann", r"<ben> all good\?")
+    assert count(screen, "<ann> typed while the broker was down") == 1
+
+
+def test_taken_or_bad_name_is_asked_again(broker: RunningBroker, tmux: Tmux,
+                                          ctx: zmq.Context[Any]) -> None:
+    with Client(broker.input, "dora", context=ctx, timeout=5.0) as dora:
+        tmux.client("second", "--name Dora", f"--connect {broker.input}")
+        tmux.wait("second", r"the name Dora is taken; choose another\n")
+        tmux.wait_prompt("second", "your name: tester")  # $USER, offered to edit
+        tmux.keys("second", "C-u")
+        tmux.type("second", "dora the second")
+        tmux.wait("second", r"'dora the second' cannot be a name: .*whitespace")
+        tmux.wait_prompt("second", "your name: tester")
+        tmux.keys("second", "C-u")
+        tmux.type("second", "dora2")
+        tmux.wait("second", r"joined the lobby room at tcp://\S+ as dora2 "
+                            r"\(your address: 127\.0\.0\.1\)")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            item = dora.next_event(timeout=deadline - time.monotonic())
+            if isinstance(item, Joined) and item.name == "dora2":
+                break
+        else:
+            raise AssertionError("dora never saw dora2 join")
+
+
+def test_unreachable_broker_is_retried_until_it_comes(
+        start_broker: Callable[..., RunningBroker], tmux: Tmux) -> None:
+    with socket.socket() as probe:  # a free port for the broker that is not there yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{port}"
+    tmux.client("early", "--name early", f"--connect {endpoint}")
+    tmux.wait("early", rf"broker unreachable at {endpoint}, retrying… \(Ctrl-C to give up\)")
+    start_broker("--heartbeat", "0.5", "--input", endpoint)
+    tmux.wait("early", r"joined the lobby room .* as early", timeout=15)
+    assert "Traceback" not in tmux.screen("early")
