@@ -32,11 +32,16 @@ class Config:
     advertise: str | None = None  # the broadcast endpoint `welcome` names
     quiet: bool = False  # do not print chat lines on stdout
     io_threads: int = 1
+    db: str | None = None  # history database; None: the default path; ":memory:": none
+    retention: float = 0.0  # seconds an event is kept in history; 0: by count only
+    fsync: bool = False  # survive power loss too (an fsync per commit)
     coalesce: int = 0  # most events per batch frame on BATCH_TOPIC; 0: no batches
 
     def __post_init__(self) -> None:
         if not self.heartbeat > 0:
             raise ConfigError(f"heartbeat must be positive, not {self.heartbeat}")
+        if self.retention < 0:
+            raise ConfigError("retention must not be negative")
         if self.coalesce < 0:
             raise ConfigError("coalesce must not be negative")
         if self.io_threads < 1:

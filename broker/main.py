@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from zchat.history import HistoryError, default_db_path
 from zchat.state import Limits
 
 from .config import (
@@ -27,6 +28,7 @@ ENV_PREFIX = "ZCHAT_"
 EXIT_OK = 0
 EXIT_CONFIG = 2  # bad option or setting (argparse uses 2 as well)
 EXIT_BIND = 3  # an endpoint could not be bound
+EXIT_STORE = 4  # the history database could not be opened or written
 
 DESCRIPTION = """\
 The zchat broker: one event loop that relays every chat message to every
@@ -41,7 +43,8 @@ upper case with '-' as '_' (e.g. {ENV_PREFIX}HEARTBEAT=0.5, {ENV_PREFIX}HIDE_ADD
 A command-line option wins over the environment. A limit of 0 turns it off.
 
 Exit codes: 0 stopped cleanly (SIGINT, SIGTERM or `zchat-admin shutdown`),
-2 bad configuration, 3 an endpoint could not be bound.
+2 bad configuration, 3 an endpoint could not be bound, 4 the history
+database could not be opened (another broker uses it?) or written.
 """
 
 
@@ -93,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     beh.add_argument("--history", metavar="N", type=int,
                      default=env_default("history", limits.history, int),
                      help="room events kept for `history` (default: %(default)s)")
+    beh.add_argument("--db", metavar="PATH", default=env_default("db", None),
+                     help="SQLite file that keeps the room's history across restarts; "
+                          "':memory:' keeps it in memory only (default: "
+                          f"{default_db_path()}, or $ZCHAT_DATA_DIR/history.db)")
+    beh.add_argument("--retention", metavar="SECONDS", type=float,
+                     default=env_default("retention", 0.0, float),
+                     help="also forget events older than this; 0 keeps them until --history "
+                          "pushes them out (default: %(default)s)")
+    beh.add_argument("--fsync", action="store_true", default=env_default("fsync", False, env_flag),
+                     help="fsync each commit so history survives a power cut too, not only a "
+                          "killed broker (slower)")
     beh.add_argument("--hide-addresses", action="store_true",
                      default=env_default("hide-addresses", False, env_flag),
                      help="show clients a stable cloak instead of each other's IP address "
@@ -149,6 +163,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         quiet=args.quiet,
         io_threads=args.io_threads,
         coalesce=args.coalesce,
+        db=args.db,
+        retention=args.retention,
+        fsync=args.fsync,
     )
 
 
@@ -169,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = Server(config)
     try:
         endpoints = server.bind()
+    except HistoryError as exc:
+        print(f"zchat-broker: {exc}", file=sys.stderr)
+        return EXIT_STORE
     except OSError as exc:
         print(f"zchat-broker: {exc}", file=sys.stderr)
         return EXIT_BIND
@@ -183,7 +203,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"control={endpoints.control}",
         flush=True,
     )
+    state = server.state
+    if state is not None:
+        store = state.store
+        log.info("history: %s, %d events kept, last seq %d, epoch %s",
+                 getattr(store, "path", "in memory only") if store.durable else "in memory only",
+                 len(store), state.seq, state.epoch)
     server.run()
+    if server.failure:
+        log.error("stopped: %s", server.failure)
+        return EXIT_STORE
     log.info("stopped")
     return EXIT_OK
 

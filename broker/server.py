@@ -36,6 +36,7 @@ import zmq
 
 from zchat.display import printable
 from zchat.errors import ProtocolError
+from zchat.history import HistoryError, open_history
 from zchat.protocol import (
     BATCH_TOPIC,
     ROOM_TOPIC,
@@ -55,6 +56,7 @@ __all__ = ["Endpoints", "Server", "raise_fd_limit"]
 log = logging.getLogger("zchat.broker")
 
 DRAIN_BATCH = 4096  # frames taken from one socket before looking at the others
+RELEASE_EVERY = 256  # frames between group commits (and sends) within a pass
 CLOSE_LINGER_MS = 1000  # time to flush `bye` and `shutdown` at exit
 CONTROL_IDS_KEPT = 64
 
@@ -132,6 +134,8 @@ class Server:
         self.endpoints: Endpoints | None = None
         self.state: Broker | None = None
         self._packer = msgpack.Packer(use_bin_type=True)
+        self._outbox: list[Outgoing] = []
+        self.failure: str | None = None  # why the loop stopped, if not asked to
         self._screen_lines: list[str] = []
         self._batch: list[bytes] = []
         self._stamp_second = -1
@@ -142,9 +146,17 @@ class Server:
     # ------------------------------------------------------------------ setup
 
     def bind(self) -> Endpoints:
-        """Bind the three sockets; return the endpoints actually bound."""
+        """Open the history, bind the three sockets; return the endpoints bound.
+
+        Raises:
+            HistoryError: the history database cannot be opened (or is in use).
+            OSError: an endpoint cannot be bound.
+        """
         cfg = self.config
         ctx = self.context
+        # The store first: a second broker on the same database stops here,
+        # before it takes any port.
+        history = open_history(cfg.db, cfg.limits.history, cfg.retention, cfg.fsync)
         self.router = ctx.socket(zmq.ROUTER)
         # A reply to a peer that is gone raises instead of vanishing silently,
         # so it can be counted; it never blocks (NOBLOCK at every send).
@@ -167,6 +179,7 @@ class Server:
             self.pub.bind(cfg.broadcast)
             self.control.bind(cfg.control)
         except zmq.ZMQError as exc:
+            history.close()
             self.close()
             raise OSError(f"cannot bind: {exc}") from exc
         self.endpoints = Endpoints(
@@ -183,6 +196,7 @@ class Server:
             cloak=cloak,
             now=now,
             batch=cfg.coalesce > 0,
+            history=history,
         )
         return self.endpoints
 
@@ -223,8 +237,9 @@ class Server:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        self._send(state.tick(time.time()))
         try:
+            self._send(state.tick(time.time()))
+            self._release(state)
             while not self._stopping:
                 timeout = max(0.0, state.next_deadline() - time.time())
                 ready = dict(poller.poll(int(timeout * 1000) + 1))
@@ -235,13 +250,38 @@ class Server:
                 now = time.time()
                 if now >= state.next_deadline():
                     self._send(state.tick(now))
-                self._flush_batch()
-                self._flush_screen()
+                self._release(state)
             self._send(state.shutdown(time.time()))
-            self._flush_batch()
+            self._release(state)
         finally:
             self._flush_screen()
+            state.store.close()
             self.close()
+
+    def _send(self, out: list[Outgoing]) -> None:
+        """Queue frames; ``_release`` sends them once their events are durable."""
+        self._outbox.extend(out)
+
+    def _release(self, state: Broker) -> None:
+        """Commit the pass's events (one group commit), then send its frames.
+
+        Nothing of the pass is published or acked before the commit returned,
+        so no client ever sees a seq that a crash could take back.
+        """
+        if self._outbox:
+            try:
+                state.store.commit()
+            except HistoryError as exc:
+                # Acking what is not stored would be a lie: stop, loudly.
+                log.critical("%s; stopping without acking the last events", exc)
+                self._outbox.clear()
+                self.failure = str(exc)
+                self.stop()
+                return
+            out, self._outbox = self._outbox, []
+            self._transmit(out)
+        self._flush_batch()
+        self._flush_screen()
 
     def _flush_batch(self) -> None:
         """Publish the events coalesced so far as one frame on the batch topic.
@@ -267,7 +307,9 @@ class Server:
         recv = router.recv
         more = router.get
         max_frame = self.config.limits.max_frame
-        for _ in range(DRAIN_BATCH):
+        for count in range(1, DRAIN_BATCH + 1):
+            if count % RELEASE_EVERY == 0:
+                self._release(state)
             try:
                 peer = recv(_NOBLOCK)
             except zmq.Again:
@@ -309,7 +351,7 @@ class Server:
         who = state.name_of(peer) or f"peer {peer.hex()}"
         self._throttle.warning(exc.code, "%s sent a bad frame: %s", who, exc)
 
-    def _send(self, out: list[Outgoing]) -> None:
+    def _transmit(self, out: list[Outgoing]) -> None:
         # Plain int flags and one reused Packer: pyzmq's send_multipart and
         # msgpack.packb cost more in Python overhead than the sends themselves.
         pack = self._packer.pack

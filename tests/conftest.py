@@ -94,6 +94,9 @@ def launch_broker(*args: str, env: dict[str, str] | None = None,
         "--input", "tcp://127.0.0.1:0",
         "--broadcast", "tcp://127.0.0.1:0",
         "--control", "tcp://127.0.0.1:0",
+        # Tests that are not about durability keep history in memory, so
+        # brokers never share the user's default database.
+        *(() if "--db" in args else ("--db", ":memory:")),
         *args,
     ]
     proc = subprocess.Popen(
@@ -123,6 +126,19 @@ def launch_broker(*args: str, env: dict[str, str] | None = None,
     proc.kill()
     proc.wait(5)
     raise AssertionError(f"broker did not start: {''.join(stderr)}")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Brokers started without --db write under a temporary data dir, never $HOME."""
+    path = tmp_path_factory.mktemp("zchat-data")
+    saved = os.environ.get("ZCHAT_DATA_DIR")
+    os.environ["ZCHAT_DATA_DIR"] = str(path)
+    yield path
+    if saved is None:
+        os.environ.pop("ZCHAT_DATA_DIR", None)
+    else:
+        os.environ["ZCHAT_DATA_DIR"] = saved
 
 
 @pytest.fixture

@@ -531,6 +531,15 @@ class Client:
             if kind == "history":
                 self._on_fill(reply)
             return
+        forgotten = kind == "pong" and reply.get("joined") is False
+        if forgotten or (kind == "error" and reply.get("code") == "not_joined"):
+            # The broker does not know us: it restarted and our DEALER
+            # reconnected to it by itself. Keep the request, join again, and
+            # it goes out after the welcome (its id keeps it from doubling).
+            if self.welcome is not None and not self._joining_since:
+                self._lost("the broker restarted, rejoining…", time.monotonic())
+                self._next_attempt = time.monotonic()
+            return
         pending = self._pending.pop(rid, None) if isinstance(rid, str) else None
         if pending is None:
             return  # a pong, or a late duplicate answer

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any, Final, TypeAlias
 
 from zchat.errors import ProtocolError
+from zchat.history import History, MemoryHistory
 from zchat.protocol import (
     BROKER_TOPIC,
     ROOM,
@@ -162,11 +162,11 @@ class Broker:
         now: float = 0.0,
         epoch: str | None = None,
         batch: bool = False,
+        history: History | None = None,
     ) -> None:
         self.heartbeat = heartbeat
         self.limits = limits or Limits()
         self.pub = pub
-        self.epoch = epoch or secrets.token_hex(8)
         self.batch = batch
         self._cloak = cloak or (lambda addr: addr)
         self._started = now
@@ -175,8 +175,15 @@ class Broker:
         # Members in order of last activity, oldest first: expiry pops the front.
         self._activity: OrderedDict[bytes, _Member] = OrderedDict()
         self._departed_ids: OrderedDict[str, OrderedDict[str, int | None]] = OrderedDict()
-        self.seq = 0
-        self._history: deque[dict[str, Any]] = deque(maxlen=self.limits.history or None)
+        self._history = history if history is not None else MemoryHistory(self.limits.history)
+        if epoch is not None:
+            self._history.epoch = epoch
+        self.epoch = self._history.epoch
+        # A durable history carries seq over a restart, and the ids of recent
+        # messages with it, so a client's resend after the crash is not doubled.
+        self.seq = self._history.last_seq
+        for folded, pairs in self._history.recent_ids(self.limits.dedupe).items():
+            self._departed_ids[folded] = OrderedDict(pairs)
         self._next_heartbeat = now
         self._counts = dict.fromkeys(
             ("messages", "dms", "joins", "timeouts", "errors", "rate_limited"), 0
@@ -345,7 +352,9 @@ class Broker:
         if req.id is not None and req.id in member.seen_ids:
             return [Reply(peer, {"type": "ack", "id": req.id, "seq": member.seen_ids[req.id]})]
         self._admit(member, now)
-        event = self._room_event(now, "message", **{"from": member.name, "text": req.text})
+        event = self._room_event(
+            now, "message", (fold_name(member.name), req.id), **{"from": member.name,
+                                                                  "text": req.text})
         self._remember(member, req.id, self.seq)
         self._counts["messages"] += 1
         ack: dict[str, Any] = {"type": "ack", "seq": self.seq}
@@ -374,7 +383,9 @@ class Broker:
         return [self._depart(self._by_peer[peer], "leave", now, detail=req.reason)]
 
     def _ping(self, peer: bytes, req: Ping, now: float, addr: str) -> list[Outgoing]:
-        body: dict[str, Any] = {"type": "pong", "ts": now}
+        # `joined` (an addition) tells an idle client whose DEALER silently
+        # reconnected to a restarted broker that it must join again.
+        body: dict[str, Any] = {"type": "pong", "ts": now, "joined": peer in self._by_peer}
         if req.id is not None:
             body["id"] = req.id
         return [Reply(peer, body)]
@@ -396,12 +407,14 @@ class Broker:
 
     def history(self, after: int, limit: int = HISTORY_PAGE) -> list[dict[str, Any]]:
         """Kept room events with ``seq > after``, oldest first, at most ``limit``."""
-        limit = min(limit, HISTORY_PAGE_MAX)
-        if not self._history or after >= self.seq:
+        if after >= self.seq:
             return []
-        first = self._history[0]["seq"]
-        skip = max(0, after - first + 1)
-        return list(islice(self._history, skip, skip + limit))
+        return self._history.after(after, min(limit, HISTORY_PAGE_MAX))
+
+    @property
+    def store(self) -> History:
+        """Where room events are kept (the loop commits it once per pass)."""
+        return self._history
 
     # --------------------------------------------------------- timed and ops
 
@@ -418,6 +431,7 @@ class Broker:
         if now >= self._next_heartbeat:
             out.append(self.heartbeat_frame(now))
             self._next_heartbeat = now + self.heartbeat
+            self._history.prune(now)
         return out
 
     def heartbeat_frame(self, now: float) -> Publish:
@@ -451,10 +465,14 @@ class Broker:
 
     # ---------------------------------------------------------------- helpers
 
-    def _room_event(self, now: float, kind: str, **fields: Any) -> Publish:
+    def _room_event(self, now: float, kind: str, dedupe: tuple[str, str | None] | None = None,
+                    **fields: Any) -> Publish:
         self.seq += 1
         body = {"type": kind, "room": ROOM, "seq": self.seq, "ts": now, **fields}
-        self._history.append(body)
+        if dedupe is None:
+            self._history.append(body)
+        else:
+            self._history.append(body, *dedupe)
         return Publish(ROOM_TOPIC, body)
 
     def _depart(

@@ -1,0 +1,106 @@
+"""zchat.history: the in-memory and SQLite stores, no sockets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from zchat.history import HistoryError, MemoryHistory, SqliteHistory, open_history
+from zchat.protocol import Join, Say
+from zchat.state import Broker, Limits
+
+
+def event(seq: int, ts: float = 100.0, text: str = "x") -> dict[str, object]:
+    return {"type": "message", "room": "lobby", "seq": seq, "ts": ts, "from": "a", "text": text}
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> MemoryHistory | SqliteHistory:
+    if request.param == "memory":
+        return MemoryHistory(keep=5)
+    return SqliteHistory(tmp_path / "h.db", keep=5)
+
+
+def test_append_after_and_keep(store: MemoryHistory | SqliteHistory) -> None:
+    for seq in range(1, 11):
+        store.append(event(seq))
+    store.commit()
+    store.prune(200.0)
+    assert store.last_seq == 10
+    assert [e["seq"] for e in store.after(0, 100)] == [6, 7, 8, 9, 10]
+    assert [e["seq"] for e in store.after(7, 2)] == [8, 9]
+    assert store.after(10, 5) == []
+    assert len(store) == 5
+    store.close()
+
+
+def test_age_retention(tmp_path: Path) -> None:
+    for store in (MemoryHistory(keep=0, max_age=10), SqliteHistory(tmp_path / "a.db", 0, 10)):
+        store.append(event(1, ts=100))
+        store.append(event(2, ts=105))
+        store.append(event(3, ts=111))
+        store.prune(now=116)
+        assert [e["seq"] for e in store.after(0, 10)] == [3]
+        store.close()
+
+
+def test_sqlite_keeps_seq_epoch_and_ids_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    first = SqliteHistory(path)
+    first.append(event(1, text="hi"), "alice", "m1")
+    first.append(event(2, text="yo"), "bob", None)
+    first.commit()
+    epoch = first.epoch
+    first.close()
+    second = SqliteHistory(path)
+    assert (second.last_seq, second.epoch) == (2, epoch)
+    assert [e["text"] for e in second.after(0, 10)] == ["hi", "yo"]
+    assert second.recent_ids(10) == {"alice": [("m1", 1)]}
+    second.close()
+
+
+def test_uncommitted_events_are_not_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    store = SqliteHistory(path)
+    store.append(event(1))
+    store.commit()
+    store.append(event(2))  # never committed: as if the process died now
+    store._db.close()
+    again = SqliteHistory(path)
+    assert again.last_seq == 1
+    again.close()
+
+
+def test_second_broker_on_same_database_fails_clearly(tmp_path: Path) -> None:
+    first = SqliteHistory(tmp_path / "h.db")
+    with pytest.raises(HistoryError, match="cannot open history database"):
+        SqliteHistory(tmp_path / "h.db")
+    first.close()
+
+
+def test_open_history_picks_the_store(tmp_path: Path) -> None:
+    assert isinstance(open_history(":memory:", 10), MemoryHistory)
+    store = open_history(str(tmp_path / "x" / "h.db"), 10)
+    assert isinstance(store, SqliteHistory)
+    assert store.durable
+    store.close()
+
+
+def test_broker_resumes_seq_and_dedupe_from_a_durable_store(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    broker = Broker(history=SqliteHistory(path), now=0.0)
+    broker.handle(b"a", Join("alice"), 0.0, "10.0.0.1")
+    out = broker.handle(b"a", Say("kept", id="m1"), 1.0)
+    seq = out[-1].body["seq"]
+    broker.store.commit()
+    epoch = broker.epoch
+    broker.store.close()
+    # A new broker on the same file: same epoch, seq goes on, the id is known.
+    again = Broker(history=SqliteHistory(path), now=5.0, limits=Limits())
+    assert (again.epoch, again.seq) == (epoch, seq)
+    again.handle(b"b", Join("ALICE"), 5.0, "10.0.0.1")
+    resent = again.handle(b"b", Say("kept", id="m1"), 6.0)
+    assert [o.body for o in resent] == [{"type": "ack", "id": "m1", "seq": seq}]
+    assert [e["text"] for e in again.history(0) if e["type"] == "message"] == ["kept"]
+    again.store.close()
