@@ -1,0 +1,516 @@
+"""The docker-compose demo, built and run for real (see ../shared/DOCKER.md).
+
+The Dockerfile and docker-compose.yml stay exactly what a user with Docker
+Hub and PyPI runs; only this test adds the offline pieces:
+
+1. An engine: a running one (``docker info`` answers) is reused; otherwise
+   Debian's ``dockerd`` is started here (vfs storage, no iptables, no default
+   bridge) and stopped at the end. Missing tools are installed with apt.
+2. ``python:3.11-slim``: if the engine lacks it (no registry is reachable),
+   an equivalent is built with mmdebstrap from Debian packages and imported
+   under that tag, then kept as a cache for the next run.
+3. A wheelhouse built on the host (``pip wheel``) in the build context, used
+   through the Dockerfile's ``PIP_NO_INDEX``/``PIP_FIND_LINKS`` build args,
+   which users never set.
+
+Each run uses its own compose project, image tag, free loopback ports and a
+private subnet that no host route or docker network uses, so it neither
+collides with another run nor reaches any address outside the network it
+created (the host side joins through the ports published on 127.0.0.1).
+``docker-compose down -v --remove-orphans`` always runs, and the test checks
+that no container or network of the project is left.
+
+Where no engine can be had (no docker, not root or no apt to install it),
+the tests skip with the reason; under CI (``CI=true``) they fail instead.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from zchat import Client, Message
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+BASE_IMAGE = "python:3.11-slim"
+TOOLS = {"docker": "docker.io", "dockerd": "docker.io", "docker-compose": "docker-compose",
+         "mmdebstrap": "mmdebstrap"}
+RING = ("alice", "bob", "dave")
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+
+def unavailable(reason: str) -> None:
+    """Skip, except under CI, where the demo must really run."""
+    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        pytest.fail(f"docker demo cannot run in CI: {reason}")
+    pytest.skip(reason)
+
+
+def run(*argv: str | Path, timeout: float = 120, check: bool = True,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command; on failure raise with its whole output."""
+    result = subprocess.run(
+        [str(arg) for arg in argv], capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, argv))} exited {result.returncode}\n"
+            f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def wait_until(what: str, condition: Any, timeout: float, interval: float = 0.5) -> Any:
+    """Poll ``condition()`` until it returns something true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+# ------------------------------------------------------------------ engine
+
+
+def engine_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return run("docker", "info", timeout=30, check=False).returncode == 0
+
+
+def install_tools(*tools: str) -> None:
+    """apt-get install the packages of those ``tools`` that are missing."""
+    missing = sorted({TOOLS[tool] for tool in tools if shutil.which(tool) is None})
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        unavailable(f"{', '.join(missing)} missing and no root apt-get to install them")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    run("apt-get", "update", "-qq", timeout=300, env=env)
+    run("apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing,
+        timeout=600, env=env)
+
+
+def remove_stale_pid_file(pid_file: Path = Path("/var/run/docker.pid")) -> None:
+    """A pid file left by a dead dockerd makes a new one refuse to start."""
+    try:
+        pid = int(pid_file.read_text().strip() or "0")
+    except (FileNotFoundError, ValueError):
+        pid = 0
+    if not pid_file.exists():
+        return
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip() if pid else ""
+    except FileNotFoundError:
+        comm = ""
+    if comm == "dockerd":
+        # A live engine that does not answer yet: give it time to come up.
+        wait_until("the running dockerd to answer", engine_answers, 60)
+        return
+    pid_file.unlink()
+
+
+@dataclass
+class Engine:
+    """The engine the tests use; ``proc`` is set only if this test started it."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+    def log_tail(self) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """A Docker engine that answers, started here if none did."""
+    install_tools("docker", "docker-compose")
+    if engine_answers():
+        yield Engine()
+        return
+    install_tools("dockerd")
+    remove_stale_pid_file()
+    if engine_answers():
+        yield Engine()
+        return
+    log = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["dockerd", "--iptables=false", "--bridge=none", "--storage-driver=vfs"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    started = Engine(proc, log)
+    try:
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"dockerd exited {proc.returncode}:\n{started.log_tail()}")
+            return engine_answers()
+
+        wait_until("dockerd to answer", up, 60)
+        yield started
+    finally:
+        started.stop()
+        assert proc.poll() is not None, "the dockerd this test started is still running"
+
+
+def build_base_image() -> None:
+    """An offline stand-in for python:3.11-slim: Debian's Python 3.11, same ABI."""
+    mmdebstrap = subprocess.Popen(
+        ["mmdebstrap", "--quiet", "--variant=minbase",
+         "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
+         "--include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates",
+         "--aptopt=APT::Install-Recommends \"false\"",
+         "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/doc/*",
+         "--dpkgopt=path-exclude=/usr/share/locale/*",
+         "--customize-hook=rm -f \"$1\"/usr/lib/python3*/EXTERNALLY-MANAGED",
+         "--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/*",
+         "bookworm", "-"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+    assert mmdebstrap.stdout is not None
+    try:
+        imported = subprocess.run(
+            ["docker", "import",
+             "--change", "ENV LANG=C.UTF-8",
+             "--change", "ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin",
+             "--change", 'CMD ["python3"]', "-", BASE_IMAGE],
+            stdin=mmdebstrap.stdout, capture_output=True, text=True, timeout=600,
+        )
+    finally:
+        mmdebstrap.stdout.close()
+        _, errors = mmdebstrap.communicate(timeout=600)
+    assert mmdebstrap.returncode == 0, f"mmdebstrap failed:\n{errors.decode()[-4000:]}"
+    assert imported.returncode == 0, f"docker import failed:\n{imported.stderr}"
+
+
+def build_wheelhouse() -> None:
+    """Wheels for zchat's dependencies and build backend, for the offline build."""
+    wheelhouse = ROOT / "wheelhouse"
+    shutil.rmtree(wheelhouse, ignore_errors=True)
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    run(*pip, "wheel", "-w", wheelhouse, ".", timeout=300)
+    run(*pip, "download", "-d", wheelhouse, "--only-binary=:all:", "setuptools", "wheel",
+        timeout=300)
+
+
+# ----------------------------------------------------------------- project
+
+
+def host_networks() -> list[ipaddress.IPv4Network]:
+    """Every IPv4 network the host routes to, and every docker network's subnet."""
+    nets = []
+    for line in Path("/proc/net/route").read_text().splitlines()[1:]:
+        fields = line.split()
+        dest, mask = (socket.inet_ntoa(struct.pack("<I", int(hexa, 16)))
+                      for hexa in (fields[1], fields[7]))
+        if mask != "0.0.0.0":
+            nets.append(ipaddress.IPv4Network(f"{dest}/{mask}", strict=False))
+    ids = run("docker", "network", "ls", "-q").stdout.split()
+    if ids:
+        subnets = run("docker", "network", "inspect", "-f",
+                      "{{range .IPAM.Config}}{{.Subnet}} {{end}}", *ids).stdout.split()
+        for subnet in subnets:
+            net = ipaddress.ip_network(subnet, strict=False)
+            if isinstance(net, ipaddress.IPv4Network):
+                nets.append(net)
+    return nets
+
+
+def free_subnet() -> str:
+    """The compose file's default 172.28.0.0/24, or the next /24 nobody uses."""
+    taken = host_networks()
+    for third in range(256):
+        candidate = ipaddress.IPv4Network(f"172.28.{third}.0/24")
+        if not any(candidate.overlaps(net) for net in taken):
+            return str(candidate)
+    raise AssertionError("no free 172.28.x.0/24 subnet")
+
+
+def free_ports(count: int) -> list[int]:
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@dataclass
+class Project:
+    """One compose project of the demo, with its own names, ports and subnet."""
+
+    name: str
+    image: str
+    subnet: str
+    port: int
+    broadcast_port: int
+    build_ids: list[str] = field(default_factory=list)
+    times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "ZCHAT_IMAGE": self.image, "ZCHAT_SUBNET": self.subnet,
+                "ZCHAT_PORT": str(self.port), "ZCHAT_BROADCAST_PORT": str(self.broadcast_port)}
+
+    def compose(self, *args: str, timeout: float = 120,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run("docker-compose", "-p", self.name, "-f", COMPOSE_FILE, *args,
+                   timeout=timeout, check=check, env=self.env)
+
+    def timed(self, what: str, *args: str, timeout: float = 120) -> str:
+        start = time.monotonic()
+        result = self.compose(*args, timeout=timeout)
+        self.times[what] = time.monotonic() - start
+        return result.stdout + result.stderr
+
+    def container(self, service: str) -> str:
+        cid = self.compose("ps", "-q", service).stdout.strip()
+        assert cid, f"no container for {service}"
+        return cid
+
+    def leftovers(self) -> list[str]:
+        label = f"label=com.docker.compose.project={self.name}"
+        containers = run("docker", "ps", "-aq", "--filter", label).stdout.split()
+        networks = run("docker", "network", "ls", "-q", "--filter", label).stdout.split()
+        return containers + networks
+
+
+def logs(container: str) -> str:
+    result = subprocess.run(["docker", "logs", container], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=30)
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def project(engine: Engine) -> Iterator[Project]:
+    """The demo's image, built offline for a project of its own; removed after."""
+    if run("docker", "image", "inspect", BASE_IMAGE, check=False).returncode != 0:
+        install_tools("mmdebstrap")
+        build_base_image()
+    build_wheelhouse()
+    name = f"zchattest{os.getpid()}{secrets.token_hex(3)}"
+    port, broadcast_port = free_ports(2)
+    proj = Project(name, f"zchat-test:{name}", free_subnet(), port, broadcast_port)
+    try:
+        out = proj.timed("build", "build", "--build-arg", "PIP_NO_INDEX=1",
+                         "--build-arg", "PIP_FIND_LINKS=/src/wheelhouse", timeout=600)
+        # The legacy builder keeps every step's image as cache; these are
+        # removed with the image so that runs do not pile up copies (vfs).
+        proj.build_ids = re.findall(r"---> ([0-9a-f]{12})\b", out)
+        yield proj
+    finally:
+        proj.compose("down", "-v", "--remove-orphans", timeout=120, check=False)
+        base = run("docker", "image", "inspect", "-f", "{{.Id}}", BASE_IMAGE,
+                   check=False).stdout.strip().removeprefix("sha256:")[:12]
+        run("docker", "rmi", proj.image, check=False)
+        for image_id in reversed(proj.build_ids):  # children before their parents
+            if image_id != base:
+                run("docker", "rmi", image_id, check=False)
+
+
+# ------------------------------------------------------------------- tests
+
+
+def test_compose_file_is_valid() -> None:
+    install_tools("docker-compose")
+    run("docker-compose", "-f", COMPOSE_FILE, "config", "-q", timeout=60)
+    services = run("docker-compose", "-f", COMPOSE_FILE, "config", "--services").stdout.split()
+    assert {"broker", "bots", *RING} <= set(services)
+
+
+def test_image_runs_as_non_root_with_nothing_but_zchat(project: Project) -> None:
+    user = run("docker", "image", "inspect", "-f", "{{.Config.User}}", project.image)
+    assert user.stdout.strip() == "zchat"
+    probe = run("docker", "run", "--rm", "--network", "none", project.image, "sh", "-c",
+                "id -u; for cmd in zchat-broker zchat-client zchat-admin; do command -v $cmd; done; "
+                "for tool in gcc cc make git /opt/zchat/bin/pip; do "
+                "command -v $tool && echo LEFT $tool; done; test -e /src && echo LEFT /src; true")
+    lines = probe.stdout.split()
+    assert lines[0] == "10001"
+    assert [Path(line).name for line in lines[1:4]] == ["zchat-broker", "zchat-client",
+                                                         "zchat-admin"]
+    assert "LEFT" not in probe.stdout, probe.stdout
+
+
+def test_broker_stops_on_sigterm_within_its_grace_time(project: Project) -> None:
+    """``docker stop -t 2`` kills what has not stopped after 2 s (exit 137)."""
+    name = f"{project.name}-sigterm"
+    run("docker", "run", "-d", "--name", name, "--network", "none", project.image)
+    try:
+        wait_until("the broker to listen", lambda: "zchat-broker listening" in logs(name), 60)
+        start = time.monotonic()
+        run("docker", "stop", "--time", "2", name, timeout=60)
+        project.times["sigterm stop"] = time.monotonic() - start
+        state = run("docker", "inspect", "-f", "{{.State.ExitCode}} {{.State.OOMKilled}}", name)
+        out = logs(name)
+        assert state.stdout.split() == ["0", "false"], out
+        assert "received SIGTERM, shutting down" in out
+        assert "zchat.broker: stopped" in out
+    finally:
+        run("docker", "rm", "-f", name, check=False)
+
+
+JOINED = re.compile(r"#\d+ --> (\S+) joined from (\S+)")
+SAID = re.compile(r"#\d+ <(\S+)> (.*)")
+
+
+def check_ring(project: Project, broker: str) -> dict[str, str]:
+    """The three ring peers exit 0 only if the ball came round; return their addresses.
+
+    Every hop is a message from one container that another received, and the
+    broker's screen shows each container joining from its own address.
+    """
+    peers = {name: project.container(name) for name in RING}
+    waited = run("docker", "wait", *peers.values(), timeout=120)
+    codes = dict(zip(RING, waited.stdout.split(), strict=True))
+    peer_logs = {name: logs(cid) for name, cid in peers.items()}
+    assert codes == dict.fromkeys(RING, "0"), peer_logs
+    screen = logs(broker)
+    joined = dict(JOINED.findall(screen))
+    subnet = ipaddress.ip_network(project.subnet)
+    addresses = [joined[name] for name in RING]
+    assert len(set(addresses)) == len(RING), screen
+    assert all(ipaddress.ip_address(addr) in subnet for addr in addresses), screen
+    assert joined["greeter"] not in addresses, screen  # the bots have their own container
+    said = SAID.findall(screen)
+    for name in RING:
+        # Each peer saw its own address as the broker did, and heard both others.
+        assert f"joined as {name} from {joined[name]};" in peer_logs[name]
+        assert any(sender == name and "catch!" in text for sender, text in said), screen
+        for other in RING:
+            if other != name:
+                hop = rf"<{other}> @\w+ \d/9 catch! \({other} at {re.escape(joined[other])}\)"
+                assert re.search(hop, peer_logs[name]), peer_logs[name]
+        assert f"<-- {name} ({joined[name]}) left [leave]: the ball came round" in screen
+    return joined
+
+
+def join_from_host(project: Project, context: zmq.Context[Any]) -> None:
+    """A client on the host joins through the ports published on 127.0.0.1."""
+    visitor = Client(f"tcp://127.0.0.1:{project.port}", "visitor", context=context, timeout=20)
+    visitor.connect()
+    try:
+        visitor.send("!echo hello from the host")
+        heard: dict[str, str] = {}
+        for item in visitor.events(timeout=20):
+            if isinstance(item, Message):
+                heard[item.sender] = item.text
+            if {"greeter", "helper"} <= heard.keys():
+                break
+        assert heard.get("greeter", "").startswith("welcome, visitor!"), heard
+        assert heard.get("helper") == "hello from the host", heard
+    finally:
+        visitor.leave("seen enough")
+
+
+def join_as_person(project: Project, broker: str) -> None:
+    """The README's command in a real terminal (tmux): join, say a line, /quit."""
+    if shutil.which("tmux") is None:
+        unavailable("tmux is missing (.ci/run installs it)")
+    server = ["tmux", "-L", f"{project.name}-person"]
+    command = f"docker-compose -p {project.name} -f {COMPOSE_FILE} run --rm chat --name carol"
+    run(*server, "new-session", "-d", "-x", "120", "-y", "30", command, env=project.env)
+    try:
+        def screen() -> str:
+            return run(*server, "capture-pane", "-p", "-t", "0", check=False).stdout
+
+        wait_until("carol to be welcomed", lambda: "welcome, carol!" in screen(), 60)
+        run(*server, "send-keys", "-t", "0", "-l", "hello from a terminal")
+        run(*server, "send-keys", "-t", "0", "Enter")
+        wait_until("carol's line on the broker's screen",
+                   lambda: "<carol> hello from a terminal" in logs(broker), 30)
+        run(*server, "send-keys", "-t", "0", "-l", "/quit back to work")
+        run(*server, "send-keys", "-t", "0", "Enter")
+        wait_until("carol's terminal to close",
+                   lambda: run(*server, "has-session", check=False).returncode != 0, 60)
+    finally:
+        run(*server, "kill-server", check=False)
+    screen_lines = logs(broker)
+    carol = dict(JOINED.findall(screen_lines))["carol"]
+    assert ipaddress.ip_address(carol) in ipaddress.ip_network(project.subnet)
+    assert f"<-- carol ({carol}) left [leave]: back to work" in screen_lines
+    # `run --rm` removed carol's container when she left.
+    assert project.compose("ps", "-q", "chat").stdout.strip() == ""
+
+
+def stop_with_down(project: Project, broker: str) -> str:
+    """``down``; return the broker's screen to the end, having checked exit codes.
+
+    ``down`` stops the clients first (they depend on the broker), then the
+    broker, whose grace time is 2 s: exit 0 means it stopped on SIGTERM by
+    itself in time (a kill after the grace time is exit 137).
+    """
+    bots = project.container("bots")
+    with subprocess.Popen(["docker", "wait", broker, bots], stdout=subprocess.PIPE,
+                          text=True) as waiter, \
+         subprocess.Popen(["docker", "logs", "-f", broker], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as follower:
+        try:
+            assert follower.stdout is not None
+            first = follower.stdout.readline()  # following now: nothing can be missed
+            project.timed("down", "down", "-v", "--remove-orphans")
+            exit_codes, _ = waiter.communicate(timeout=60)
+            rest, _ = follower.communicate(timeout=60)
+        finally:
+            for proc in (waiter, follower):
+                if proc.poll() is None:
+                    proc.kill()
+    final_screen = first + rest
+    assert exit_codes.split() == ["0", "0"], final_screen
+    return final_screen
+
+
+def test_demo_chats_across_containers_and_stops_cleanly(
+    project: Project, ctx: zmq.Context[Any],
+) -> None:
+    project.timed("up", "up", "-d", "--no-build", timeout=300)
+    broker = project.container("broker")
+    check_ring(project, broker)
+    wait_until("the bots to join", lambda: "--> helper joined" in logs(broker), 60)
+    join_from_host(project, ctx)
+    join_as_person(project, broker)
+    final_screen = stop_with_down(project, broker)
+    for bot in ("greeter", "helper"):
+        assert re.search(rf"<-- {bot} \(\S+\) left \[leave\]: bot stopped", final_screen)
+    assert "received SIGTERM, shutting down" in final_screen
+    assert "zchat.broker: stopped" in final_screen
+    assert project.leftovers() == []
+    print("\ndocker demo times: " + ", ".join(
+        f"{what} {seconds:.1f}s" for what, seconds in project.times.items()))
