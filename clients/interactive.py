@@ -272,6 +272,8 @@ class Session:
                 show([notice(f"not connected: will be sent on reconnecting: {printable(text)}",
                              now, self.view)])
         elif isinstance(command, Private):
+            # Shown at once, like IRC clients do: an answer to it can only come after.
+            show([render(SentPrivate(command.to, command.text, now), self.view)])
             self._watch(self.client.dm_nowait(command.to, command.text), command.text,
                         command.to)
         elif isinstance(command, Who):
@@ -287,7 +289,7 @@ class Session:
         task.add_done_callback(self._tasks.discard)
 
     def _watch(self, future: Future[Any], text: str, to: str | None = None) -> None:
-        """Report how a send ends: a refusal as a notice, a private line once taken."""
+        """Report a refused line as a notice when its future settles."""
 
         async def wait() -> None:
             try:
@@ -297,9 +299,6 @@ class Session:
             except RequestFailed as exc:
                 show([notice(refusal(exc.code, exc.detail, text, to), time.time(), self.view,
                              RED)])
-                return
-            if to is not None:
-                show([render(SentPrivate(to, text, time.time()), self.view)])
 
         self._spawn(wait())
 
