@@ -1,0 +1,10 @@
+"""``python -m zchat.bench``: the same as ``zchat-bench``."""
+
+from __future__ import annotations
+
+import sys
+
+from zchat.bench.main import main
+
+if __name__ == "__main__":
+    sys.exit(main())
