@@ -35,11 +35,15 @@ class Config:
     db: str | None = None  # history database; None: the default path; ":memory:": none
     retention: float = 0.0  # seconds an event is kept in history; 0: by count only
     fsync: bool = False  # survive power loss too (an fsync per commit)
+    secret_key: str | None = None  # CURVE: the broker's .key_secret file
+    authorized_keys: str | None = None  # CURVE: directory of admitted clients' .key files
     coalesce: int = 0  # most events per batch frame on BATCH_TOPIC; 0: no batches
 
     def __post_init__(self) -> None:
         if not self.heartbeat > 0:
             raise ConfigError(f"heartbeat must be positive, not {self.heartbeat}")
+        if (self.secret_key is None) != (self.authorized_keys is None):
+            raise ConfigError("--secret-key and --authorized-keys go together")
         if self.retention < 0:
             raise ConfigError("retention must not be negative")
         if self.coalesce < 0:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from zchat.history import HistoryError, default_db_path
+from zchat.keys import KeyFileError
 from zchat.state import Limits
 
 from .config import (
@@ -122,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     beh.add_argument("--io-threads", metavar="N", type=int,
                      default=env_default("io-threads", 1, int),
                      help="libzmq I/O threads (default: %(default)s)")
+    sec = p.add_argument_group("security (CURVE; keys from zchat-keygen)")
+    sec.add_argument("--secret-key", metavar="FILE", default=env_default("secret-key", None),
+                     help="the broker's .key_secret file: encrypt the input and broadcast "
+                          "sockets and admit only authorized clients")
+    sec.add_argument("--authorized-keys", metavar="DIR",
+                     default=env_default("authorized-keys", None),
+                     help="directory of the public .key files of admitted clients")
     lim = p.add_argument_group("limits per client (0 turns one off)")
     lim.add_argument("--max-text", metavar="N", type=int,
                      default=env_default("max-text", limits.max_text, int),
@@ -163,6 +171,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         quiet=args.quiet,
         io_threads=args.io_threads,
         coalesce=args.coalesce,
+        secret_key=args.secret_key,
+        authorized_keys=args.authorized_keys,
         db=args.db,
         retention=args.retention,
         fsync=args.fsync,
@@ -189,6 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HistoryError as exc:
         print(f"zchat-broker: {exc}", file=sys.stderr)
         return EXIT_STORE
+    except KeyFileError as exc:
+        print(f"zchat-broker: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:
         print(f"zchat-broker: {exc}", file=sys.stderr)
         return EXIT_BIND
@@ -203,6 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"control={endpoints.control}",
         flush=True,
     )
+    if config.secret_key:
+        log.info("CURVE on: input and broadcast encrypted; clients admitted from %s",
+                 config.authorized_keys)
+    else:
+        log.warning("plaintext: anyone who reaches the ports can read the chat and join "
+                    "(use --secret-key and --authorized-keys)")
     state = server.state
     if state is not None:
         store = state.store

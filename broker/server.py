@@ -37,6 +37,7 @@ import zmq
 from zchat.display import printable
 from zchat.errors import ProtocolError
 from zchat.history import HistoryError, open_history
+from zchat.keys import load_server_keys
 from zchat.protocol import (
     BATCH_TOPIC,
     ROOM_TOPIC,
@@ -49,6 +50,7 @@ from zchat.protocol import (
 )
 from zchat.state import Broker, Outgoing, Publish
 
+from .auth import CurveGate
 from .config import Config
 
 __all__ = ["Endpoints", "Server", "raise_fd_limit"]
@@ -135,6 +137,7 @@ class Server:
         self.state: Broker | None = None
         self._packer = msgpack.Packer(use_bin_type=True)
         self._outbox: list[Outgoing] = []
+        self.auth: CurveGate | None = None
         self.failure: str | None = None  # why the loop stopped, if not asked to
         self._screen_lines: list[str] = []
         self._batch: list[bytes] = []
@@ -156,6 +159,8 @@ class Server:
         ctx = self.context
         # The store first: a second broker on the same database stops here,
         # before it takes any port.
+        keys = (load_server_keys(cfg.secret_key, cfg.authorized_keys)
+                if cfg.secret_key and cfg.authorized_keys else None)
         history = open_history(cfg.db, cfg.limits.history, cfg.retention, cfg.fsync)
         self.router = ctx.socket(zmq.ROUTER)
         # A reply to a peer that is gone raises instead of vanishing silently,
@@ -171,6 +176,11 @@ class Server:
         # A subscriber that stops reading loses frames past this many; it sees
         # the seq gap when it reads again and fetches the rest with `history`.
         self.pub.setsockopt(zmq.SNDHWM, 10_000)
+        if keys is not None:
+            # The ZAP socket is polled by our own loop: still one thread.
+            self.auth = CurveGate(ctx, keys.authorized)
+            keys.apply(self.router)
+            keys.apply(self.pub)
         self.control = ctx.socket(zmq.PAIR)
         for sock in (self.router, self.pub, self.control):
             sock.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
@@ -237,6 +247,9 @@ class Server:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        zap = self.auth.socket if self.auth is not None else None
+        if zap is not None:
+            poller.register(zap, zmq.POLLIN)
         try:
             self._send(state.tick(time.time()))
             self._release(state)
@@ -247,6 +260,8 @@ class Server:
                     self._drain_input(state)
                 if self.control in ready:
                     self._drain_control(state)
+                if self.auth is not None and zap in ready:
+                    self.auth.answer()
                 now = time.time()
                 if now >= state.next_deadline():
                     self._send(state.tick(now))
@@ -473,6 +488,8 @@ class Server:
     # ---------------------------------------------------------------- closing
 
     def close(self) -> None:
+        if self.auth is not None:
+            self.auth.close()
         for name in ("router", "pub", "control"):
             sock = getattr(self, name, None)
             if sock is not None and not sock.closed:

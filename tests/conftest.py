@@ -40,20 +40,20 @@ class RunningBroker:
     stdout_lines: list[str] = field(default_factory=list)
     stderr_lines: list[str] = field(default_factory=list)
 
-    def wait_output(self, pattern: str, timeout: float = 10.0) -> str:
-        """Wait until a stdout line matches ``pattern``; return it."""
+    def wait_output(self, pattern: str, timeout: float = 10.0, *,
+                    stderr: bool = False) -> str:
+        """Wait until a stdout (or stderr) line matches ``pattern``; return it."""
         regex = re.compile(pattern)
+        lines = self.stderr_lines if stderr else self.stdout_lines
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in list(self.stdout_lines):
+            for line in list(lines):
                 if regex.search(line):
                     return line
             if self.proc.poll() is not None and not self._readers_alive():
                 break
             time.sleep(0.02)
-        raise AssertionError(
-            f"no broker line matched {pattern!r}; stdout:\n" + "".join(self.stdout_lines)
-        )
+        raise AssertionError(f"no broker line matched {pattern!r}; output:\n" + "".join(lines))
 
     def _readers_alive(self) -> bool:
         return any(t.is_alive() for t in getattr(self, "_readers", []))

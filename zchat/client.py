@@ -46,6 +46,7 @@ from zchat.errors import (
     ProtocolError,
     RequestFailed,
 )
+from zchat.keys import ClientKeys
 from zchat.protocol import (
     BATCH_TOPIC,
     BROKER_TOPIC,
@@ -139,6 +140,8 @@ class Client:
         context: a ``zmq.Context``; by default the process-wide one.
         on_item: called in the I/O thread with every event instead of
             queueing it for ``events()`` (used by ``AsyncClient``).
+        keys: CURVE keys (``zchat.keys.load_client_keys``) for a broker that
+            encrypts; both sockets use them.
     """
 
     def __init__(
@@ -152,6 +155,7 @@ class Client:
         since: int | None = None,
         context: zmq.Context[Any] | None = None,
         on_item: Callable[[Item], None] | None = None,
+        keys: ClientKeys | None = None,
     ) -> None:
         if not name:
             raise ValueError("a name is needed to join")
@@ -162,6 +166,7 @@ class Client:
         self.members: dict[str, Member] = {}
         self.last_seq = since or 0
         self._broadcast = broadcast
+        self._keys = keys
         self._token = token
         self._has_seq = since is not None
         self._ctx = context or zmq.Context.instance()
@@ -430,6 +435,8 @@ class Client:
             self._dealer.close(linger=0)
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.LINGER, 0)
+        if self._keys is not None:
+            self._keys.apply(self._dealer)
         self._dealer.connect(self.endpoint)
         body: dict[str, Any] = {"type": "join", "name": self.name, "id": "join"}
         if self._token:
@@ -497,6 +504,8 @@ class Client:
             self._sub.close(linger=0)
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
+        if self._keys is not None:
+            self._keys.apply(self._sub)
         # A broker that coalesces events offers them as batches too: fewer
         # frames for it to send, and for us to receive.
         self._sub.setsockopt(zmq.SUBSCRIBE, BATCH_TOPIC if batched else ROOM_TOPIC)

@@ -1,0 +1,119 @@
+"""CURVE: only authorized clients get anything, on DEALER and on SUB."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from conftest import RunningBroker
+from zchat import BrokerUnreachable, Client, Message
+from zchat.keys import KeyFileError, load_client_keys
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    """Key pairs for the broker, alice, bob and mallory; alice and bob authorized."""
+    result = subprocess.run(
+        [sys.executable, "-m", "zchat.broker.keygen", "--dir", str(tmp_path / "keys"),
+         "broker", "alice", "bob", "mallory"],
+        capture_output=True, text=True, timeout=30, check=True)
+    assert result.stdout.count("public key") == 4
+    authorized = tmp_path / "authorized"
+    authorized.mkdir()
+    for name in ("alice", "bob"):
+        shutil.copy(tmp_path / "keys" / f"{name}.key", authorized)
+    secret = tmp_path / "keys" / "alice.key_secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    return tmp_path
+
+
+@pytest.fixture
+def secure_broker(start_broker: Callable[..., RunningBroker], keys: Path) -> RunningBroker:
+    return start_broker("--secret-key", str(keys / "keys" / "broker.key_secret"),
+                        "--authorized-keys", str(keys / "authorized"), "--heartbeat", "0.3")
+
+
+def client_for(broker: RunningBroker, keys: Path, name: str) -> Client:
+    return Client(broker.input, name, timeout=5,
+                  keys=load_client_keys(keys / "keys" / "broker.key",
+                                        keys / "keys" / f"{name}.key_secret"))
+
+
+def test_authorized_clients_chat_encrypted(secure_broker: RunningBroker, keys: Path) -> None:
+    alice = client_for(secure_broker, keys, "alice")
+    bob = client_for(secure_broker, keys, "bob")
+    try:
+        alice.connect()
+        bob.connect()
+        alice.send("secret plans")
+        for item in bob.events(timeout=5):
+            if isinstance(item, Message):
+                assert item.text == "secret plans"
+                break
+        else:
+            raise AssertionError("bob got nothing")
+    finally:
+        alice.close()
+        bob.close()
+    secure_broker.wait_output("CURVE on", stderr=True)
+
+
+def test_unauthorized_key_gets_nothing(secure_broker: RunningBroker, keys: Path) -> None:
+    mallory = client_for(secure_broker, keys, "mallory")
+    with pytest.raises(BrokerUnreachable):
+        mallory.connect(timeout=2)
+    secure_broker.wait_output("refused a client from 127.0.0.1: key .* is not authorized",
+                              stderr=True)
+
+
+def test_plaintext_client_gets_nothing_on_dealer_or_sub(secure_broker: RunningBroker,
+                                                        keys: Path,
+                                                        ctx: zmq.Context[Any]) -> None:
+    alice = client_for(secure_broker, keys, "alice")
+    try:
+        alice.connect()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(secure_broker.input)
+        dealer.send(msgpack.packb({"type": "ping", "id": "p"}))
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(secure_broker.broadcast)
+        for i in range(5):
+            alice.send(f"m{i}")
+        # Heartbeats go out every 0.3 s: two seconds of silence is telling.
+        assert not dealer.poll(2000)
+        assert not sub.poll(500)
+    finally:
+        alice.close()
+
+
+def test_key_options_go_together_and_bad_files_are_clear(keys: Path) -> None:
+    half = subprocess.run(
+        [sys.executable, "-m", "zchat.broker.main", "--secret-key",
+         str(keys / "keys" / "broker.key_secret"), "--db", ":memory:"],
+        capture_output=True, text=True, timeout=30)
+    assert half.returncode == 2
+    assert "go together" in half.stderr
+    public_only = subprocess.run(
+        [sys.executable, "-m", "zchat.broker.main", "--secret-key",
+         str(keys / "keys" / "broker.key"), "--authorized-keys", str(keys / "authorized"),
+         "--db", ":memory:"],
+        capture_output=True, text=True, timeout=30)
+    assert public_only.returncode == 2
+    assert "no secret key" in public_only.stderr
+    with pytest.raises(KeyFileError, match="cannot read key file"):
+        load_client_keys(keys / "nope.key", keys / "keys" / "alice.key_secret")
+
+
+def test_plaintext_broker_says_so(broker: RunningBroker) -> None:
+    broker.wait_output("plaintext: anyone who reaches the ports can read", stderr=True)
