@@ -223,8 +223,12 @@ class RawClient:
         return reply
 
     def request(self, body: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        """Send ``body``; return the next reply, or the one echoing its ``id``."""
         self.send(body)
-        return self.recv(timeout)
+        while True:
+            reply = self.recv(timeout)
+            if "id" not in body or reply.get("id") == body["id"]:
+                return reply
 
     def subscribe(self, topic: bytes = b"") -> None:
         self.sub.setsockopt(zmq.SUBSCRIBE, topic)
