@@ -266,16 +266,17 @@ class Session:
     def _run_command(self, command: Say | Private | Who | Help | Invalid) -> None:
         now = time.time()
         if isinstance(command, Say):
-            text = command.text
-            self._watch(self.client.send_nowait(text), text)
-            if not self.online:
-                show([notice(f"not connected: will be sent on reconnecting: {printable(text)}",
-                             now, self.view)])
+            # Pasted lines go out one message each, as typed ones would.
+            for text in _pieces(command.text):
+                self._watch(self.client.send_nowait(text), text)
+                if not self.online:
+                    show([notice(f"not connected: will be sent on reconnecting: "
+                                 f"{printable(text)}", now, self.view)])
         elif isinstance(command, Private):
-            # Shown at once, like IRC clients do: an answer to it can only come after.
-            show([render(SentPrivate(command.to, command.text, now), self.view)])
-            self._watch(self.client.dm_nowait(command.to, command.text), command.text,
-                        command.to)
+            for text in _pieces(command.text):
+                # Shown at once, like IRC clients do: an answer can only come after it.
+                show([render(SentPrivate(command.to, text, now), self.view)])
+                self._watch(self.client.dm_nowait(command.to, text), text, command.to)
         elif isinstance(command, Who):
             self._spawn(self._who())
         elif isinstance(command, Help):
@@ -310,6 +311,11 @@ class Session:
             members = list(self.client.members.values())
             show([notice("not connected: the last known members are", now, self.view)])
         show([who_line(members, self.view, now)])
+
+
+def _pieces(text: str) -> list[str]:
+    """The lines of a (pasted) text that are worth sending."""
+    return [line for line in text.replace("\r\n", "\n").split("\n") if line.strip()]
 
 
 # ------------------------------------------------------------------- joining

@@ -222,7 +222,7 @@ def who_line(members: Iterable[Member], view: View, now: float) -> Line:
 
 
 HELP = (
-    ("TEXT", "say TEXT to the room (start with // to say something beginning with /)"),
+    ("TEXT", "say TEXT to the room; //TEXT if it starts with /"),
     ("/msg NAME TEXT", "a private message to NAME; only you and NAME see it"),
     ("/me ACTION", "say what you are doing: * you ACTION"),
     ("/who", "who is here, with their address"),
