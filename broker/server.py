@@ -29,6 +29,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TextIO
 
 import msgpack
@@ -61,6 +62,7 @@ DRAIN_BATCH = 4096  # frames taken from one socket before looking at the others
 RELEASE_EVERY = 256  # frames between group commits (and sends) within a pass
 CLOSE_LINGER_MS = 1000  # time to flush `bye` and `shutdown` at exit
 CONTROL_IDS_KEPT = 64
+FDS_WANTED = 65_536  # two connections per client, for 10,000 clients and more
 
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
@@ -97,15 +99,30 @@ class _Throttle:
         log.warning(message, *args)
 
 
-def raise_fd_limit() -> int:
-    """Raise the open-file soft limit to the hard limit; return the new limit."""
+def raise_fd_limit(wanted: int = FDS_WANTED) -> int:
+    """Raise the open-file limit as far as allowed; return the new soft limit.
+
+    Every client holds two connections (DEALER and SUB), so 10,000 clients
+    need over 20,000 descriptors. The soft limit goes up to the hard limit;
+    a privileged broker (root in a container) may lift the hard limit too,
+    up to ``wanted`` and the kernel's ``fs.nr_open``.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
+    target = wanted if hard == resource.RLIM_INFINITY else max(hard, wanted)
+    try:
+        target = min(target, int(Path("/proc/sys/fs/nr_open").read_text()))
+    except (OSError, ValueError):
+        pass
+    for limit in (target, hard):
+        if limit == resource.RLIM_INFINITY or limit <= soft:
+            continue
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(limit, hard)))
+            return limit
+        except (ValueError, OSError):
+            continue
+    if soft < 4 * 1024:
+        log.warning("the open-file limit is %d: at most about %d clients fit", soft, soft // 2)
     return soft
 
 
