@@ -115,16 +115,13 @@ def install_tools(*tools: str) -> None:
 
 def remove_stale_pid_file(pid_file: Path = Path("/var/run/docker.pid")) -> None:
     """A pid file left by a dead dockerd makes a new one refuse to start."""
-    try:
-        pid = int(pid_file.read_text().strip() or "0")
-    except (FileNotFoundError, ValueError):
-        pid = 0
     if not pid_file.exists():
         return
+    raw = pid_file.read_text().strip()
     try:
-        comm = Path(f"/proc/{pid}/comm").read_text().strip() if pid else ""
-    except FileNotFoundError:
-        comm = ""
+        comm = Path(f"/proc/{int(raw)}/comm").read_text().strip()
+    except (ValueError, FileNotFoundError):
+        comm = ""  # garbage, or no such process
     if comm == "dockerd":
         # A live engine that does not answer yet: give it time to come up.
         wait_until("the running dockerd to answer", engine_answers, 60)
@@ -359,7 +356,8 @@ def test_image_runs_as_non_root_with_nothing_but_zchat(project: Project) -> None
     user = run("docker", "image", "inspect", "-f", "{{.Config.User}}", project.image)
     assert user.stdout.strip() == "zchat"
     probe = run("docker", "run", "--rm", "--network", "none", project.image, "sh", "-c",
-                "id -u; for cmd in zchat-broker zchat-client zchat-admin; do command -v $cmd; done; "
+                "id -u; for cmd in zchat-broker zchat-client zchat-admin; do "
+                "command -v $cmd; done; "
                 "for tool in gcc cc make git /opt/zchat/bin/pip; do "
                 "command -v $tool && echo LEFT $tool; done; test -e /src && echo LEFT /src; true")
     lines = probe.stdout.split()
