@@ -22,6 +22,8 @@ that no container or network of the project is left.
 
 Where no engine can be had (no docker, not root or no apt to install it),
 the tests skip with the reason; under CI (``CI=true``) they fail instead.
+``ZCHAT_SKIP_DOCKER=1``, the switch with which ``.ci/run`` installs no Docker,
+skips them on purpose.
 """
 
 from __future__ import annotations
@@ -54,7 +56,12 @@ TOOLS = {"docker": "docker.io", "dockerd": "docker.io", "docker-compose": "docke
          "mmdebstrap": "mmdebstrap"}
 RING = ("alice", "bob", "dave")
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.docker,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("ZCHAT_SKIP_DOCKER") == "1",
+                       reason="ZCHAT_SKIP_DOCKER=1 asked not to run the Docker demo"),
+]
 
 
 def unavailable(reason: str) -> None:
