@@ -19,9 +19,13 @@ RUN python -m venv --without-pip /opt/zchat \
 
 FROM python:3.11-slim
 COPY --from=build /opt/zchat /opt/zchat
-RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin zchat
+RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin zchat \
+ && mkdir /data && chown zchat:zchat /data
 # Unbuffered: every chat line reaches `docker logs` the moment it is printed.
-ENV PATH=/opt/zchat/bin:$PATH \
+# The broker keeps the room's history in /data/history.db: mount a volume there
+# to keep it across containers (docker-compose.yml does).
+ENV ZCHAT_DATA_DIR=/data \
+    PATH=/opt/zchat/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 USER zchat
