@@ -17,9 +17,10 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +35,9 @@ __all__ = ["build_parser", "main"]
 
 W1_SYSTEMS = ["zchat", "zchat-print", "zchat-batch", "ceiling", "epoll"]
 W2_SYSTEMS = ["zchat", "ceiling", "epoll"]
+# A system that will not start, or a generator process that stops answering,
+# costs that one entry, not the whole run.
+FAILURES = (systems.StartError, TimeoutError, OSError, EOFError)
 
 
 def _sizes(text: str) -> list[int]:
@@ -69,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", type=int, default=None,
                    help="W1 bisections between the last pass and the first failure")
     p.add_argument("--idle-seconds", type=float, default=None, help="W2 idle measurement")
+    p.add_argument("--profile", action="store_true",
+                   help="record the zchat brokers with py-spy during W1 (beside the JSON)")
     p.add_argument("--out-dir", default="bench-results", help="where results go")
     p.add_argument("--json", default=None, help="results file (default: OUT_DIR/<stamp>.json)")
     p.add_argument("--chart", default=None, help="PNG chart (default: beside the JSON)")
@@ -123,6 +129,10 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workloads = {w.strip().lower() for w in args.workloads.split(",")}
@@ -130,9 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("zchat-bench: --workloads takes w1, w2 or w1,w2", file=sys.stderr)
         return 2
     w1, w2 = settings(args)
+    # SIGTERM unwinds like Ctrl-C, so the systems and generator processes stop.
+    signal.signal(signal.SIGTERM, _interrupt)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = Path(args.json or Path(args.out_dir) / f"{stamp}.json")
     chart_path = Path(args.chart or json_path.with_suffix(".png"))
+    if args.profile:
+        w1.profile_dir = str(json_path.with_suffix("")) + "-profiles"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     results: dict[str, Any] = {
@@ -157,12 +171,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = results["machine"]
     say(f"zchat-bench on {m['cpu']} ({m['cores']} cores, load {m['load_average_at_start']}), "
         f"results to {json_path}")
+    try:
+        run_all(results, workloads, args, w1, w2, say, save)
+    except KeyboardInterrupt:
+        say("interrupted: the results so far are saved")
+        save()
+        return 130
+    save()
+    print(report.tables(results))
+    if not args.no_chart:
+        why_not = report.chart(results, str(chart_path))
+        print(f"chart: {why_not}" if why_not else f"chart: {chart_path}")
+    print(f"results: {json_path} ({results['duration_s']:.0f}s)")
+    return 0
+
+
+def run_all(results: dict[str, Any], workloads: set[str], args: argparse.Namespace,
+            w1: W1Settings, w2: W2Settings, say: Callable[[str], None],
+            save: Callable[[], None]) -> None:
+    """Each size in turn, every system at that size, saving after each."""
     if "w1" in workloads:
         names = args.systems or W1_SYSTEMS
         for size in w1.subscribers:
             say(f"W1 throughput, S = {size}: " + ", ".join(names))
             for name in names:
-                entry = run_w1(name, size, w1, say)
+                try:
+                    entry = run_w1(name, size, w1, say)
+                except FAILURES as exc:
+                    say(f"  {name} S={size}: {exc!r}")
+                    entry = {"system": name, "subscribers": size, "steps": [], "best": None,
+                             "first_failure": None, "error": repr(exc)}
                 results["w1"].setdefault(name, {})[str(size)] = entry
                 save()
     if "w2" in workloads:
@@ -172,16 +210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for size in w2.clients:
             say(f"W2 C10K, N = {size}: " + ", ".join(names))
             for name in names:
-                entry = run_w2(name, size, w2, say)
+                try:
+                    entry = run_w2(name, size, w2, say)
+                except FAILURES as exc:
+                    say(f"  {name} N={size}: {exc!r}")
+                    entry = {"system": name, "clients": size, "error": repr(exc)}
                 results["w2"].setdefault(name, {})[str(size)] = entry
                 save()
-    save()
-    print(report.tables(results))
-    if not args.no_chart:
-        why_not = report.chart(results, str(chart_path))
-        print(f"chart: {why_not}" if why_not else f"chart: {chart_path}")
-    print(f"results: {json_path} ({results['duration_s']:.0f}s)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ def tables(results: dict[str, Any]) -> str:
                     continue
                 ratio = ratios["w2"].get(size, {}).get(name, {})
                 rows.append([
-                    name, str(size), f"{entry.get('live', 0)}/{size}",
+                    name, str(size), f"{entry.get('live', 0)}/{entry.get('clients', size)}",
                     _fmt(entry.get("join_live_s"), ".1f"),
                     _fmt(entry.get("rss_joined_mib"), ".0f"),
                     _fmt(entry.get("rss_per_client_kib"), ".1f"),
@@ -208,8 +208,8 @@ def chart(results: dict[str, Any], path: str) -> str | None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     machine = results.get("machine", {})
-    fig.suptitle(f"zchat-bench {results.get('started', '')} on {machine.get('cpu', '?')} "
-                 f"({machine.get('cores', '?')} cores)", fontsize=9)
+    fig.suptitle(f"zchat-bench, {results.get('started', '')}\n{machine.get('cpu', '?')}, "
+                 f"{machine.get('cores', '?')} cores", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -30,9 +30,10 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
-from zchat.bench import systems
+from zchat.bench import profiler, systems
 from zchat.bench.loadgen import Handle, Target, spawn
 
 __all__ = ["LADDER", "W1Settings", "W2Settings", "run_w1", "run_w2"]
@@ -60,6 +61,7 @@ class W1Settings:
     read_every: float = 0.005  # seconds between the count-only processes' reads
     max_rate: int = 1_000_000
     start_rate: int | None = None  # default: 100000 / S, within 100..1000
+    profile_dir: str = ""  # if set, py-spy records zchat brokers during the steps, here
 
     def first_rate(self, subscribers: int) -> int:
         if self.start_rate is not None:
@@ -75,7 +77,7 @@ class W2Settings:
     window: int = 128  # joins in flight, over all processes
     fds_per_process: int = 4000
     sweep_seconds: float = 0.5  # generator reads idle streams this often while joining
-    join_timeout: float = 150.0  # joining stops here; the rest is measured on who joined
+    join_timeout: float = 120.0  # joining stops here; the rest is measured on who joined
 
 
 def _percentile(values: list[float], fraction: float) -> float | None:
@@ -99,10 +101,17 @@ class _Meter:
         wall = max(time.monotonic() - self.t, 1e-6)
         threads = systems.thread_cpu(self.run.pid)
         busiest = ("", 0.0)
-        for tid, (name, seconds) in threads.items():
+        per_thread: dict[str, float] = {}
+        for tid, (name, seconds) in sorted(threads.items()):
             used = seconds - self.threads.get(tid, (name, 0.0))[1]
             if used > busiest[1]:
                 busiest = (name, used)
+            label, n = name, 1
+            while label in per_thread:
+                n += 1
+                label = f"{name}#{n}"
+            if used / wall >= 0.01:
+                per_thread[label] = round(used / wall * 100, 1)
         busy1, total1 = systems.machine_cpu()
         busy0, total0 = self.machine
         machine = (busy1 - busy0) / (total1 - total0) * 100 if total1 > total0 else None
@@ -110,6 +119,8 @@ class _Meter:
             "system_cpu_pct": round((self.run.cpu_seconds() - self.cpu) / wall * 100, 1),
             "busiest_thread": busiest[0],
             "busiest_thread_pct": round(busiest[1] / wall * 100, 1),
+            "threads_cpu_pct": per_thread,
+            # Of all the machine's cores together (100 = every core busy).
             "machine_cpu_pct": round(machine, 1) if machine is not None else None,
         }
 
@@ -206,6 +217,7 @@ def run_w1(name: str, subscribers: int, cfg: W1Settings, progress: Progress) -> 
     fleet = _Fleet(target, 1 + count_processes, cfg.pub_processes, f"{name}-w1")
     result: dict[str, Any] = {"system": name, "subscribers": subscribers, "steps": [],
                               "best": None, "first_failure": None, "error": None}
+    profile: profiler.Recording | None = None
     try:
         fleet.subs[0].call("add", clients=[(i, f"sub{i}", "sub", True)
                                            for i in range(samplers)], window=64)
@@ -226,6 +238,10 @@ def run_w1(name: str, subscribers: int, cfg: W1Settings, progress: Progress) -> 
             progress(f"  {name} S={subscribers}: {result['error']}")
             return result
         fleet.settle()
+        if cfg.profile_dir and name.startswith("zchat"):
+            where = Path(cfg.profile_dir) / f"{name}-S{subscribers}.txt"
+            profile = profiler.Recording(run.pid, where)
+            progress(f"  {name} S={subscribers}: {profile.status}")
         rates = [r for r in LADDER if cfg.first_rate(subscribers) <= r <= cfg.max_rate]
         best: dict[str, Any] | None = None
         failure: dict[str, Any] | None = None
@@ -255,6 +271,9 @@ def run_w1(name: str, subscribers: int, cfg: W1Settings, progress: Progress) -> 
         if not run.alive():
             result["error"] = f"{name} died: {run.errors()}"
     finally:
+        if profile is not None:
+            result["profile"] = profile.stop()
+            progress(profiler.render(result["profile"]))
         fleet.stop()
         run.stop()
     return result
@@ -334,12 +353,17 @@ def _w1_step(run: systems.Running, fleet: _Fleet, rate: int, subscribers: int,
     step["limited_by"] = _limits(step, run.name)
     mark = "pass" if passed else "FAIL " + ", ".join(reasons)
     progress(
-        f"  {run.name:<11} S={subscribers:<5} R={rate:>8,} msg/s  "
+        f"  {run.name:<11} S={subscribers:<5} R={rate:>8,}/s "
         f"delivered {ratio:7.2%}  p50 {_ms(p50)}  p99 {_ms(p99)}  "
-        f"{run.name} CPU {busy['system_cpu_pct']:5.0f}% ({busy['busiest_thread']} "
-        f"{busy['busiest_thread_pct']:.0f}%)  gen max {max(gen.values()):3.0f}%  {mark}"
+        f"CPU {busy['system_cpu_pct']:4.0f}% ({_threads(busy['threads_cpu_pct'])})  "
+        f"gen {sum(gen.values()):3.0f}% (max {max(gen.values()):.0f})  "
+        f"machine {busy['machine_cpu_pct']:.0f}%  {mark}"
     )
     return step
+
+
+def _threads(pcts: dict[str, float]) -> str:
+    return " + ".join(f"{name} {pct:.0f}" for name, pct in pcts.items()) or "idle"
 
 
 def _ms(seconds: float | None) -> str:
@@ -366,16 +390,38 @@ def _limits(step: dict[str, Any], name: str) -> list[str]:
 # ---------------------------------------------------------------------------- W2
 
 
+FD_RESERVE: Final = 64  # a broker's own files: listeners, eventfds, epoll, SQLite, stdio
+
+
+def fd_limit() -> int:
+    """The open-file limit the systems under test get (raised as far as allowed)."""
+    return systems.raise_fd_limits(1 << 20)[0]
+
+
+def fitting_clients(requested: int) -> int:
+    """``requested``, or fewer if a broker with two connections each cannot hold them.
+
+    Every system is measured with the same N, so the ceiling and zchat (two
+    connections per client) bound it, not the original design (one).
+    """
+    return max(1, min(requested, (fd_limit() - FD_RESERVE) // 2))
+
+
 def run_w2(name: str, clients: int, cfg: W2Settings, progress: Progress) -> dict[str, Any]:
     """Join ``clients`` clients to system ``name``; idle CPU, memory, broadcast time."""
+    requested = clients
+    clients = fitting_clients(requested)
     per_client = 1 if systems.SYSTEMS[name][0] == "epoll" else 2
     processes = max(2, math.ceil(clients * per_client / cfg.fds_per_process))
-    limits = systems.raise_fd_limits(clients * per_client + 1024)
-    result: dict[str, Any] = {"system": name, "clients": clients, "processes": processes,
-                              "fd_limit": limits[0], "error": None}
-    if limits[0] < clients * per_client + 64:
-        result["error"] = (f"needs about {clients * per_client + 64} open files in the system "
-                           f"under test; the limit is {limits[0]} (run as root to raise it)")
+    result: dict[str, Any] = {"system": name, "requested": requested, "clients": clients,
+                              "processes": processes, "fd_limit": fd_limit(), "error": None}
+    if clients < requested:
+        result["note"] = (
+            f"{requested:,} clients need {requested * 2 + FD_RESERVE:,} open files in a "
+            f"broker (a DEALER and a SUB connection each); the hard limit here is "
+            f"{fd_limit():,} and cannot be raised (no CAP_SYS_RESOURCE), so every system "
+            f"was measured with {clients:,}")
+        progress(f"  {name:<11} N={requested}: {result['note']}")
     run = systems.start(name)
     target = Target(systems.SYSTEMS[name][0], run.endpoints, HEARTBEAT)
     fleet = _Fleet(target, processes, 1, f"{name}-w2")
