@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import os
 import signal
 import sys
 import threading
@@ -184,6 +185,7 @@ class Session:
             items = self.inbox.attach(loop)
             for sig in (signal.SIGTERM, signal.SIGHUP):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+            loop.set_exception_handler(self._on_loop_error)
             shower = asyncio.create_task(self._show_items(items))
             try:
                 await self._read_input()
@@ -197,8 +199,23 @@ class Session:
         return EXIT_OK
 
     def _on_signal(self, sig: int) -> None:
+        if sig == signal.SIGHUP:
+            # The terminal is gone: drawing anything more would fail over and
+            # over. Leave the room (announced) and end at once.
+            self.client.leave("terminal closed")
+            os._exit(EXIT_OK)
         self.quit_reason = None
         self._stop_prompt()
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop,
+                       context: dict[str, Any]) -> None:
+        # One notice line instead of prompt_toolkit's "press ENTER" screen.
+        error = context.get("exception")
+        what = f"{error.__class__.__name__}: {error}" if error else context.get("message")
+        try:
+            show([notice(f"internal error: {what}", time.time(), self.view, RED)])
+        except Exception:  # the terminal itself failed: nothing more to say
+            pass
 
     async def _intro(self) -> None:
         welcome = self.client.welcome
@@ -252,7 +269,7 @@ class Session:
     async def _read_input(self) -> None:
         while self.closed is None:
             try:
-                line = await self.prompt.prompt_async()
+                line = await self.prompt.prompt_async(set_exception_handler=False)
             except (EOFError, KeyboardInterrupt):
                 return
             command = parse_line(line)
@@ -380,6 +397,10 @@ def join(options: Options) -> tuple[Client, Inbox] | None:
 
 def run_interactive(options: Options) -> int:
     """Run the interactive client until the user quits; return the exit code."""
+    # Until the session's loop takes them over, SIGTERM and SIGHUP end the
+    # program like Ctrl-C does: with a leave if we had joined.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
     try:
         joined = join(options)
     except KeyboardInterrupt:

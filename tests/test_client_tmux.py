@@ -7,7 +7,8 @@ sessions, types with ``send-keys`` and reads the screens with
 sleep). What a person would see is what is asserted: join lines with the
 address, messages crossing, a half-typed line surviving incoming messages,
 /who, /msg unseen by a third person, /quit announced, Tab and Up, a taken
-name asked again, and a broker restart with nothing lost or doubled.
+name asked again, a closed terminal still leaving the room, and a broker
+restart with nothing lost or doubled.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pytest
 import zmq
 
 from conftest import RunningBroker
-from zchat import Client, Joined
+from zchat import Client, Joined, Left
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (.ci/run)")
 
@@ -151,7 +152,8 @@ def test_two_people_chat_and_a_third_joins(broker: RunningBroker, tmux: Tmux) ->
     tmux.type("bob", "hi alice")
     tmux.type("bob", "/me waves")
     tmux.wait("alice", r"<bob> hi alice\n.*\* bob waves")
-    assert tmux.prompt_line("alice") == "[alice] half-typed"
+    # (polled: the prompt is redrawn just after the lines printed above it)
+    tmux.wait_prompt("alice", "[alice] half-typed")
     tmux.type("alice", " line")
     tmux.wait("bob", r"<alice> half-typed line")
 
@@ -238,13 +240,20 @@ def test_taken_or_bad_name_is_asked_again(broker: RunningBroker, tmux: Tmux,
         tmux.type("second", "dora2")
         tmux.wait("second", r"joined the lobby room at tcp://\S+ as dora2 "
                             r"\(your address: 127\.0\.0\.1\)")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            item = dora.next_event(timeout=deadline - time.monotonic())
-            if isinstance(item, Joined) and item.name == "dora2":
-                break
-        else:
-            raise AssertionError("dora never saw dora2 join")
+        wait_item(dora, lambda i: isinstance(i, Joined) and i.name == "dora2")
+        # Closing the terminal (SIGHUP) still leaves the room, with a reason.
+        tmux.run("kill-session", "-t", "second")
+        left = wait_item(dora, lambda i: isinstance(i, Left) and i.name == "dora2")
+        assert (left.reason, left.detail) == ("leave", "terminal closed")
+
+
+def wait_item(client: Client, match: Callable[[Any], bool], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        item = client.next_event(timeout=left)
+        if item is not None and match(item):
+            return item
+    raise AssertionError("no matching event in time")
 
 
 def test_unreachable_broker_is_retried_until_it_comes(
