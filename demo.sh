@@ -7,7 +7,9 @@
 #
 # It installs zchat (pip install -e ., quietly) only when it is missing or
 # older than this checkout; when the system Python refuses (PEP 668), it
-# uses a virtual environment in .venv instead. PYTHON=... picks the Python.
+# uses a virtual environment in .venv instead. PYTHON=... picks the Python;
+# ZCHAT_DEMO_PORTS="IN BCAST CTRL" the broker's loopback ports (default
+# 5555 5556 5557, or free ones when those are taken).
 #
 # The whole script is one function, read before it runs, so editing or
 # pulling this file while a demo is running cannot change what it does.
@@ -100,7 +102,9 @@ main() {
     trap 'exit 130' INT TERM HUP
 
     # The usual ports if they are free (others then join with the defaults), else any.
-    if ! start_broker 5555 5556 5557 && ! start_broker 0 0 0; then
+    # ZCHAT_DEMO_PORTS="0 0 0" asks for free ones at once (the tests do).
+    # shellcheck disable=SC2086
+    if ! start_broker ${ZCHAT_DEMO_PORTS:-5555 5556 5557} && ! start_broker 0 0 0; then
         echo "demo: the broker did not start:" >&2
         cat "$work/broker.log" >&2
         exit 1

@@ -60,12 +60,14 @@ class Tmux:
 
     def client(self, session: str, *args: str) -> None:
         """Start ``zchat-client ARGS`` in a new session called ``session``."""
-        # tmux runs this with sh -c; the shell prints how the client ended
+        self.session(session, " ".join([sys.executable, "-m", "zchat.clients.terminal", *args]))
+
+    def session(self, session: str, command: str) -> None:
+        """Run a shell ``command`` in a new session called ``session``."""
+        # tmux runs this with sh -c; the shell prints how the command ended
         # (tmux's own pane_dead_status races the pane's end of file).
-        command = " ".join([sys.executable, "-m", "zchat.clients.terminal", *args,
-                            "; echo [exited $?]"])
         self.run("new-session", "-d", "-s", session, "-x", str(WIDTH), "-y", str(HEIGHT),
-                 command)
+                 f"{command}; echo [exited $?]")
         self.started = True
 
     def screen(self, session: str) -> str:
@@ -267,3 +269,40 @@ def test_unreachable_broker_is_retried_until_it_comes(
     start_broker("--heartbeat", "0.5", "--input", endpoint)
     tmux.wait("early", r"joined the lobby room .* as early", timeout=15)
     assert "Traceback" not in tmux.screen("early")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of running processes whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue  # it ended meanwhile
+    return found
+
+
+def test_demo_script_runs_a_room_and_stops_what_it_started(tmux: Tmux) -> None:
+    demo = Path(__file__).resolve().parent.parent / "demo.sh"
+    tmux.session("demo", f"env ZCHAT_DEMO_PORTS='0 0 0' PYTHON={sys.executable} {demo} erin")
+    screen = tmux.wait("demo", r"<greeter> welcome, erin! here now: greeter, helper",
+                       timeout=30)
+    found = re.search(r"a broker at (tcp://127\.0\.0\.1:\d+),", screen)
+    assert found, screen
+    endpoint = found.group(1)
+    tmux.wait_prompt("demo", "[erin]")
+    tmux.type("demo", "!roll 20")
+    tmux.wait("demo", r"<helper> erin rolls \d+ \(1-20\)")
+    tmux.type("demo", "/quit")
+    assert tmux.exit_status("demo") == 0
+    # The bots (started with the endpoint) and the broker (its port) are gone too.
+    deadline = time.monotonic() + 10
+    while left_over := processes_mentioning(endpoint):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"demo.sh left processes running: {left_over}")
+        time.sleep(0.05)
+    port = int(endpoint.rpartition(":")[2])
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
