@@ -164,7 +164,7 @@ class Script:
                 if isinstance(event, Message):
                     self._note(event)
             said = [e for e in recent if isinstance(e, Message | Notice)]
-            for event in said[len(said) - self.options.history:] if self.options.history else []:
+            for event in said[-self.options.history:] if self.options.history else []:
                 self.show(event)
         self._printer.start()
 

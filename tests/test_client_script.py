@@ -154,14 +154,16 @@ def test_every_input_line_arrives_once_in_order_despite_rate_limits(
 def test_events_are_plain_lines_with_recent_history(
         broker: RunningBroker, listen: Callable[[str], Client]) -> None:
     bob = listen("bob")
-    bob.send("said before pipe came")
+    for n in range(4):
+        bob.send(f"said before pipe came, {n}")
     # pipe hears bob in the history shown on joining, so --expect is met at once.
-    result = run_client(broker, "--name", "pipe", "--history", "5", "--expect", "bob",
+    result = run_client(broker, "--name", "pipe", "--history", "6", "--expect", "bob",
                         "--timeout", "10", stdin="first\n")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].endswith(" -!- connected (your address: 127.0.0.1)")
-    assert lines[1].endswith(" <bob> said before pipe came")
+    assert [line[9:] for line in lines[1:5]] == [  # all four: fewer than asked for
+        f"<bob> said before pipe came, {n}" for n in range(4)]
     assert all(line[:8].replace(":", "").isdigit() for line in lines)  # HH:MM:SS first
     items = collect(bob, lambda got: any(isinstance(i, Left) for i in got))
     assert texts_from(items, "pipe") == ["first"]
