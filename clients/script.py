@@ -90,14 +90,15 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 class Script:
     """One scripted session on a joined ``client``."""
 
-    def __init__(self, options: Options, client: Client, out: TextIO, err: TextIO) -> None:
+    def __init__(self, options: Options, client: Client, out: TextIO, err: TextIO,
+                 deadline: float | None) -> None:
         self.options = options
         self.client = client
         self.out = out
         self.err = err
         self.me = client.name
         self.view = View(client.name, clock="%H:%M:%S")
-        self.deadline = None if options.timeout is None else time.monotonic() + options.timeout
+        self.deadline = deadline  # time.monotonic() when --timeout runs out
         self.unsent = 0
         self.leave_reason: str | None = None
         self._heard: set[str] = set()
@@ -323,6 +324,8 @@ def run_script(options: Options, out: TextIO | None = None, err: TextIO | None =
         check_name(name)
     except ProtocolError as exc:
         return fail(EXIT_USAGE, f"bad name {name!r}: {exc.detail}")
+    # --timeout counts from the start: joining is part of the run.
+    deadline = None if options.timeout is None else time.monotonic() + options.timeout
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_stop)
     client = Client(options.connect, name)
@@ -336,7 +339,7 @@ def run_script(options: Options, out: TextIO | None = None, err: TextIO | None =
         except RequestFailed as exc:
             reason = f"name {name!r} is taken" if exc.code == "name_taken" else exc.detail
             return fail(EXIT_REFUSED, f"join refused: {reason}")
-        script = Script(options, client, out, err)
+        script = Script(options, client, out, err, deadline)
         script.start()
         read_stdin = not (sys.stdin.isatty() and (options.say or options.expect or options.stay))
         return script.run(read_stdin)
