@@ -248,7 +248,9 @@ class Session:
             while not items.empty():
                 batch.append(items.get_nowait())
             now = time.time()
-            show(render(item, self.view, now) for item in batch if self._note(item))
+            show([render(item, self.view, now) for item in batch if self._note(item)])
+            if self.closed is not None:
+                self._stop_prompt()  # after the line that says why
 
     def _note(self, item: Item) -> bool:
         """Track the connection from an item; True if it should be shown."""
@@ -262,7 +264,6 @@ class Session:
             self.online = True
         elif item.state == "closed":
             self.closed = item.detail or "closed"
-            self._stop_prompt()
         self._refresh_prompt()
         return True
 

@@ -306,3 +306,13 @@ def test_demo_script_runs_a_room_and_stops_what_it_started(tmux: Tmux) -> None:
     port = int(endpoint.rpartition(":")[2])
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_kicked_client_says_why_and_exits_5(broker: RunningBroker, tmux: Tmux) -> None:
+    tmux.client("kim", "--name kim", f"--connect {broker.input}")
+    tmux.wait_prompt("kim", "[kim]")
+    subprocess.run([sys.executable, "-m", "zchat.broker.admin", "--control", broker.control,
+                    "kick", "kim", "too loud"], check=True, capture_output=True, timeout=20)
+    screen = tmux.wait("kim", r"-!- disconnected: kicked by the operator: too loud")
+    assert tmux.exit_status("kim") == 5
+    assert "Traceback" not in screen
