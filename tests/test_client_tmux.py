@@ -316,3 +316,19 @@ def test_kicked_client_says_why_and_exits_5(broker: RunningBroker, tmux: Tmux) -
     screen = tmux.wait("kim", r"-!- disconnected: kicked by the operator: too loud")
     assert tmux.exit_status("kim") == 5
     assert "Traceback" not in screen
+
+
+def test_refused_lines_are_one_notice_each(start_broker: Callable[..., RunningBroker],
+                                           tmux: Tmux) -> None:
+    broker = start_broker("--heartbeat", "0.5", "--max-text", "20", "--burst", "2",
+                          "--rate", "0.01")
+    tmux.client("rita", "--name rita", f"--connect {broker.input}")
+    tmux.wait_prompt("rita", "[rita]")
+    tmux.type("rita", "/msg zed are you there?")
+    tmux.wait("rita", r"-!- nobody called zed is here, not sent: are you there\?")
+    tmux.type("rita", "this line is longer than twenty characters")
+    tmux.wait("rita", r"-!- too long \(42 characters\), not sent: this line is longer")
+    for text in ("a1", "a2", "a3"):  # a burst of 2, then 1 per 100 s
+        tmux.type("rita", text)
+    screen = tmux.wait("rita", r"-!- slow down: rate limited, not sent: a3")
+    assert "Traceback" not in screen
