@@ -47,8 +47,8 @@ JOIN_TIMEOUT = 10.0  # seconds to reach the broker when no --timeout says otherw
 DESCRIPTION = """\
 The zchat chat client. In a terminal it is an interactive chat (an input line
 at the bottom, the room above it); with stdin or stdout not a terminal, or
-with --say/--expect/--stay/--json, it is scriptable: each input line is sent
-as a message and events are printed one per line.
+with --say, --expect, --stay, --json or --commands, it is scriptable: each
+input line is sent as a message and events are printed one per line.
 """
 
 EPILOG = """\

@@ -252,8 +252,8 @@ def test_tab_completes_names_and_commands() -> None:
 
 
 def test_mode_follows_the_terminal_and_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("ZCHAT_NAME", raising=False)
-    monkeypatch.delenv("ZCHAT_CONNECT", raising=False)
+    for variable in ("ZCHAT_NAME", "ZCHAT_CONNECT", "ZCHAT_TIMEOUT"):
+        monkeypatch.delenv(variable, raising=False)
     assert parse_options(["--name", "a"], tty=True).interactive
     assert parse_options([], tty=True) == Options(interactive=True, history=20)
     assert not parse_options(["--name", "a"], tty=False).interactive
