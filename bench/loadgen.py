@@ -592,12 +592,15 @@ class Worker:
                 conn.counter.latencies = []
         return {"latencies": out}
 
-    def op_watch(self, token: bytes) -> None:
-        """Note when ``token`` reaches each subscriber."""
+    def op_watch(self, token: bytes) -> dict[str, Any]:
+        """Note when ``token`` reaches each subscriber; say how many watch."""
+        watching = 0
         for client in self.clients:
             conn = client.live_conn
-            if conn is not None and conn.counter is not None:
+            if conn is not None and conn.counter is not None and conn.fd in self.conns:
                 conn.counter.watch(token)
+                watching += 1
+        return {"watching": watching}
 
     def op_watched(self) -> dict[str, Any]:
         seen = [c.live_conn.counter.seen_at for c in self.clients

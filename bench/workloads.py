@@ -450,6 +450,8 @@ def run_w2(name: str, clients: int, cfg: W2Settings, progress: Progress) -> dict
         if never:
             progress(f"  {name:<11} N={clients:<6} join cut off after {cfg.join_timeout:.0f}s: "
                      f"{never} clients never started")
+            # Let the joins already under way finish, so N stays put from here on.
+            joined = fleet.join(clients + 1 - never, 30, progress, f"{name} N={clients}")
         live, _ = fleet.probe_until_live(joined["welcomed"] - 1, 30)
         live_s = time.monotonic() - started
         rss1 = run.rss_bytes()
@@ -494,33 +496,35 @@ def run_w2(name: str, clients: int, cfg: W2Settings, progress: Progress) -> dict
             handle.call("pace", sweep_every=0.0)  # now read as soon as data comes
         times = []
         for k in range(cfg.broadcasts):
-            token = b"@BCAST-%05d" % k
-            for handle in fleet.subs:
-                handle.call("watch", token=token)
-            sent_at = fleet.pubs[0].call("send_one", text=token.decode().ljust(100, "x"))["sent_at"]
-            seen = 0
-            last = 0.0
-
-            def arrived() -> bool:
-                nonlocal seen, last
-                replies = [h.call("watched") for h in fleet.subs]
-                seen = sum(r["seen"] for r in replies)
-                last = max(r["last"] for r in replies)
-                return seen >= live
-
-            _wait(arrived, 30, 0.02)
-            times.append({"seen": seen, "to_last_ms": round((last - sent_at) * 1000, 1)
-                          if last else None})
+            times.append(_broadcast_once(fleet, b"@BCAST-%05d" % k))
         reached = [t["to_last_ms"] for t in times if t["to_last_ms"] is not None]
         result["broadcasts"] = times
         result["broadcast_to_last_ms"] = statistics.median(reached) if reached else None
         progress(f"  {name:<11} N={clients:<6} idle CPU {idle['system_cpu_pct']:.1f}% "
                  f"({idle['busiest_thread']}), broadcast to last "
                  f"{result['broadcast_to_last_ms']} ms (seen by "
-                 f"{min((t['seen'] for t in times), default=0)}/{live})")
+                 f"{min((t['seen'] for t in times), default=0)}/"
+                 f"{max((t['of'] for t in times), default=0)})")
         if not run.alive():
             result["error"] = f"{name} died: {run.errors()}"
     finally:
         fleet.stop()
         run.stop()
     return result
+
+
+def _broadcast_once(fleet: _Fleet, token: bytes) -> dict[str, Any]:
+    """Send one message carrying ``token``; time it until the last subscriber has it."""
+    watching = sum(h.call("watch", token=token)["watching"] for h in fleet.subs)
+    sent_at = fleet.pubs[0].call("send_one", text=token.decode().ljust(100, "x"))["sent_at"]
+    seen, last = 0, 0.0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        replies = [h.call("watched") for h in fleet.subs]
+        seen = sum(r["seen"] for r in replies)
+        last = max(r["last"] for r in replies)
+        if seen >= watching:
+            break
+        time.sleep(0.02)
+    return {"seen": seen, "of": watching,
+            "to_last_ms": round((last - sent_at) * 1000, 1) if last else None}
