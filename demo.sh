@@ -124,8 +124,13 @@ main() {
         fi
     done
 
-    local client_command=zchat-client connect_hint=""
-    if [ "$py" = .venv/bin/python ]; then client_command=.venv/bin/zchat-client; fi
+    # How to run the client from another terminal: by name if that is this install's.
+    local bindir client_command=zchat-client connect_hint=""
+    bindir=$(dirname "$(command -v "$py")")
+    if [ -x "$bindir/zchat-client" ] &&
+       [ "$(command -v zchat-client || true)" != "$bindir/zchat-client" ]; then
+        client_command="$bindir/zchat-client"
+    fi
     if [ "$endpoint" != "tcp://127.0.0.1:5555" ]; then connect_hint=" --connect $endpoint"; fi
     cat <<EOF
 zchat demo: a broker at $endpoint, with two bots in the room:
