@@ -375,7 +375,7 @@ def join(options: Options) -> tuple[Client, Inbox] | None:
             name = None
             continue
         inbox = Inbox()
-        client = Client(options.connect, name, on_item=inbox.put)
+        client = Client(options.connect, name, on_item=inbox.put, keys=options.keys)
         try:
             client.connect(timeout=JOIN_ATTEMPT if unreachable_said else FIRST_JOIN_ATTEMPT)
             return client, inbox

@@ -328,7 +328,7 @@ def run_script(options: Options, out: TextIO | None = None, err: TextIO | None =
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_stop)
-    client = Client(options.connect, name)
+    client = Client(options.connect, name, keys=options.keys)
     script: Script | None = None
     try:
         try:

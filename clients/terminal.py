@@ -19,6 +19,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from zchat.keys import ClientKeys, KeyFileError, load_client_keys
+
 __all__ = [
     "EXIT_CLOSED",
     "EXIT_OK",
@@ -68,8 +70,8 @@ scriptable mode:
   lines may use /msg, /me and /quit as above. SIGINT and SIGTERM leave and
   exit 0.
 
-environment: ZCHAT_NAME, ZCHAT_CONNECT, ZCHAT_TIMEOUT set the options of the
-same names; an option on the command line wins.
+environment: ZCHAT_NAME, ZCHAT_CONNECT, ZCHAT_TIMEOUT, ZCHAT_SERVER_KEY and
+ZCHAT_KEY set the options of the same names; an option on the command line wins.
 
 exit codes:
   0  done (or left on /quit, Ctrl-D, Ctrl-C, SIGINT, SIGTERM)
@@ -96,6 +98,7 @@ class Options:
     stay: bool = False
     history: int = 0
     commands: bool = False
+    keys: ClientKeys | None = None  # CURVE, for a broker that encrypts
 
     @property
     def join_timeout(self) -> float:
@@ -123,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", metavar="N", type=int, default=None,
                    help="show the last N messages of the room on joining "
                         "(default 20 in a terminal, 0 in scriptable mode)")
+    sec = p.add_argument_group("security (a broker started with --secret-key)")
+    sec.add_argument("--server-key", metavar="FILE",
+                     default=os.environ.get("ZCHAT_SERVER_KEY") or None,
+                     help="the broker's public .key file (env ZCHAT_SERVER_KEY)")
+    sec.add_argument("--key", metavar="FILE", default=os.environ.get("ZCHAT_KEY") or None,
+                     help="your .key_secret file from zchat-keygen; the broker must list your "
+                          ".key among its authorized keys (env ZCHAT_KEY)")
     script = p.add_argument_group("scriptable mode (any of these but --timeout selects it)")
     script.add_argument("--say", metavar="TEXT", action="append", default=[],
                         help="say TEXT after joining (repeatable, in order, before stdin)")
@@ -169,6 +179,14 @@ def parse_options(argv: Sequence[str] | None = None, *, tty: bool | None = None)
     if args.history is not None and args.history < 0:
         parser.error("--history must not be negative")
     expect = [name.strip() for item in args.expect for name in item.split(",") if name.strip()]
+    keys = None
+    if (args.server_key is None) != (args.key is None):
+        parser.error("--server-key and --key go together")
+    if args.server_key is not None:
+        try:
+            keys = load_client_keys(args.server_key, args.key)
+        except KeyFileError as exc:
+            parser.error(str(exc))
     return Options(
         name=args.name,
         connect=args.connect,
@@ -180,6 +198,7 @@ def parse_options(argv: Sequence[str] | None = None, *, tty: bool | None = None)
         stay=args.stay,
         history=args.history if args.history is not None else (20 if interactive else 0),
         commands=args.commands,
+        keys=keys,
     )
 
 

@@ -117,3 +117,34 @@ def test_key_options_go_together_and_bad_files_are_clear(keys: Path) -> None:
 
 def test_plaintext_broker_says_so(broker: RunningBroker) -> None:
     broker.wait_output("plaintext: anyone who reaches the ports can read", stderr=True)
+
+
+def test_zchat_client_with_keys(secure_broker: RunningBroker, keys: Path) -> None:
+    bob = client_for(secure_broker, keys, "bob")
+    try:
+        bob.connect()
+        said = subprocess.run(
+            [sys.executable, "-m", "zchat.clients.terminal", "--connect", secure_broker.input,
+             "--name", "alice", "--server-key", str(keys / "keys" / "broker.key"),
+             "--key", str(keys / "keys" / "alice.key_secret"), "--say", "over CURVE"],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert said.returncode == 0, said.stderr
+        for item in bob.events(timeout=10):
+            if isinstance(item, Message):
+                assert (item.sender, item.text) == ("alice", "over CURVE")
+                break
+        else:
+            raise AssertionError("bob never heard alice")
+    finally:
+        bob.close()
+    plain = subprocess.run(
+        [sys.executable, "-m", "zchat.clients.terminal", "--connect", secure_broker.input,
+         "--name", "eve", "--say", "let me in", "--timeout", "2"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert plain.returncode == 3
+    assert "broker unreachable" in plain.stderr
+    half = subprocess.run(
+        [sys.executable, "-m", "zchat.clients.terminal", "--name", "eve", "--key", "x"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert half.returncode == 2
+    assert "go together" in half.stderr
