@@ -248,3 +248,18 @@ def test_library_uses_batches_when_the_broker_offers_them(
     alice.send("done")
     got = messages_until(bob, "done")
     assert [m.text for m in got] == [f"m{i}" for i in range(100)] + ["done"]
+
+
+def test_event_racing_a_new_subscription_arrives_without_waiting_for_a_heartbeat(
+    start_broker: Callable[..., RunningBroker], clients: Callable[..., Client],
+) -> None:
+    # Heartbeats every 60 s cannot help within this test: only the library's
+    # early ping (pong carries seq) can reveal the event bob's SUB missed.
+    broker = start_broker("--heartbeat", "60", "--rate", "0")
+    alice = clients(broker, "alice")
+    for attempt in range(5):
+        bob = clients(broker, f"bob{attempt}")
+        alice.send(f"right after bob{attempt} joined")  # likely before bob's SUB is up
+        got = wait_for(bob, lambda e: isinstance(e, Message), timeout=10)
+        assert got.text == f"right after bob{attempt} joined"
+        bob.close()

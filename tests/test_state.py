@@ -80,7 +80,7 @@ def test_only_join_and_ping_before_joining() -> None:
         (reply,) = replies(broker.handle(A, request, T0))
         assert reply["code"] == "not_joined"
     (pong,) = replies(broker.handle(A, Ping(id="p"), T0 + 2))
-    assert pong == {"type": "pong", "ts": T0 + 2, "id": "p", "joined": False}
+    assert pong == {"type": "pong", "ts": T0 + 2, "id": "p", "joined": False, "seq": 0}
     join(broker, A, "a")
     assert replies(broker.handle(A, Ping(), T0 + 3))[0]["joined"] is True
 

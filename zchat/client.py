@@ -72,6 +72,7 @@ DEFAULT_HEARTBEAT = 5.0  # until the broker's `welcome` says otherwise
 JOIN_ATTEMPT_SECONDS = 2.0
 RETRY_MIN, RETRY_MAX = 0.25, 5.0  # backoff between join attempts
 HISTORY_PAGE = 1000
+EARLY_PING_SECONDS = 0.3  # after a welcome: time enough for the SUB to connect
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +329,7 @@ class Client:
         self._heartbeat = DEFAULT_HEARTBEAT
         self._last_heard = time.monotonic()
         self._last_sent = 0.0
+        self._early_ping = 0.0
         self._epoch: str | None = None
         self._was_joined = False
         self._stop = False
@@ -400,7 +402,8 @@ class Client:
         if self.welcome is None:
             return self._next_attempt
         hb = self._heartbeat
-        return min(self._last_sent + hb, self._last_heard + 3 * hb)
+        deadline = min(self._last_sent + hb, self._last_heard + 3 * hb)
+        return min(deadline, self._early_ping) if self._early_ping else deadline
 
     def _on_time(self, now: float) -> None:
         if self._stop:
@@ -419,7 +422,11 @@ class Client:
         if now - self._last_heard >= 3 * hb:
             self._lost("broker unreachable, retrying…", now)
             return
-        if now - self._last_sent >= hb:
+        if now - self._last_sent >= hb or (self._early_ping and now >= self._early_ping):
+            # The early ping closes the slow-joiner window: events published
+            # between our welcome and our SUB's connection show up as a seq
+            # in the pong, well before the next heartbeat would tell.
+            self._early_ping = 0.0
             self._send({"type": "ping"})
         for pending in self._pending.values():
             # An unacked request after a full interval may have been lost in a
@@ -476,6 +483,7 @@ class Client:
         self._joining_since = 0.0
         self._retry = RETRY_MIN
         self._last_heard = time.monotonic()
+        self._early_ping = self._last_heard + EARLY_PING_SECONDS
         self.members = {m.name.casefold(): m for m in welcome.members}
         self._connect_sub(welcome.pub, batched=reply.get("batch") is True)
         restarted = welcome.epoch != self._epoch and self._epoch is not None
@@ -540,6 +548,11 @@ class Client:
             if kind == "history":
                 self._on_fill(reply)
             return
+        if kind == "pong":
+            head = reply.get("seq")
+            if (type(head) is int and head > self.last_seq and self.welcome is not None
+                    and not self._joining_since):
+                self._ask_history()
         forgotten = kind == "pong" and reply.get("joined") is False
         if forgotten or (kind == "error" and reply.get("code") == "not_joined"):
             # The broker does not know us: it restarted and our DEALER

@@ -383,9 +383,11 @@ class Broker:
         return [self._depart(self._by_peer[peer], "leave", now, detail=req.reason)]
 
     def _ping(self, peer: bytes, req: Ping, now: float, addr: str) -> list[Outgoing]:
-        # `joined` (an addition) tells an idle client whose DEALER silently
-        # reconnected to a restarted broker that it must join again.
-        body: dict[str, Any] = {"type": "pong", "ts": now, "joined": peer in self._by_peer}
+        # Additions: `joined` tells an idle client whose DEALER silently
+        # reconnected to a restarted broker that it must join again; `seq`
+        # lets a client see a gap without waiting for the next heartbeat.
+        body: dict[str, Any] = {"type": "pong", "ts": now, "joined": peer in self._by_peer,
+                                "seq": self.seq}
         if req.id is not None:
             body["id"] = req.id
         return [Reply(peer, body)]
