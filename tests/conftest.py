@@ -97,6 +97,10 @@ def launch_broker(*args: str, env: dict[str, str] | None = None,
         # Tests that are not about durability keep history in memory, so
         # brokers never share the user's default database.
         *(() if "--db" in args else ("--db", ":memory:")),
+        # A short heartbeat unless the test sets one: a raw client waits for
+        # the first frame on its SUB, a heartbeat at the latest.
+        *(() if "--heartbeat" in args or "ZCHAT_HEARTBEAT" in (env or {})
+          else ("--heartbeat", "0.5")),
         *args,
     ]
     proc = subprocess.Popen(

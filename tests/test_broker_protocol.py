@@ -370,6 +370,8 @@ def test_bad_frames_are_logged_without_flooding(raw: Raw, broker: RunningBroker)
         mallory.send_raw(b"\xc1")
     for _ in range(200):
         assert mallory.recv()["code"] == "bad_frame"
+    broker.wait_output("sent a bad frame", stderr=True)
+    assert mallory.request({"type": "ping", "id": "after"})["type"] == "pong"
     warnings = [line for line in broker.stderr_lines if "bad frame" in line]
     assert 1 <= len(warnings) <= 2
 

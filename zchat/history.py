@@ -144,7 +144,9 @@ class SqliteHistory(History):
         try:
             if self.path != MEMORY:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None)
+            # A short busy timeout: a database held by another broker is an
+            # error to report at once, not a lock to wait for.
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=0.5)
             self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
