@@ -170,8 +170,13 @@ def chart(results: dict[str, Any], path: str) -> str | None:
     panels = len(sizes) + (1 if w2 else 0)
     if not panels:
         return "no results to draw"
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2), squeeze=False)
-    for ax, size in zip(axes[0], sizes, strict=False):
+    cols = min(2, panels)
+    rows = (panels + cols - 1) // cols
+    fig, grid = plt.subplots(rows, cols, figsize=(6 * cols, 4.4 * rows), squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    for ax, size in zip(axes, sizes, strict=False):
         for name, per in w1.items():
             entry = per.get(size)
             if not entry or not entry.get("steps"):
@@ -195,9 +200,11 @@ def chart(results: dict[str, Any], path: str) -> str | None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, title="circled: failed step", title_fontsize=7)
     if w2:
-        ax = axes[0][-1]
+        ax = axes[panels - 1]
         for name, per in w2.items():
-            points = sorted((int(n), e.get("broadcast_to_last_ms")) for n, e in per.items()
+            # At the clients actually joined: a join cut off short has fewer.
+            points = sorted((e.get("live") or int(n), e["broadcast_to_last_ms"])
+                            for n, e in per.items()
                             if e and e.get("broadcast_to_last_ms") is not None)
             if points:
                 colour, marker = STYLE.get(name, ("black", "x"))

@@ -58,10 +58,21 @@ class W1Settings:
     pub_processes: int = 2
     sub_processes: int = 2
     samplers: int = 8  # subscribers (of S) whose latency is sampled, in their own process
-    read_every: float = 0.005  # seconds between the count-only processes' reads
+    read_every: float | None = None  # seconds between count-only reads (default: by S)
     max_rate: int = 1_000_000
     start_rate: int | None = None  # default: 100000 / S, within 100..1000
     profile_dir: str = ""  # if set, py-spy records zchat brokers during the steps, here
+
+    def read_interval(self, subscribers: int) -> float:
+        """How long count-only processes let data pile up between reads.
+
+        Their cost is per read (a syscall and a turn of the loop per socket),
+        so with many subscribers they read each less often; with few, the
+        rates are high and a socket's buffer must not fill in between.
+        """
+        if self.read_every is not None:
+            return self.read_every
+        return min(0.02, max(0.002, subscribers / 20_000))
 
     def first_rate(self, subscribers: int) -> int:
         if self.start_rate is not None:
@@ -209,7 +220,11 @@ def run_w1(name: str, subscribers: int, cfg: W1Settings, progress: Progress) -> 
     """Find the highest passing rate of system ``name`` with ``subscribers``."""
     run = systems.start(name)
     target = Target(systems.SYSTEMS[name][0], run.endpoints, HEARTBEAT)
-    samplers = max(1, min(cfg.samplers, subscribers))
+    # A sampler reads as soon as data comes, so it pays per read, and a server
+    # that sends each message separately (the original design) makes one
+    # read per message: a few samplers suffice, and more would load the
+    # generator instead of the system.
+    samplers = max(1, min(cfg.samplers, max(2, subscribers // 10), subscribers))
     counters = subscribers - samplers
     count_processes = min(cfg.sub_processes, counters)
     # The first process reads promptly and times its subscribers' messages;
@@ -224,7 +239,8 @@ def run_w1(name: str, subscribers: int, cfg: W1Settings, progress: Progress) -> 
         for w, handle in enumerate(fleet.subs[1:]):
             clients = [(i, f"sub{i}", "sub", False)
                        for i in range(samplers + w, subscribers, count_processes)]
-            handle.call("add", clients=clients, window=64, read_every=cfg.read_every)
+            handle.call("add", clients=clients, window=64,
+                        read_every=cfg.read_interval(subscribers))
         for w, handle in enumerate(fleet.pubs):
             clients = [(subscribers + i, f"pub{i}", "pub", False)
                        for i in range(w, cfg.publishers, cfg.pub_processes)]
