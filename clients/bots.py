@@ -50,6 +50,7 @@ from zchat import (
     Status,
 )
 from zchat.display import printable
+from zchat.keys import ClientKeys, KeyFileError, keys_from_env
 
 __all__ = ["BOTS", "Greeter", "Helper", "Reply", "main", "run_bot"]
 
@@ -161,14 +162,14 @@ def _say(line: str) -> None:
 
 
 def join_until(endpoint: str, name: str, stop: threading.Event,
-               give_up: float | None) -> Client | None:
+               give_up: float | None, keys: ClientKeys | None = None) -> Client | None:
     """Join, retrying while the broker is unreachable; None if stopped."""
     deadline = None if give_up is None else time.monotonic() + give_up
     waiting_said = False
     while not stop.is_set():
         attempt = JOIN_ATTEMPT if deadline is None else max(
             0.1, min(JOIN_ATTEMPT, deadline - time.monotonic()))
-        client = Client(endpoint, name)
+        client = Client(endpoint, name, keys=keys)
         try:
             client.connect(timeout=attempt)
             return client
@@ -247,12 +248,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bots: more --name options than bots", file=sys.stderr)
         return EXIT_USAGE
     names = args.name + args.bots[len(args.name):]
+    try:
+        keys = keys_from_env()  # CURVE, when ZCHAT_SERVER_KEY and ZCHAT_KEY are set
+    except KeyFileError as exc:
+        print(f"bots: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     stop = threading.Event()
     results: list[int] = []
 
     def one(kind: str, name: str) -> None:
         try:
-            client = join_until(args.connect, name, stop, args.give_up)
+            client = join_until(args.connect, name, stop, args.give_up, keys)
         except BrokerUnreachable:
             print(f"bots: {name}: broker unreachable at {args.connect}", file=sys.stderr)
             results.append(EXIT_UNREACHABLE)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from zchat import BrokerUnreachable, Client, ClientError, Joined, Left, Message, Status
 from zchat.display import printable
+from zchat.keys import ClientKeys, KeyFileError, keys_from_env
 
 __all__ = ["Pass", "Relay", "main", "run"]
 
@@ -190,12 +191,12 @@ def say(line: str) -> None:
     print(time.strftime("%H:%M:%S ") + line, flush=True)
 
 
-def run(args: argparse.Namespace, stop: _Stop) -> int:
+def run(args: argparse.Namespace, stop: _Stop, keys: ClientKeys | None = None) -> int:
     """Play the ring game against the broker at ``args.connect``."""
     ring = [peer.strip() for peer in args.ring.split(",") if peer.strip()]
     relay = Relay(args.name, ring, args.rounds)
     deadline = time.monotonic() + args.timeout
-    chat = Client(args.connect, args.name, timeout=10.0)
+    chat = Client(args.connect, args.name, timeout=10.0, keys=keys)
     try:
         welcome = chat.connect(timeout=args.timeout)
     except BrokerUnreachable as exc:
@@ -262,12 +263,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--name and --ring (or ZCHAT_NAME and ZCHAT_RING) are needed")
         ring = [peer.strip() for peer in args.ring.split(",") if peer.strip()]
         Relay(args.name, ring, args.rounds)  # checks the ring before joining
-    except ValueError as exc:
+        keys = keys_from_env()  # CURVE, when ZCHAT_SERVER_KEY and ZCHAT_KEY are set
+    except (ValueError, KeyFileError) as exc:
         print(f"demo_peer: {exc}", file=sys.stderr)
         return EXIT_USAGE
     stop = _Stop()
     stop.install()
-    return run(args, stop)
+    return run(args, stop, keys)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,13 @@ a client needs the broker's public file and its own secret file.
 
 Defines: ``KeyFileError``,
 ``ClientKeys``, ``ServerKeys``, ``load_client_keys``, ``load_server_keys``,
-``make_keypair``.
+``keys_from_env``, ``make_keypair``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ __all__ = [
     "ClientKeys",
     "KeyFileError",
     "ServerKeys",
+    "keys_from_env",
     "load_client_keys",
     "load_server_keys",
     "make_keypair",
@@ -83,6 +85,23 @@ def load_client_keys(server_key: str | os.PathLike[str],
     server_public, _ = _load(server_key, secret=False)
     public, secret = _load(key, secret=True)
     return ClientKeys(server_public, public, secret or b"")
+
+
+def keys_from_env(environ: Mapping[str, str] | None = None) -> ClientKeys | None:
+    """Client keys named by ``ZCHAT_SERVER_KEY`` and ``ZCHAT_KEY``, if set.
+
+    For programs configured by their environment (containers, bots).
+
+    Raises:
+        KeyFileError: only one of the two is set, or a file is bad.
+    """
+    env = os.environ if environ is None else environ
+    server_key, key = env.get("ZCHAT_SERVER_KEY") or None, env.get("ZCHAT_KEY") or None
+    if server_key is None and key is None:
+        return None
+    if server_key is None or key is None:
+        raise KeyFileError("ZCHAT_SERVER_KEY and ZCHAT_KEY go together")
+    return load_client_keys(server_key, key)
 
 
 def load_server_keys(secret_key: str | os.PathLike[str],
