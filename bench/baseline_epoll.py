@@ -31,7 +31,7 @@ from typing import Any
 
 import msgpack
 
-from zchat.broker.server import raise_fd_limit
+from .systems import raise_fd_limits
 
 __all__ = ["Peer", "Server", "main"]
 
@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
-    raise_fd_limit()
+    raise_fd_limits(0)
     server = Server(args.host, args.port)
 
     def stop(*_: object) -> None:

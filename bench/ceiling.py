@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from zchat.broker.server import raise_fd_limit
+from .systems import raise_fd_limits
 
 __all__ = ["main"]
 
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--push", default="tcp://127.0.0.1:0", help="PULL endpoint")
     parser.add_argument("--io-threads", type=int, default=1)
     args = parser.parse_args(argv)
-    raise_fd_limit()
+    raise_fd_limits(0)
     ctx: zmq.Context[Any] = zmq.Context(io_threads=args.io_threads)
     pull, pub, router = ctx.socket(zmq.PULL), ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
     pub.setsockopt(zmq.SNDHWM, PUB_SNDHWM)

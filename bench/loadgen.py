@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from zchat.bench.wire import (
+from .wire import (
     LengthPrefixReader,
     MessageTemplate,
     StreamCounter,

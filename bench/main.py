@@ -28,8 +28,8 @@ from typing import Any
 
 import zmq
 
-from zchat.bench import report, systems
-from zchat.bench.workloads import W1Settings, W2Settings, run_w1, run_w2
+from . import report, systems
+from .workloads import W1Settings, W2Settings, run_w1, run_w2
 
 __all__ = ["build_parser", "main"]
 

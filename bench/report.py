@@ -52,17 +52,17 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         }
     w2 = results.get("w2", {})
     for size in sorted({s for per in w2.values() for s in per}, key=int):
-        ceiling = w2.get("ceiling", {}).get(size) or {}
-        epoll = w2.get("epoll", {}).get(size) or {}
+        top: dict[str, Any] = w2.get("ceiling", {}).get(size) or {}
+        original: dict[str, Any] = w2.get("epoll", {}).get(size) or {}
         ratios["w2"][size] = {}
         for name, per in w2.items():
             entry = per.get(size) or {}
             ratios["w2"][size][name] = {
                 "broadcast_vs_ceiling": _ratio(entry.get("broadcast_to_last_ms"),
-                                               ceiling.get("broadcast_to_last_ms")),
+                                               top.get("broadcast_to_last_ms")),
                 "broadcast_vs_original": _ratio(entry.get("broadcast_to_last_ms"),
-                                                epoll.get("broadcast_to_last_ms")),
-                "join_vs_ceiling": _ratio(entry.get("join_live_s"), ceiling.get("join_live_s")),
+                                                original.get("broadcast_to_last_ms")),
+                "join_vs_ceiling": _ratio(entry.get("join_live_s"), top.get("join_live_s")),
             }
     return ratios
 

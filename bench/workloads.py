@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from zchat.bench import profiler, systems
-from zchat.bench.loadgen import Handle, Target, spawn
+from . import profiler, systems
+from .loadgen import Handle, Target, spawn
 
 __all__ = ["LADDER", "W1Settings", "W2Settings", "run_w1", "run_w2"]
 
