@@ -20,6 +20,8 @@ STYLE = {
     "zchat": ("tab:blue", "o"),
     "zchat-print": ("tab:cyan", "v"),
     "zchat-batch": ("tab:purple", "D"),
+    "zchat-io2": ("tab:olive", "P"),
+    "ceiling-io2": ("tab:brown", "X"),
     "ceiling": ("tab:green", "s"),
     "epoll": ("tab:red", "^"),
 }

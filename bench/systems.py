@@ -6,6 +6,8 @@
                  that the bench drains), as the product runs by default
     zchat-batch  zchat-broker --quiet --rate 0 --coalesce 64, subscribers
                  taking the coalesced ``\x01lobby\x00`` topic (PROTOCOL.md)
+    zchat-io2    zchat-broker --quiet --rate 0 --io-threads 2 (not by default)
+    ceiling-io2  the ceiling with two libzmq I/O threads (not by default)
     ceiling      python -m zchat.bench.ceiling: libzmq forwarding in C
     epoll        python -m zchat.bench.baseline_epoll: the original design
 
@@ -54,7 +56,9 @@ SYSTEMS: Final = {
     "zchat": ("zchat", "zchat broker (--quiet)"),
     "zchat-print": ("zchat", "zchat broker (printing)"),
     "zchat-batch": ("zchat-batch", "zchat broker (--coalesce 64)"),
+    "zchat-io2": ("zchat", "zchat broker (--io-threads 2)"),
     "ceiling": ("ceiling", "ceiling: libzmq proxy in C"),
+    "ceiling-io2": ("ceiling", "ceiling, two I/O threads"),
     "epoll": ("epoll", "original design: Python epoll"),
 }
 
@@ -73,9 +77,12 @@ def _argv(name: str, data_dir: str) -> list[str]:
                 "--control", LOOPBACK, "--rate", "0", "--db", f"{data_dir}/history.db"]
         if name == "zchat-batch":
             return [*argv, "--quiet", "--coalesce", str(COALESCE)]
+        if name == "zchat-io2":
+            return [*argv, "--quiet", "--io-threads", "2"]
         return [*argv, "--quiet"] if name == "zchat" else argv
-    if name == "ceiling":
-        return [py, "-m", "zchat.bench.ceiling"]
+    if name in ("ceiling", "ceiling-io2"):
+        threads = "2" if name == "ceiling-io2" else "1"
+        return [py, "-m", "zchat.bench.ceiling", "--io-threads", threads]
     if name == "epoll":
         return [py, "-m", "zchat.bench.baseline_epoll"]
     raise ValueError(f"unknown system {name!r}; known: {', '.join(SYSTEMS)}")
