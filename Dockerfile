@@ -20,7 +20,7 @@ RUN python -m venv --without-pip /opt/zchat \
 FROM python:3.11-slim
 COPY --from=build /opt/zchat /opt/zchat
 RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin zchat \
- && mkdir /data && chown zchat:zchat /data
+ && mkdir /data /keys && chown zchat:zchat /data /keys
 # Unbuffered: every chat line reaches `docker logs` the moment it is printed.
 # The broker keeps the room's history in /data/history.db: mount a volume there
 # to keep it across containers (docker-compose.yml does).

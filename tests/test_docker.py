@@ -47,10 +47,11 @@ from typing import Any
 import pytest
 import zmq
 
-from zchat import Client, Message
+from zchat import BrokerUnreachable, Client, Message
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+SECURE_FILE = ROOT / "docker-compose.secure.yml"
 BASE_IMAGE = "python:3.11-slim"
 TOOLS = {"docker": "docker.io", "dockerd": "docker.io", "docker-compose": "docker-compose",
          "mmdebstrap": "mmdebstrap"}
@@ -287,6 +288,7 @@ class Project:
     broadcast_port: int
     build_ids: list[str] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)
+    files: tuple[Path, ...] = (COMPOSE_FILE,)
 
     @property
     def env(self) -> dict[str, str]:
@@ -295,7 +297,8 @@ class Project:
 
     def compose(self, *args: str, timeout: float = 120,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
-        return run("docker-compose", "-p", self.name, "-f", COMPOSE_FILE, *args,
+        files = [arg for path in self.files for arg in ("-f", str(path))]
+        return run("docker-compose", "-p", self.name, *files, *args,
                    timeout=timeout, check=check, env=self.env)
 
     def timed(self, what: str, *args: str, timeout: float = 120) -> str:
@@ -355,6 +358,7 @@ def project(engine: Engine) -> Iterator[Project]:
 def test_compose_file_is_valid() -> None:
     install_tools("docker-compose")
     run("docker-compose", "-f", COMPOSE_FILE, "config", "-q", timeout=60)
+    run("docker-compose", "-f", COMPOSE_FILE, "-f", SECURE_FILE, "config", "-q", timeout=60)
     services = run("docker-compose", "-f", COMPOSE_FILE, "config", "--services").stdout.split()
     assert {"broker", "bots", *RING} <= set(services)
 
@@ -519,3 +523,24 @@ def test_demo_chats_across_containers_and_stops_cleanly(
     assert project.leftovers() == []
     print("\ndocker demo times: " + ", ".join(
         f"{what} {seconds:.1f}s" for what, seconds in project.times.items()))
+
+
+def test_secure_variant_chats_encrypted_and_refuses_plaintext(
+    project: Project, ctx: zmq.Context[Any],
+) -> None:
+    secure = Project(project.name, project.image, project.subnet, project.port,
+                     project.broadcast_port, files=(COMPOSE_FILE, SECURE_FILE))
+    try:
+        secure.timed("up (CURVE)", "up", "-d", "--no-build", timeout=300)
+        broker = secure.container("broker")
+        wait_until("the broker to run with CURVE", lambda: "CURVE on" in logs(broker), 60)
+        # The ring peers only exit 0 if their encrypted messages crossed the broker.
+        check_ring(secure, broker)
+        # A plaintext client from the host reaches the port and gets nothing.
+        stranger = Client(f"tcp://127.0.0.1:{secure.port}", "stranger", context=ctx)
+        with pytest.raises(BrokerUnreachable):
+            stranger.connect(timeout=3)
+        assert "--> stranger joined" not in logs(broker)
+    finally:
+        secure.compose("down", "-v", "--remove-orphans", timeout=120, check=False)
+    assert secure.leftovers() == []
