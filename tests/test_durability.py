@@ -74,7 +74,10 @@ def test_kill_9_loses_nothing_acked_and_resumes(
         got: list[str] = []
         statuses = []
         deadline = time.monotonic() + 60
-        while "after restart" not in got and time.monotonic() < deadline:
+        # Events can reach the reader's SUB (reconnected by itself) before the
+        # reader has rejoined: wait for both.
+        while ("after restart" not in got or "reconnected" not in statuses) and (
+                time.monotonic() < deadline):
             item = reader.next_event(1)
             if isinstance(item, Message):
                 got.append(item.text)
