@@ -365,3 +365,10 @@ def test_statistics_count() -> None:
     assert (stats.members, stats.messages, stats.dms, stats.joins, stats.errors) == (2, 1, 1, 2, 1)
     assert stats.uptime == 10
     assert stats.seq == 3
+
+
+def test_an_overlong_leave_reason_is_cut_to_the_text_limit() -> None:
+    broker = make(max_text=10)
+    join(broker, A, "a")
+    (event,) = published(broker.handle(A, Leave(reason="x" * 100), T0))
+    assert event["detail"] == "x" * 10

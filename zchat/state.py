@@ -384,7 +384,11 @@ class Broker:
         return [Reply(target.peer, direct), Reply(peer, ack)]
 
     def _leave(self, peer: bytes, req: Leave, now: float, addr: str) -> list[Outgoing]:
-        return [self._depart(self._by_peer[peer], "leave", now, detail=req.reason)]
+        reason = req.reason
+        if reason and self.limits.max_text and len(reason) > self.limits.max_text:
+            # A leave always succeeds; an overlong reason is cut, not refused.
+            reason = reason[: self.limits.max_text]
+        return [self._depart(self._by_peer[peer], "leave", now, detail=reason)]
 
     def _ping(self, peer: bytes, req: Ping, now: float, addr: str) -> list[Outgoing]:
         # Additions: `joined` tells an idle client whose DEALER silently
