@@ -33,7 +33,7 @@ from .workloads import W1Settings, W2Settings, run_w1, run_w2
 
 __all__ = ["build_parser", "main"]
 
-W1_SYSTEMS = ["zchat", "zchat-print", "zchat-batch", "ceiling", "epoll"]
+W1_SYSTEMS = ["zchat", "zchat-memory", "zchat-print", "zchat-batch", "ceiling", "epoll"]
 W2_SYSTEMS = ["zchat", "ceiling", "epoll"]
 # A system that will not start, or a generator process that stops answering,
 # costs that one entry, not the whole run.
@@ -206,7 +206,7 @@ def run_all(results: dict[str, Any], workloads: set[str], args: argparse.Namespa
     if "w2" in workloads:
         # Printing and batching change nothing while idle or for one broadcast.
         names = [n for n in (args.systems or W2_SYSTEMS)
-                 if n not in ("zchat-print", "zchat-batch")] or ["zchat"]
+                 if n not in ("zchat-print", "zchat-batch", "zchat-memory")] or ["zchat"]
         for size in w2.clients:
             say(f"W2 C10K, N = {size}: " + ", ".join(names))
             for name in names:

@@ -19,6 +19,7 @@ __all__ = ["chart", "summarize", "tables"]
 STYLE = {
     "zchat": ("tab:blue", "o"),
     "zchat-print": ("tab:cyan", "v"),
+    "zchat-memory": ("tab:gray", "*"),
     "zchat-batch": ("tab:purple", "D"),
     "zchat-io2": ("tab:olive", "P"),
     "ceiling-io2": ("tab:brown", "X"),
@@ -46,10 +47,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     for size in sorted({s for per in w1.values() for s in per}, key=int):
         ceiling = _best_rate(w1.get("ceiling", {}).get(size))
         epoll = _best_rate(w1.get("epoll", {}).get(size))
+        memory = _best_rate(w1.get("zchat-memory", {}).get(size))
         ratios["w1"][size] = {
             name: {"max_rate": _best_rate(per.get(size)),
                    "of_ceiling": _ratio(_best_rate(per.get(size)), ceiling),
-                   "of_original": _ratio(_best_rate(per.get(size)), epoll)}
+                   "of_original": _ratio(_best_rate(per.get(size)), epoll),
+                   # durable history (SQLite) against history in memory only
+                   "of_memory_history": _ratio(_best_rate(per.get(size)), memory)}
             for name, per in w1.items()
         }
     w2 = results.get("w2", {})

@@ -6,6 +6,8 @@
                  that the bench drains), as the product runs by default
     zchat-batch  zchat-broker --quiet --rate 0 --coalesce 64, subscribers
                  taking the coalesced ``\x01lobby\x00`` topic (PROTOCOL.md)
+    zchat-memory zchat-broker --quiet --rate 0 --db :memory: (history in memory,
+                 not durable): beside ``zchat``, the cost of durability
     zchat-io2    zchat-broker --quiet --rate 0 --io-threads 2 (not by default)
     ceiling-io2  the ceiling with two libzmq I/O threads (not by default)
     ceiling      python -m zchat.bench.ceiling: libzmq forwarding in C
@@ -56,6 +58,7 @@ SYSTEMS: Final = {
     "zchat": ("zchat", "zchat broker (--quiet)"),
     "zchat-print": ("zchat", "zchat broker (printing)"),
     "zchat-batch": ("zchat-batch", "zchat broker (--coalesce 64)"),
+    "zchat-memory": ("zchat", "zchat broker (--db :memory:)"),
     "zchat-io2": ("zchat", "zchat broker (--io-threads 2)"),
     "ceiling": ("ceiling", "ceiling: libzmq proxy in C"),
     "ceiling-io2": ("ceiling", "ceiling, two I/O threads"),
@@ -79,6 +82,8 @@ def _argv(name: str, data_dir: str) -> list[str]:
             return [*argv, "--quiet", "--coalesce", str(COALESCE)]
         if name == "zchat-io2":
             return [*argv, "--quiet", "--io-threads", "2"]
+        if name == "zchat-memory":
+            return [*argv[:-2], "--db", ":memory:", "--quiet"]
         return [*argv, "--quiet"] if name == "zchat" else argv
     if name in ("ceiling", "ceiling-io2"):
         threads = "2" if name == "ceiling-io2" else "1"

@@ -99,7 +99,7 @@ def test_quick_run_measures_every_system(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    for name in ("zchat", "zchat-print", "zchat-batch", "ceiling", "epoll"):
+    for name in ("zchat", "zchat-memory", "zchat-print", "zchat-batch", "ceiling", "epoll"):
         entry = results["w1"][name]["5"]
         assert entry["error"] is None, entry["error"]
         assert entry["steps"], name
