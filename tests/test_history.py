@@ -104,3 +104,11 @@ def test_broker_resumes_seq_and_dedupe_from_a_durable_store(tmp_path: Path) -> N
     assert [o.body for o in resent] == [{"type": "ack", "id": "m1", "seq": seq}]
     assert [e["text"] for e in again.history(0) if e["type"] == "message"] == ["kept"]
     again.store.close()
+
+
+def test_fsync_asks_sqlite_for_full_synchronous_commits(tmp_path: Path) -> None:
+    for fsync, level in ((False, 1), (True, 2)):  # NORMAL, FULL
+        store = SqliteHistory(tmp_path / f"s{level}.db", fsync=fsync)
+        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == level
+        assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        store.close()
