@@ -374,10 +374,13 @@ class Server:
                 self._warn_peer(state, peer, exc)
                 self._send([state.error(peer, exc.code, exc.detail, request_id(body))])
                 continue
-            addr = ""
+            addr, key = "", None
             if stranger and isinstance(payload, zmq.Frame) and body["type"] == "join":
                 addr = _peer_address(payload)
-            self._send(state.handle(peer, request, now, addr))
+                if self.auth is not None:
+                    # Our ZAP handler made the client's public key its User-Id.
+                    key = _frame_property(payload, "User-Id")
+            self._send(state.handle(peer, request, now, addr, key))
 
     def _warn_peer(self, state: Broker, peer: bytes, exc: ProtocolError) -> None:
         who = state.name_of(peer) or f"peer {peer.hex()}"
@@ -525,12 +528,16 @@ def _control_error(code: str, detail: str) -> dict[str, Any]:
     return {"type": "error", "code": code, "detail": detail}
 
 
-def _peer_address(frame: zmq.Frame) -> str:
+def _frame_property(frame: zmq.Frame, name: str) -> str | None:
     try:
-        addr = frame.get("Peer-Address")
+        value = frame.get(name)
     except zmq.ZMQError:
-        return "local"
-    return str(addr) if addr else "local"
+        return None
+    return str(value) if value else None
+
+
+def _peer_address(frame: zmq.Frame) -> str:
+    return _frame_property(frame, "Peer-Address") or "local"
 
 
 def advertised(configured: str, bound: str) -> str:

@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from conftest import RunningBroker
-from zchat import BrokerUnreachable, Client, Message
+from zchat import BrokerUnreachable, Client, Message, NameTaken
 from zchat.keys import KeyFileError, load_client_keys
 
 
@@ -148,3 +148,24 @@ def test_zchat_client_with_keys(secure_broker: RunningBroker, keys: Path) -> Non
         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert half.returncode == 2
     assert "go together" in half.stderr
+
+
+def test_a_name_is_bound_to_the_key_that_took_it(secure_broker: RunningBroker,
+                                                 keys: Path) -> None:
+    first = Client(secure_broker.input, "carol", timeout=5,
+                   keys=load_client_keys(keys / "keys" / "broker.key",
+                                         keys / "keys" / "alice.key_secret"))
+    first.connect()
+    first.leave("going")
+    impostor = Client(secure_broker.input, "carol", timeout=5,
+                      keys=load_client_keys(keys / "keys" / "broker.key",
+                                            keys / "keys" / "bob.key_secret"))
+    with pytest.raises(NameTaken, match="registered to another key"):
+        impostor.connect()
+    again = Client(secure_broker.input, "carol", timeout=5,
+                   keys=load_client_keys(keys / "keys" / "broker.key",
+                                         keys / "keys" / "alice.key_secret"))
+    try:
+        assert again.connect().name == "carol"
+    finally:
+        again.close()

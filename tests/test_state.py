@@ -372,3 +372,16 @@ def test_an_overlong_leave_reason_is_cut_to_the_text_limit() -> None:
     join(broker, A, "a")
     (event,) = published(broker.handle(A, Leave(reason="x" * 100), T0))
     assert event["detail"] == "x" * 10
+
+
+def test_with_keys_a_name_belongs_to_the_first_key() -> None:
+    broker = make()
+    broker.handle(A, Join("alice"), T0, addr="10.0.0.1", key="KEY-A")
+    broker.handle(A, Leave(), T0)
+    # Another key cannot take the name, even once it is free.
+    (refused,) = replies(broker.handle(B, Join("ALICE"), T0, addr="10.0.0.2", key="KEY-B"))
+    assert (refused["code"], refused["detail"]) == (
+        "name_taken", "'ALICE' is registered to another key")
+    # The same key can, from anywhere.
+    welcome = replies(broker.handle(C, Join("alice"), T0, addr="10.0.0.3", key="KEY-A"))[-1]
+    assert welcome["type"] == "welcome"

@@ -20,7 +20,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, NamedTuple, TypeAlias
 
 from zchat.errors import ProtocolError
 from zchat.history import History, MemoryHistory
@@ -59,6 +59,13 @@ class Limits:
     burst: int = 20  # messages in a burst
     history: int = 10_000  # room events kept in memory
     dedupe: int = 1000  # request ids remembered per name
+
+
+class Origin(NamedTuple):
+    """Where a request came from: the peer's address and CURVE key, if any."""
+
+    addr: str
+    key: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +180,8 @@ class Broker:
         self._by_peer: dict[bytes, _Member] = {}
         self._by_name: dict[str, _Member] = {}
         self._public: dict[bytes, dict[str, str]] = {}
+        # name -> the CURVE key that registered it (only when clients have keys)
+        self._owners: dict[str, str] = {}
         # Members in order of last activity, oldest first: expiry pops the front.
         self._activity: OrderedDict[bytes, _Member] = OrderedDict()
         self._departed_ids: OrderedDict[str, OrderedDict[str, int | None]] = OrderedDict()
@@ -189,7 +198,7 @@ class Broker:
         self._counts = dict.fromkeys(
             ("messages", "dms", "joins", "timeouts", "errors", "rate_limited"), 0
         )
-        self._handlers: dict[type, Callable[[bytes, Any, float, str], list[Outgoing]]] = {
+        self._handlers: dict[type, Callable[[bytes, Any, float, Origin], list[Outgoing]]] = {
             Join: self._join,
             Say: self._say,
             Leave: self._leave,
@@ -239,11 +248,13 @@ class Broker:
 
     # --------------------------------------------------------------- requests
 
-    def handle(self, peer: bytes, request: Request, now: float, addr: str = "") -> list[Outgoing]:
+    def handle(self, peer: bytes, request: Request, now: float, addr: str = "",
+               key: str | None = None) -> list[Outgoing]:
         """Apply one request from ``peer``; return what to send.
 
-        ``addr`` is the peer's IP address (needed for ``join`` only). A request
-        the protocol forbids gets an ``error`` reply to that peer alone.
+        ``addr`` is the peer's IP address and ``key`` its CURVE public key
+        (both needed for ``join`` only). A request the protocol forbids gets
+        an ``error`` reply to that peer alone.
         """
         member = self._by_peer.get(peer)
         if member is not None:
@@ -252,7 +263,7 @@ class Broker:
         elif type(request) not in (Join, Ping):
             return [self.error(peer, ErrorCode.NOT_JOINED, "join first", request.id)]
         try:
-            return self._handlers[type(request)](peer, request, now, addr)
+            return self._handlers[type(request)](peer, request, now, Origin(addr, key))
         except ProtocolError as exc:
             return [self.error(peer, exc.code, exc.detail, request.id)]
 
@@ -266,7 +277,7 @@ class Broker:
             body["id"] = rid
         return Reply(peer, body)
 
-    def _join(self, peer: bytes, req: Join, now: float, addr: str) -> list[Outgoing]:
+    def _join(self, peer: bytes, req: Join, now: float, origin: Origin) -> list[Outgoing]:
         name = check_name(req.name)
         folded = fold_name(name)
         out: list[Outgoing] = []
@@ -278,6 +289,11 @@ class Broker:
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST, f"already joined as {current.name!r}; leave first"
             )
+        owner = self._owners.get(folded)
+        if owner is not None and owner != origin.key:
+            # With CURVE, a name belongs to the first key that took it.
+            raise ProtocolError(ErrorCode.NAME_TAKEN,
+                                f"{name!r} is registered to another key")
         holder = self._by_name.get(folded)
         seen_ids: OrderedDict[str, int | None] | None = None
         if holder is not None:
@@ -289,11 +305,13 @@ class Broker:
             seen_ids = holder.seen_ids
         else:
             seen_ids = self._departed_ids.pop(folded, None)
+        if origin.key is not None:
+            self._owners[folded] = origin.key
         member = _Member(
             peer=peer,
             name=name,
-            addr=addr,
-            shown=self._cloak(addr),
+            addr=origin.addr,
+            shown=self._cloak(origin.addr),
             token=secrets.token_urlsafe(18),
             last_seen=now,
             bucket=TokenBucket(self.limits.rate, self.limits.burst, now),
@@ -350,7 +368,7 @@ class Broker:
         if len(member.seen_ids) > self.limits.dedupe:
             member.seen_ids.popitem(last=False)
 
-    def _say(self, peer: bytes, req: Say, now: float, addr: str) -> list[Outgoing]:
+    def _say(self, peer: bytes, req: Say, now: float, origin: Origin) -> list[Outgoing]:
         member = self._by_peer[peer]
         self._check_text(req.text)
         if req.id is not None and req.id in member.seen_ids:
@@ -366,7 +384,7 @@ class Broker:
             ack["id"] = req.id
         return [event, Reply(peer, ack)]
 
-    def _dm(self, peer: bytes, req: SendDm, now: float, addr: str) -> list[Outgoing]:
+    def _dm(self, peer: bytes, req: SendDm, now: float, origin: Origin) -> list[Outgoing]:
         member = self._by_peer[peer]
         self._check_text(req.text)
         ack: dict[str, Any] = {"type": "ack"}
@@ -383,14 +401,14 @@ class Broker:
         direct = {"type": "dm", "from": member.name, "text": req.text, "ts": now}
         return [Reply(target.peer, direct), Reply(peer, ack)]
 
-    def _leave(self, peer: bytes, req: Leave, now: float, addr: str) -> list[Outgoing]:
+    def _leave(self, peer: bytes, req: Leave, now: float, origin: Origin) -> list[Outgoing]:
         reason = req.reason
         if reason and self.limits.max_text and len(reason) > self.limits.max_text:
             # A leave always succeeds; an overlong reason is cut, not refused.
             reason = reason[: self.limits.max_text]
         return [self._depart(self._by_peer[peer], "leave", now, detail=reason)]
 
-    def _ping(self, peer: bytes, req: Ping, now: float, addr: str) -> list[Outgoing]:
+    def _ping(self, peer: bytes, req: Ping, now: float, origin: Origin) -> list[Outgoing]:
         # Additions: `joined` tells an idle client whose DEALER silently
         # reconnected to a restarted broker that it must join again; `seq`
         # lets a client see a gap without waiting for the next heartbeat.
@@ -400,13 +418,14 @@ class Broker:
             body["id"] = req.id
         return [Reply(peer, body)]
 
-    def _who(self, peer: bytes, req: Who, now: float, addr: str) -> list[Outgoing]:
+    def _who(self, peer: bytes, req: Who, now: float, origin: Origin) -> list[Outgoing]:
         body: dict[str, Any] = {"type": "members", "members": self.members()}
         if req.id is not None:
             body["id"] = req.id
         return [Reply(peer, body)]
 
-    def _get_history(self, peer: bytes, req: GetHistory, now: float, addr: str) -> list[Outgoing]:
+    def _get_history(self, peer: bytes, req: GetHistory, now: float,
+                     origin: Origin) -> list[Outgoing]:
         limit = req.limit if req.limit is not None else HISTORY_PAGE
         if limit < 0:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'limit' must not be negative")
