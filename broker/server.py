@@ -432,7 +432,10 @@ class Server:
         if second != self._stamp_second:
             self._stamp_second = second
             self._stamp = datetime.fromtimestamp(second).strftime("%H:%M:%S")
-        return screen_line(event, self._stamp)
+        addr = None
+        if event["type"] == "message" and self.state is not None:
+            addr = self.state.address_of(event["from"])
+        return screen_line(event, self._stamp, addr)
 
     # ---------------------------------------------------------------- control
 
@@ -555,14 +558,19 @@ def advertised(configured: str, bound: str) -> str:
     return bound
 
 
-def screen_line(event: dict[str, Any], stamp: str | None = None) -> str:
-    """One readable line for the operator's screen (control characters escaped)."""
+def screen_line(event: dict[str, Any], stamp: str | None = None,
+                addr: str | None = None) -> str:
+    """One readable line for the operator's screen (control characters escaped).
+
+    Messages show the sender's address (``addr``) as well as the name, as
+    the original server did: the operator sees where each line came from.
+    """
     if stamp is None:
         stamp = datetime.fromtimestamp(event["ts"]).strftime("%H:%M:%S")
     kind = event["type"]
     seq = event["seq"]
     if kind == "message":
-        return f"{stamp} #{seq} <{event['from']}> {printable(event['text'])}\n"
+        return f"{stamp} #{seq} {addr or '?'} <{event['from']}> {printable(event['text'])}\n"
     if kind == "joined":
         return f"{stamp} #{seq} --> {event['name']} joined from {event['addr']}\n"
     if kind == "left":

@@ -360,7 +360,7 @@ def test_broker_screen_shows_time_address_name_text(raw: Raw, broker: RunningBro
     alice.send({"type": "leave"})
     broker.wait_output(r"^\d\d:\d\d:\d\d #1 --> alice joined from 127\.0\.0\.1$")
     # A newline in a message cannot fake a second line on the operator's screen.
-    broker.wait_output(r"^\d\d:\d\d:\d\d #2 <alice> hello\\nfake line$")
+    broker.wait_output(r"^\d\d:\d\d:\d\d #2 127\.0\.0\.1 <alice> hello\\nfake line$")
     broker.wait_output(r"<-- alice \(127\.0\.0\.1\) left \[leave\]")
 
 

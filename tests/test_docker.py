@@ -397,7 +397,7 @@ def test_broker_stops_on_sigterm_within_its_grace_time(project: Project) -> None
 
 
 JOINED = re.compile(r"#\d+ --> (\S+) joined from (\S+)")
-SAID = re.compile(r"#\d+ <(\S+)> (.*)")
+SAID = re.compile(r"#\d+ \S+ <(\S+)> (.*)")  # seq, the sender's address, name, text
 
 
 def check_ring(project: Project, broker: str) -> dict[str, str]:

@@ -220,6 +220,11 @@ class Broker:
         member = self._by_peer.get(peer)
         return member.name if member else None
 
+    def address_of(self, name: str) -> str | None:
+        """The address (as clients see it) of the member called ``name``."""
+        member = self._by_name.get(fold_name(name))
+        return member.shown if member else None
+
     def members(self, *, real_addresses: bool = False) -> list[dict[str, str]]:
         """Joined members as ``{name, addr}``, by join order."""
         if real_addresses:
