@@ -263,3 +263,23 @@ def test_event_racing_a_new_subscription_arrives_without_waiting_for_a_heartbeat
         got = wait_for(bob, lambda e: isinstance(e, Message), timeout=10)
         assert got.text == f"right after bob{attempt} joined"
         bob.close()
+
+
+def test_leave_is_taken_before_the_program_exits(broker: RunningBroker,
+                                                 clients: Callable[..., Client]) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    watcher = clients(broker, "watcher")
+    script = textwrap.dedent(f"""
+        import os
+        from zchat import Client
+        client = Client({broker.input!r}, "brief")
+        client.connect()
+        client.leave("off I go")
+        os._exit(0)  # no interpreter clean-up that could flush for us
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+    left = wait_for(watcher, lambda e: isinstance(e, Left) and e.name == "brief")
+    assert (left.reason, left.detail) == ("leave", "off I go")

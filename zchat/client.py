@@ -73,6 +73,8 @@ JOIN_ATTEMPT_SECONDS = 2.0
 RETRY_MIN, RETRY_MAX = 0.25, 5.0  # backoff between join attempts
 HISTORY_PAGE = 1000
 EARLY_PING_SECONDS = 0.3  # after a welcome: time enough for the SUB to connect
+LEAVE_ACK = "leave-ack"
+LEAVE_WAIT_SECONDS = 2.0  # at most, for the broker to confirm a leave
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +273,11 @@ class Client:
         return self.welcome is not None and not self._closed.is_set()
 
     def leave(self, reason: str | None = None) -> None:
-        """Leave the room (announced to everyone) and close."""
+        """Leave the room (announced to everyone) and close.
+
+        Returns once the broker has taken the leave (2 s at most), so a
+        program may exit right after it.
+        """
         body: dict[str, Any] = {"type": "leave"}
         if reason:
             body["reason"] = reason
@@ -330,6 +336,7 @@ class Client:
         self._last_heard = time.monotonic()
         self._last_sent = 0.0
         self._early_ping = 0.0
+        self._leave_deadline = 0.0
         self._epoch: str | None = None
         self._was_joined = False
         self._stop = False
@@ -397,6 +404,8 @@ class Client:
             pass  # the broker is not there; resent after the next welcome
 
     def _deadline(self) -> float:
+        if self._leave_deadline:
+            return self._leave_deadline
         if self._joining_since:
             return self._joining_since + JOIN_ATTEMPT_SECONDS
         if self.welcome is None:
@@ -407,6 +416,10 @@ class Client:
 
     def _on_time(self, now: float) -> None:
         if self._stop:
+            return
+        if self._leave_deadline:
+            if now >= self._leave_deadline:
+                self._finish("left")  # the broker will time us out instead
             return
         if self._joining_since:
             if now - self._joining_since >= JOIN_ATTEMPT_SECONDS:
@@ -530,6 +543,9 @@ class Client:
             return
         kind = reply["type"]
         rid = reply.get("id")
+        if rid == LEAVE_ACK:
+            self._finish("left")
+            return
         if kind == "welcome":
             if self._joining_since or self.welcome is None:
                 self._on_welcome(reply)
@@ -691,10 +707,14 @@ class Client:
             self._send(pending.body)
 
     def _leave_now(self, body: dict[str, Any]) -> None:
-        if self._dealer is not None and self.welcome is not None:
-            # Flush the leave even if the broker is slow to take it.
-            self._dealer.setsockopt(zmq.LINGER, 1000)
+        if self._dealer is not None and self.welcome is not None and not self._joining_since:
+            # `leave` has no reply, and a program that exits right after
+            # leave() would drop it unsent. The broker answers a ping even
+            # after the leave, in order: its pong says the leave was taken.
             self._send(body)
+            self._send({"type": "ping", "id": LEAVE_ACK})
+            self._leave_deadline = time.monotonic() + LEAVE_WAIT_SECONDS
+            return
         self._finish("left")
 
     def _finish(self, reason: str) -> None:
