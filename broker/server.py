@@ -27,6 +27,7 @@ import signal
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -126,7 +127,7 @@ def raise_fd_limit(wanted: int = FDS_WANTED) -> int:
     return soft
 
 
-def make_cloak(key: bytes) -> Any:
+def make_cloak(key: bytes) -> Callable[[str], str]:
     """A stable stand-in for an address, like IRC host cloaks."""
 
     def cloak(addr: str) -> str:
