@@ -201,6 +201,16 @@ def ctx() -> Iterator[TrackingContext]:
     close_context(context)
 
 
+def wait_item(client: Any, match: Callable[[Any], bool], timeout: float = 10.0) -> Any:
+    """The next item of a ``zchat.Client`` that ``match``es, within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        item = client.next_event(timeout=left)
+        if item is not None and match(item):
+            return item
+    raise AssertionError("no matching event in time")
+
+
 class RawClient:
     """A client speaking raw ZeroMQ + MessagePack, independent of zchat.client."""
 

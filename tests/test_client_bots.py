@@ -5,12 +5,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 import zmq
 
-from conftest import RunningBroker
+from conftest import RunningBroker, wait_item
 from zchat import Client, Direct, Joined, Left, Message, Status
 from zchat.clients.bots import GREET_AGAIN_AFTER, Greeter, Helper, Reply
 
@@ -57,15 +56,6 @@ def test_helper_answers_in_the_room_or_in_private() -> None:
         Reply("I am a bot; try !help", to="ann")]
     assert helper.on_item(Message(1, 0.0, "helper", "!time"), 0.0) == []  # never itself
     assert helper.on_item(Status("reconnected"), 0.0) == []
-
-
-def wait_item(client: Client, match: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        item = client.next_event(timeout=left)
-        if item is not None and match(item):
-            return item
-    raise AssertionError("no matching event in time")
 
 
 def test_bots_cli_chats_on_a_real_broker_and_leaves_on_sigterm(

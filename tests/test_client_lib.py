@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import zchat
-from conftest import RunningBroker, launch_broker
+from conftest import RunningBroker, launch_broker, wait_item
 from zchat import (
     AsyncClient,
     Client,
@@ -41,15 +41,6 @@ def clients() -> Iterator[Callable[..., Client]]:
         client.close()
 
 
-def wait_for(client: Client, match: Callable[[Any], bool], timeout: float = 10) -> Any:
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        item = client.next_event(left)
-        if item is not None and match(item):
-            return item
-    raise AssertionError("no matching event in time")
-
-
 def messages_until(client: Client, last_text: str, timeout: float = 20) -> list[Message]:
     got: list[Message] = []
     deadline = time.monotonic() + timeout
@@ -77,12 +68,12 @@ def test_send_receive_dm_who_history(broker: RunningBroker,
                                      clients: Callable[..., Client]) -> None:
     alice = clients(broker, "alice")
     bob = clients(broker, "bob")
-    assert wait_for(alice, lambda e: isinstance(e, Joined) and e.name == "bob").addr == "127.0.0.1"
+    assert wait_item(alice, lambda e: isinstance(e, Joined) and e.name == "bob").addr == "127.0.0.1"
     seq = alice.send("hello bob")
-    got = wait_for(bob, lambda e: isinstance(e, Message))
+    got = wait_item(bob, lambda e: isinstance(e, Message))
     assert (got.seq, got.sender, got.text) == (seq, "alice", "hello bob")
     bob.dm("alice", "hi alice")
-    direct = wait_for(alice, lambda e: isinstance(e, Direct))
+    direct = wait_item(alice, lambda e: isinstance(e, Direct))
     assert (direct.sender, direct.text) == ("bob", "hi alice")
     assert sorted(m.name for m in alice.who()) == ["alice", "bob"]
     assert sorted(alice.members) == ["alice", "bob"]
@@ -153,7 +144,7 @@ def test_kicked_client_is_closed(broker: RunningBroker, clients: Callable[..., C
     alice = clients(broker, "alice")
     subprocess.run([sys.executable, "-m", "zchat.broker.admin", "--control", broker.control,
                     "kick", "alice", "spam"], check=True, capture_output=True, timeout=30)
-    status = wait_for(alice, lambda e: isinstance(e, Status) and e.state == "closed")
+    status = wait_item(alice, lambda e: isinstance(e, Status) and e.state == "closed")
     assert "kicked" in status.detail and "spam" in status.detail
     with pytest.raises(ClientClosed):
         alice.send("still here?")
@@ -164,7 +155,7 @@ def test_leave_is_announced_with_reason(broker: RunningBroker,
     alice = clients(broker, "alice")
     bob = clients(broker, "bob")
     bob.leave("lunch")
-    left = wait_for(alice, lambda e: isinstance(e, Left))
+    left = wait_item(alice, lambda e: isinstance(e, Left))
     assert (left.name, left.reason) == ("bob", "leave")
 
 
@@ -180,13 +171,13 @@ def test_resume_across_broker_restart_without_loss_or_duplicates(
     # The broker dies without a word; alice keeps typing meanwhile.
     first.stop(sig=9)
     pending = [alice.send_nowait(f"during{i}") for i in range(5)]
-    wait_for(alice, lambda e: isinstance(e, Status) and e.state == "disconnected")
+    wait_item(alice, lambda e: isinstance(e, Status) and e.state == "disconnected")
     second = launch_broker("--input", first.input, "--broadcast", first.broadcast,
                            "--control", "tcp://127.0.0.1:0", "--heartbeat", "0.3",
                            "--rate", "0")
     try:
         assert all(isinstance(f.result(20), int) for f in pending)
-        wait_for(bob, lambda e: isinstance(e, Status) and e.state == "reconnected")
+        wait_item(bob, lambda e: isinstance(e, Status) and e.state == "reconnected")
         alice.send("after")
         got = [m.text for m in messages_until(bob, "after")]
         # Nothing acked before the crash comes again; nothing sent during it is lost or doubled.
@@ -203,7 +194,7 @@ def test_sends_queued_while_disconnected_go_out_once(
     first = start_broker("--heartbeat", "0.3", "--rate", "0")
     alice = clients(first, "alice")
     first.stop()  # SIGTERM: bye shutdown, the client retries
-    wait_for(alice, lambda e: isinstance(e, Status) and e.state == "disconnected")
+    wait_item(alice, lambda e: isinstance(e, Status) and e.state == "disconnected")
     futures = [alice.send_nowait(f"q{i}") for i in range(3)]
     second = launch_broker("--input", first.input, "--broadcast", first.broadcast,
                            "--control", "tcp://127.0.0.1:0", "--heartbeat", "0.3")
@@ -260,7 +251,7 @@ def test_event_racing_a_new_subscription_arrives_without_waiting_for_a_heartbeat
     for attempt in range(5):
         bob = clients(broker, f"bob{attempt}")
         alice.send(f"right after bob{attempt} joined")  # likely before bob's SUB is up
-        got = wait_for(bob, lambda e: isinstance(e, Message), timeout=10)
+        got = wait_item(bob, lambda e: isinstance(e, Message), timeout=10)
         assert got.text == f"right after bob{attempt} joined"
         bob.close()
 
@@ -281,5 +272,5 @@ def test_leave_is_taken_before_the_program_exits(broker: RunningBroker,
         os._exit(0)  # no interpreter clean-up that could flush for us
     """)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
-    left = wait_for(watcher, lambda e: isinstance(e, Left) and e.name == "brief")
+    left = wait_item(watcher, lambda e: isinstance(e, Left) and e.name == "brief")
     assert (left.reason, left.detail) == ("leave", "off I go")

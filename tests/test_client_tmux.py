@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import zmq
 
-from conftest import RunningBroker
+from conftest import RunningBroker, wait_item
 from zchat import Client, Joined, Left
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (.ci/run)")
@@ -247,15 +247,6 @@ def test_taken_or_bad_name_is_asked_again(broker: RunningBroker, tmux: Tmux,
         tmux.run("kill-session", "-t", "second")
         left = wait_item(dora, lambda i: isinstance(i, Left) and i.name == "dora2")
         assert (left.reason, left.detail) == ("leave", "terminal closed")
-
-
-def wait_item(client: Client, match: Callable[[Any], bool], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        item = client.next_event(timeout=left)
-        if item is not None and match(item):
-            return item
-    raise AssertionError("no matching event in time")
 
 
 def test_unreachable_broker_is_retried_until_it_comes(
