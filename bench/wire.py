@@ -93,7 +93,20 @@ def subscribe(topic: bytes) -> bytes:
     return zmtp_frame(b"\x01" + topic)
 
 
-class ZmtpReader:
+class _StreamReader:
+    """What both framings' readers share: a buffer of bytes not yet parsed."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def rest(self) -> bytes:
+        """Hand back the unparsed bytes (for a caller that switches to counting)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+
+class ZmtpReader(_StreamReader):
     """Splits a ZMTP byte stream into messages (lists of frame bodies).
 
     ``feed(data)`` returns the messages completed by ``data``; commands
@@ -103,7 +116,7 @@ class ZmtpReader:
     """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        super().__init__()
         self._greeted = False
         self.ready = False
         self._parts: list[bytes] = []
@@ -148,10 +161,6 @@ class ZmtpReader:
         del buf[:pos]
         return out
 
-    def rest(self) -> bytes:
-        data = bytes(self._buf)
-        self._buf.clear()
-        return data
 
 
 def lp_frame(body: bytes) -> bytes:
@@ -159,13 +168,10 @@ def lp_frame(body: bytes) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
-class LengthPrefixReader:
+class LengthPrefixReader(_StreamReader):
     """Splits a stream of length-prefixed frames; same interface as ``ZmtpReader``."""
 
     ready = True
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[list[bytes]]:
         buf = self._buf
@@ -182,10 +188,6 @@ class LengthPrefixReader:
         del buf[:pos]
         return out
 
-    def rest(self) -> bytes:
-        data = bytes(self._buf)
-        self._buf.clear()
-        return data
 
 
 class StreamCounter:
