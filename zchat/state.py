@@ -179,7 +179,6 @@ class Broker:
         self._started = now
         self._by_peer: dict[bytes, _Member] = {}
         self._by_name: dict[str, _Member] = {}
-        self._public: dict[bytes, dict[str, str]] = {}
         # name -> the CURVE key that registered it (only when clients have keys)
         self._owners: dict[str, str] = {}
         # Members in order of last activity, oldest first: expiry pops the front.
@@ -229,9 +228,7 @@ class Broker:
         """Joined members as ``{name, addr}``, by join order."""
         if real_addresses:
             return [{"name": m.name, "addr": m.addr} for m in self._by_peer.values()]
-        # Kept ready: a welcome lists everyone, so with thousands joined this
-        # runs on every join and must not build thousands of dicts each time.
-        return list(self._public.values())
+        return [m.public for m in self._by_peer.values()]
 
     def statistics(self, now: float) -> Statistics:
         return Statistics(
@@ -324,7 +321,6 @@ class Broker:
         )
         self._by_peer[peer] = member
         self._by_name[folded] = member
-        self._public[peer] = member.public
         self._activity[peer] = member
         self._counts["joins"] += 1
         out.append(self._room_event(now, "joined", name=name, addr=member.shown))
@@ -526,7 +522,6 @@ class Broker:
 
     def _forget(self, member: _Member) -> None:
         del self._by_peer[member.peer]
-        del self._public[member.peer]
         del self._by_name[fold_name(member.name)]
         del self._activity[member.peer]
 
