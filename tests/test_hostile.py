@@ -108,7 +108,9 @@ def test_live_fuzz_loses_nothing_for_honest_clients(start_broker: Callable[..., 
 def test_slow_subscriber_does_not_hold_others_back_and_recovers(
     start_broker: Callable[..., RunningBroker], ctx: zmq.Context[Any],
 ) -> None:
-    broker = start_broker("--rate", "0", "--heartbeat", "0.5", "--history", "50000")
+    # A 2 s heartbeat (6 s of silence allowed): the slow client's DEALER is
+    # alive and pings between phases; only its SUB stops reading.
+    broker = start_broker("--rate", "0", "--heartbeat", "2", "--history", "50000")
     slow = RawClient(ctx, broker)
     slow.sub.setsockopt(zmq.RCVHWM, 100)  # and then it stops reading
     slow.sub.setsockopt(zmq.RCVBUF, 4096)
@@ -127,8 +129,10 @@ def test_slow_subscriber_does_not_hold_others_back_and_recovers(
             if i % 1000 == 999:  # keep the slow one alive on its DEALER
                 slow.send({"type": "ping"})
         last = 0
-        for _ in range(total):
+        for i in range(total):
             last = talker.recv(10)["seq"]
+            if i % 1000 == 999:
+                slow.send({"type": "ping"})
         # The reader that keeps up gets everything.
         count = 0
         for item in fast.events(timeout=20):
@@ -146,6 +150,8 @@ def test_slow_subscriber_does_not_hold_others_back_and_recovers(
         expected_last = last
         highest = welcome["seq"]
         while slow.sub.poll(500):
+            if len(seen) % 1000 == 0:
+                slow.send({"type": "ping"})
             topic, payload = slow.sub.recv_multipart()
             body = msgpack.unpackb(payload)
             if topic == b"lobby\x00":
