@@ -169,3 +169,15 @@ def test_a_name_is_bound_to_the_key_that_took_it(secure_broker: RunningBroker,
         assert again.connect().name == "carol"
     finally:
         again.close()
+
+
+def test_authorizing_a_key_needs_no_restart(secure_broker: RunningBroker, keys: Path) -> None:
+    with pytest.raises(BrokerUnreachable):
+        client_for(secure_broker, keys, "mallory").connect(timeout=2)
+    shutil.copy(keys / "keys" / "mallory.key", keys / "authorized")
+    mallory = client_for(secure_broker, keys, "mallory")
+    try:
+        assert mallory.connect(timeout=10).name == "mallory"
+    finally:
+        mallory.close()
+    secure_broker.wait_output(r"3 client key\(s\) authorized", stderr=True)
