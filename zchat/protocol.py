@@ -263,8 +263,8 @@ def parse_request(body: dict[str, Any]) -> Request:
     if entry is None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown type {kind!r}")
     cls, fields = entry
-    rid = body.get("id")
-    if rid is not None and not (isinstance(rid, str) and len(rid) <= MAX_ID_CHARS):
+    rid = request_id(body)
+    if rid is None and body.get("id") is not None:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f"'id' must be a string of at most {MAX_ID_CHARS} characters"
         )
