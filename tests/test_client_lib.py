@@ -274,3 +274,18 @@ def test_leave_is_taken_before_the_program_exits(broker: RunningBroker,
     subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
     left = wait_item(watcher, lambda e: isinstance(e, Left) and e.name == "brief")
     assert (left.reason, left.detail) == ("leave", "off I go")
+
+
+def test_events_older_than_the_kept_history_are_reported_missed(
+    start_broker: Callable[..., RunningBroker], clients: Callable[..., Client],
+) -> None:
+    broker = start_broker("--history", "5", "--rate", "0")
+    alice = clients(broker, "alice")
+    for i in range(20):
+        alice.send(f"m{i}")
+    # A client resuming from seq 0 finds only the last 5 events kept.
+    late = clients(broker, "late", since=0)
+    missed = wait_item(late, lambda e: isinstance(e, Status) and e.state == "missed")
+    first = wait_item(late, lambda e: isinstance(e, Message))
+    assert missed.count == first.seq - 1
+    assert missed.count > 0

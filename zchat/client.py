@@ -660,21 +660,14 @@ class Client:
         self._gap.asked = False
         events = _events(reply)
         for event in events:
-            if event.seq <= self.last_seq:
-                continue
-            if event.seq > self.last_seq + 1:
-                missed = event.seq - self.last_seq - 1
-                self._emit(Status("missed", f"{missed} events are no longer kept", missed))
-            self._deliver(event)
+            if event.seq > self.last_seq:
+                self._deliver(event)
         ahead = self._gap.ahead
         while ahead:
             first = min(ahead)
             if first <= self.last_seq:
                 del ahead[first]
             elif first == self.last_seq + 1 or not events:
-                if first > self.last_seq + 1:
-                    missed = first - self.last_seq - 1
-                    self._emit(Status("missed", f"{missed} events are no longer kept", missed))
                 self._deliver(ahead.pop(first))
             else:
                 break
@@ -682,6 +675,10 @@ class Client:
             self._ask_history()
 
     def _deliver(self, event: Event) -> None:
+        # Only history fills deliver past a hole: what it lacks is gone for good.
+        missed = event.seq - self.last_seq - 1
+        if missed > 0:
+            self._emit(Status("missed", f"{missed} events are no longer kept", missed))
         self.last_seq = event.seq
         if isinstance(event, Joined):
             self.members[event.name.casefold()] = Member(event.name, event.addr)
