@@ -357,6 +357,7 @@ class Server:
                 recv(_NOBLOCK)
                 extra += 1
             now = time.time()
+            body: dict[str, Any] | None = None
             try:
                 if extra:
                     raise ProtocolError(
@@ -365,15 +366,12 @@ class Server:
                 body = decode_frame(
                     payload.buffer if isinstance(payload, zmq.Frame) else payload, max_frame
                 )
-            except ProtocolError as exc:
-                self._warn_peer(state, peer, exc)
-                self._send([state.error(peer, exc.code, exc.detail)])
-                continue
-            try:
                 request = parse_request(body)
             except ProtocolError as exc:
+                # A frame that decoded but is no valid request still gets its id back.
+                rid = request_id(body) if body is not None else None
                 self._warn_peer(state, peer, exc)
-                self._send([state.error(peer, exc.code, exc.detail, request_id(body))])
+                self._send([state.error(peer, exc.code, exc.detail, rid)])
                 continue
             addr, key = "", None
             if stranger and isinstance(payload, zmq.Frame) and body["type"] == "join":
