@@ -77,7 +77,8 @@ def _argv(name: str, data_dir: str) -> list[str]:
         # its own: a shared one would refuse a second broker and remember
         # message ids from an earlier run.
         argv = [py, "-m", "zchat.broker.main", "--input", LOOPBACK, "--broadcast", LOOPBACK,
-                "--control", LOOPBACK, "--rate", "0", "--db", f"{data_dir}/history.db"]
+                "--control", LOOPBACK, "--rate", "0", "--max-per-address", "0",
+                "--db", f"{data_dir}/history.db"]
         if name == "zchat-batch":
             return [*argv, "--quiet", "--coalesce", str(COALESCE)]
         if name == "zchat-io2":

@@ -8,6 +8,8 @@ from urllib.parse import urlsplit
 
 from zchat.state import Limits
 
+from .guard import ConnectionLimits
+
 __all__ = ["Config", "ConfigError", "check_control_endpoint"]
 
 DEFAULT_INPUT = "tcp://*:5555"
@@ -38,6 +40,7 @@ class Config:
     secret_key: str | None = None  # CURVE: the broker's .key_secret file
     authorized_keys: str | None = None  # CURVE: directory of admitted clients' .key files
     coalesce: int = 0  # most events per batch frame on BATCH_TOPIC; 0: no batches
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
     def __post_init__(self) -> None:
         if not self.heartbeat > 0:
@@ -50,6 +53,10 @@ class Config:
             raise ConfigError("coalesce must not be negative")
         if self.io_threads < 1:
             raise ConfigError("io-threads must be at least 1")
+        conn = self.connections
+        if min(conn.per_address, conn.join_timeout, conn.max_backlog, conn.max_subscribe,
+               conn.stall) < 0:
+            raise ConfigError("connection limits must not be negative")
         check_control_endpoint(self.control)
 
 
@@ -60,7 +67,14 @@ def check_control_endpoint(endpoint: str) -> None:
         return
     if scheme != "tcp":
         raise ConfigError(f"control endpoint {endpoint!r}: use tcp://127.0.0.1:PORT or ipc://PATH")
-    host = urlsplit(f"tcp://{rest}").hostname or ""
+    if ";" in rest:
+        # libzmq reads "SOURCE;ADDRESS" and binds ADDRESS: what precedes ';'
+        # would pass the loopback check while the socket listens elsewhere.
+        raise ConfigError(f"control endpoint {endpoint!r}: one address only (no ';')")
+    try:
+        host = urlsplit(f"tcp://{rest}").hostname or ""
+    except ValueError:
+        host = ""
     if host == "localhost":
         return
     try:

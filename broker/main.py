@@ -20,6 +20,7 @@ from .config import (
     Config,
     ConfigError,
 )
+from .guard import ConnectionLimits
 from .server import Server, raise_fd_limit
 
 __all__ = ["build_parser", "config_from_args", "env_default", "main"]
@@ -143,6 +144,30 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--burst", metavar="N", type=int,
                      default=env_default("burst", limits.burst, int),
                      help="messages at once before the rate applies (default: %(default)s)")
+    conn = ConnectionLimits()
+    net = p.add_argument_group("limits per connection and address (0 turns one off)")
+    net.add_argument("--max-per-address", metavar="N", type=int,
+                     default=env_default("max-per-address", conn.per_address, int),
+                     help="connections from one IP address to each port; more are cut at "
+                          "once (keep it above a NAT'd office's head count; default: "
+                          "%(default)s)")
+    net.add_argument("--join-timeout", metavar="SECONDS", type=float,
+                     default=env_default("join-timeout", conn.join_timeout, float),
+                     help="a connection to --input with nobody joined on it is cut after "
+                          "this long (default: %(default)s)")
+    net.add_argument("--max-backlog", metavar="BYTES", type=int,
+                     default=env_default("max-backlog", conn.max_backlog, int),
+                     help="bytes one client may have waiting in the broker, either way "
+                          "(unread input, unread replies); past it the connection is cut "
+                          "and the client resumes from its last seq (default: %(default)s)")
+    net.add_argument("--max-subscribe", metavar="BYTES", type=int,
+                     default=env_default("max-subscribe", conn.max_subscribe, int),
+                     help="bytes of subscriptions one subscriber may send (default: "
+                          "%(default)s)")
+    net.add_argument("--stall", metavar="SECONDS", type=float,
+                     default=env_default("stall", conn.stall, float),
+                     help="a subscriber that reads nothing for this long while events wait "
+                          "is cut (default: %(default)s)")
     p.add_argument("--log-level", metavar="LEVEL",
                    default=env_default("log-level", "INFO", str.upper),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -176,6 +201,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
         db=args.db,
         retention=args.retention,
         fsync=args.fsync,
+        connections=ConnectionLimits(
+            per_address=args.max_per_address,
+            join_timeout=args.join_timeout,
+            max_backlog=args.max_backlog,
+            max_subscribe=args.max_subscribe,
+            stall=args.stall,
+        ),
     )
 
 

@@ -23,6 +23,7 @@ import logging
 import os
 import resource
 import secrets
+import select
 import signal
 import sys
 import time
@@ -54,6 +55,7 @@ from zchat.state import Broker, Outgoing, Publish
 
 from .auth import CurveGate
 from .config import Config
+from .guard import FD_RESERVE, Guard, Kind, seed_routing_ids
 
 __all__ = ["Endpoints", "Server", "raise_fd_limit"]
 
@@ -63,6 +65,10 @@ DRAIN_BATCH = 4096  # frames taken from one socket before looking at the others
 RELEASE_EVERY = 256  # frames between group commits (and sends) within a pass
 CLOSE_LINGER_MS = 1000  # time to flush `bye` and `shutdown` at exit
 CONTROL_IDS_KEPT = 64
+MAX_SUBSCRIPTION = 4096  # bytes of one frame a subscriber may send (a topic, or a handshake)
+MAX_CONTROL_FRAME = 64 * 1024  # bytes of one operator command
+OWN_FDS = 64  # descriptors the broker itself holds (sockets, pipes, the database, logs)
+SCREEN_BACKLOG = 1 << 20  # bytes of chat lines kept for a screen that does not keep up
 FDS_WANTED = 65_536  # two connections per client, for 10,000 clients and more
 
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -161,8 +167,12 @@ class Server:
         self._batch: list[bytes] = []
         self._stamp_second = -1
         self._stamp = ""
+        self._screen_pending = bytearray()
+        self._screen_dropped = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        self.guard: Guard | None = None
+        self._internal_errors = 0
 
     # ------------------------------------------------------------------ setup
 
@@ -180,6 +190,11 @@ class Server:
         keys = (load_server_keys(cfg.secret_key, cfg.authorized_keys)
                 if cfg.secret_key and cfg.authorized_keys else None)
         history = open_history(cfg.db, cfg.limits.history, cfg.retention, cfg.fsync)
+        now = time.time()
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        capacity = 0 if soft == resource.RLIM_INFINITY else max(16, soft - FD_RESERVE - OWN_FDS)
+        self.guard = guard = Guard(cfg.connections, capacity, now)
+        seed_routing_ids()  # before the ROUTER exists: it draws its first id at birth
         self.router = ctx.socket(zmq.ROUTER)
         # A reply to a peer that is gone raises instead of vanishing silently,
         # so it can be counted; it never blocks (NOBLOCK at every send).
@@ -193,16 +208,27 @@ class Server:
         self.pub = ctx.socket(zmq.PUB)
         # A subscriber that stops reading loses frames past this many; it sees
         # the seq gap when it reads again and fetches the rest with `history`.
+        # One that stops for long is cut by the guard (its bytes, not this count).
         self.pub.setsockopt(zmq.SNDHWM, 10_000)
+        # A subscriber only ever sends short topics: anything longer, handshake
+        # frames included, drops its connection inside libzmq.
+        self.pub.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION)
         if keys is not None:
             # The ZAP socket is polled by our own loop: still one thread.
             self.auth = CurveGate(ctx, keys.authorized)
             keys.apply(self.router)
             keys.apply(self.pub)
         self.control = ctx.socket(zmq.PAIR)
+        self.control.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_FRAME)
         for sock in (self.router, self.pub, self.control):
             sock.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
+        self._monitors = [guard.watch(self.router, Kind.INPUT, ctx),
+                          guard.watch(self.pub, Kind.BROADCAST, ctx),
+                          guard.watch(self.control, Kind.CONTROL, ctx)]
         try:
+            # Before any TCP peer can take an automatic id: the guard learns
+            # where libzmq's counter starts, to tell its ids from forged ones.
+            guard.probe_routing_ids(self.router, ctx)
             self.router.bind(cfg.input)
             self.pub.bind(cfg.broadcast)
             self.control.bind(cfg.control)
@@ -215,7 +241,6 @@ class Server:
             broadcast=self._last_endpoint(self.pub),
             control=self._last_endpoint(self.control),
         )
-        now = time.time()
         cloak = make_cloak(secrets.token_bytes(16)) if cfg.hide_addresses else None
         self.state = Broker(
             heartbeat=cfg.heartbeat,
@@ -265,6 +290,10 @@ class Server:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        guard = self.guard
+        monitors = self._monitors
+        for monitor in monitors:
+            poller.register(monitor, zmq.POLLIN)
         zap = self.auth.socket if self.auth is not None else None
         if zap is not None:
             poller.register(zap, zmq.POLLIN)
@@ -272,8 +301,17 @@ class Server:
             self._send(state.tick(time.time()))
             self._release(state)
             while not self._stopping:
-                timeout = max(0.0, state.next_deadline() - time.time())
+                deadline = state.next_deadline()
+                if guard is not None:
+                    deadline = min(deadline, guard.next_deadline())
+                timeout = max(0.0, deadline - time.time())
                 ready = dict(poller.poll(int(timeout * 1000) + 1))
+                if guard is not None:
+                    # Connections first: a closed one must be known before a
+                    # newcomer reusing its routing id is read.
+                    for monitor in monitors:
+                        if monitor in ready:
+                            guard.drain(monitor, time.time(), self._connection_gone)
                 if self.router in ready:
                     self._drain_input(state)
                 if self.control in ready:
@@ -283,13 +321,26 @@ class Server:
                 now = time.time()
                 if now >= state.next_deadline():
                     self._send(state.tick(now))
+                if guard is not None and now >= guard.next_deadline():
+                    guard.tick(now, state.is_member)
                 self._release(state)
             self._send(state.shutdown(time.time()))
             self._release(state)
         finally:
-            self._flush_screen()
+            self._flush_screen(wait=2.0)
             state.store.close()
             self.close()
+
+    def _drain_monitors(self) -> None:
+        if self.guard is not None:
+            now = time.time()
+            for monitor in self._monitors:
+                self.guard.drain(monitor, now, self._connection_gone)
+
+    def _connection_gone(self, kind: Kind, peer: bytes) -> None:
+        """A member's connection closed: its routing id no longer speaks for it."""
+        if self.state is not None and kind is Kind.INPUT:
+            self._send(self.state.disconnected(peer, time.time()))
 
     def _send(self, out: list[Outgoing]) -> None:
         """Queue frames; ``_release`` sends them once their events are durable."""
@@ -328,35 +379,96 @@ class Server:
             self.pub.send(encode_batch(self._batch), _NOBLOCK)
             self._batch.clear()
 
-    def _flush_screen(self) -> None:
-        # One write per loop turn: a write per chat line costs more than the chat.
-        if self.screen is not None and self._screen_lines:
-            self.screen.write("".join(self._screen_lines))
+    def _flush_screen(self, wait: float = 0.0) -> None:
+        """Write the pass's chat lines without ever blocking the loop.
+
+        One write per loop turn (a write per chat line costs more than the
+        chat). A screen that does not keep up (a paused terminal, a pipe
+        nobody reads) lags by up to ``SCREEN_BACKLOG`` bytes; past that, lines
+        are dropped and counted, and the screen says so when it catches up.
+        """
+        screen = self.screen
+        if screen is None or not (self._screen_lines or self._screen_pending):
+            return
+        pending = self._screen_pending
+        if self._screen_lines:
+            text = "".join(self._screen_lines)
             self._screen_lines.clear()
-            self.screen.flush()
+            if len(pending) + len(text) > SCREEN_BACKLOG:
+                self._screen_dropped += text.count("\n")
+            else:
+                pending += text.encode(errors="replace")
+        try:
+            fd = screen.fileno()
+        except (OSError, ValueError, AttributeError):
+            fd = -1
+        if fd < 0:  # not a real file (a test's StringIO): it cannot block
+            screen.write(pending.decode(errors="replace"))
+            screen.flush()
+            pending.clear()
+            return
+        screen.flush()
+        blocking = os.get_blocking(fd)
+        deadline = time.monotonic() + wait
+        try:
+            if blocking:
+                os.set_blocking(fd, False)
+            while pending:
+                if self._screen_dropped and len(pending) < SCREEN_BACKLOG // 2:
+                    pending += (f"*** the screen fell behind: {self._screen_dropped} "
+                                "chat lines not shown\n").encode()
+                    self._screen_dropped = 0
+                try:
+                    written = os.write(fd, pending)
+                except (BlockingIOError, InterruptedError):
+                    # At exit the screen gets a moment to take the rest.
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not select.select([], [fd], [], left)[1]:
+                        break
+                    continue
+                del pending[:written]
+        except OSError as exc:  # the screen is gone (EPIPE, EIO): stop writing to it
+            log.warning("screen output failed (%s); chat lines are no longer printed", exc)
+            self.screen = None
+            pending.clear()
+        finally:
+            if blocking:
+                os.set_blocking(fd, True)
 
     def _drain_input(self, state: Broker) -> None:
         router = self.router
         recv = router.recv
         more = router.get
         max_frame = self.config.limits.max_frame
+        guard = self.guard
+        ledger = guard.ledger if guard is not None else None
         for count in range(1, DRAIN_BATCH + 1):
             if count % RELEASE_EVERY == 0:
                 self._release(state)
+                self._drain_monitors()
             try:
                 peer = recv(_NOBLOCK)
             except zmq.Again:
                 return
             # A member's payload is copied into bytes (cheapest for small
             # frames); a stranger's stays a Frame so that a join can read the
-            # Peer-Address property libzmq attached to it.
+            # properties libzmq attached to it (address, descriptor, key).
             stranger = not state.is_member(peer)
             payload = recv(_NOBLOCK, copy=not stranger) if more(_RCVMORE) else b""
+            size = len(payload)
             extra = 0
             while more(_RCVMORE):
-                recv(_NOBLOCK)
+                size += len(recv(_NOBLOCK))
                 extra += 1
             now = time.time()
+            fd = -1
+            if stranger and isinstance(payload, zmq.Frame):
+                fd = _frame_fd(payload)
+                if guard is not None and fd >= 0 and not self._admit_stranger(
+                        guard, peer, fd, size, now):
+                    continue
+            elif ledger is not None:
+                ledger.received(peer, size)
             body: dict[str, Any] | None = None
             try:
                 if extra:
@@ -379,11 +491,41 @@ class Server:
                 if self.auth is not None:
                     # Our ZAP handler made the client's public key its User-Id.
                     key = _frame_property(payload, "User-Id")
-            self._send(state.handle(peer, request, now, addr, key))
+            try:
+                self._send(state.handle(peer, request, now, addr, key))
+            except Exception:
+                # A bug, not the peer's fault: it costs this request, never the broker.
+                self._internal_errors += 1
+                if self._internal_errors <= 10 or self._internal_errors % 1000 == 0:
+                    log.exception("internal error handling %s from %s (%d so far)",
+                                  body["type"], state.name_of(peer) or "a stranger",
+                                  self._internal_errors)
+                self._send([state.error(peer, ErrorCode.INTERNAL,
+                                        "the broker failed on this request; see its log",
+                                        request.id)])
+                continue
+            if stranger and ledger is not None and fd >= 0 and state.is_member(peer):
+                ledger.bind(fd, peer)
+
+    def _admit_stranger(self, guard: Guard, peer: bytes, fd: int, size: int,
+                        now: float) -> bool:
+        """Whether a request from a connection without a member may be handled."""
+        if fd not in guard.ledger or not guard.plausible_routing_id(peer):
+            # Its ACCEPTED may still wait on the monitor (a long drain pass).
+            self._drain_monitors()
+        if not guard.plausible_routing_id(peer):
+            # An id in libzmq's own form that libzmq never made: a peer is
+            # aiming at the ids libzmq will make next. Nothing it says is read.
+            guard.cut(guard.ledger.forged(fd))
+            return False
+        cut = guard.ledger.stranger_request(fd, size, now)
+        if cut is not None:
+            guard.cut(cut)
+            return False
+        return True
 
     def _warn_peer(self, state: Broker, peer: bytes, exc: ProtocolError) -> None:
-        who = state.name_of(peer) or f"peer {peer.hex()}"
-        self._throttle.warning(exc.code, "%s sent a bad frame: %s", who, exc)
+        self._throttle.warning(exc.code, "%s sent a bad frame: %s", self._who(peer), exc)
 
     def _transmit(self, out: list[Outgoing]) -> None:
         # Plain int flags and one reused Packer: pyzmq's send_multipart and
@@ -394,6 +536,8 @@ class Server:
         screen = self.screen
         coalesce = self.config.coalesce
         batch = self._batch
+        guard = self.guard
+        sent = guard.ledger.sent if guard is not None else None
         for item in out:
             if isinstance(item, Publish):
                 packed = pack(item.body)
@@ -411,7 +555,7 @@ class Server:
                 continue
             body = item.body
             if body["type"] == "error" and body["code"] == ErrorCode.RATE_LIMITED:
-                self._throttle.warning("rate", "rate limited %s", item.peer.hex())
+                self._throttle.warning("rate", "rate limited %s", self._who(item.peer))
             try:
                 # With ROUTER_MANDATORY only the first frame can fail; the
                 # second then goes out whole with it.
@@ -420,11 +564,21 @@ class Server:
                 # EHOSTUNREACH: the peer is gone; EAGAIN: it reads too slowly.
                 # Either way only that peer misses this reply.
                 self._throttle.warning(
-                    "unreachable", "reply %s to %s dropped: %s", body["type"], item.peer.hex(),
-                    exc.strerror,
+                    "unreachable", "reply %s to %s dropped: %s", body["type"],
+                    self._who(item.peer), exc.strerror,
                 )
                 continue
-            router_send(pack(body), _NOBLOCK)
+            packed = pack(body)
+            router_send(packed, _NOBLOCK)
+            if sent is not None and guard is not None:
+                fd = sent(item.peer, len(packed))
+                if fd is not None:
+                    guard.check_sent(fd, time.time())
+
+    def _who(self, peer: bytes) -> str:
+        """A peer as the operator knows it: the member's name, else its routing id."""
+        name = self.state.name_of(peer) if self.state is not None else None
+        return name if name is not None else f"peer {peer.hex()}"
 
     def _screen_line(self, event: dict[str, Any]) -> str:
         second = int(event["ts"])
@@ -444,6 +598,8 @@ class Server:
                 frame = self.control.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if self.guard is not None:
+                self.guard.ledger.control_command(time.time())
             try:
                 reply = self._control_reply(state, frame)
             except Exception:  # the operator's tool, not a peer: log, keep serving
@@ -482,6 +638,8 @@ class Server:
             if self.endpoints is not None:
                 stats.update(asdict(self.endpoints))
             stats["pid"] = os.getpid()
+            if self.guard is not None:
+                stats.update(self.guard.ledger.statistics())
             return {"stats": stats}
         if cmd == "who":
             return {"members": state.members(real_addresses=True)}
@@ -512,6 +670,8 @@ class Server:
     def close(self) -> None:
         if self.auth is not None:
             self.auth.close()
+        if self.guard is not None:
+            self.guard.close()
         for name in ("router", "pub", "control"):
             sock = getattr(self, name, None)
             if sock is not None and not sock.closed:
@@ -536,6 +696,14 @@ def _frame_property(frame: zmq.Frame, name: str) -> str | None:
     except zmq.ZMQError:
         return None
     return str(value) if value else None
+
+
+def _frame_fd(frame: zmq.Frame) -> int:
+    """The descriptor of the connection a frame came on (-1 if unknown)."""
+    try:
+        return int(frame.get(zmq.SRCFD))
+    except (zmq.ZMQError, TypeError, ValueError):
+        return -1
 
 
 def _peer_address(frame: zmq.Frame) -> str:

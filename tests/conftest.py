@@ -86,9 +86,18 @@ def _pump(stream: Any, lines: list[str]) -> None:
         lines.append(line)
 
 
+def _first_line(stream: Any, lines: list[str]) -> None:
+    lines.append(stream.readline())
+
+
 def launch_broker(*args: str, env: dict[str, str] | None = None,
-                  timeout: float = 15.0) -> RunningBroker:
-    """Start ``zchat-broker`` on ephemeral loopback ports (args may override)."""
+                  timeout: float = 15.0, read_stdout: bool = True,
+                  preexec_fn: Callable[[], None] | None = None) -> RunningBroker:
+    """Start ``zchat-broker`` on ephemeral loopback ports (args may override).
+
+    ``read_stdout=False`` reads only the first line (the endpoints) and then
+    leaves stdout unread, as a paused terminal would.
+    """
     argv = [
         sys.executable, "-m", "zchat.broker.main",
         "--input", "tcp://127.0.0.1:0",
@@ -106,11 +115,13 @@ def launch_broker(*args: str, env: dict[str, str] | None = None,
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        preexec_fn=preexec_fn,
     )
     stdout: list[str] = []
     stderr: list[str] = []
+    pump_stdout = _pump if read_stdout else _first_line
     readers = [
-        threading.Thread(target=_pump, args=(proc.stdout, stdout), daemon=True),
+        threading.Thread(target=pump_stdout, args=(proc.stdout, stdout), daemon=True),
         threading.Thread(target=_pump, args=(proc.stderr, stderr), daemon=True),
     ]
     for t in readers:

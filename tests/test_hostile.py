@@ -176,7 +176,8 @@ def test_reconnect_storm_1000_clients_resume(tmp_path: Path,
                                              start_broker: Callable[..., RunningBroker]) -> None:
     n = 1000
     db = str(tmp_path / "storm.db")
-    first = start_broker("--db", db, "--heartbeat", "2", "--rate", "0")
+    first = start_broker("--db", db, "--heartbeat", "2", "--rate", "0",
+                         "--max-per-address", "0")
     ctx: zmq.Context[Any] = zmq.Context()
     ctx.setsockopt(zmq.MAX_SOCKETS, 4 * n + 100)
     dealers: list[zmq.Socket[Any]] = []
@@ -214,7 +215,7 @@ def test_reconnect_storm_1000_clients_resume(tmp_path: Path,
         first.proc.wait(10)
         second = launch_broker("--input", first.input, "--broadcast", first.broadcast,
                                "--control", "tcp://127.0.0.1:0", "--db", db,
-                               "--heartbeat", "2", "--rate", "0")
+                               "--heartbeat", "2", "--rate", "0", "--max-per-address", "0")
         # Every DEALER reconnects by itself; all rejoin at once with their since.
         again = join_all(last_seen, 60)
         assert len(again) == n, f"only {len(again)} of {n} were welcomed back"

@@ -95,6 +95,7 @@ class ErrorCode:
     TOO_LARGE: Final = "too_large"
     RATE_LIMITED: Final = "rate_limited"
     NO_SUCH_USER: Final = "no_such_user"
+    INTERNAL: Final = "internal"  # the broker failed on this request (its bug, not yours)
 
 
 # --------------------------------------------------------------------------

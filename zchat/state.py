@@ -525,3 +525,14 @@ class Broker:
         del self._by_name[fold_name(member.name)]
         del self._activity[member.peer]
 
+
+    # TEMPORARY (lead): replaced by the state worker's version on merge.
+    def disconnected(self, peer: bytes, now: float) -> list[Outgoing]:
+        member = self._by_peer.pop(peer, None)
+        if member is None:
+            return []
+        detached = peer + b"\x00gone"
+        member.peer = detached
+        self._by_peer[detached] = member
+        self._activity[detached] = self._activity.pop(peer)
+        return []
