@@ -133,6 +133,8 @@ def test_skeleton_is_the_uts39_one() -> None:
 def test_keys_are_keys_not_names() -> None:
     assert fold_name("Bob0") == fold_name("bobo")
     assert fold_name("mary") == fold_name("rnary")
+    # Case folds first, so a capital I is an i, not an l (PROTOCOL.md, Names).
+    assert fold_name("aIice") != fold_name("alice")
 
 
 @pytest.mark.parametrize(
