@@ -92,14 +92,15 @@ _SCRIPT: Final = _ranges(_UCD["scriptRanges"])
 _SCRIPT_EXTENSIONS: Final = _ranges(_UCD["scxRanges"])
 _IGNORABLE: Final = _ranges(_UCD["defaultIgnorable"])
 
-# The skeleton's one pass: each prototype's source to its prototype, and each
-# Default_Ignorable code point to nothing (the two sets do not meet).
-_SKELETON_TABLE: Final[dict[int, str | None]] = {
-    cp: None
+# The skeleton's one pass: each Default_Ignorable code point to nothing and
+# each other prototype's source to its prototype. Ignorables go first in UTS
+# #39, so they win where the two meet (U+3164 HANGUL FILLER is in both).
+_SKELETON_TABLE: Final[dict[int, str | None]] = dict(load_prototypes())
+_SKELETON_TABLE.update(
+    (cp, None)
     for start, end in zip(_IGNORABLE[0], _IGNORABLE[1], strict=True)
     for cp in range(start, end + 1)
-}
-_SKELETON_TABLE.update(load_prototypes())
+)
 
 
 def _is_ignorable(char: str) -> bool:
@@ -118,10 +119,11 @@ def skeleton(text: str) -> str:
 
 # Where one fold's output folds again: a prototype may be a capital (``0`` ->
 # ``O``) or compose under NFKC. A key must be a fixed point, or the same name
-# could have two; two passes reach it for every name seen so far.
+# could have two; every single code point reaches it within three passes, and
+# the bound only keeps a pathological string from looping.
 _MAX_PASSES: Final = 8
-# Longer inputs (a dm's ``to``) are folded but not cached: no valid name is
-# that long, and a cache of them would only be memory an attacker chooses.
+# Longer inputs are folded but not cached: no valid name is that long, and a
+# cache of them would only be memory an attacker chooses.
 _CACHE_CHARS: Final = 128
 
 
@@ -129,8 +131,13 @@ def _fold_pass(text: str) -> str:
     return skeleton(unicodedata.normalize("NFKC", text).casefold())
 
 
-def _fold(name: str) -> str:
-    key = _fold_pass(name)
+def _fold(name: str, longest: int) -> str:
+    key = unicodedata.normalize("NFKC", name)
+    if len(key) > longest:
+        # No name is that long: its own key, without the cost of folding
+        # (up to 18 code points come out of one under NFKC).
+        return name
+    key = skeleton(key.casefold())
     for _ in range(_MAX_PASSES):
         again = _fold_pass(key)
         if again == key:
@@ -142,16 +149,18 @@ def _fold(name: str) -> str:
 _fold_cached: Final = functools.lru_cache(maxsize=4096)(_fold)
 
 
-def name_key(name: str) -> str:
+def name_key(name: str, longest: int) -> str:
     """The key under which names are unique: equal keys render alike.
 
     The UTS #39 skeleton of the NFKC case-folded name, repeated until it no
-    longer changes (so ``name_key(name_key(x)) == name_key(x)``). It is a key,
-    never shown: ``name_key("Bob0")`` is ``"bobo"``.
+    longer changes, so ``name_key(name_key(x)) == name_key(x)``. It is a key,
+    never shown: ``name_key("Bob0")`` is ``"bobo"``. A string whose NFKC form
+    is longer than ``longest`` code points (the longest name there can be)
+    is its own key: it finds no member, and costs nothing to fold.
     """
     if len(name) > _CACHE_CHARS:
-        return _fold(name)
-    return _fold_cached(name)
+        return _fold(name, longest)
+    return _fold_cached(name, longest)
 
 
 # ---------------------------------------------------------- mixed scripts

@@ -158,14 +158,25 @@ def encode_batch(packed_events: list[bytes]) -> bytes:
 # Names
 
 
+# NFKC composes at most four code points into one, so a longer string cannot
+# be a name and is refused (or folded) before any work is spent on it.
+_MAX_RAW_NAME: Final = 4 * MAX_NAME_CHARS
+
+
 def fold_name(name: str) -> str:
     """The key under which names are unique: names that render alike share it.
 
     The Unicode UTS #39 skeleton of the NFKC case-folded name (see
     ``zchat.names``): ``alice``, ``ALICE``, a fullwidth ``alice`` and an
     all-Cyrillic look-alike have one key. A key, never shown.
+
+    A string too long to be a name (see ``check_name``) is its own key: it
+    finds no member, without the cost of folding, say, a 64 KiB dm ``to``
+    (and a key is a fixed point, so this keeps ``fold_name`` idempotent).
     """
-    return name_key(name)
+    if len(name) > _MAX_RAW_NAME:
+        return name
+    return name_key(name, MAX_NAME_CHARS)
 
 
 def check_name(name: object) -> str:
@@ -181,9 +192,7 @@ def check_name(name: object) -> str:
     """
     if not isinstance(name, str):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'name' must be a string")
-    # NFKC composes at most four code points into one, so a longer string
-    # cannot be a name and is refused before any work is spent on it.
-    shown = "" if len(name) > 4 * MAX_NAME_CHARS else unicodedata.normalize("NFKC", name)
+    shown = "" if len(name) > _MAX_RAW_NAME else unicodedata.normalize("NFKC", name)
     if not 1 <= len(shown) <= MAX_NAME_CHARS:
         raise ProtocolError(ErrorCode.BAD_NAME, f"name must be 1 to {MAX_NAME_CHARS} characters")
     problem = name_problem(shown)
