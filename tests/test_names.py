@@ -189,3 +189,11 @@ def test_check_name_raises_only_protocol_errors(value: object) -> None:
 def test_ascii_names_fold_like_their_case(name: str) -> None:
     check_name(name)
     assert name_key(name.upper(), MAX_NAME_CHARS) == name_key(name, MAX_NAME_CHARS)
+
+
+def test_strings_too_long_to_be_names_are_their_own_key() -> None:
+    # A dm's 'to' is folded: a 64 KiB one must cost nothing and find nobody.
+    long = "\ufdfa" * 20000
+    assert fold_name(long) == long
+    assert fold_name("\ufdfa\ufdfa") == "\ufdfa\ufdfa"  # 36 code points after NFKC
+    assert fold_name("x" * 129) == "x" * 129
