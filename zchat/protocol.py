@@ -36,6 +36,7 @@ from typing import Any, Final, TypeAlias
 import msgpack
 
 from zchat.errors import ProtocolError
+from zchat.names import name_key, name_problem
 
 __all__ = [
     "BATCH_TOPIC",
@@ -158,24 +159,47 @@ def encode_batch(packed_events: list[bytes]) -> bytes:
 # Names
 
 
+# NFKC composes at most four code points into one, so a longer string cannot
+# be a name and is refused (or folded) before any work is spent on it.
+_MAX_RAW_NAME: Final = 4 * MAX_NAME_CHARS
+
+
 def fold_name(name: str) -> str:
-    """The key under which names are unique (case-insensitive)."""
-    return name.casefold()
+    """The key under which names are unique: names that render alike share it.
+
+    The Unicode UTS #39 skeleton of the NFKC case-folded name (see
+    ``zchat.names``): ``alice``, ``ALICE``, a fullwidth ``alice`` and an
+    all-Cyrillic look-alike have one key. A key, never shown.
+
+    A string too long to be a name (see ``check_name``) is its own key: it
+    finds no member, without the cost of folding, say, a 64 KiB dm ``to``
+    (and a key is a fixed point, so this keeps ``fold_name`` idempotent).
+    """
+    if len(name) > _MAX_RAW_NAME:
+        return name
+    return name_key(name, MAX_NAME_CHARS)
 
 
 def check_name(name: object) -> str:
-    """Return ``name`` if it is a valid user name, else raise ``bad_name``."""
+    """Return ``name`` as it is to be shown if it is a valid user name.
+
+    The shown name is the NFKC form of what the user typed (fullwidth letters
+    become plain ones, a decomposed ``é`` the composed one); ``PROTOCOL.md``
+    ("Names") has the rules.
+
+    Raises:
+        ProtocolError: ``bad_request`` if ``name`` is not a string, else
+            ``bad_name`` with a detail that says which rule it breaks.
+    """
     if not isinstance(name, str):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'name' must be a string")
-    if not 1 <= len(name) <= MAX_NAME_CHARS:
+    shown = "" if len(name) > _MAX_RAW_NAME else unicodedata.normalize("NFKC", name)
+    if not 1 <= len(shown) <= MAX_NAME_CHARS:
         raise ProtocolError(ErrorCode.BAD_NAME, f"name must be 1 to {MAX_NAME_CHARS} characters")
-    for char in name:
-        # Z* are separators (spaces), C* are control, format and unassigned.
-        if char.isspace() or unicodedata.category(char)[0] in "CZ":
-            raise ProtocolError(
-                ErrorCode.BAD_NAME, "name must not contain whitespace or control characters"
-            )
-    return name
+    problem = name_problem(shown)
+    if problem is not None:
+        raise ProtocolError(ErrorCode.BAD_NAME, problem)
+    return shown
 
 
 # --------------------------------------------------------------------------
