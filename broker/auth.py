@@ -10,6 +10,7 @@ changes, so adding or removing a client needs no restart.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,12 @@ ZAP_VERSION = b"1.0"
 class CurveGate:
     """Answers ZAP requests from the authorized-keys directory."""
 
-    def __init__(self, context: zmq.Context[Any], authorized: Path) -> None:
+    def __init__(self, context: zmq.Context[Any], authorized: Path,
+                 warn: Callable[..., None] | None = None) -> None:
         self.authorized = authorized
+        # (kind, message, *args): the broker's throttled warnings, so a crowd
+        # of strangers' keys makes a line every few seconds, not one each.
+        self._warn = warn or (lambda _kind, message, *args: log.warning(message, *args))
         self._stamp: int | None = None
         self._keys: set[bytes] = set()
         self.socket = context.socket(zmq.REP)
@@ -73,8 +78,8 @@ class CurveGate:
         self._reload()
         key = zmq.utils.z85.encode(credentials[0])
         if key not in self._keys:
-            log.warning("refused a client from %s: key %s is not authorized",
-                        address.decode(errors="replace"), key.decode())
+            self._warn("zap", "refused a client from %s: key %s is not authorized",
+                       address.decode(errors="replace"), key.decode())
             return [ZAP_VERSION, rid, b"400", b"key not authorized", b"", b""]
         return [ZAP_VERSION, rid, b"200", b"OK", key, b""]
 

@@ -105,6 +105,20 @@ class _Throttle:
             args = (*args, skipped)
         log.warning(message, *args)
 
+    def next_deadline(self) -> float | None:
+        """When the oldest suppressed count is due to be told (monotonic clock)."""
+        if not self._suppressed:
+            return None
+        return min(self._last[key] for key in self._suppressed) + self.interval
+
+    def flush(self) -> None:
+        """Tell the counts of warnings suppressed for a full interval."""
+        now = time.monotonic()
+        for key in [k for k in self._suppressed if now - self._last[k] >= self.interval]:
+            self._last[key] = now
+            log.warning("... and %d more like the last %s warning in %g s",
+                        self._suppressed.pop(key), key, self.interval)
+
 
 def raise_fd_limit(wanted: int = FDS_WANTED) -> int:
     """Raise the open-file limit as far as allowed; return the new soft limit.
@@ -215,7 +229,7 @@ class Server:
         self.pub.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION)
         if keys is not None:
             # The ZAP socket is polled by our own loop: still one thread.
-            self.auth = CurveGate(ctx, keys.authorized)
+            self.auth = CurveGate(ctx, keys.authorized, self._throttle.warning)
             keys.apply(self.router)
             keys.apply(self.pub)
         self.control = ctx.socket(zmq.PAIR)
@@ -305,6 +319,9 @@ class Server:
                 if guard is not None:
                     deadline = min(deadline, guard.next_deadline())
                 timeout = max(0.0, deadline - time.time())
+                told = self._throttle.next_deadline()
+                if told is not None:
+                    timeout = min(timeout, max(0.0, told - time.monotonic()))
                 ready = dict(poller.poll(int(timeout * 1000) + 1))
                 if guard is not None:
                     # Connections first: a closed one must be known before a
@@ -323,6 +340,7 @@ class Server:
                     self._send(state.tick(now))
                 if guard is not None and now >= guard.next_deadline():
                     guard.tick(now, state.is_member)
+                self._throttle.flush()
                 self._release(state)
             self._send(state.shutdown(time.time()))
             self._release(state)
@@ -737,7 +755,10 @@ def screen_line(event: dict[str, Any], stamp: str | None = None,
     kind = event["type"]
     seq = event["seq"]
     if kind == "message":
-        return f"{stamp} #{seq} {addr or '?'} <{event['from']}> {printable(event['text'])}\n"
+        text = event["text"]
+        if text.startswith("/me "):  # an action, shown as the clients show it
+            return f"{stamp} #{seq} {addr or '?'} * {event['from']} {printable(text[4:])}\n"
+        return f"{stamp} #{seq} {addr or '?'} <{event['from']}> {printable(text)}\n"
     if kind == "joined":
         return f"{stamp} #{seq} --> {event['name']} joined from {event['addr']}\n"
     if kind == "left":

@@ -293,6 +293,7 @@ def test_rate_limited(start_broker: Callable[..., RunningBroker],
     assert kinds[:5] == ["ack"] * 5
     limited = [r for r in replies if r["type"] == "error"]
     assert limited and all(r["code"] == "rate_limited" for r in limited)
+    broker.wait_output(r"rate limited alice$", stderr=True)  # a name, not a routing id
     # bob is not limited by alice's flood
     assert bob.request({"type": "message", "text": "bob here"})["type"] == "ack"
     # and what was limited was not delivered
@@ -362,6 +363,12 @@ def test_broker_screen_shows_time_address_name_text(raw: Raw, broker: RunningBro
     # A newline in a message cannot fake a second line on the operator's screen.
     broker.wait_output(r"^\d\d:\d\d:\d\d #2 127\.0\.0\.1 <alice> hello\\nfake line$")
     broker.wait_output(r"<-- alice \(127\.0\.0\.1\) left \[leave\]")
+
+
+def test_broker_screen_shows_actions_as_actions(raw: Raw, broker: RunningBroker) -> None:
+    carol, _ = joined(raw, "carol")
+    carol.request({"type": "message", "text": "/me waves"})
+    broker.wait_output(r"^\d\d:\d\d:\d\d #\d+ 127\.0\.0\.1 \* carol waves$")
 
 
 def test_bad_frames_are_logged_without_flooding(raw: Raw, broker: RunningBroker) -> None:

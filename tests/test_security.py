@@ -12,6 +12,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+import zmq.auth
 
 from conftest import RunningBroker
 from zchat import BrokerUnreachable, Client, Message, NameTaken
@@ -181,3 +182,21 @@ def test_authorizing_a_key_needs_no_restart(secure_broker: RunningBroker, keys: 
     finally:
         mallory.close()
     secure_broker.wait_output(r"3 client key\(s\) authorized", stderr=True)
+
+
+def test_a_crowd_of_unknown_keys_makes_few_log_lines(secure_broker: RunningBroker,
+                                                     keys: Path,
+                                                     ctx: zmq.Context[Any]) -> None:
+    public, _ = zmq.auth.load_certificate(keys / "keys" / "broker.key")
+    strangers = []
+    for _ in range(300):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.curve_serverkey = public
+        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+        sock.connect(secure_broker.input)
+        strangers.append(sock)
+    secure_broker.wait_output("is not authorized", stderr=True)
+    secure_broker.wait_output(r"\d+ more like the last zap warning", stderr=True, timeout=15)
+    refusals = [line for line in secure_broker.stderr_lines if "not authorized" in line]
+    assert len(refusals) <= 5, f"{len(refusals)} log lines for 300 strangers"
