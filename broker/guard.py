@@ -125,7 +125,7 @@ class _Conn:
         self.peer: bytes | None = None  # the joined member's routing id
         self.consumed = HANDSHAKE_ALLOWANCE  # bytes of what we read, framing included
         self.sent = 0  # bytes of what we sent on the ROUTER, framing included
-        self.acked = -1  # bytes_acked at the last measurement
+        self.acked = 0  # bytes_acked at the last measurement
         self.stalled_since: float | None = None
         self.requests = 0.0  # stranger requests in the bucket (drains at STRANGER_RATE)
         self.requests_at = now
@@ -271,7 +271,7 @@ class Ledger:
             return None
         conn.sent += frame_cost(size)
         limit = self.limits.max_backlog
-        if limit and conn.acked >= 0 and conn.sent - conn.acked > limit:
+        if limit and conn.sent - conn.acked > limit:
             return conn.fd
         return None
 
