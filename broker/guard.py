@@ -154,6 +154,9 @@ class Ledger:
         # Connections with a deadline (join or control idle), oldest first.
         self._waiting: OrderedDict[int, _Conn] = OrderedDict()
         self.counts: dict[str, int] = {}
+        # Routing ids of members whose connection was cut but not yet reported
+        # gone: what libzmq had already queued from them is not worth reading.
+        self.severed: set[bytes] = set()
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -175,6 +178,8 @@ class Ledger:
 
     def _cut(self, conn: _Conn, reason: str) -> Cut:
         self.counts[reason] = self.counts.get(reason, 0) + 1
+        if conn.peer is not None:
+            self.severed.add(conn.peer)
         return Cut(conn.fd, conn.kind, conn.addr, reason)
 
     # ----------------------------------------------------------- lifecycle
@@ -213,6 +218,7 @@ class Ledger:
         self._waiting.pop(fd, None)
         if conn.peer is not None and self._by_peer.get(conn.peer) is conn:
             del self._by_peer[conn.peer]
+            self.severed.discard(conn.peer)
         return conn.peer
 
     def _wait(self, conn: _Conn, deadline: float) -> None:

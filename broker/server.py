@@ -468,6 +468,10 @@ class Server:
                 peer = recv(_NOBLOCK)
             except zmq.Again:
                 return
+            if ledger is not None and ledger.severed and peer in ledger.severed:
+                while more(_RCVMORE):  # queued before its connection was cut: skip it
+                    recv(_NOBLOCK)
+                continue
             # A member's payload is copied into bytes (cheapest for small
             # frames); a stranger's stays a Frame so that a join can read the
             # properties libzmq attached to it (address, descriptor, key).

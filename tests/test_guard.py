@@ -120,6 +120,9 @@ def test_unread_replies_past_the_backlog_are_cut_and_measured_when_sent() -> Non
     assert ledger.judge(7, Measure(1_500_000, 0, 0), 1.0) is None  # it reads, slowly
     cut = ledger.judge(7, Measure(200_000, 0, 0), 1.0)
     assert cut is not None and "not read" in cut.reason
+    assert ledger.severed == {b"ann"}  # what it queued meanwhile is not read
+    ledger.disconnected(7)
+    assert not ledger.severed
 
 
 def test_a_subscriber_that_stops_reading_is_cut_after_the_stall_time() -> None:
