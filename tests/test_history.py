@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from zchat.history import HistoryError, MemoryHistory, SqliteHistory, open_history
-from zchat.protocol import Join, Say
+from zchat.protocol import Join, Leave, Say
 from zchat.state import Broker, Limits
 
 
@@ -40,6 +40,7 @@ def test_age_retention(tmp_path: Path) -> None:
         store.append(event(1, ts=100))
         store.append(event(2, ts=105))
         store.append(event(3, ts=111))
+        store.commit()  # as the loop does each pass; prune never commits
         store.prune(now=116)
         assert [e["seq"] for e in store.after(0, 10)] == [3]
         store.close()
@@ -90,7 +91,7 @@ def test_open_history_picks_the_store(tmp_path: Path) -> None:
 def test_broker_resumes_seq_and_dedupe_from_a_durable_store(tmp_path: Path) -> None:
     path = tmp_path / "h.db"
     broker = Broker(history=SqliteHistory(path), now=0.0)
-    broker.handle(b"a", Join("alice"), 0.0, "10.0.0.1")
+    token = broker.handle(b"a", Join("alice"), 0.0, "10.0.0.1")[-1].body["token"]
     out = broker.handle(b"a", Say("kept", id="m1"), 1.0)
     seq = out[-1].body["seq"]
     broker.store.commit()
@@ -99,10 +100,17 @@ def test_broker_resumes_seq_and_dedupe_from_a_durable_store(tmp_path: Path) -> N
     # A new broker on the same file: same epoch, seq goes on, the id is known.
     again = Broker(history=SqliteHistory(path), now=5.0, limits=Limits())
     assert (again.epoch, again.seq) == (epoch, seq)
-    again.handle(b"b", Join("ALICE"), 5.0, "10.0.0.1")
+    # Someone else who takes the name without the token is a new sender.
+    again.handle(b"c", Join("alice"), 5.0, "10.0.0.9")
+    fresh = again.handle(b"c", Say("not a resend", id="m1"), 5.5)
+    assert fresh[-1].body["seq"] == seq + 2
+    again.handle(b"c", Leave(), 5.5)
+    # The client rejoins with its token: its lineage, and so its ids, go on.
+    again.handle(b"b", Join("ALICE", token=token), 5.0, "10.0.0.1")
     resent = again.handle(b"b", Say("kept", id="m1"), 6.0)
     assert [o.body for o in resent] == [{"type": "ack", "id": "m1", "seq": seq}]
-    assert [e["text"] for e in again.history(0) if e["type"] == "message"] == ["kept"]
+    assert [e["text"] for e in again.history(0) if e["type"] == "message"] == [
+        "kept", "not a resend"]
     again.store.close()
 
 
