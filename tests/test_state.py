@@ -142,13 +142,13 @@ def test_dedupe_survives_reconnect_and_takeover() -> None:
     again = broker.handle(B, Say("x", id="m1"), T0)
     assert published(again) == []
     assert replies(again)[0]["seq"] == seq
-    # After leaving and joining again, still remembered.
+    # After leaving, a join with the same token resumes the lineage.
     broker.handle(B, Leave(), T0)
-    join(broker, C, "A")
+    assert join(broker, C, "A", token=token)["token"] == token
     assert replies(broker.handle(C, Say("x", id="m1"), T0))[0]["seq"] == seq
 
 
-def test_dedupe_memory_is_bounded_per_name() -> None:
+def test_dedupe_memory_is_bounded_per_sender() -> None:
     broker = make(dedupe=1000)
     join(broker, A, "a")
     for i in range(1500):
@@ -377,7 +377,7 @@ def test_an_overlong_leave_reason_is_cut_to_the_text_limit() -> None:
 def test_with_keys_a_name_belongs_to_the_first_key() -> None:
     broker = make()
     broker.handle(A, Join("alice"), T0, addr="10.0.0.1", key="KEY-A")
-    broker.handle(A, Leave(), T0)
+    broker.handle(A, Leave(), T0, key="KEY-A")  # every request comes with its key
     # Another key cannot take the name, even once it is free.
     (refused,) = replies(broker.handle(B, Join("ALICE"), T0, addr="10.0.0.2", key="KEY-B"))
     assert (refused["code"], refused["detail"]) == (
