@@ -13,15 +13,17 @@ and recent message ids carry over a restart), ``open_history``.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import secrets
 import sqlite3
 import time
 from collections import deque
+from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -41,6 +43,7 @@ RECENT_IDS_SCANNED = 100_000  # events read at start for the ids of recent messa
 REPORT_EVERY = 60.0  # seconds between two log lines about the same store failure
 
 log = logging.getLogger("zchat.history")
+T = TypeVar("T")
 
 
 class History:
@@ -110,12 +113,11 @@ class MemoryHistory(History):
         if not self._events or seq >= self.last_seq:
             return []
         skip = max(0, seq - self._events[0]["seq"] + 1)
-        page = list(islice(self._events, skip, skip + limit))
-        if max_bytes:
-            pack = self._packer.pack
-            kept = _budget([pack(event) for event in page], max_bytes)
-            del page[len(kept):]
-        return page
+        page = islice(self._events, skip, skip + limit)
+        if not max_bytes:
+            return list(page)
+        pack = self._packer.pack
+        return [event for event, _ in _within(((e, len(pack(e))) for e in page), max_bytes)]
 
     def __len__(self) -> int:
         return len(self._events)
@@ -235,13 +237,12 @@ class SqliteHistory(History):
         # reply leaves with the pass, after the commit, like the events.
         try:
             rows = self._db.execute(
-                "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
-            ).fetchall()
-            packed = [(row[0], row[1]) for row in rows]
-            last = packed[-1][0] if packed else seq
-            packed += [(p[0], p[4]) for p in self._pending if p[0] > last]
-            page = _budget([body for _, body in packed[:limit]], max_bytes)
-            return [msgpack.unpackb(body) for body in page]
+                "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
+            pending = ((p[0], p[4]) for p in self._pending if p[0] > seq)
+            # The cursor is read only as far as the budget goes.
+            bodies = (body for _, body in heapq.merge(rows, pending))
+            page = _within(((body, len(body)) for body in islice(bodies, limit)), max_bytes)
+            return [msgpack.unpackb(body) for body, _ in page]
         except (sqlite3.Error, ValueError, msgpack.ExtraData) as exc:
             raise self._failure("read", exc) from exc
 
@@ -289,16 +290,20 @@ class SqliteHistory(History):
         return HistoryError(f"history {what} failed: {exc}")
 
 
-def _budget(bodies: list[bytes], max_bytes: int) -> list[bytes]:
-    """The longest prefix of ``bodies`` within ``max_bytes`` (at least one; 0: all)."""
-    if not max_bytes:
-        return bodies
+def _within(sized: Iterable[tuple[T, int]], max_bytes: int) -> list[tuple[T, int]]:
+    """The items of ``sized`` (item, size) up to ``max_bytes`` in all; 0: all.
+
+    The first item comes whatever its size, so a reader paging on always
+    moves forward. Reads ``sized`` no further than it keeps.
+    """
+    kept: list[tuple[T, int]] = []
     total = 0
-    for count, body in enumerate(bodies):
-        total += len(body)
-        if total > max_bytes and count:
-            return bodies[:count]
-    return bodies
+    for item in sized:
+        total += item[1]
+        if max_bytes and total > max_bytes and kept:
+            break
+        kept.append(item)
+    return kept
 
 
 def default_db_path() -> Path:
