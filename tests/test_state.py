@@ -607,3 +607,16 @@ def test_a_store_that_cannot_read_costs_one_request() -> None:
     assert (reply["code"], reply["id"]) == ("unavailable", "h")
     assert published(broker.tick(T0 + 1), BROKER_TOPIC)  # prune failing stops nothing
     assert replies(broker.handle(A, Ping(), T0))[0]["type"] == "pong"
+
+
+def test_rate_buckets_expire_once_full_again_and_are_bounded() -> None:
+    broker = make(rate=10, burst=20, join_rate=0)
+    for n in range(50):
+        peer = b"x%d" % n
+        broker.handle(peer, Join(f"u{n}"), T0, addr=f"10.1.{n}.1")
+        broker.handle(peer, Say("x"), T0)
+    assert broker.statistics(T0).buckets == 100  # a name and an address each
+    # Two seconds on, every bucket is full again: each take drops old ones.
+    for _ in range(60):
+        broker.handle(b"x0", Say("x"), T0 + 3)
+    assert broker.statistics(T0 + 3).buckets <= 3

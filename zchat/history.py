@@ -279,7 +279,10 @@ class SqliteHistory(History):
             if self._broken is None:
                 self.commit()
         finally:
-            self._db.close()
+            try:
+                self._db.close()
+            except sqlite3.Error as exc:
+                raise HistoryError(f"cannot close history database {self.path}: {exc}") from exc
 
     def _failure(self, what: str, exc: Exception) -> HistoryError:
         """A ``HistoryError``, logged once a minute per kind, not once per request."""

@@ -173,8 +173,9 @@ class TokenBucket:
 class _Budgets:
     """Token buckets by (kind, identity), least recently used first, at most ``size``.
 
-    A bucket idle long enough is full again, the same as a new one, so the
-    LRU forgets mostly what costs nothing to forget.
+    A bucket idle long enough to be full again is the same as a new one:
+    each ``take`` drops such buckets from the old end (expiry costs nothing
+    and loses nothing), and past ``size`` the least recently used goes.
     """
 
     def __init__(self, size: int = BUCKETS_KEPT) -> None:
@@ -186,6 +187,7 @@ class _Budgets:
 
     def take(self, wants: list[tuple[tuple[str, str], float, int]], now: float) -> bool:
         """One token from each bucket in ``wants`` (key, rate, burst), or none at all."""
+        self._expire(now)
         buckets = []
         for key, rate, burst in wants:
             bucket = self._buckets.get(key)
@@ -201,6 +203,13 @@ class _Budgets:
         for bucket in buckets:
             bucket.tokens -= 1.0
         return True
+
+    def _expire(self, now: float, most: int = 2) -> None:
+        for _ in range(most):
+            oldest = next(iter(self._buckets.values()), None)
+            if oldest is None or oldest.refill(now) < oldest.burst:
+                return
+            self._buckets.popitem(last=False)
 
     def forget(self, identity: str) -> None:
         for key in [key for key in self._buckets if key[1] == identity]:
