@@ -327,6 +327,12 @@ class Broker:
         self._owners: dict[str, _Binding] = {}
         self._names_of: dict[str, OrderedDict[str, None]] = {}
         self._budgets = _Budgets()
+        limits = self.limits
+        self._rates: dict[str, tuple[float, int, str]] = {
+            _MESSAGE: (limits.rate, limits.burst, "messages"),
+            _QUERY: (limits.query_rate, limits.query_burst, "history or who requests"),
+            _JOIN: (limits.join_rate, limits.join_burst, "joins"),
+        }
         self._dedupe = _Dedupe(self.limits.dedupe, self.limits.dedupe_total)
         self._history = history if history is not None else MemoryHistory(self.limits.history)
         if epoch is not None:
@@ -613,15 +619,6 @@ class Broker:
         if not self._budgets.take(wants, now):
             raise ProtocolError(ErrorCode.RATE_LIMITED,
                                 f"more than {burst} {what} at once or {rate:g}/s; refused")
-
-    @property
-    def _rates(self) -> dict[str, tuple[float, int, str]]:
-        limits = self.limits
-        return {
-            _MESSAGE: (limits.rate, limits.burst, "messages"),
-            _QUERY: (limits.query_rate, limits.query_burst, "history or who requests"),
-            _JOIN: (limits.join_rate, limits.join_burst, "joins"),
-        }
 
     def _origin(self, member: _Member) -> Origin:
         return Origin(member.addr, member.key)
