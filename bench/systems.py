@@ -78,6 +78,7 @@ def _argv(name: str, data_dir: str) -> list[str]:
         # message ids from an earlier run.
         argv = [py, "-m", "zchat.broker.main", "--input", LOOPBACK, "--broadcast", LOOPBACK,
                 "--control", LOOPBACK, "--rate", "0", "--max-per-address", "0",
+                "--join-rate", "0", "--query-rate", "0",
                 "--db", f"{data_dir}/history.db"]
         if name == "zchat-batch":
             return [*argv, "--quiet", "--coalesce", str(COALESCE)]

@@ -9,8 +9,8 @@ another operator, the request is sent again on a new connection until the
 deadline; the broker answers a repeated ``id`` from its memory instead of
 running the command twice.
 
-Control frames are MessagePack maps: ``{type: stats|who|kick|say|shutdown,
-id, name?, reason?, text?}``; replies are ``{type: result, id, ...}`` or
+Control frames are MessagePack maps: ``{type: stats|who|kick|say|release|
+shutdown, id, name?, reason?, text?}``; replies are ``{type: result, id, ...}`` or
 ``{type: error, id, code, detail}``.
 """
 
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     kick.add_argument("reason", nargs="*", help="shown to everyone")
     say = sub.add_parser("say", help="announce a notice to the room")
     say.add_argument("text", nargs="+")
+    release = sub.add_parser("release", help="free a name from the CURVE key it is bound to")
+    release.add_argument("name")
     sub.add_parser("shutdown", help="stop the broker cleanly")
     return p
 
@@ -129,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     request: dict[str, Any] = {"type": args.command}
+    if args.command == "release":
+        request["name"] = args.name
     if args.command == "kick":
         request["name"] = args.name
         if args.reason:

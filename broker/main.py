@@ -144,6 +144,41 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--burst", metavar="N", type=int,
                      default=env_default("burst", limits.burst, int),
                      help="messages at once before the rate applies (default: %(default)s)")
+    lim.add_argument("--query-rate", metavar="PER_SECOND", type=float,
+                     default=env_default("query-rate", limits.query_rate, float),
+                     help="`history` and `who` requests per second, sustained (default: "
+                          "%(default)s)")
+    lim.add_argument("--query-burst", metavar="N", type=int,
+                     default=env_default("query-burst", limits.query_burst, int),
+                     help="`history` and `who` requests at once (default: %(default)s)")
+    lim.add_argument("--join-rate", metavar="PER_SECOND", type=float,
+                     default=env_default("join-rate", limits.join_rate, float),
+                     help="joins per second, sustained (default: %(default)s)")
+    lim.add_argument("--join-burst", metavar="N", type=int,
+                     default=env_default("join-burst", limits.join_burst, int),
+                     help="joins at once (default: %(default)s)")
+    lim.add_argument("--address-budget", metavar="N", type=int,
+                     default=env_default("address-budget", limits.per_address, int),
+                     help="one IP address may spend N persons' worth of each rate above "
+                          "(several people may share an address; default: %(default)s)")
+    lim.add_argument("--page-bytes", metavar="BYTES", type=int,
+                     default=env_default("page-bytes", limits.page_bytes, int),
+                     help="bytes of events in one `history` reply, at least one event "
+                          "(default: %(default)s)")
+    lim.add_argument("--dedupe", metavar="N", type=int,
+                     default=env_default("dedupe", limits.dedupe, int),
+                     help="request ids remembered per sender, so a resend is not "
+                          "delivered twice (default: %(default)s)")
+    lim.add_argument("--dedupe-total", metavar="N", type=int,
+                     default=env_default("dedupe-total", limits.dedupe_total, int),
+                     help="request ids remembered across all senders (default: %(default)s)")
+    lim.add_argument("--names-per-key", metavar="N", type=int,
+                     default=env_default("names-per-key", limits.names_per_key, int),
+                     help="CURVE: names one client key may hold (default: %(default)s)")
+    lim.add_argument("--name-ttl", metavar="SECONDS", type=float,
+                     default=env_default("name-ttl", limits.name_ttl, float),
+                     help="CURVE: a name unused this long is no longer bound to its key "
+                          "(default: %(default)s)")
     conn = ConnectionLimits()
     net = p.add_argument_group("limits per connection and address (0 turns one off)")
     net.add_argument("--max-per-address", metavar="N", type=int,
@@ -176,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    for name in ("max_text", "max_frame", "rate", "burst", "history"):
+    for name in ("max_text", "max_frame", "rate", "burst", "history", "query_rate",
+                 "query_burst", "join_rate", "join_burst", "address_budget", "page_bytes",
+                 "dedupe", "dedupe_total", "names_per_key", "name_ttl"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
     return Config(
@@ -190,6 +227,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
             rate=args.rate,
             burst=args.burst,
             history=args.history,
+            query_rate=args.query_rate,
+            query_burst=args.query_burst,
+            join_rate=args.join_rate,
+            join_burst=args.join_burst,
+            per_address=args.address_budget,
+            page_bytes=args.page_bytes,
+            dedupe=args.dedupe,
+            dedupe_total=args.dedupe_total,
+            names_per_key=args.names_per_key,
+            name_ttl=args.name_ttl,
         ),
         hide_addresses=args.hide_addresses,
         advertise=args.advertise,

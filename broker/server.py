@@ -346,7 +346,12 @@ class Server:
             self._release(state)
         finally:
             self._flush_screen(wait=2.0)
-            state.store.close()
+            try:
+                state.store.close()
+            except HistoryError as exc:
+                if self.failure is None:
+                    log.critical("%s", exc)
+                    self.failure = str(exc)
             self.close()
 
     def _drain_monitors(self) -> None:
@@ -370,16 +375,18 @@ class Server:
         Nothing of the pass is published or acked before the commit returned,
         so no client ever sees a seq that a crash could take back.
         """
-        if self._outbox:
+        if self._outbox and self.failure is None:
             try:
                 state.store.commit()
             except HistoryError as exc:
                 # Acking what is not stored would be a lie: stop, loudly.
                 log.critical("%s; stopping without acking the last events", exc)
-                self._outbox.clear()
                 self.failure = str(exc)
                 self.stop()
-                return
+        if self._outbox and self.failure is not None:
+            # The store failed: nothing naming a seq goes out, only the goodbyes.
+            self._outbox = [o for o in self._outbox if o.body["type"] in ("bye", "shutdown")]
+        if self._outbox:
             out, self._outbox = self._outbox, []
             self._transmit(out)
         self._flush_batch()
@@ -476,7 +483,9 @@ class Server:
             # frames); a stranger's stays a Frame so that a join can read the
             # properties libzmq attached to it (address, descriptor, key).
             stranger = not state.is_member(peer)
-            payload = recv(_NOBLOCK, copy=not stranger) if more(_RCVMORE) else b""
+            # Under CURVE every request's key is checked (User-Id of the frame).
+            framed = stranger or self.auth is not None
+            payload = recv(_NOBLOCK, copy=not framed) if more(_RCVMORE) else b""
             size = len(payload)
             extra = 0
             while more(_RCVMORE):
@@ -508,8 +517,9 @@ class Server:
                 self._send([state.error(peer, exc.code, exc.detail, rid)])
                 continue
             addr, key = "", None
-            if stranger and isinstance(payload, zmq.Frame) and body["type"] == "join":
-                addr = _peer_address(payload)
+            if isinstance(payload, zmq.Frame):
+                if stranger and body["type"] == "join":
+                    addr = _peer_address(payload)
                 if self.auth is not None:
                     # Our ZAP handler made the client's public key its User-Id.
                     key = _frame_property(payload, "User-Id")
@@ -681,6 +691,16 @@ class Server:
                 return _control_error("bad_request", "say needs a text")
             self._send(state.notice(text, now))
             return {}
+        if cmd == "release":
+            name = body.get("name")
+            if not isinstance(name, str):
+                return _control_error("bad_request", "release needs a name")
+            try:
+                key = state.release(name)
+            except ProtocolError as exc:
+                return _control_error(exc.code, exc.detail)
+            log.info("operator released %s from key %s", name, key)
+            return {"key": key}
         if cmd == "shutdown":
             log.info("operator asked for shutdown")
             self.stop()

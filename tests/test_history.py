@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from zchat.history import HistoryError, MemoryHistory, SqliteHistory, open_history
-from zchat.protocol import Join, Say
+from zchat.protocol import Join, Leave, Say
 from zchat.state import Broker, Limits
 
 
@@ -40,6 +40,7 @@ def test_age_retention(tmp_path: Path) -> None:
         store.append(event(1, ts=100))
         store.append(event(2, ts=105))
         store.append(event(3, ts=111))
+        store.commit()  # as the loop does each pass; prune never commits
         store.prune(now=116)
         assert [e["seq"] for e in store.after(0, 10)] == [3]
         store.close()
@@ -90,7 +91,7 @@ def test_open_history_picks_the_store(tmp_path: Path) -> None:
 def test_broker_resumes_seq_and_dedupe_from_a_durable_store(tmp_path: Path) -> None:
     path = tmp_path / "h.db"
     broker = Broker(history=SqliteHistory(path), now=0.0)
-    broker.handle(b"a", Join("alice"), 0.0, "10.0.0.1")
+    token = broker.handle(b"a", Join("alice"), 0.0, "10.0.0.1")[-1].body["token"]
     out = broker.handle(b"a", Say("kept", id="m1"), 1.0)
     seq = out[-1].body["seq"]
     broker.store.commit()
@@ -99,10 +100,17 @@ def test_broker_resumes_seq_and_dedupe_from_a_durable_store(tmp_path: Path) -> N
     # A new broker on the same file: same epoch, seq goes on, the id is known.
     again = Broker(history=SqliteHistory(path), now=5.0, limits=Limits())
     assert (again.epoch, again.seq) == (epoch, seq)
-    again.handle(b"b", Join("ALICE"), 5.0, "10.0.0.1")
+    # Someone else who takes the name without the token is a new sender.
+    again.handle(b"c", Join("alice"), 5.0, "10.0.0.9")
+    fresh = again.handle(b"c", Say("not a resend", id="m1"), 5.5)
+    assert fresh[-1].body["seq"] == seq + 2
+    again.handle(b"c", Leave(), 5.5)
+    # The client rejoins with its token: its lineage, and so its ids, go on.
+    again.handle(b"b", Join("ALICE", token=token), 5.0, "10.0.0.1")
     resent = again.handle(b"b", Say("kept", id="m1"), 6.0)
     assert [o.body for o in resent] == [{"type": "ack", "id": "m1", "seq": seq}]
-    assert [e["text"] for e in again.history(0) if e["type"] == "message"] == ["kept"]
+    assert [e["text"] for e in again.history(0) if e["type"] == "message"] == [
+        "kept", "not a resend"]
     again.store.close()
 
 
@@ -112,3 +120,96 @@ def test_fsync_asks_sqlite_for_full_synchronous_commits(tmp_path: Path) -> None:
         assert store._db.execute("PRAGMA synchronous").fetchone()[0] == level
         assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         store.close()
+
+
+def test_last_seq_survives_retention_that_pruned_everything(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    first = SqliteHistory(path, keep=0, max_age=2.0)
+    for seq in range(1, 7):
+        first.append(event(seq, ts=100.0))
+    first.commit()
+    first.prune(now=103.0)
+    assert len(first) == 0
+    first.close()
+    second = SqliteHistory(path, keep=0, max_age=2.0)
+    assert second.last_seq == 6  # never 0: seq 1..6 were acked under this epoch
+    second.close()
+
+
+def test_pages_are_bounded_in_bytes(store: MemoryHistory | SqliteHistory) -> None:
+    for seq in range(1, 6):
+        store.append(event(seq, text="y" * 1000))
+    store.commit()
+    assert [e["seq"] for e in store.after(0, 100, max_bytes=2500)] == [1, 2]
+    assert [e["seq"] for e in store.after(0, 100, max_bytes=10)] == [1]  # one at least
+    assert len(store.after(0, 100)) == 5
+    store.close()
+
+
+def test_uncommitted_events_are_served_without_committing(tmp_path: Path) -> None:
+    store = SqliteHistory(tmp_path / "h.db")
+    store.append(event(1))
+    store.commit()
+    store.append(event(2))
+    assert [e["seq"] for e in store.after(0, 10)] == [1, 2]
+    assert store._db.execute("SELECT count(*) FROM events").fetchone()[0] == 1
+    store.close()
+
+
+def corrupt(path: Path) -> None:
+    """Overwrite pages of the first third with garbage, as a bad disk would.
+
+    Not the last pages: finding the highest seq reads only those, so this
+    is the corruption that a broker which only read max(seq) opened happily.
+    """
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        # Pages 1-4 are the schema, meta and the events root; leaves follow.
+        for page in range(8, size // 4096 // 3, 2):
+            f.seek(page * 4096)
+            f.write(bytes([0xA5]) * 4096)
+
+
+def fill(path: Path, events: int = 400) -> None:
+    store = SqliteHistory(path)
+    for seq in range(1, events + 1):
+        store.append(event(seq, text="z" * 1000), "someone", f"id{seq}")
+    store.commit()
+    store.close()
+
+
+def test_a_corrupt_database_is_a_history_error_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    fill(path)
+    corrupt(path)
+    with pytest.raises(HistoryError, match="cannot open history database"):
+        SqliteHistory(path)
+
+
+def test_a_failed_read_is_a_history_error(tmp_path: Path) -> None:
+    store = SqliteHistory(tmp_path / "h.db")
+    store._db.close()  # any sqlite3 error will do: this one is certain
+    with pytest.raises(HistoryError, match="history read failed"):
+        store.after(0, 10)
+    with pytest.raises(HistoryError):
+        store.prune(0.0)
+
+
+def test_a_failed_commit_breaks_the_store_and_close_is_quiet(tmp_path: Path) -> None:
+    store = SqliteHistory(tmp_path / "h.db")
+    store.append(event(1))
+    store.commit()
+    # The database may not grow past its current pages: the next commit is "disk full".
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count={pages}")
+    for seq in range(2, 200):
+        store.append(event(seq, text="w" * 4000))
+    with pytest.raises(HistoryError, match="cannot write history"):
+        store.commit()
+    with pytest.raises(HistoryError):
+        store.commit()  # broken: nothing more is written
+    store.append(event(300))
+    store.close()  # no second error on the way out
+    again = SqliteHistory(tmp_path / "h.db")
+    assert again.last_seq == 1  # what failed was never stored
+    again.close()

@@ -110,7 +110,8 @@ def test_slow_subscriber_does_not_hold_others_back_and_recovers(
 ) -> None:
     # A 2 s heartbeat (6 s of silence allowed): the slow client's DEALER is
     # alive and pings between phases; only its SUB stops reading.
-    broker = start_broker("--rate", "0", "--heartbeat", "2", "--history", "50000")
+    broker = start_broker("--rate", "0", "--heartbeat", "2", "--history", "50000",
+                          "--query-rate", "0")
     slow = RawClient(ctx, broker)
     slow.sub.setsockopt(zmq.RCVHWM, 100)  # and then it stops reading
     slow.sub.setsockopt(zmq.RCVBUF, 4096)
@@ -177,7 +178,7 @@ def test_reconnect_storm_1000_clients_resume(tmp_path: Path,
     n = 1000
     db = str(tmp_path / "storm.db")
     first = start_broker("--db", db, "--heartbeat", "2", "--rate", "0",
-                         "--max-per-address", "0")
+                         "--max-per-address", "0", "--join-rate", "0")
     ctx: zmq.Context[Any] = zmq.Context()
     ctx.setsockopt(zmq.MAX_SOCKETS, 4 * n + 100)
     dealers: list[zmq.Socket[Any]] = []
@@ -215,7 +216,8 @@ def test_reconnect_storm_1000_clients_resume(tmp_path: Path,
         first.proc.wait(10)
         second = launch_broker("--input", first.input, "--broadcast", first.broadcast,
                                "--control", "tcp://127.0.0.1:0", "--db", db,
-                               "--heartbeat", "2", "--rate", "0", "--max-per-address", "0")
+                               "--heartbeat", "2", "--rate", "0", "--max-per-address", "0",
+                               "--join-rate", "0")
         # Every DEALER reconnects by itself; all rejoin at once with their since.
         again = join_all(last_seen, 60)
         assert len(again) == n, f"only {len(again)} of {n} were welcomed back"

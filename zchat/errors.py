@@ -5,6 +5,8 @@
     ZchatError
     ├── ProtocolError          a peer sent something the protocol forbids
     │                          (code: one of the protocol's error codes)
+    ├── HistoryError           the history store failed (cannot open, read
+    │                          or write its database)
     └── ClientError            raised by the client library
         ├── RequestFailed      the broker answered a request with ``error``
         │   ├── NameTaken
@@ -14,7 +16,10 @@
         └── ClientClosed       the client was closed (or kicked, replaced)
 
 ``ProtocolError`` is what the broker catches around one peer's frame: it
-answers that peer with ``error`` and carries on. The client library raises
+answers that peer with ``error`` and carries on. ``HistoryError`` is the one
+error of the store, whatever SQLite said: at start the broker exits 4; a
+failed read costs one request (``unavailable``); a failed write stops the
+broker without acking what it could not store. The client library raises
 ``RequestFailed`` subclasses so that bot authors can catch what they expect.
 """
 
@@ -24,6 +29,7 @@ __all__ = [
     "BrokerUnreachable",
     "ClientClosed",
     "ClientError",
+    "HistoryError",
     "NameTaken",
     "NoSuchUser",
     "ProtocolError",
@@ -44,6 +50,10 @@ class ProtocolError(ZchatError):
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
+
+
+class HistoryError(ZchatError):
+    """The history store cannot be opened, read or written."""
 
 
 class ClientError(ZchatError):

@@ -13,17 +13,21 @@ and recent message ids carry over a restart), ``open_history``.
 
 from __future__ import annotations
 
+import heapq
+import logging
 import os
 import secrets
 import sqlite3
+import time
 from collections import deque
+from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
-from zchat.errors import ZchatError
+from zchat.errors import HistoryError
 
 __all__ = [
     "History",
@@ -35,10 +39,11 @@ __all__ = [
 ]
 
 MEMORY = ":memory:"
+RECENT_IDS_SCANNED = 100_000  # events read at start for the ids of recent messages
+REPORT_EVERY = 60.0  # seconds between two log lines about the same store failure
 
-
-class HistoryError(ZchatError):
-    """The history store cannot be opened or written."""
+log = logging.getLogger("zchat.history")
+T = TypeVar("T")
 
 
 class History:
@@ -62,8 +67,12 @@ class History:
         """Keep ``event`` (its ``seq`` is ``last_seq + 1``)."""
         raise NotImplementedError
 
-    def after(self, seq: int, limit: int) -> list[dict[str, Any]]:
-        """Kept events with seq above ``seq``, ascending, at most ``limit``."""
+    def after(self, seq: int, limit: int, max_bytes: int = 0) -> list[dict[str, Any]]:
+        """Kept events with seq above ``seq``, ascending, at most ``limit``.
+
+        ``max_bytes`` bounds the packed size of the page (0: no bound); the
+        first event is returned whatever its size, so paging always moves on.
+        """
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -75,8 +84,12 @@ class History:
     def prune(self, now: float) -> None:
         """Forget events past the count or age limit."""
 
-    def recent_ids(self, per_name: int) -> dict[str, list[tuple[str, int]]]:
-        """(id, seq) of the last messages of each sender, oldest first."""
+    def recent_ids(self, per_sender: int) -> dict[str, list[tuple[str, int]]]:
+        """(id, seq) of the last messages of each sender, oldest first.
+
+        A sender is the dedupe lineage the broker stored with each message
+        (see ``zchat.state``), never a bare name.
+        """
         return {}
 
     def close(self) -> None:
@@ -89,17 +102,22 @@ class MemoryHistory(History):
     def __init__(self, keep: int = 10_000, max_age: float = 0.0) -> None:
         super().__init__(keep, max_age)
         self._events: deque[dict[str, Any]] = deque(maxlen=keep or None)
+        self._packer = msgpack.Packer(use_bin_type=True)
 
     def append(self, event: dict[str, Any], sender: str | None = None,
                rid: str | None = None) -> None:
         self._events.append(event)
         self.last_seq = event["seq"]
 
-    def after(self, seq: int, limit: int) -> list[dict[str, Any]]:
+    def after(self, seq: int, limit: int, max_bytes: int = 0) -> list[dict[str, Any]]:
         if not self._events or seq >= self.last_seq:
             return []
         skip = max(0, seq - self._events[0]["seq"] + 1)
-        return list(islice(self._events, skip, skip + limit))
+        page = islice(self._events, skip, skip + limit)
+        if not max_bytes:
+            return list(page)
+        pack = self._packer.pack
+        return [event for event, _ in _within(((e, len(pack(e))) for e in page), max_bytes)]
 
     def __len__(self) -> int:
         return len(self._events)
@@ -112,11 +130,12 @@ class MemoryHistory(History):
 
 
 _SCHEMA = """
+-- meta: 'epoch', and 'last_seq' (kept even when every event is pruned)
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY,   -- consecutive per room; v1 has one room
     ts REAL NOT NULL,
-    sender TEXT,               -- folded name of a message's sender, for dedupe
+    sender TEXT,               -- the sender's dedupe lineage (see zchat.state)
     rid TEXT,                  -- the request id of that message
     body BLOB NOT NULL         -- the event as published (MessagePack)
 );
@@ -131,6 +150,16 @@ class SqliteHistory(History):
     ``synchronous=FULL``) also survives a power cut, at the price of an
     fsync per commit; without it (``NORMAL``) a killed process loses
     nothing committed, a crashed machine may lose the last commits.
+
+    The last seq is kept in ``meta`` by the same commit as the events, so
+    it survives even when retention has pruned every event: a seq once
+    acked is never given again under the same epoch.
+
+    Every failure is a ``HistoryError``. Opening reads the whole events
+    table once (its count and the recent ids), so a corrupt database is
+    found at start; a read that fails later costs that request only; a
+    failed commit marks the store broken: nothing more is written, and the
+    broker stops without acking what it could not store.
     """
 
     durable = True
@@ -141,12 +170,17 @@ class SqliteHistory(History):
         self.path = str(path)
         self._pending: list[tuple[int, float, str | None, str | None, bytes]] = []
         self._packer = msgpack.Packer(use_bin_type=True)
+        self._broken: str | None = None
+        self._said: dict[str, float] = {}
         try:
             if self.path != MEMORY:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             # A short busy timeout: a database held by another broker is an
             # error to report at once, not a lock to wait for.
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=0.5)
+        except (sqlite3.Error, OSError) as exc:
+            raise HistoryError(f"cannot open history database {self.path}: {exc}") from exc
+        try:
             self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
@@ -159,9 +193,18 @@ class SqliteHistory(History):
             else:
                 self.epoch = row[0]
             self._db.execute("COMMIT")
-            self.last_seq = self._db.execute("SELECT coalesce(max(seq), 0) FROM events"
-                                             ).fetchone()[0]
-        except sqlite3.Error as exc:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
+            kept_seq, stored = self._db.execute(
+                "SELECT coalesce(max(seq), 0), count(*) FROM events").fetchone()
+            self._stored: int = stored
+            self.last_seq = max(int(row[0]) if row is not None else 0, kept_seq)
+            # Read now, while a failure is still a clean exit 4.
+            self._recent: list[tuple[str, str, int]] = self._db.execute(
+                "SELECT sender, rid, seq FROM events WHERE rid IS NOT NULL "
+                "AND seq > ? ORDER BY seq", (self.last_seq - RECENT_IDS_SCANNED,)
+            ).fetchall()
+        except (sqlite3.Error, ValueError) as exc:
+            self._db.close()
             raise HistoryError(f"cannot open history database {self.path}: {exc}") from exc
 
     def append(self, event: dict[str, Any], sender: str | None = None,
@@ -171,52 +214,99 @@ class SqliteHistory(History):
         self.last_seq = event["seq"]
 
     def commit(self) -> None:
+        if self._broken is not None:
+            raise HistoryError(self._broken)
         if not self._pending:
             return
         try:
             with self._db:
                 self._db.execute("BEGIN")
                 self._db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)", self._pending)
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)",
+                                 (str(self.last_seq),))
         except sqlite3.Error as exc:
-            raise HistoryError(f"cannot write history to {self.path}: {exc}") from exc
+            # What failed to commit was never acked; nothing more is written.
+            self._broken = f"cannot write history to {self.path}: {exc}"
+            self._pending.clear()
+            raise HistoryError(self._broken) from exc
+        self._stored += len(self._pending)
         self._pending.clear()
 
-    def after(self, seq: int, limit: int) -> list[dict[str, Any]]:
-        self.commit()
-        rows = self._db.execute(
-            "SELECT body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
-        ).fetchall()
-        return [msgpack.unpackb(row[0]) for row in rows]
+    def after(self, seq: int, limit: int, max_bytes: int = 0) -> list[dict[str, Any]]:
+        # Events of this pass not yet committed are served from memory: the
+        # reply leaves with the pass, after the commit, like the events.
+        try:
+            rows = self._db.execute(
+                "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
+            pending = ((p[0], p[4]) for p in self._pending if p[0] > seq)
+            # The cursor is read only as far as the budget goes.
+            bodies = (body for _, body in heapq.merge(rows, pending))
+            page = _within(((body, len(body)) for body in islice(bodies, limit)), max_bytes)
+            return [msgpack.unpackb(body) for body, _ in page]
+        except (sqlite3.Error, ValueError, msgpack.ExtraData) as exc:
+            raise self._failure("read", exc) from exc
 
     def __len__(self) -> int:
-        self.commit()
-        count: int = self._db.execute("SELECT count(*) FROM events").fetchone()[0]
-        return count
+        return self._stored + len(self._pending)
 
     def prune(self, now: float) -> None:
-        self.commit()
-        with self._db:
-            self._db.execute("BEGIN")
-            if self.keep:
-                self._db.execute("DELETE FROM events WHERE seq <= ?", (self.last_seq - self.keep,))
-            if self.max_age:
-                self._db.execute("DELETE FROM events WHERE ts < ?", (now - self.max_age,))
+        if self._broken is not None:
+            return
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                deleted = 0
+                if self.keep:
+                    deleted += self._db.execute(
+                        "DELETE FROM events WHERE seq <= ?", (self.last_seq - self.keep,)
+                    ).rowcount
+                if self.max_age:
+                    deleted += self._db.execute(
+                        "DELETE FROM events WHERE ts < ?", (now - self.max_age,)).rowcount
+        except sqlite3.Error as exc:
+            raise self._failure("prune", exc) from exc
+        self._stored -= deleted
 
-    def recent_ids(self, per_name: int) -> dict[str, list[tuple[str, int]]]:
-        rows = self._db.execute(
-            "SELECT sender, rid, seq FROM events WHERE rid IS NOT NULL "
-            "AND seq > ? ORDER BY seq", (self.last_seq - 100_000,)
-        ).fetchall()
+    def recent_ids(self, per_sender: int) -> dict[str, list[tuple[str, int]]]:
         ids: dict[str, list[tuple[str, int]]] = {}
-        for sender, rid, seq in rows:
+        for sender, rid, seq in self._recent:
             ids.setdefault(sender, []).append((rid, seq))
-        return {name: pairs[-per_name:] for name, pairs in ids.items()}
+        self._recent = []  # needed once, at start
+        return {sender: pairs[-per_sender:] for sender, pairs in ids.items()}
 
     def close(self) -> None:
         try:
-            self.commit()
+            if self._broken is None:
+                self.commit()
         finally:
-            self._db.close()
+            try:
+                self._db.close()
+            except sqlite3.Error as exc:
+                raise HistoryError(f"cannot close history database {self.path}: {exc}") from exc
+
+    def _failure(self, what: str, exc: Exception) -> HistoryError:
+        """A ``HistoryError``, logged once a minute per kind, not once per request."""
+        now = time.monotonic()
+        if now - self._said.get(what, -REPORT_EVERY) >= REPORT_EVERY:
+            self._said[what] = now
+            log.error("history %s failed in %s: %s (said once a minute)", what, self.path, exc)
+        return HistoryError(f"history {what} failed: {exc}")
+
+
+def _within(sized: Iterable[tuple[T, int]], max_bytes: int) -> list[tuple[T, int]]:
+    """The items of ``sized`` (item, size) up to ``max_bytes`` in all; 0: all.
+
+    The first item comes whatever its size, so a reader paging on always
+    moves forward. Reads ``sized`` no further than it keeps.
+    """
+    kept: list[tuple[T, int]] = []
+    total = 0
+    for item in sized:
+        total += item[1]
+        if max_bytes and total > max_bytes and kept:
+            break
+        kept.append(item)
+    return kept
 
 
 def default_db_path() -> Path:

@@ -97,6 +97,9 @@ class ErrorCode:
     RATE_LIMITED: Final = "rate_limited"
     NO_SUCH_USER: Final = "no_such_user"
     INTERNAL: Final = "internal"  # the broker failed on this request (its bug, not yours)
+    # Additions (a v1 client treats an unknown code as a plain failure):
+    TOO_MANY_NAMES: Final = "too_many_names"  # CURVE: this key holds its limit of names
+    UNAVAILABLE: Final = "unavailable"  # the broker's store failed this request; retry later
 
 
 # --------------------------------------------------------------------------

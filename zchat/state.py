@@ -1,13 +1,38 @@
 """The broker's logic as a pure object: requests in, frames to send out.
 
-``Broker.handle(peer, request, now, addr)`` takes one decoded request from
-one peer (its ZeroMQ routing id) and returns the list of ``Outgoing`` frames
-it causes: ``Reply`` to one peer's DEALER, ``Publish`` to every SUB. It never
-touches a socket and never reads the clock: ``now`` (wall-clock seconds, the
-``ts`` of events) is a parameter, so tests
-of heartbeats, expiry and rate limits run without sleeping. ``tick(now)``
-does the timed work (heartbeats, dropping silent clients) and
-``next_deadline()`` tells the loop how long it may sleep.
+``Broker.handle(peer, request, now, addr, key)`` takes one decoded request
+from one peer (its ZeroMQ routing id, with the address and CURVE key of the
+connection behind it) and returns the list of ``Outgoing`` frames it causes:
+``Reply`` to one peer's DEALER, ``Publish`` to every SUB. It never touches a
+socket and never reads the clock: ``now`` (wall-clock seconds, the ``ts`` of
+events) is a parameter, so tests of heartbeats, expiry and rate limits run
+without sleeping. ``tick(now)`` does the timed work (heartbeats, dropping
+silent clients) and ``next_deadline()`` tells the loop how long it may sleep.
+
+Who is who, and what an attacker cannot borrow:
+
+- A member's session is bound to the connection it joined on (routing id,
+  and under CURVE the key). When the shell reports the connection gone
+  (``disconnected``), the member stays in the room until it times out, but
+  nothing arriving under that routing id speaks for it any more: only a
+  ``join`` with its token takes the session back. Under CURVE a request
+  must also come with the key the member joined with.
+- Rate limits follow the person, not the session: token buckets keyed by
+  the folded name and by the address (or, under CURVE, the key), kept in a
+  bounded LRU, so leave/join, reconnects and takeovers start no fresh
+  bucket. Messages and dms, ``history`` and ``who``, and joins draw from
+  three separate budgets; an address gets ``Limits.per_address`` times a
+  person's budget, since a NAT can hide several honest people.
+- Dedupe follows the sender's lineage, which only the sender can continue:
+  under CURVE its key and name, otherwise its token (kept across takeovers
+  and resumes, so a resend after a reconnect or a broker restart is still
+  recognised). Whoever held a name before cannot poison the next holder's
+  ids. Message ids and dm ids are separate, and all ids together are
+  bounded (``Limits.dedupe_total``, least recently used forgotten first).
+- Under CURVE a name belongs to the key that took it, a key holds at most
+  ``Limits.names_per_key`` names (a new one recycles its least recently
+  used free one), a binding unused for ``Limits.name_ttl`` lapses, and
+  ``release(name)`` lets the operator free one. Bindings live in memory.
 
 Defines: ``Limits``, ``Reply``, ``Publish``, ``Outgoing``, ``Broker``,
 ``Statistics``, ``TokenBucket``.
@@ -15,14 +40,15 @@ Defines: ``Limits``, ``Reply``, ``Publish``, ``Outgoing``, ``Broker``,
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, TypeAlias
 
-from zchat.errors import ProtocolError
+from zchat.errors import HistoryError, ProtocolError
 from zchat.history import History, MemoryHistory
 from zchat.protocol import (
     BROKER_TOPIC,
@@ -46,7 +72,7 @@ __all__ = ["Broker", "Limits", "Outgoing", "Publish", "Reply", "Statistics", "To
 MISSED_HEARTBEATS: Final = 3
 HISTORY_PAGE: Final = 100  # events per `history` reply when no limit is asked
 HISTORY_PAGE_MAX: Final = 1000
-DEPARTED_DEDUPE_NAMES: Final = 4096  # names whose dedupe ids outlive their session
+BUCKETS_KEPT: Final = 100_000  # rate buckets remembered (LRU); an idle full one is no loss
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +81,19 @@ class Limits:
 
     max_text: int = 4096  # characters of `text`
     max_frame: int = 64 * 1024  # bytes of one frame
-    rate: float = 10.0  # messages per second, sustained
+    rate: float = 10.0  # messages and dms per second, sustained, per person
     burst: int = 20  # messages in a burst
+    query_rate: float = 5.0  # `history` and `who` requests per second, per person
+    query_burst: int = 20
+    join_rate: float = 0.5  # joins per second per person (5 per 10 s)
+    join_burst: int = 5
+    per_address: int = 50  # an address gets this many persons' worth of each rate (NAT)
+    page_bytes: int = 256 * 1024  # packed events in one `history` reply (at least one)
     history: int = 10_000  # room events kept in memory
-    dedupe: int = 1000  # request ids remembered per name
+    dedupe: int = 1000  # request ids remembered per sender
+    dedupe_total: int = 100_000  # request ids remembered across all senders
+    names_per_key: int = 3  # CURVE: names one key may hold
+    name_ttl: float = 30 * 86_400.0  # CURVE: seconds an unused name stays bound to its key
 
 
 class Origin(NamedTuple):
@@ -102,6 +137,8 @@ class Statistics:
     errors: int
     rate_limited: int
     uptime: float
+    dedupe_ids: int = 0
+    buckets: int = 0
 
 
 class TokenBucket:
@@ -119,26 +156,131 @@ class TokenBucket:
         """Spend one token if there is one."""
         if self.rate <= 0:
             return True
-        elapsed = now - self.stamp
-        if elapsed > 0:
-            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
-            self.stamp = now
-        if self.tokens >= 1.0:
+        if self.refill(now) >= 1.0:
             self.tokens -= 1.0
             return True
         return False
 
+    def refill(self, now: float) -> float:
+        """Add what ``now`` earned; return the tokens there are."""
+        elapsed = now - self.stamp
+        if elapsed > 0:
+            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+            self.stamp = now
+        return self.tokens
+
+
+class _Budgets:
+    """Token buckets by (kind, identity), least recently used first, at most ``size``.
+
+    A bucket idle long enough to be full again is the same as a new one:
+    each ``take`` drops such buckets from the old end (expiry costs nothing
+    and loses nothing), and past ``size`` the least recently used goes.
+    """
+
+    def __init__(self, size: int = BUCKETS_KEPT) -> None:
+        self.size = size
+        self._buckets: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, wants: list[tuple[tuple[str, str], float, int]], now: float) -> bool:
+        """One token from each bucket in ``wants`` (key, rate, burst), or none at all."""
+        self._expire(now)
+        buckets = []
+        for key, rate, burst in wants:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = TokenBucket(rate, burst, now)
+                if len(self._buckets) > self.size:
+                    self._buckets.popitem(last=False)
+            else:
+                self._buckets.move_to_end(key)
+            buckets.append(bucket)
+        if any(bucket.refill(now) < 1.0 for bucket in buckets):
+            return False
+        for bucket in buckets:
+            bucket.tokens -= 1.0
+        return True
+
+    def _expire(self, now: float, most: int = 2) -> None:
+        for _ in range(most):
+            oldest = next(iter(self._buckets.values()), None)
+            if oldest is None or oldest.refill(now) < oldest.burst:
+                return
+            self._buckets.popitem(last=False)
+
+    def forget(self, identity: str) -> None:
+        for key in [key for key in self._buckets if key[1] == identity]:
+            del self._buckets[key]
+
+
+class _Dedupe:
+    """Request ids already handled, by sender lineage, bounded per sender and in all.
+
+    An id maps to the seq its message got (0 for a dm). Senders are kept in
+    order of last use; past ``total`` ids, the least recently used sender
+    loses its oldest id first.
+    """
+
+    def __init__(self, per_sender: int, total: int) -> None:
+        self.per_sender = per_sender
+        self.total = total
+        self._ids: OrderedDict[str, OrderedDict[str, int]] = OrderedDict()
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def knows(self, sender: str) -> bool:
+        return sender in self._ids
+
+    def get(self, sender: str, rid: str) -> int | None:
+        ids = self._ids.get(sender)
+        return None if ids is None else ids.get(rid)
+
+    def put(self, sender: str, rid: str, seq: int) -> None:
+        if not self.per_sender:
+            return
+        ids = self._ids.get(sender)
+        if ids is None:
+            ids = self._ids[sender] = OrderedDict()
+        else:
+            self._ids.move_to_end(sender)
+        if rid not in ids:
+            self._count += 1
+        ids[rid] = seq
+        if len(ids) > self.per_sender:
+            ids.popitem(last=False)
+            self._count -= 1
+        while self.total and self._count > self.total:
+            oldest_sender, oldest = next(iter(self._ids.items()))
+            oldest.popitem(last=False)
+            self._count -= 1
+            if not oldest:
+                del self._ids[oldest_sender]
+
+
+@dataclass(slots=True)
+class _Binding:
+    """Under CURVE: the key a name belongs to, and when it was last used."""
+
+    key: str
+    used: float
+
 
 @dataclass(slots=True, eq=False)
 class _Member:
-    peer: bytes
+    peer: bytes | None  # None: its connection is gone, only its token brings it back
     name: str
+    folded: str
     addr: str  # as the operator sees it
     shown: str  # as other clients see it (cloaked if configured)
+    key: str | None  # the CURVE key it joined with
     token: str
+    lineage: str  # whose request ids these are (see the module docstring)
     last_seen: float
-    bucket: TokenBucket
-    seen_ids: OrderedDict[str, int | None] = field(default_factory=OrderedDict)
 
     @property
     def public(self) -> dict[str, str]:
@@ -177,13 +319,21 @@ class Broker:
         self.batch = batch
         self._cloak = cloak or (lambda addr: addr)
         self._started = now
-        self._by_peer: dict[bytes, _Member] = {}
-        self._by_name: dict[str, _Member] = {}
-        # name -> the CURVE key that registered it (only when clients have keys)
-        self._owners: dict[str, str] = {}
+        self._by_peer: dict[bytes, _Member] = {}  # members whose connection lives
+        self._by_name: dict[str, _Member] = {}  # every member, by folded name
         # Members in order of last activity, oldest first: expiry pops the front.
-        self._activity: OrderedDict[bytes, _Member] = OrderedDict()
-        self._departed_ids: OrderedDict[str, OrderedDict[str, int | None]] = OrderedDict()
+        self._activity: OrderedDict[str, _Member] = OrderedDict()
+        # Under CURVE: folded name -> its key; key -> its names, least recently used first.
+        self._owners: dict[str, _Binding] = {}
+        self._names_of: dict[str, OrderedDict[str, None]] = {}
+        self._budgets = _Budgets()
+        limits = self.limits
+        self._rates: dict[str, tuple[float, int, str]] = {
+            _MESSAGE: (limits.rate, limits.burst, "messages"),
+            _QUERY: (limits.query_rate, limits.query_burst, "history or who requests"),
+            _JOIN: (limits.join_rate, limits.join_burst, "joins"),
+        }
+        self._dedupe = _Dedupe(self.limits.dedupe, self.limits.dedupe_total)
         self._history = history if history is not None else MemoryHistory(self.limits.history)
         if epoch is not None:
             self._history.epoch = epoch
@@ -191,8 +341,9 @@ class Broker:
         # A durable history carries seq over a restart, and the ids of recent
         # messages with it, so a client's resend after the crash is not doubled.
         self.seq = self._history.last_seq
-        for folded, pairs in self._history.recent_ids(self.limits.dedupe).items():
-            self._departed_ids[folded] = OrderedDict(pairs)
+        for lineage, pairs in self._history.recent_ids(self.limits.dedupe).items():
+            for rid, seq in pairs:
+                self._dedupe.put(lineage, _MESSAGE + rid, seq)
         self._next_heartbeat = now
         self._counts = dict.fromkeys(
             ("messages", "dms", "joins", "timeouts", "errors", "rate_limited"), 0
@@ -210,9 +361,10 @@ class Broker:
     # ---------------------------------------------------------------- queries
 
     def __len__(self) -> int:
-        return len(self._by_peer)
+        return len(self._by_name)
 
     def is_member(self, peer: bytes) -> bool:
+        """Whether ``peer`` (a live connection) speaks for a member."""
         return peer in self._by_peer
 
     def name_of(self, peer: bytes) -> str | None:
@@ -225,18 +377,20 @@ class Broker:
         return member.shown if member else None
 
     def members(self, *, real_addresses: bool = False) -> list[dict[str, str]]:
-        """Joined members as ``{name, addr}``, by join order."""
+        """Members as ``{name, addr}``, by join order (also those reconnecting)."""
         if real_addresses:
-            return [{"name": m.name, "addr": m.addr} for m in self._by_peer.values()]
-        return [m.public for m in self._by_peer.values()]
+            return [{"name": m.name, "addr": m.addr} for m in self._by_name.values()]
+        return [{"name": m.name, "addr": m.shown} for m in self._by_name.values()]
 
     def statistics(self, now: float) -> Statistics:
         return Statistics(
-            members=len(self._by_peer),
+            members=len(self._by_name),
             seq=self.seq,
             epoch=self.epoch,
             history=len(self._history),
             uptime=now - self._started,
+            dedupe_ids=len(self._dedupe),
+            buckets=len(self._budgets),
             **self._counts,
         )
 
@@ -254,20 +408,38 @@ class Broker:
                key: str | None = None) -> list[Outgoing]:
         """Apply one request from ``peer``; return what to send.
 
-        ``addr`` is the peer's IP address and ``key`` its CURVE public key
-        (both needed for ``join`` only). A request the protocol forbids gets
-        an ``error`` reply to that peer alone.
+        ``addr`` is the peer's IP address (needed for ``join``) and ``key``
+        the CURVE public key of its connection, which the shell passes with
+        every request: a member's requests must come with the key it joined
+        with. A request the protocol forbids gets an ``error`` reply to that
+        peer alone.
         """
         member = self._by_peer.get(peer)
         if member is not None:
+            if member.key != key:
+                # Same routing id, another key: not the member, whatever it says.
+                return [self.error(peer, ErrorCode.NOT_JOINED,
+                                   "this connection's key did not join", request.id)]
             member.last_seen = now
-            self._activity.move_to_end(peer)
+            self._activity.move_to_end(member.folded)
         elif type(request) not in (Join, Ping):
             return [self.error(peer, ErrorCode.NOT_JOINED, "join first", request.id)]
         try:
             return self._handlers[type(request)](peer, request, now, Origin(addr, key))
         except ProtocolError as exc:
             return [self.error(peer, exc.code, exc.detail, request.id)]
+
+    def disconnected(self, peer: bytes, now: float) -> list[Outgoing]:
+        """The connection behind ``peer`` is gone.
+
+        Its member stays in the room, resumable with its token until it
+        times out, but a new connection that comes with the same routing id
+        is a stranger: it must join (with the token) to act as the member.
+        """
+        member = self._by_peer.pop(peer, None)
+        if member is not None:
+            member.peer = None
+        return []
 
     def error(self, peer: bytes, code: str, detail: str, rid: str | None = None) -> Reply:
         """An ``error`` reply (the shell uses it for frames that did not decode)."""
@@ -285,47 +457,127 @@ class Broker:
         out: list[Outgoing] = []
         current = self._by_peer.get(peer)
         if current is not None:
-            if fold_name(current.name) == folded:
+            if current.folded == folded:
                 # A repeated join (say, a retry whose welcome was lost): same session.
                 return [Reply(peer, self._welcome(current, req.id))]
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST, f"already joined as {current.name!r}; leave first"
             )
-        owner = self._owners.get(folded)
-        if owner is not None and owner != origin.key:
-            # With CURVE, a name belongs to the first key that took it.
-            raise ProtocolError(ErrorCode.NAME_TAKEN,
-                                f"{name!r} is registered to another key")
-        holder = self._by_name.get(folded)
-        seen_ids: OrderedDict[str, int | None] | None = None
-        if holder is not None:
-            if req.token is None or not hmac.compare_digest(req.token, holder.token):
-                raise ProtocolError(ErrorCode.NAME_TAKEN, f"{holder.name!r} is taken")
-            # Takeover: the same user, back on a new connection.
-            out.append(Reply(holder.peer, {"type": "bye", "reason": "replaced"}))
-            self._forget(holder)
-            seen_ids = holder.seen_ids
-        else:
-            seen_ids = self._departed_ids.pop(folded, None)
         if origin.key is not None:
-            self._owners[folded] = origin.key
+            self._check_binding(folded, name, origin.key, now)
+        holder = self._by_name.get(folded)
+        if holder is not None and not _same_token(req.token, holder.token):
+            raise ProtocolError(ErrorCode.NAME_TAKEN, f"{holder.name!r} is taken")
+        # Only a join that will happen is charged: failed attempts at a name
+        # must not use up its owner's budget.
+        self._spend(_JOIN, folded, origin, now)
+        if holder is not None:
+            # Takeover: the same user, back on a new connection; same lineage.
+            if holder.peer is not None:
+                out.append(Reply(holder.peer, {"type": "bye", "reason": "replaced"}))
+            self._forget(holder)
+            token, lineage = holder.token, holder.lineage
+        else:
+            token, lineage = self._lineage(req.token, folded, origin.key)
+        if origin.key is not None:
+            self._bind(folded, origin.key, now)
         member = _Member(
             peer=peer,
             name=name,
+            folded=folded,
             addr=origin.addr,
             shown=self._cloak(origin.addr),
-            token=secrets.token_urlsafe(18),
+            key=origin.key,
+            token=token,
+            lineage=lineage,
             last_seen=now,
-            bucket=TokenBucket(self.limits.rate, self.limits.burst, now),
-            seen_ids=seen_ids if seen_ids is not None else OrderedDict(),
         )
         self._by_peer[peer] = member
         self._by_name[folded] = member
-        self._activity[peer] = member
+        self._activity[folded] = member
         self._counts["joins"] += 1
         out.append(self._room_event(now, "joined", name=name, addr=member.shown))
         out.append(Reply(peer, self._welcome(member, req.id)))
         return out
+
+    def _lineage(self, token: object, folded: str, key: str | None) -> tuple[str, str]:
+        """The token and dedupe lineage of a new session (not a takeover)."""
+        if key is not None:
+            # The key proves who this is; the name keeps one key's clients apart.
+            return secrets.token_urlsafe(18), _digest("key", key, folded)
+        if isinstance(token, str) and token:
+            # A token whose ids we still hold resumes its lineage (after a
+            # timeout, a leave, or a broker restart with durable history).
+            lineage = _digest("token", token)
+            if self._dedupe.knows(lineage):
+                return token, lineage
+        fresh = secrets.token_urlsafe(18)
+        return fresh, _digest("token", fresh)
+
+    def _check_binding(self, folded: str, name: str, key: str, now: float) -> None:
+        """Refuse a name bound to another key, or a key past its number of names."""
+        binding = self._owners.get(folded)
+        if binding is not None and binding.key != key and not self._lapsed(folded, binding, now):
+            raise ProtocolError(ErrorCode.NAME_TAKEN, f"{name!r} is registered to another key")
+        if binding is not None and binding.key == key:
+            return
+        limit = self.limits.names_per_key
+        names = self._names_of.get(key)
+        if not limit or names is None or len(names) < limit:
+            return
+        if all(self._holds(key, other) for other in names):
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_NAMES,
+                f"this key already holds {limit} names, all in use; leave one first",
+            )
+
+    def _bind(self, folded: str, key: str, now: float) -> None:
+        old = self._owners.get(folded)
+        if old is not None and old.key != key:
+            self._unbind(folded)
+        names = self._names_of.setdefault(key, OrderedDict())
+        limit = self.limits.names_per_key
+        if folded not in names and limit and len(names) >= limit:
+            # Recycle the key's least recently used name that nobody holds.
+            spare = next(other for other in names if not self._holds(key, other))
+            self._unbind(spare)
+        names[folded] = None
+        names.move_to_end(folded)
+        self._owners[folded] = _Binding(key, now)
+
+    def _unbind(self, folded: str) -> str | None:
+        binding = self._owners.pop(folded, None)
+        if binding is None:
+            return None
+        names = self._names_of.get(binding.key)
+        if names is not None:
+            names.pop(folded, None)
+            if not names:
+                del self._names_of[binding.key]
+        return binding.key
+
+    def _holds(self, key: str, folded: str) -> bool:
+        member = self._by_name.get(folded)
+        return member is not None and member.key == key
+
+    def _lapsed(self, folded: str, binding: _Binding, now: float) -> bool:
+        ttl = self.limits.name_ttl
+        return bool(ttl) and now - binding.used > ttl and not self._holds(binding.key, folded)
+
+    def release(self, name: str) -> str:
+        """Free ``name`` from the CURVE key it is bound to; return that key.
+
+        A member holding the name keeps it until it leaves (kick it first to
+        free it at once). Its join budget is reset, so its rightful owner
+        can take it at once. ``ProtocolError`` (``no_such_user``) if the
+        name is bound to no key.
+        """
+        folded = fold_name(name)
+        key = self._unbind(folded)
+        if key is None:
+            raise ProtocolError(ErrorCode.NO_SUCH_USER, f"{name!r} is not bound to any key")
+        self._budgets.forget(_NAME + folded)
+        return key
 
     def _welcome(self, member: _Member, rid: str | None) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -353,32 +605,36 @@ class Broker:
                 ErrorCode.TOO_LARGE, f"text of {len(text)} characters exceeds {limit}"
             )
 
-    def _admit(self, member: _Member, now: float) -> None:
-        """Refuse a new message or dm past the member's rate."""
-        if not member.bucket.take(now):
-            limit = self.limits
-            raise ProtocolError(
-                ErrorCode.RATE_LIMITED,
-                f"more than {limit.burst} messages at once or {limit.rate:g}/s; not delivered",
-            )
-
-    def _remember(self, member: _Member, rid: str | None, seq: int | None) -> None:
-        if rid is None or not self.limits.dedupe:
+    def _spend(self, kind: str, folded: str, origin: Origin, now: float) -> None:
+        """Take one token from the person's and the address's (or key's) budget."""
+        rate, burst, what = self._rates[kind]
+        if rate <= 0:
             return
-        member.seen_ids[rid] = seq
-        if len(member.seen_ids) > self.limits.dedupe:
-            member.seen_ids.popitem(last=False)
+        wants = [((kind, _NAME + folded), rate, burst)]
+        if origin.key is not None:
+            wants.append(((kind, _KEY + origin.key), rate, burst))
+        elif self.limits.per_address:
+            share = self.limits.per_address
+            wants.append(((kind, _ADDRESS + origin.addr), rate * share, burst * share))
+        if not self._budgets.take(wants, now):
+            raise ProtocolError(ErrorCode.RATE_LIMITED,
+                                f"more than {burst} {what} at once or {rate:g}/s; refused")
+
+    def _origin(self, member: _Member) -> Origin:
+        return Origin(member.addr, member.key)
 
     def _say(self, peer: bytes, req: Say, now: float, origin: Origin) -> list[Outgoing]:
         member = self._by_peer[peer]
         self._check_text(req.text)
-        if req.id is not None and req.id in member.seen_ids:
-            return [Reply(peer, {"type": "ack", "id": req.id, "seq": member.seen_ids[req.id]})]
-        self._admit(member, now)
+        if req.id is not None:
+            seen = self._dedupe.get(member.lineage, _MESSAGE + req.id)
+            if seen is not None:
+                return [Reply(peer, {"type": "ack", "id": req.id, "seq": seen})]
+        self._spend(_MESSAGE, member.folded, self._origin(member), now)
         event = self._room_event(
-            now, "message", (fold_name(member.name), req.id), **{"from": member.name,
-                                                                  "text": req.text})
-        self._remember(member, req.id, self.seq)
+            now, "message", (member.lineage, req.id), **{"from": member.name, "text": req.text})
+        if req.id is not None:
+            self._dedupe.put(member.lineage, _MESSAGE + req.id, self.seq)
         self._counts["messages"] += 1
         ack: dict[str, Any] = {"type": "ack", "seq": self.seq}
         if req.id is not None:
@@ -391,13 +647,18 @@ class Broker:
         ack: dict[str, Any] = {"type": "ack"}
         if req.id is not None:
             ack["id"] = req.id
-            if req.id in member.seen_ids:
+            if self._dedupe.get(member.lineage, _DM + req.id) is not None:
                 return [Reply(peer, ack)]
         target = self._by_name.get(fold_name(req.to))
         if target is None:
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {req.to!r} is here")
-        self._admit(member, now)
-        self._remember(member, req.id, None)
+        if target.peer is None:
+            # Acking a dm that can only be dropped would be a lie.
+            raise ProtocolError(ErrorCode.NO_SUCH_USER,
+                                f"{target.name!r} lost its connection; try again later")
+        self._spend(_MESSAGE, member.folded, self._origin(member), now)
+        if req.id is not None:
+            self._dedupe.put(member.lineage, _DM + req.id, 0)
         self._counts["dms"] += 1
         direct = {"type": "dm", "from": member.name, "text": req.text, "ts": now}
         return [Reply(target.peer, direct), Reply(peer, ack)]
@@ -420,6 +681,8 @@ class Broker:
         return [Reply(peer, body)]
 
     def _who(self, peer: bytes, req: Who, now: float, origin: Origin) -> list[Outgoing]:
+        member = self._by_peer[peer]
+        self._spend(_QUERY, member.folded, self._origin(member), now)
         body: dict[str, Any] = {"type": "members", "members": self.members()}
         if req.id is not None:
             body["id"] = req.id
@@ -430,16 +693,29 @@ class Broker:
         limit = req.limit if req.limit is not None else HISTORY_PAGE
         if limit < 0:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'limit' must not be negative")
-        body: dict[str, Any] = {"type": "history", "events": self.history(req.after, limit)}
+        member = self._by_peer[peer]
+        self._spend(_QUERY, member.folded, self._origin(member), now)
+        try:
+            events = self.history(req.after, limit, self.limits.page_bytes)
+        except HistoryError as exc:
+            # The store logged it; this request fails, the broker goes on.
+            raise ProtocolError(ErrorCode.UNAVAILABLE,
+                                "history cannot be read right now; try again later") from exc
+        body: dict[str, Any] = {"type": "history", "events": events}
         if req.id is not None:
             body["id"] = req.id
         return [Reply(peer, body)]
 
-    def history(self, after: int, limit: int = HISTORY_PAGE) -> list[dict[str, Any]]:
-        """Kept room events with ``seq > after``, oldest first, at most ``limit``."""
+    def history(self, after: int, limit: int = HISTORY_PAGE,
+                max_bytes: int = 0) -> list[dict[str, Any]]:
+        """Kept room events with ``seq > after``, oldest first, at most ``limit``.
+
+        ``max_bytes`` bounds the packed size of the page (one event at least):
+        a client pages on with ``after`` until a page comes back empty.
+        """
         if after >= self.seq:
             return []
-        return self._history.after(after, min(limit, HISTORY_PAGE_MAX))
+        return self._history.after(after, min(limit, HISTORY_PAGE_MAX), max_bytes)
 
     @property
     def store(self) -> History:
@@ -461,7 +737,10 @@ class Broker:
         if now >= self._next_heartbeat:
             out.append(self.heartbeat_frame(now))
             self._next_heartbeat = now + self.heartbeat
-            self._history.prune(now)
+            try:
+                self._history.prune(now)
+            except HistoryError:
+                pass  # the store logged it; forgetting old events can wait a beat
         return out
 
     def heartbeat_frame(self, now: float) -> Publish:
@@ -478,7 +757,9 @@ class Broker:
         bye: dict[str, Any] = {"type": "bye", "reason": "kicked"}
         if reason:
             bye["detail"] = reason
-        return [Reply(member.peer, bye), self._depart(member, "kicked", now, detail=reason)]
+        out: list[Outgoing] = [] if member.peer is None else [Reply(member.peer, bye)]
+        out.append(self._depart(member, "kicked", now, detail=reason))
+        return out
 
     def notice(self, text: str, now: float) -> list[Outgoing]:
         """An operator announcement to the room."""
@@ -487,8 +768,9 @@ class Broker:
     def shutdown(self, now: float, reason: str = "shutdown") -> list[Outgoing]:
         """Everyone leaves; ``shutdown`` goes out and each client gets ``bye``."""
         out: list[Outgoing] = []
-        for member in list(self._by_peer.values()):
-            out.append(Reply(member.peer, {"type": "bye", "reason": "shutdown"}))
+        for member in list(self._by_name.values()):
+            if member.peer is not None:
+                out.append(Reply(member.peer, {"type": "bye", "reason": "shutdown"}))
             out.append(self._depart(member, "shutdown", now))
         out.append(Publish(BROKER_TOPIC, {"type": "shutdown", "reason": reason}))
         return out
@@ -509,30 +791,40 @@ class Broker:
         self, member: _Member, reason: str, now: float, detail: str | None = None
     ) -> Publish:
         self._forget(member)
-        if member.seen_ids:
-            folded = fold_name(member.name)
-            self._departed_ids[folded] = member.seen_ids
-            self._departed_ids.move_to_end(folded)
-            if len(self._departed_ids) > DEPARTED_DEDUPE_NAMES:
-                self._departed_ids.popitem(last=False)
+        binding = self._owners.get(member.folded)
+        if binding is not None and binding.key == member.key:
+            binding.used = now  # a name's lapse counts from when it was last held
         fields: dict[str, Any] = {"name": member.name, "addr": member.shown, "reason": reason}
         if detail:
             fields["detail"] = detail
         return self._room_event(now, "left", **fields)
 
     def _forget(self, member: _Member) -> None:
-        del self._by_peer[member.peer]
-        del self._by_name[fold_name(member.name)]
-        del self._activity[member.peer]
+        if member.peer is not None:
+            del self._by_peer[member.peer]
+        del self._by_name[member.folded]
+        del self._activity[member.folded]
 
 
-    # TEMPORARY (lead): replaced by the state worker's version on merge.
-    def disconnected(self, peer: bytes, now: float) -> list[Outgoing]:
-        member = self._by_peer.pop(peer, None)
-        if member is None:
-            return []
-        detached = peer + b"\x00gone"
-        member.peer = detached
-        self._by_peer[detached] = member
-        self._activity[detached] = self._activity.pop(peer)
-        return []
+# Kinds of budget and of dedupe id, and prefixes of identities.
+_MESSAGE: Final = "m"
+_DM: Final = "d"
+_QUERY: Final = "q"
+_JOIN: Final = "j"
+_NAME: Final = "name:"
+_KEY: Final = "key:"
+_ADDRESS: Final = "addr:"
+
+
+def _same_token(given: object, expected: str) -> bool:
+    """Constant-time token check that no value of ``given`` can make raise."""
+    if not isinstance(given, str):
+        return False
+    # compare_digest refuses non-ASCII str: compare the UTF-8 bytes instead.
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode())
+
+
+def _digest(*parts: str) -> str:
+    """A short stable id for a lineage (stored with messages; no secret in it)."""
+    joined = "\0".join(parts).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(joined, digest_size=16).hexdigest()
