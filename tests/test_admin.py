@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 import zmq
 
 from conftest import RawClient, RunningBroker
@@ -149,3 +152,47 @@ def test_admin_help() -> None:
     assert helped.returncode == 0
     for word in ("stats", "who", "kick", "say", "shutdown", "ZCHAT_CONTROL", "Exit codes"):
         assert word in helped.stdout
+
+
+def broker_exit(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a zchat-broker that must stop at start; free ports for what is not under test."""
+    defaults = {"--input": "tcp://127.0.0.1:0", "--broadcast": "tcp://127.0.0.1:0",
+                "--control": "tcp://127.0.0.1:0", "--db": ":memory:"}
+    for option in args[::2]:
+        defaults.pop(option, None)
+    argv = [arg for pair in defaults.items() for arg in pair]
+    return subprocess.run([sys.executable, "-m", "zchat.broker.main", *argv, *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "/proc/nope/history.db"])
+def test_database_that_cannot_be_created_is_exit_4(tmp_path: Path, where: str) -> None:
+    if where == "under-a-file":
+        (tmp_path / "plain").write_text("not a folder")
+        where = str(tmp_path / "plain" / "history.db")
+    result = broker_exit("--db", where)
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.startswith(f"zchat-broker: cannot open history database {where}")
+    assert result.stderr.count("\n") == 1  # one line, no traceback
+
+
+@pytest.mark.parametrize(("option", "endpoint"), [
+    *(("--input", bad) for bad in (
+        "46131", "localhost:46131", "tcp://127.0.0.1", "tcp://127.0.0.1:", "tcp://:46131",
+        "tcp://127.0.0.1:99999", "tcp://127.0.0.1:port", "udp://127.0.0.1:46131", "ipc://", "")),
+    ("--broadcast", "46132"), ("--broadcast", "tcp://*"), ("--control", "127.0.0.1:46133"),
+])
+def test_malformed_endpoint_is_a_configuration_error(option: str, endpoint: str) -> None:
+    result = broker_exit(option, endpoint)
+    assert result.returncode == 2, result.stderr
+    role = option.removeprefix("--")
+    assert result.stderr.startswith(f"zchat-broker: {role} endpoint {endpoint!r}: expected ")
+    assert result.stderr.count("\n") == 1
+
+
+def test_endpoint_from_the_environment_is_checked_too() -> None:
+    result = subprocess.run([sys.executable, "-m", "zchat.broker.main", "--db", ":memory:"],
+                            capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "ZCHAT_INPUT": "46131"})
+    assert result.returncode == 2, result.stderr
+    assert "input endpoint '46131': expected tcp://HOST:PORT" in result.stderr

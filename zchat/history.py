@@ -161,7 +161,7 @@ class SqliteHistory(History):
             self._db.execute("COMMIT")
             self.last_seq = self._db.execute("SELECT coalesce(max(seq), 0) FROM events"
                                              ).fetchone()[0]
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:  # OSError: its folder cannot be made
             raise HistoryError(f"cannot open history database {self.path}: {exc}") from exc
 
     def append(self, event: dict[str, Any], sender: str | None = None,
