@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -196,3 +197,19 @@ def test_endpoint_from_the_environment_is_checked_too() -> None:
                             env={**os.environ, "ZCHAT_INPUT": "46131"})
     assert result.returncode == 2, result.stderr
     assert "input endpoint '46131': expected tcp://HOST:PORT" in result.stderr
+
+
+def test_kick_without_a_name_says_the_name_is_required_and_the_reason_optional() -> None:
+    result = admin(None, "kick", control="tcp://127.0.0.1:1")
+    assert result.returncode == 2
+    assert "required: NAME\n" in result.stderr
+    assert "REASON, shown to everyone, is optional" in result.stderr
+    assert "required: NAME, REASON" not in result.stderr
+
+
+def test_stats_for_people_give_the_uptime_with_its_unit(broker: RunningBroker) -> None:
+    result = admin(broker, "stats")
+    assert result.returncode == 0, result.stderr
+    uptime = re.search(r"^uptime +(\S.*)$", result.stdout, re.MULTILINE)
+    assert uptime is not None, result.stdout
+    assert re.fullmatch(r"\d+:\d\d:\d\d", uptime.group(1)), uptime.group(0)
