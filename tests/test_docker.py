@@ -13,11 +13,19 @@ Hub and PyPI runs; only this test adds the offline pieces:
    through the Dockerfile's ``PIP_NO_INDEX``/``PIP_FIND_LINKS`` build args,
    which users never set.
 
+Compose is v2 (``docker compose``) where that plugin is there, else v1's
+``docker-compose`` (1.28 or later: the file uses ``profiles``), installed
+with apt when missing; the demo and the README are for both.
+
+One more test runs the README's two quick-start commands (``.ci/run`` on a
+few tests, ``./demo.sh --check``) in a container from a Debian image with
+Debian's own python3, PEP 668 and all, as a fresh machine has it.
+
 Each run uses its own compose project, image tag, free loopback ports and a
 private subnet that no host route or docker network uses, so it neither
 collides with another run nor reaches any address outside the network it
 created (the host side joins through the ports published on 127.0.0.1).
-``docker-compose down -v --remove-orphans`` always runs, and the test checks
+``down -v --remove-orphans`` always runs, and the test checks
 that no container or network of the project is left.
 
 Where no engine can be had (no docker, not root or no apt to install it),
@@ -28,6 +36,7 @@ skips them on purpose.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -122,6 +131,20 @@ def install_tools(*tools: str) -> None:
         timeout=600, env=env)
 
 
+@functools.cache
+def compose_command() -> list[str]:
+    """Compose v2 (the ``docker compose`` plugin) where it is there, else v1's docker-compose.
+
+    The demo is for both (README); Debian's apt has only v1 (1.29), so that
+    is what gets installed when there is neither.
+    """
+    if shutil.which("docker") and run("docker", "compose", "version", timeout=30,
+                                      check=False).returncode == 0:
+        return ["docker", "compose"]
+    install_tools("docker-compose")
+    return ["docker-compose"]
+
+
 def remove_stale_pid_file(pid_file: Path = Path("/var/run/docker.pid")) -> None:
     """A pid file left by a dead dockerd makes a new one refuse to start."""
     if not pid_file.exists():
@@ -164,7 +187,7 @@ class Engine:
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     """A Docker engine that answers, started here if none did."""
-    install_tools("docker", "docker-compose")
+    install_tools("docker")
     if engine_answers():
         yield Engine()
         return
@@ -323,7 +346,7 @@ class Project:
     def compose(self, *args: str, timeout: float = 120,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
         files = [arg for path in self.files for arg in ("-f", str(path))]
-        return run("docker-compose", "-p", self.name, *files, *args,
+        return run(*compose_command(), "-p", self.name, *files, *args,
                    timeout=timeout, check=check, env=self.env)
 
     def timed(self, what: str, *args: str, timeout: float = 120) -> str:
@@ -381,10 +404,10 @@ def project(engine: Engine) -> Iterator[Project]:
 
 
 def test_compose_file_is_valid() -> None:
-    install_tools("docker-compose")
-    run("docker-compose", "-f", COMPOSE_FILE, "config", "-q", timeout=60)
-    run("docker-compose", "-f", COMPOSE_FILE, "-f", SECURE_FILE, "config", "-q", timeout=60)
-    services = run("docker-compose", "-f", COMPOSE_FILE, "config", "--services").stdout.split()
+    compose = compose_command()
+    run(*compose, "-f", COMPOSE_FILE, "config", "-q", timeout=60)
+    run(*compose, "-f", COMPOSE_FILE, "-f", SECURE_FILE, "config", "-q", timeout=60)
+    services = run(*compose, "-f", COMPOSE_FILE, "config", "--services").stdout.split()
     assert {"broker", "bots", *RING} <= set(services)
 
 
@@ -479,7 +502,8 @@ def join_as_person(project: Project, broker: str) -> None:
     if shutil.which("tmux") is None:
         unavailable("tmux is missing (.ci/run installs it)")
     server = ["tmux", "-L", f"{project.name}-person"]
-    command = f"docker-compose -p {project.name} -f {COMPOSE_FILE} run --rm chat --name carol"
+    command = (f"{' '.join(compose_command())} -p {project.name} -f {COMPOSE_FILE} "
+               "run --rm chat --name carol")
     run(*server, "new-session", "-d", "-x", "120", "-y", "30", command, env=project.env)
     try:
         def screen() -> str:
