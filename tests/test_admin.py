@@ -88,8 +88,6 @@ def test_commands_one_after_another_and_two_at_once(broker: RunningBroker) -> No
 
 def test_say_retried_is_not_said_twice(broker: RunningBroker, ctx: zmq.Context[Any]) -> None:
     # Two operators at once: each command runs exactly once.
-    client = RawClient(ctx, broker)
-    client.join("alice")
     argv = [sys.executable, "-m", "zchat.broker.admin", "--control", broker.control,
             "--timeout", "10", "say"]
     procs = [subprocess.Popen([*argv, f"notice {i}"], stdout=subprocess.PIPE,
@@ -97,6 +95,10 @@ def test_say_retried_is_not_said_twice(broker: RunningBroker, ctx: zmq.Context[A
     for proc in procs:
         proc.communicate(timeout=30)
         assert proc.returncode == 0
+    # Joined only now: a member silent for 3 heartbeats (1.5 s here) while
+    # three Pythons start would be dropped, and its request refused.
+    client = RawClient(ctx, broker)
+    client.join("alice")
     history = client.request({"type": "history", "after": 0})["events"]
     notices = sorted(e["text"] for e in history if e["type"] == "notice")
     assert notices == ["notice 0", "notice 1", "notice 2"]
