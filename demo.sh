@@ -3,12 +3,17 @@
 # and helper), and you in the terminal client. Everything it starts is
 # stopped when you leave the chat (/quit, Ctrl-D or Ctrl-C).
 #
-#   ./demo.sh [NAME]        NAME defaults to $USER
+#   ./demo.sh [NAME]          NAME defaults to $USER
+#   ./demo.sh --check         set up, say which Python and zchat it would run, stop
 #
-# It installs zchat (pip install -e ., quietly) only when it is missing or
-# older than this checkout; when the system Python refuses (PEP 668), it
-# uses a virtual environment in .venv instead. PYTHON=... picks the Python;
-# ZCHAT_DEMO_PORTS="IN BCAST CTRL" the broker's loopback ports (default
+# It always runs the code of the checkout it is in, never another zchat
+# installed on the machine (even of the same version): it uses its own
+# virtual environment, .venv in this folder, with this checkout installed
+# editable (made on the first run: pip install -e ., quietly), and checks
+# that every zchat module it imports comes from this folder. PYTHON=...
+# picks the Python that makes .venv (3.11 or newer; default python3), or is
+# used as it is if its zchat already is this checkout.
+# ZCHAT_DEMO_PORTS="IN BCAST CTRL" sets the broker's loopback ports (default
 # 5555 5556 5557, or free ones when those are taken).
 #
 # The whole script is one function, read before it runs, so editing or
@@ -40,19 +45,56 @@ wait_for() {
     return 1
 }
 
-# installed PYTHON VERSION: zchat VERSION and all its parts importable?
-installed() {
-    "$1" - "$2" <<'EOF' 2>/dev/null
-import importlib.metadata, sys
-import zchat.clients.bots, zchat.clients.interactive  # noqa: F401  (all parts importable)
-sys.exit(importlib.metadata.version("zchat") != sys.argv[1])
+# runs_here PYTHON: does PYTHON import all of zchat from this checkout ($here)?
+# It prints where each part comes from, or what is wrong. -I (isolated): no
+# PYTHONPATH, user site or current folder can put another zchat first.
+runs_here() {
+    "$1" -I - "$here" <<'EOF' 2>&1
+import importlib, os, sys
+here = sys.argv[1]
+parts = ["zchat", "zchat.broker.main", "zchat.clients.bots", "zchat.clients.terminal",
+         "zchat.clients.interactive"]
+try:
+    files = [os.path.realpath(importlib.import_module(part).__file__) for part in parts]
+except Exception as exc:
+    sys.exit(f"zchat cannot be imported: {exc}")
+elsewhere = [f for f in files if os.path.commonpath([here, f]) != here]
+if elsewhere:
+    sys.exit(f"its zchat is not this checkout's: {elsewhere[0]}")
+print(f"zchat from {os.path.dirname(files[0])} (python {sys.executable})")
 EOF
+}
+
+# make_venv: .venv in this checkout, with this checkout installed editable.
+make_venv() {
+    local venv=$here/.venv log
+    if ! "$venv/bin/python" -c '' 2>/dev/null; then
+        if ! "$base" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            echo "demo: zchat needs Python 3.11 or newer ($base: $("$base" -V 2>&1 || true))" >&2
+            exit 1
+        fi
+        echo "demo: making a virtual environment for this checkout in $venv"
+        if ! "$base" -m venv --clear "$venv"; then
+            echo "demo: $base cannot make a virtual environment; on Debian or Ubuntu:" \
+                 "sudo apt install python3-venv" >&2
+            exit 1
+        fi
+    fi
+    echo "demo: installing this checkout into it (pip install -e .)…"
+    log=$(mktemp)
+    if ! "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$here" \
+            >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        exit 1
+    fi
+    rm -f "$log"
 }
 
 # start_broker INPUT BROADCAST CONTROL (ports; 0 picks free ones)
 start_broker() {
     # The room's history lives in the demo's own directory, not in ~/.local/state.
-    ZCHAT_DATA_DIR="$work" "$py" -m zchat.broker.main --quiet \
+    ZCHAT_DATA_DIR="$work" "$py" -I -m zchat.broker.main --quiet \
         --input "tcp://127.0.0.1:$1" --broadcast "tcp://127.0.0.1:$2" \
         --control "tcp://127.0.0.1:$3" >"$work/broker.out" 2>"$work/broker.log" &
     local pid=$!
@@ -67,34 +109,38 @@ start_broker() {
 
 main() {
     cd "$(dirname "$0")"
+    here=$(pwd -P)
+    local check=0
+    if [ "${1:-}" = --check ]; then check=1; shift; fi
     local name=${1:-${USER:-guest}}
-    py=${PYTHON:-python3}
-    if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then py=.venv/bin/python; fi
+    base=${PYTHON:-python3}
 
-    if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-        echo "demo: zchat needs Python 3.11 or newer ($py: $("$py" -V 2>&1 || true))" >&2
-        exit 1
-    fi
-
-    local wanted
-    wanted=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)
-    if ! installed "$py" "$wanted"; then
-        echo "demo: installing zchat $wanted (pip install -e .)…"
-        local log
-        log=$(mktemp)
-        if ! "$py" -m pip install -q --disable-pip-version-check -e . >"$log" 2>&1; then
-            if grep -q externally-managed "$log"; then
-                echo "demo: the system Python is externally managed; using a virtualenv in .venv"
-                "$py" -m venv .venv
-                py=.venv/bin/python
-                "$py" -m pip install -q --disable-pip-version-check -e .
-            else
-                cat "$log" >&2
-                rm -f "$log"
+    # PYTHON as it is if it already runs this checkout, else this checkout's .venv.
+    local origin
+    if [ -n "${PYTHON:-}" ] && origin=$(runs_here "$PYTHON"); then
+        py=$("$PYTHON" -I -c 'import sys; print(sys.executable)')
+    else
+        py=$here/.venv/bin/python
+        if ! origin=$(runs_here "$py"); then
+            make_venv
+            if ! origin=$(runs_here "$py"); then
+                echo "demo: $py does not run this checkout: $origin" >&2
                 exit 1
             fi
         fi
-        rm -f "$log"
+    fi
+
+    # How to run the client from another terminal, from any folder.
+    local client_command
+    if [ -x "$(dirname "$py")/zchat-client" ]; then
+        client_command=$(printf '%q' "$(dirname "$py")/zchat-client")
+    else
+        client_command="$(printf '%q' "$py") -I -m zchat.clients.terminal"
+    fi
+    if [ "$check" = 1 ]; then
+        echo "demo: $origin"
+        echo "demo: from another terminal: $client_command --name bob"
+        exit 0
     fi
 
     work=$(mktemp -d "${TMPDIR:-/tmp}/zchat-demo.XXXXXX")
@@ -115,7 +161,7 @@ main() {
     # helper first, so that the greeter finds it there and greets only you.
     local bot
     for bot in helper greeter; do
-        "$py" -m zchat.clients.bots "$bot" --connect "$endpoint" >"$work/$bot.log" 2>&1 &
+        "$py" -I -m zchat.clients.bots "$bot" --connect "$endpoint" >"$work/$bot.log" 2>&1 &
         pids+=($!)
         if ! wait_for "$work/$bot.log" "$bot: joined" "${pids[-1]}"; then
             echo "demo: the $bot bot did not start:" >&2
@@ -124,13 +170,7 @@ main() {
         fi
     done
 
-    # How to run the client from another terminal: by name if that is this install's.
-    local bindir client_command=zchat-client connect_hint=""
-    bindir=$(dirname "$(command -v "$py")")
-    if [ -x "$bindir/zchat-client" ] &&
-       [ "$(command -v zchat-client || true)" != "$bindir/zchat-client" ]; then
-        client_command="$bindir/zchat-client"
-    fi
+    local connect_hint=""
     if [ "$endpoint" != "tcp://127.0.0.1:5555" ]; then connect_hint=" --connect $endpoint"; fi
     cat <<EOF
 zchat demo: a broker at $endpoint, with two bots in the room:
@@ -141,7 +181,7 @@ Leave with /quit, Ctrl-D or Ctrl-C; the broker and the bots stop with you.
 
 EOF
     local status=0
-    "$py" -m zchat.clients.terminal --name "$name" --connect "$endpoint" || status=$?
+    "$py" -I -m zchat.clients.terminal --name "$name" --connect "$endpoint" || status=$?
     exit "$status"
 }
 

@@ -17,6 +17,7 @@ shutdown, id, name?, reason?, text?}``; replies are ``{type: result, id, ...}`` 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import secrets
@@ -117,9 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("stats", help="counters: members, seq, messages, errors, uptime")
     sub.add_parser("who", help="joined members with their real addresses")
-    kick = sub.add_parser("kick", help="disconnect a member (they get `bye kicked`)")
-    kick.add_argument("name")
-    kick.add_argument("reason", nargs="*", help="shown to everyone")
+    kick = sub.add_parser("kick", help="disconnect a member (they get `bye kicked`)",
+                          usage="%(prog)s NAME [REASON ...]\n"
+                                "       NAME is required; REASON, shown to everyone, is optional")
+    kick.add_argument("name", metavar="NAME", help="who to disconnect (required)")
+    # A default makes argparse treat REASON as optional: without one, a bare
+    # `kick` says "required: name, reason".
+    kick.add_argument("reason", metavar="REASON", nargs="*", default=[],
+                      help="why, shown to everyone (optional)")
     say = sub.add_parser("say", help="announce a notice to the room")
     say.add_argument("text", nargs="+")
     release = sub.add_parser("release", help="free a name from the CURVE key it is bound to")
@@ -152,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(reply, sort_keys=True))
     elif args.command == "stats":
         for key, value in sorted(reply["stats"].items()):
-            print(f"{key:14} {value:.1f}" if isinstance(value, float) else f"{key:14} {value}")
+            print(f"{key:14} {_stat(key, value)}")
     elif args.command == "who":
         for member in reply["members"]:
             print(f"{member['name']:32} {member['addr']}")
@@ -160,6 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print("ok")
     return EXIT_OK
+
+
+def _stat(key: str, value: Any) -> str:
+    """One statistic for people: seconds as h:mm:ss, other numbers as they are."""
+    if key == "uptime" and isinstance(value, int | float):
+        return str(datetime.timedelta(seconds=int(value)))
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
 if __name__ == "__main__":

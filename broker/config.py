@@ -10,7 +10,7 @@ from zchat.state import Limits
 
 from .guard import ConnectionLimits
 
-__all__ = ["Config", "ConfigError", "check_control_endpoint"]
+__all__ = ["Config", "ConfigError", "check_control_endpoint", "check_endpoint"]
 
 DEFAULT_INPUT = "tcp://*:5555"
 DEFAULT_BROADCAST = "tcp://*:5556"
@@ -57,7 +57,39 @@ class Config:
         if min(conn.per_address, conn.join_timeout, conn.max_backlog, conn.max_subscribe,
                conn.stall) < 0:
             raise ConfigError("connection limits must not be negative")
+        check_endpoint("input", self.input)
+        check_endpoint("broadcast", self.broadcast)
+        check_endpoint("control", self.control)
         check_control_endpoint(self.control)
+
+
+def check_endpoint(role: str, endpoint: str) -> None:
+    """Refuse an endpoint that libzmq would reject, before any socket exists.
+
+    libzmq says only "Invalid argument" for ``46131`` or ``tcp://host`` (no
+    port), which would read as a port that could not be bound (exit 3);
+    this names the setting and the form it needs, a configuration error.
+    """
+    scheme, sep, rest = endpoint.partition("://")
+    if sep and scheme in ("ipc", "inproc"):
+        if rest:
+            return
+        what = "PATH" if scheme == "ipc" else "NAME"
+        raise ConfigError(f"{role} endpoint {endpoint!r}: expected {scheme}://{what}")
+    if not sep or scheme != "tcp":
+        raise ConfigError(
+            f"{role} endpoint {endpoint!r}: expected tcp://HOST:PORT, ipc://PATH or "
+            "inproc://NAME"
+        )
+    host, colon, port = rest.rpartition(":")
+    # A port is a number, or * for "any free one" as libzmq allows; HOST is
+    # an address, a name, an interface or * for all of them.
+    if not colon or not host or any(c.isspace() for c in rest) or not (
+        port == "*" or (port.isascii() and port.isdigit() and int(port) <= 65535)
+    ):
+        raise ConfigError(
+            f"{role} endpoint {endpoint!r}: expected tcp://HOST:PORT (PORT 0 picks a free one)"
+        )
 
 
 def check_control_endpoint(endpoint: str) -> None:

@@ -45,8 +45,9 @@ upper case with '-' as '_' (e.g. {ENV_PREFIX}HEARTBEAT=0.5, {ENV_PREFIX}HIDE_ADD
 A command-line option wins over the environment. A limit of 0 turns it off.
 
 Exit codes: 0 stopped cleanly (SIGINT, SIGTERM or `zchat-admin shutdown`),
-2 bad configuration, 3 an endpoint could not be bound, 4 the history
-database could not be opened (another broker uses it?) or written.
+2 bad configuration (e.g. an endpoint not tcp://HOST:PORT, ipc://PATH or
+inproc://NAME), 3 an endpoint could not be bound, 4 the history database
+could not be created, opened (another broker uses it?) or written.
 """
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 import zmq
 
 from conftest import RawClient, RunningBroker
@@ -84,8 +88,6 @@ def test_commands_one_after_another_and_two_at_once(broker: RunningBroker) -> No
 
 def test_say_retried_is_not_said_twice(broker: RunningBroker, ctx: zmq.Context[Any]) -> None:
     # Two operators at once: each command runs exactly once.
-    client = RawClient(ctx, broker)
-    client.join("alice")
     argv = [sys.executable, "-m", "zchat.broker.admin", "--control", broker.control,
             "--timeout", "10", "say"]
     procs = [subprocess.Popen([*argv, f"notice {i}"], stdout=subprocess.PIPE,
@@ -93,6 +95,10 @@ def test_say_retried_is_not_said_twice(broker: RunningBroker, ctx: zmq.Context[A
     for proc in procs:
         proc.communicate(timeout=30)
         assert proc.returncode == 0
+    # Joined only now: a member silent for 3 heartbeats (1.5 s here) while
+    # three Pythons start would be dropped, and its request refused.
+    client = RawClient(ctx, broker)
+    client.join("alice")
     history = client.request({"type": "history", "after": 0})["events"]
     notices = sorted(e["text"] for e in history if e["type"] == "notice")
     assert notices == ["notice 0", "notice 1", "notice 2"]
@@ -149,3 +155,63 @@ def test_admin_help() -> None:
     assert helped.returncode == 0
     for word in ("stats", "who", "kick", "say", "shutdown", "ZCHAT_CONTROL", "Exit codes"):
         assert word in helped.stdout
+
+
+def broker_exit(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a zchat-broker that must stop at start; free ports for what is not under test."""
+    defaults = {"--input": "tcp://127.0.0.1:0", "--broadcast": "tcp://127.0.0.1:0",
+                "--control": "tcp://127.0.0.1:0", "--db": ":memory:"}
+    for option in args[::2]:
+        defaults.pop(option, None)
+    argv = [arg for pair in defaults.items() for arg in pair]
+    return subprocess.run([sys.executable, "-m", "zchat.broker.main", *argv, *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "/proc/nope/history.db"])
+def test_database_that_cannot_be_created_is_exit_4(tmp_path: Path, where: str) -> None:
+    if where == "under-a-file":
+        (tmp_path / "plain").write_text("not a folder")
+        where = str(tmp_path / "plain" / "history.db")
+    result = broker_exit("--db", where)
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.startswith(f"zchat-broker: cannot open history database {where}")
+    assert result.stderr.count("\n") == 1  # one line, no traceback
+
+
+@pytest.mark.parametrize(("option", "endpoint"), [
+    *(("--input", bad) for bad in (
+        "46131", "localhost:46131", "tcp://127.0.0.1", "tcp://127.0.0.1:", "tcp://:46131",
+        "tcp://127.0.0.1:99999", "tcp://127.0.0.1:port", "udp://127.0.0.1:46131", "ipc://", "")),
+    ("--broadcast", "46132"), ("--broadcast", "tcp://*"), ("--control", "127.0.0.1:46133"),
+])
+def test_malformed_endpoint_is_a_configuration_error(option: str, endpoint: str) -> None:
+    result = broker_exit(option, endpoint)
+    assert result.returncode == 2, result.stderr
+    role = option.removeprefix("--")
+    assert result.stderr.startswith(f"zchat-broker: {role} endpoint {endpoint!r}: expected ")
+    assert result.stderr.count("\n") == 1
+
+
+def test_endpoint_from_the_environment_is_checked_too() -> None:
+    result = subprocess.run([sys.executable, "-m", "zchat.broker.main", "--db", ":memory:"],
+                            capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "ZCHAT_INPUT": "46131"})
+    assert result.returncode == 2, result.stderr
+    assert "input endpoint '46131': expected tcp://HOST:PORT" in result.stderr
+
+
+def test_kick_without_a_name_says_the_name_is_required_and_the_reason_optional() -> None:
+    result = admin(None, "kick", control="tcp://127.0.0.1:1")
+    assert result.returncode == 2
+    assert "required: NAME\n" in result.stderr
+    assert "REASON, shown to everyone, is optional" in result.stderr
+    assert "required: NAME, REASON" not in result.stderr
+
+
+def test_stats_for_people_give_the_uptime_with_its_unit(broker: RunningBroker) -> None:
+    result = admin(broker, "stats")
+    assert result.returncode == 0, result.stderr
+    uptime = re.search(r"^uptime +(\S.*)$", result.stdout, re.MULTILINE)
+    assert uptime is not None, result.stdout
+    assert re.fullmatch(r"\d+:\d\d:\d\d", uptime.group(1)), uptime.group(0)

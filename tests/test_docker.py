@@ -13,11 +13,19 @@ Hub and PyPI runs; only this test adds the offline pieces:
    through the Dockerfile's ``PIP_NO_INDEX``/``PIP_FIND_LINKS`` build args,
    which users never set.
 
+Compose is v2 (``docker compose``) where that plugin is there, else v1's
+``docker-compose`` (1.28 or later: the file uses ``profiles``), installed
+with apt when missing; the demo and the README are for both.
+
+One more test runs the README's two quick-start commands (``.ci/run`` on a
+few tests, ``./demo.sh --check``) in a container from a Debian image with
+Debian's own python3, PEP 668 and all, as a fresh machine has it.
+
 Each run uses its own compose project, image tag, free loopback ports and a
 private subnet that no host route or docker network uses, so it neither
 collides with another run nor reaches any address outside the network it
 created (the host side joins through the ports published on 127.0.0.1).
-``docker-compose down -v --remove-orphans`` always runs, and the test checks
+``down -v --remove-orphans`` always runs, and the test checks
 that no container or network of the project is left.
 
 Where no engine can be had (no docker, not root or no apt to install it),
@@ -28,6 +36,7 @@ skips them on purpose.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -53,6 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SECURE_FILE = ROOT / "docker-compose.secure.yml"
 BASE_IMAGE = "python:3.11-slim"
+DEBIAN_IMAGE = "zchat-test-debian:bookworm"  # kept as a cache, like BASE_IMAGE
 TOOLS = {"docker": "docker.io", "dockerd": "docker.io", "docker-compose": "docker-compose",
          "mmdebstrap": "mmdebstrap"}
 RING = ("alice", "bob", "dave")
@@ -121,6 +131,20 @@ def install_tools(*tools: str) -> None:
         timeout=600, env=env)
 
 
+@functools.cache
+def compose_command() -> list[str]:
+    """Compose v2 (the ``docker compose`` plugin) where it is there, else v1's docker-compose.
+
+    The demo is for both (README); Debian's apt has only v1 (1.29), so that
+    is what gets installed when there is neither.
+    """
+    if shutil.which("docker") and run("docker", "compose", "version", timeout=30,
+                                      check=False).returncode == 0:
+        return ["docker", "compose"]
+    install_tools("docker-compose")
+    return ["docker-compose"]
+
+
 def remove_stale_pid_file(pid_file: Path = Path("/var/run/docker.pid")) -> None:
     """A pid file left by a dead dockerd makes a new one refuse to start."""
     if not pid_file.exists():
@@ -163,7 +187,7 @@ class Engine:
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     """A Docker engine that answers, started here if none did."""
-    install_tools("docker", "docker-compose")
+    install_tools("docker")
     if engine_answers():
         yield Engine()
         return
@@ -193,18 +217,15 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
         assert proc.poll() is not None, "the dockerd this test started is still running"
 
 
-def build_base_image() -> None:
-    """An offline stand-in for python:3.11-slim: Debian's Python 3.11, same ABI."""
+def debootstrap_image(tag: str, packages: str, *hooks: str) -> None:
+    """Import a Debian bookworm made with mmdebstrap from Debian's packages as ``tag``."""
     mmdebstrap = subprocess.Popen(
         ["mmdebstrap", "--quiet", "--variant=minbase",
-         "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
-         "--include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates",
+         "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr", f"--include={packages}",
          "--aptopt=APT::Install-Recommends \"false\"",
          "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/doc/*",
          "--dpkgopt=path-exclude=/usr/share/locale/*",
-         "--customize-hook=rm -f \"$1\"/usr/lib/python3*/EXTERNALLY-MANAGED",
-         "--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/*",
-         "bookworm", "-"],
+         *hooks, "bookworm", "-"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
     )
     assert mmdebstrap.stdout is not None
@@ -213,7 +234,7 @@ def build_base_image() -> None:
             ["docker", "import",
              "--change", "ENV LANG=C.UTF-8",
              "--change", "ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin",
-             "--change", 'CMD ["python3"]', "-", BASE_IMAGE],
+             "--change", 'CMD ["python3"]', "-", tag],
             stdin=mmdebstrap.stdout, capture_output=True, text=True, timeout=600,
         )
     finally:
@@ -223,14 +244,41 @@ def build_base_image() -> None:
     assert imported.returncode == 0, f"docker import failed:\n{imported.stderr}"
 
 
-def build_wheelhouse() -> None:
-    """Wheels for zchat's dependencies and build backend, for the offline build."""
-    wheelhouse = ROOT / "wheelhouse"
+def build_base_image() -> None:
+    """An offline stand-in for python:3.11-slim: Debian's Python 3.11, same ABI."""
+    debootstrap_image(
+        BASE_IMAGE, "python3,python3-venv,python3-pip,python-is-python3,ca-certificates",
+        "--customize-hook=rm -f \"$1\"/usr/lib/python3*/EXTERNALLY-MANAGED",
+        "--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/*",
+    )
+
+
+def build_debian_image() -> None:
+    """Debian as a fresh machine has it, for the README's commands (issue 10).
+
+    Debian's own python3, EXTERNALLY-MANAGED (PEP 668) and pip as many have
+    it, but no ensurepip (python3.11-venv) and no tmux: ``.ci/run`` installs
+    those with apt. Their packages wait in apt's cache, with the package
+    lists, so that the install works in a container with no network.
+    """
+    debootstrap_image(
+        DEBIAN_IMAGE, "python3,python3-pip",
+        "--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb",
+        "--customize-hook=chroot \"$1\" apt-get install --download-only -y -qq "
+        "--no-install-recommends tmux python3.11-venv",
+        "--skip=cleanup/apt",
+    )
+
+
+def build_wheelhouse(wheelhouse: Path = ROOT / "wheelhouse", project: str = ".") -> Path:
+    """Wheels for ``project`` (zchat, perhaps with extras), its dependencies and build
+    backend, for offline installs in containers (they have no network)."""
     shutil.rmtree(wheelhouse, ignore_errors=True)
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    run(*pip, "wheel", "-w", wheelhouse, ".", timeout=300)
+    run(*pip, "wheel", "-w", wheelhouse, project, timeout=300)
     run(*pip, "download", "-d", wheelhouse, "--only-binary=:all:", "setuptools", "wheel",
         timeout=300)
+    return wheelhouse
 
 
 # ----------------------------------------------------------------- project
@@ -298,7 +346,7 @@ class Project:
     def compose(self, *args: str, timeout: float = 120,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
         files = [arg for path in self.files for arg in ("-f", str(path))]
-        return run("docker-compose", "-p", self.name, *files, *args,
+        return run(*compose_command(), "-p", self.name, *files, *args,
                    timeout=timeout, check=check, env=self.env)
 
     def timed(self, what: str, *args: str, timeout: float = 120) -> str:
@@ -356,10 +404,10 @@ def project(engine: Engine) -> Iterator[Project]:
 
 
 def test_compose_file_is_valid() -> None:
-    install_tools("docker-compose")
-    run("docker-compose", "-f", COMPOSE_FILE, "config", "-q", timeout=60)
-    run("docker-compose", "-f", COMPOSE_FILE, "-f", SECURE_FILE, "config", "-q", timeout=60)
-    services = run("docker-compose", "-f", COMPOSE_FILE, "config", "--services").stdout.split()
+    compose = compose_command()
+    run(*compose, "-f", COMPOSE_FILE, "config", "-q", timeout=60)
+    run(*compose, "-f", COMPOSE_FILE, "-f", SECURE_FILE, "config", "-q", timeout=60)
+    services = run(*compose, "-f", COMPOSE_FILE, "config", "--services").stdout.split()
     assert {"broker", "bots", *RING} <= set(services)
 
 
@@ -454,7 +502,8 @@ def join_as_person(project: Project, broker: str) -> None:
     if shutil.which("tmux") is None:
         unavailable("tmux is missing (.ci/run installs it)")
     server = ["tmux", "-L", f"{project.name}-person"]
-    command = f"docker-compose -p {project.name} -f {COMPOSE_FILE} run --rm chat --name carol"
+    command = (f"{' '.join(compose_command())} -p {project.name} -f {COMPOSE_FILE} "
+               "run --rm chat --name carol")
     run(*server, "new-session", "-d", "-x", "120", "-y", "30", command, env=project.env)
     try:
         def screen() -> str:
@@ -544,3 +593,51 @@ def test_secure_variant_chats_encrypted_and_refuses_plaintext(
     finally:
         secure.compose("down", "-v", "--remove-orphans", timeout=120, check=False)
     assert secure.leftovers() == []
+
+
+# The README's two quick-start commands on Debian's own python3 (issue 10).
+# .ci/run gets a few real tests to run (tmux for the demo script, broker and
+# admin subprocesses, the pure protocol tests); the whole suite runs on the
+# host. PIP_NO_INDEX/PIP_FIND_LINKS (pip's own variables) point the pip
+# inside at a wheelhouse: the container has no network.
+FRESH_MACHINE = r"""
+set -eu
+test -f /usr/lib/python3.11/EXTERNALLY-MANAGED
+if python3 -c 'import ensurepip' 2>/dev/null; then echo "ensurepip is there already"; exit 1; fi
+mkdir /src
+tar -C /checkout --exclude=.git --exclude='.venv*' --exclude=__pycache__ --exclude=wheelhouse \
+    --exclude='.*_cache' --exclude=.hypothesis --exclude='*.egg-info' -cf - . | tar -C /src -xf -
+cd /src
+if python3 -m pip install -e '.[test]' >/tmp/pip.log 2>&1; then
+    echo "pip installed outside a venv"; exit 1
+fi
+grep -q externally-managed-environment /tmp/pip.log && echo "system pip refused: PEP 668"
+ZCHAT_SKIP_DOCKER=1 bash .ci/run -q -p no:cacheprovider tests/test_protocol.py \
+    tests/test_admin.py::test_stats_and_who tests/test_admin.py::test_kick \
+    tests/test_client_tmux.py::test_demo_script_runs_a_room_and_stops_what_it_started
+./demo.sh --check
+"""
+
+
+def test_readme_commands_work_with_debians_own_python(engine: Engine, tmp_path: Path) -> None:
+    if run("docker", "image", "inspect", DEBIAN_IMAGE, check=False).returncode != 0:
+        install_tools("mmdebstrap")
+        build_debian_image()
+    wheelhouse = build_wheelhouse(tmp_path / "wheelhouse", ".[test]")
+    start = time.monotonic()
+    result = run(
+        "docker", "run", "--rm", "--network", "none",
+        "-v", f"{ROOT}:/checkout:ro", "-v", f"{wheelhouse}:/wheelhouse:ro",
+        "-e", "PIP_NO_INDEX=1", "-e", "PIP_FIND_LINKS=/wheelhouse",
+        DEBIAN_IMAGE, "bash", "-c", FRESH_MACHINE, timeout=600, check=False,
+    )
+    seconds = time.monotonic() - start
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-6000:]
+    assert "system pip refused: PEP 668" in out
+    # .ci/run found no venv module (no ensurepip) nor tmux, and installed them with apt.
+    assert "ci: apt-get install tmux python3.11-venv" in out, out[-6000:]
+    assert re.search(r"^\d+ passed in ", out, re.MULTILINE), out[-6000:]
+    # README's first command: demo.sh made its own .venv from Debian's python3.
+    assert "demo: zchat from /src/zchat (python /src/.venv/bin/python)" in out, out[-3000:]
+    print(f"\nREADME commands on Debian's python3 in a container: {seconds:.0f}s")
