@@ -11,6 +11,8 @@ import re
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from zchat import Direct, Joined, Left, Member, Message, Notice, OtherEvent, Status
 from zchat.clients.commands import (
@@ -38,7 +40,7 @@ from zchat.clients.render import (
     who_line,
 )
 from zchat.clients.terminal import Options, parse_options
-from zchat.display import name_colour
+from zchat.display import PALETTE, name_colour, printable
 from zchat.protocol import parse_event
 
 TS = 1_700_000_000.0
@@ -279,3 +281,51 @@ def test_environment_sets_name_and_endpoint(monkeypatch: pytest.MonkeyPatch) -> 
         "envname", "tcp://10.1.2.3:5555", 7.0)
     assert options.expect == ["bob", "carol", "dan"]
     assert parse_options(["--name", "cli"], tty=False).name == "cli"  # the option wins
+
+
+# ---------------------------------------------------------------- printable
+
+HARMFUL = ("\x00\x07\x08\n\r\x1b\x7f\x85\x9b\u2028\u2029\u202a\u202b\u202c\u202d\u202e"
+           "\u2066\u2067\u2068\u2069\u206a\ufff9\ud800")
+
+
+@pytest.mark.parametrize("text", [
+    "🏳️\u200d🌈", "👩\u200d💻", "👨\u200d👩\u200d👧",
+    "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+    "soft\xadhyphen",
+    "\u05e9\u05dc\u05d5\u05dd\u200f!", "ok\ufe0f", "🏴\U000e0067\U000e0062\U000e0065\U000e006e"
+    "\U000e0067\U000e007f", "\u00a0nbsp\u3000wide", "e\u0301",
+])
+def test_printable_shows_joiners_emoji_and_scripts_as_written(text: str) -> None:
+    assert printable(text) == text
+
+
+def test_printable_shows_tabs_as_spaces_and_escapes_controls() -> None:
+    assert printable("a\tb") == "a    b"
+    assert printable("\x1b[2Jx") == "\\x1b[2Jx"
+    assert printable("\x9b31m") == "\\x9b31m"
+    assert printable("evil\u202etxt.exe") == "evil\\u202etxt.exe"
+    assert printable("one\u2028two\ntwo") == "one\\u2028two\\x0atwo"
+
+
+@given(st.text(alphabet=st.characters(codec=None) | st.sampled_from(HARMFUL)))
+def test_printable_leaves_nothing_harmful(text: str) -> None:
+    shown = printable(text)
+    assert not any(char in HARMFUL or char == "\t" for char in shown)
+    assert not any(ord(char) < 0x20 or 0x7f <= ord(char) <= 0x9f for char in shown)
+    shown.encode("utf-8")  # a terminal can always be given it
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"),
+                                      blacklist_characters="\u202a\u202b\u202c\u202d\u202e"
+                                      "\u2066\u2067\u2068\u2069\u206a\u206b\u206c\u206d\u206e"
+                                      "\u206f\ufff9\ufffa\ufffb")))
+def test_printable_changes_nothing_harmless(text: str) -> None:
+    assert printable(text) == text
+
+
+def test_names_have_more_than_sixteen_colours() -> None:
+    assert len(PALETTE) > 16
+    assert all(16 <= c <= 231 for c in PALETTE)
+    colours = {name_colour(f"user{n}") for n in range(400)}
+    assert len(colours) > 40
