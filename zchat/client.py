@@ -518,8 +518,11 @@ class Client:
 
     def _close_dealer(self) -> None:
         if self._monitor is not None:
-            if self._dealer is not None:
-                self._dealer.disable_monitor()
+            if self._dealer is not None and not self._dealer.closed:
+                try:
+                    self._dealer.disable_monitor()
+                except zmq.ZMQError:
+                    pass  # the context is going away: closing is all that is left
             self._monitor.close(linger=0)
             self._monitor = None
         if self._dealer is not None:
