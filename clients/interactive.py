@@ -57,6 +57,7 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.formatted_text import ANSI
 from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.keys import Keys
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.shortcuts import prompt
 
@@ -219,6 +220,26 @@ class Session:
                 event.app.current_buffer.reset()
             else:
                 event.app.exit(exception=KeyboardInterrupt())
+
+        @keys.add(Keys.BracketedPaste)
+        def _paste(event: KeyPressEvent) -> None:
+            # A pasted text goes out line by line, as if each line were
+            # typed and entered (the rest after the last newline stays to be
+            # edited): a paste never becomes one tall input taller than the
+            # screen, which the terminal cannot redraw.
+            data = event.data.replace("\r\n", "\n").replace("\r", "\n")
+            buffer = event.app.current_buffer
+            if "\n" not in data:
+                buffer.insert_text(data)
+                return
+            text = buffer.document.text_before_cursor + data + buffer.document.text_after_cursor
+            *entered, rest = text.split("\n")
+            buffer.reset()
+            buffer.insert_text(rest)
+            for line in entered:
+                if not self._enter(line):
+                    event.app.exit(exception=EOFError())
+                    return
 
         @keys.add("pageup")
         def _page_up(event: KeyPressEvent) -> None:
@@ -413,13 +434,18 @@ class Session:
                 line = await self.prompt.prompt_async(set_exception_handler=False)
             except (EOFError, KeyboardInterrupt):
                 return
-            command = parse_line(line)
-            if command is None:
-                continue
-            if isinstance(command, Quit):
-                self.quit_reason = command.reason
+            if not self._enter(line):
                 return
+
+    def _enter(self, line: str) -> bool:
+        """Act on one entered line; False when it asks to quit."""
+        command = parse_line(line)
+        if isinstance(command, Quit):
+            self.quit_reason = command.reason
+            return False
+        if command is not None:
             self._run_command(command)
+        return True
 
     def _run_command(self, command: Say | Private | Who | Help | Clear | Nick | Invalid) -> None:
         now = time.time()
