@@ -406,11 +406,10 @@ def test_page_up_scrolls_back_and_page_down_returns(
         time.sleep(0.05)
 
 
-def test_a_private_message_rings_the_bell_and_long_lines_wrap_under_the_text(
-        broker: RunningBroker, tmux: Tmux, ctx: zmq.Context[Any]) -> None:
+def test_long_lines_wrap_under_the_text(broker: RunningBroker, tmux: Tmux,
+                                        ctx: zmq.Context[Any]) -> None:
     tmux.client("belle", "--name belle", f"--connect {broker.input}")
     tmux.wait_prompt("belle", "[belle]")
-    assert tmux.run("display", "-p", "-t", "belle", "#{window_bell_flag}").strip() == "0"
     long = " ".join(f"word{n:03d}" for n in range(40))  # 319 characters, 110 columns
     with Client(broker.input, "bob", context=ctx, timeout=5.0) as bob:
         bob.send(long)
@@ -419,6 +418,15 @@ def test_a_private_message_rings_the_bell_and_long_lines_wrap_under_the_text(
         shown = [line for line in screen.splitlines() if "word0" in line]
         assert len(shown) >= 3 and all(len(line) < WIDTH for line in shown)
         assert all(line.startswith(indent) and line[len(indent)] != " " for line in shown[1:])
+
+
+def test_a_private_message_rings_the_bell(broker: RunningBroker, tmux: Tmux,
+                                          ctx: zmq.Context[Any]) -> None:
+    tmux.client("belle", "--name belle", f"--connect {broker.input}")
+    tmux.wait_prompt("belle", "[belle]")
+    with Client(broker.input, "bob", context=ctx, timeout=5.0) as bob:
+        bob.send("no bell for this")
+        tmux.wait("belle", r"<bob> no bell for this")
         assert tmux.run("display", "-p", "-t", "belle", "#{window_bell_flag}").strip() == "0"
         bob.dm("belle", "psst")
         tmux.wait("belle", r"\[private from bob\] psst")
