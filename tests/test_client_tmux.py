@@ -494,3 +494,19 @@ def test_own_leave_and_join_are_not_shown_across_a_broker_shutdown(
     screen = tmux.wait("sid", r"<sid> after")
     assert "sid (127.0.0.1) left" not in screen and "--> sid" not in screen
     assert count(screen, "<sid> before") == 1
+
+
+def test_a_wrong_server_key_says_so_and_exits_7(
+        start_broker: Callable[..., RunningBroker], tmux: Tmux, tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "zchat.broker.keygen", "--dir", str(tmp_path),
+                    "broker", "other", "kay"], capture_output=True, timeout=30, check=True)
+    (tmp_path / "authorized").mkdir()
+    shutil.copy(tmp_path / "kay.key", tmp_path / "authorized")
+    broker = start_broker("--secret-key", str(tmp_path / "broker.key_secret"),
+                          "--authorized-keys", str(tmp_path / "authorized"))
+    tmux.client("kay", "--name kay", f"--connect {broker.input}",
+                f"--server-key {tmp_path / 'other.key'}", f"--key {tmp_path / 'kay.key_secret'}")
+    assert tmux.exit_status("kay") == 7
+    screen = tmux.screen("kay")
+    assert "zchat-client: handshake failed: wrong server key?" in screen
+    assert "unreachable" not in screen and "Traceback" not in screen
