@@ -319,13 +319,14 @@ class Session:
             sender = asyncio.create_task(self._send_outbox())
             try:
                 await self._read_input()
+                if self.closed is None:
+                    await self._flush_outbox()  # while the sender still runs
             finally:
                 shower.cancel()
                 sender.cancel()
         if self.closed is not None:
             self.client.close()
             return EXIT_CLOSED
-        await self._flush_outbox()
         await asyncio.to_thread(self.client.leave, self.quit_reason)
         show([notice("you left the room", time.time(), self.view, GREEN)])
         return EXIT_OK
@@ -496,6 +497,9 @@ class Session:
                 and time.monotonic() < deadline:
             self._outbox_changed.set()
             await asyncio.sleep(0.05)  # polling the outbox, which the sender empties
+        if unsent := len(self.outbox.pending):
+            self.show([notice(f"{unsent} line{'s' if unsent > 1 else ''} typed but not sent",
+                              time.time(), self.view, RED)])
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

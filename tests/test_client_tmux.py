@@ -510,3 +510,20 @@ def test_a_wrong_server_key_says_so_and_exits_7(
     screen = tmux.screen("kay")
     assert "zchat-client: handshake failed: wrong server key?" in screen
     assert "unreachable" not in screen and "Traceback" not in screen
+
+
+def test_quitting_right_after_a_paste_still_sends_it_all(
+        start_broker: Callable[..., RunningBroker], tmux: Tmux, ctx: zmq.Context[Any]) -> None:
+    broker = start_broker("--heartbeat", "0.5")  # the defaults: a burst of 20, then 10/s
+    lines = [f"last words {n}" for n in range(1, 26)]
+    with Client(broker.input, "reader", context=ctx, timeout=5.0) as reader:
+        tmux.client("quitter", "--name quitter", f"--connect {broker.input}")
+        tmux.wait_prompt("quitter", "[quitter]")
+        tmux.run("set-buffer", "-b", "paste", "\n".join([*lines, "/quit bye"]) + "\n")
+        tmux.run("paste-buffer", "-p", "-b", "paste", "-t", "quitter")
+        got: list[str] = []
+        left = wait_item(reader, lambda i: (isinstance(i, Message) and got.append(i.text))
+                         or (isinstance(i, Left) and i.name == "quitter"))
+    assert got == lines
+    assert (left.reason, left.detail) == ("leave", "bye")
+    assert tmux.exit_status("quitter") == 0
