@@ -377,3 +377,17 @@ def test_a_dead_broker_is_noticed_at_once(start_broker: Callable[..., RunningBro
     wait_item(client, lambda i: isinstance(i, Status) and i.state == "disconnected",
               timeout=5)
     assert time.monotonic() - started < 2
+
+
+def test_a_frozen_broker_is_noticed_within_seconds(start_broker: Callable[..., RunningBroker],
+                                                   clients: Callable[..., Client]) -> None:
+    broker = start_broker("--heartbeat", "5")  # 3 silent intervals would be 15 s
+    client = clients(broker, "watcher")
+    broker.proc.send_signal(signal.SIGSTOP)  # a host that vanished: nothing closes
+    try:
+        started = time.monotonic()
+        wait_item(client, lambda i: isinstance(i, Status) and i.state == "disconnected",
+                  timeout=10)
+        assert time.monotonic() - started < 6
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
