@@ -188,7 +188,7 @@ class Session:
         self.online = True
         self.closed: str | None = None  # why the broker let us go, if it did
         self.quit_reason: str | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self.outbox = Outbox(time.monotonic())
         if client.welcome is not None:
             self.outbox.set_limits(client.welcome.rate, client.welcome.burst)
@@ -273,7 +273,7 @@ class Session:
         def page() -> None:
             subprocess.run([pager, "-R", "+G"], input=text.encode(), check=False)
 
-        run_in_terminal(page, in_executor=True)
+        self._keep(asyncio.ensure_future(run_in_terminal(page, in_executor=True)))
 
     def show(self, lines: Iterable[Line]) -> None:
         show(lines, self.kept)
@@ -502,7 +502,9 @@ class Session:
                               time.time(), self.view, RED)])
 
     def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._keep(asyncio.ensure_future(coro))
+
+    def _keep(self, task: asyncio.Future[Any]) -> None:
         self._tasks.add(task)  # keep a reference until it is done
         task.add_done_callback(self._tasks.discard)
 

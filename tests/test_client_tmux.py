@@ -527,3 +527,27 @@ def test_quitting_right_after_a_paste_still_sends_it_all(
     assert got == lines
     assert (left.reason, left.detail) == ("leave", "bye")
     assert tmux.exit_status("quitter") == 0
+
+
+def test_page_up_outside_tmux_opens_the_session_in_a_pager(broker: RunningBroker,
+                                                          tmux: Tmux) -> None:
+    if shutil.which("less") is None:
+        pytest.skip("needs less")
+    # As in a plain terminal: the client cannot see that tmux runs it.
+    tmux.session("plain", f"env -u TMUX -u TMUX_PANE {sys.executable} -m zchat.clients.terminal "
+                          f"--name plain --connect {broker.input}")
+    tmux.wait_prompt("plain", "[plain]")
+    tmux.type("plain", "remember this")
+    tmux.wait("plain", r"<plain> remember this")
+    tmux.keys("plain", "PageUp")
+    deadline = time.monotonic() + 10
+    while tmux.run("display", "-p", "-t", "plain", "#{alternate_on}").strip() != "1":
+        if time.monotonic() > deadline:
+            raise AssertionError("PageUp opened no pager")
+        time.sleep(0.05)
+    pager = tmux.run("capture-pane", "-p", "-t", "plain")
+    assert "<plain> remember this" in pager and "joined the lobby room" in pager
+    tmux.keys("plain", "q")
+    tmux.wait_prompt("plain", "[plain]")
+    tmux.type("plain", "back in the chat")
+    tmux.wait("plain", r"<plain> back in the chat")
