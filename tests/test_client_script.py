@@ -356,3 +356,9 @@ def test_an_unknown_command_is_a_usage_error(broker: RunningBroker,
     assert "unknown command /bogus" in one_line(result.stderr)
     items = collect(reader, lambda got: any(isinstance(i, Left) for i in got))
     assert texts_from(items, "cmd") == ["before"]
+
+
+def test_nick_in_a_script_is_a_usage_error(broker: RunningBroker) -> None:
+    result = run_client(broker, "--name", "cmd", "--commands", stdin="/nick other\n")
+    assert result.returncode == 2
+    assert "a name is kept for the whole session" in one_line(result.stderr)
