@@ -8,6 +8,8 @@
     /msg bob psst         Private("bob", "psst")
     /who, /names          Who()
     /help, /?             Help()
+    /clear                Clear()
+    /nick NAME            Nick("NAME")
     /quit [REASON]        Quit(REASON or None)   (/exit too)
     /bogus                Invalid("unknown command /bogus ...")
 
@@ -27,9 +29,11 @@ from .render import ACTION_PREFIX
 
 __all__ = [
     "COMMANDS",
+    "Clear",
     "Command",
     "Help",
     "Invalid",
+    "Nick",
     "Private",
     "Quit",
     "Say",
@@ -61,6 +65,18 @@ class Help:
 
 
 @dataclass(frozen=True, slots=True)
+class Clear:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Nick:
+    """A wish to change name: the protocol keeps a name for a session."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class Quit:
     reason: str | None = None
 
@@ -72,9 +88,9 @@ class Invalid:
     why: str
 
 
-Command: TypeAlias = Say | Private | Who | Help | Quit | Invalid
+Command: TypeAlias = Say | Private | Who | Help | Clear | Nick | Quit | Invalid
 
-COMMANDS = ("/help", "/me", "/msg", "/quit", "/who")
+COMMANDS = ("/clear", "/exit", "/help", "/me", "/msg", "/names", "/nick", "/quit", "/who")
 _ALIASES = {"/names": "/who", "/?": "/help", "/exit": "/quit", "/query": "/msg"}
 
 
@@ -103,6 +119,10 @@ def parse_line(line: str) -> Command | None:
         return Who()
     if command == "/help":
         return Help()
+    if command == "/clear":
+        return Clear()
+    if command == "/nick":
+        return Nick(rest) if rest and " " not in rest else Invalid("usage: /nick NAME")
     if command == "/quit":
         return Quit(rest or None)
     return Invalid(f"unknown command {word}: /help lists them, //{word[1:]} says it as text")

@@ -13,12 +13,23 @@ Why ``zchat.Client`` with an asyncio loop: the library's I/O thread hands
 every item to ``Inbox.put``, which buffers until the loop runs and then
 forwards with ``call_soon_threadsafe``. Rendering, the prompt and the
 commands then all run on the one loop thread, so lines never interleave and
-nothing needs a lock. Typing never waits for the network: lines go out with
-``send_nowait``/``dm_nowait`` and small tasks report refusals when the
-futures settle (a line typed while disconnected is queued by the library
-and sent once it has reconnected). The first join happens before the loop,
-in plain blocking code: a taken name is asked again, an unreachable broker
-retried, and Ctrl-C there simply ends the program.
+nothing needs a lock. Typing never waits for the network: typed lines go to
+an ``Outbox`` (``zchat.clients.outbox``) that releases them at the broker's
+pace, so a paste is never refused for speed; until the broker acks a line
+it shows, dim and marked ``(pending)``, above the input line (also while
+the broker is gone: the library keeps it and sends it after reconnecting).
+A private message is echoed only once the broker took it. The first join
+happens before the loop, in plain blocking code: a taken name is asked
+again, an unreachable broker retried, and Ctrl-C there simply ends the
+program.
+
+What is shown: our own ``joined``/``left`` events are not (the connection
+lines say it); after the broker lost its history (a new epoch) only the last
+``--history`` messages of the new history are shown, under a header; a
+private message or a line naming us rings the terminal bell; long lines
+wrap with their continuation under the text. PageUp/PageDown scroll back:
+in tmux through its copy mode, elsewhere in a pager (``less``) over what
+this session showed.
 
 Defines ``run_interactive``, ``Inbox`` and ``Session``.
 """
@@ -26,9 +37,12 @@ Defines ``run_interactive``, ``Inbox`` and ``Session``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import getpass
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -37,10 +51,13 @@ from concurrent.futures import Future
 from typing import Any
 
 from prompt_toolkit import PromptSession, print_formatted_text
+from prompt_toolkit.application import run_in_terminal
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 from prompt_toolkit.formatted_text import ANSI
 from prompt_toolkit.history import InMemoryHistory
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.keys import Keys
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.shortcuts import prompt
 
@@ -49,18 +66,24 @@ from zchat import (
     Client,
     ClientClosed,
     ClientError,
+    HandshakeFailed,
+    Joined,
+    Left,
     Message,
     Notice,
     ProtocolError,
+    RateLimited,
     RequestFailed,
     Status,
 )
 from zchat.display import name_colour, printable
 from zchat.protocol import check_name
 
-from .commands import Help, Invalid, Private, Quit, Say, Who, complete, parse_line
+from .commands import Clear, Help, Invalid, Nick, Private, Quit, Say, Who, complete, parse_line
+from .outbox import Outbox, Outgoing
 from .render import (
     BOLD,
+    DIM,
     GREEN,
     RED,
     YELLOW,
@@ -70,25 +93,43 @@ from .render import (
     View,
     help_lines,
     notice,
+    pending_line,
     refusal,
     render,
     to_ansi,
+    wants_attention,
     who_line,
+    wrap,
 )
-from .terminal import EXIT_CLOSED, EXIT_OK, Options
+from .terminal import EXIT_CLOSED, EXIT_HANDSHAKE, EXIT_OK, Options
 
 __all__ = ["Inbox", "Session", "run_interactive"]
 
 FIRST_JOIN_ATTEMPT = 1.5  # seconds before saying that the broker does not answer
 JOIN_ATTEMPT = 3.0  # seconds per join attempt while the broker is unreachable
 CONTEXT_EVENTS = 200  # how far back to look for the last messages on joining
+PENDING_SHOWN = 5  # pending lines drawn above the input line; the rest counted
+SCROLLBACK = 5000  # lines kept for the pager
 
 
-def show(lines: Iterable[Line]) -> None:
-    """Print lines above the prompt (or plainly when no prompt runs)."""
-    text = "\n".join(to_ansi(line) for line in lines)
-    if text:
-        print_formatted_text(ANSI(text))
+def show(lines: Iterable[Line], kept: collections.deque[str] | None = None) -> None:
+    """Print lines above the prompt (or plainly when no prompt runs),
+    wrapped to the terminal's width; ``kept`` collects them for scrolling back."""
+    columns = shutil.get_terminal_size().columns
+    painted = [to_ansi(part) for line in lines for part in wrap(line, columns)]
+    if kept is not None:
+        kept.extend(painted)
+    if painted:
+        print_formatted_text(ANSI("\n".join(painted)))
+
+
+def last_messages(events: Iterable[Item], count: int, view: View, now: float) -> list[Line]:
+    """``the last N messages:`` and those lines (none when there are none)."""
+    said = [e for e in events if isinstance(e, Message | Notice)][-count:] if count else []
+    if not said:
+        return []
+    heading = f"the last {len(said)} messages:" if said[1:] else "the last message:"
+    return [notice(heading, now, view, GREEN), *(render(event, view, now) for event in said)]
 
 
 class Inbox:
@@ -147,7 +188,16 @@ class Session:
         self.online = True
         self.closed: str | None = None  # why the broker let us go, if it did
         self.quit_reason: str | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self.outbox = Outbox(time.monotonic())
+        if client.welcome is not None:
+            self.outbox.set_limits(client.welcome.rate, client.welcome.burst)
+        self._outbox_changed = asyncio.Event()
+        self.kept: collections.deque[str] = collections.deque(maxlen=SCROLLBACK)
+        # After a history_lost: the new history's events, up to this seq,
+        # are gathered and only the last messages shown.
+        self._catchup: list[Item] | None = None
+        self._catchup_until = 0
         self.prompt = PromptSession[str](
             message=self._prompt_text,
             history=InMemoryHistory(),
@@ -156,7 +206,77 @@ class Session:
             reserve_space_for_menu=4,
             # The broker's own line shows what we said; the typed one goes.
             erase_when_done=True,
+            key_bindings=self._key_bindings(),
         )
+
+    def _key_bindings(self) -> KeyBindings:
+        keys = KeyBindings()
+
+        @keys.add("c-c")
+        def _interrupt(event: KeyPressEvent) -> None:
+            # As in a shell: Ctrl-C drops a half-typed line; on an empty
+            # line it leaves.
+            if event.app.current_buffer.text:
+                event.app.current_buffer.reset()
+            else:
+                event.app.exit(exception=KeyboardInterrupt())
+
+        @keys.add(Keys.BracketedPaste)
+        def _paste(event: KeyPressEvent) -> None:
+            # A pasted text goes out line by line, as if each line were
+            # typed and entered (the rest after the last newline stays to be
+            # edited): a paste never becomes one tall input taller than the
+            # screen, which the terminal cannot redraw.
+            data = event.data.replace("\r\n", "\n").replace("\r", "\n")
+            buffer = event.app.current_buffer
+            if "\n" not in data:
+                buffer.insert_text(data)
+                return
+            text = buffer.document.text_before_cursor + data + buffer.document.text_after_cursor
+            *entered, rest = text.split("\n")
+            buffer.reset()
+            buffer.insert_text(rest)
+            for line in entered:
+                if not self._enter(line):
+                    event.app.exit(exception=EOFError())
+                    return
+
+        @keys.add("pageup")
+        def _page_up(event: KeyPressEvent) -> None:
+            self._scroll(up=True)
+
+        @keys.add("pagedown")
+        def _page_down(event: KeyPressEvent) -> None:
+            self._scroll(up=False)
+
+        return keys
+
+    def _scroll(self, up: bool) -> None:
+        pane = os.environ.get("TMUX_PANE")
+        if os.environ.get("TMUX") and pane and shutil.which("tmux"):
+            # tmux keeps the scrollback: its copy mode scrolls it, and -e
+            # leaves copy mode again once PageDown reaches the bottom.
+            if up:
+                subprocess.run(["tmux", "copy-mode", "-e", "-u", "-t", pane],
+                               stdin=subprocess.DEVNULL, capture_output=True, timeout=5,
+                               check=False)
+            return
+        if not up:
+            return  # the session is always at the bottom
+        pager = shutil.which("less")
+        if pager is None:
+            self.show([notice("scroll back with your terminal (Shift-PageUp)", time.time(),
+                              self.view)])
+            return
+        text = "\n".join(self.kept) + "\n"
+
+        def page() -> None:
+            subprocess.run([pager, "-R", "+G"], input=text.encode(), check=False)
+
+        self._keep(asyncio.ensure_future(run_in_terminal(page, in_executor=True)))
+
+    def show(self, lines: Iterable[Line]) -> None:
+        show(lines, self.kept)
 
     def _names(self) -> list[str]:
         return [member.name for member in list(self.client.members.values())]
@@ -164,9 +284,18 @@ class Session:
     def _prompt_text(self) -> ANSI:
         colour = f"1;38;5;{name_colour(self.client.name)}"
         if self.online:
-            return ANSI(to_ansi(((colour, f"[{printable(self.client.name)}]"), ("", " "))))
-        return ANSI(to_ansi(((colour, f"[{printable(self.client.name)}"),
-                             (YELLOW, " offline"), (colour, "]"), ("", " "))))
+            prompt = to_ansi(((colour, f"[{printable(self.client.name)}]"), ("", " ")))
+        else:
+            prompt = to_ansi(((colour, f"[{printable(self.client.name)}"),
+                              (YELLOW, " offline"), (colour, "]"), ("", " ")))
+        # Lines typed but not yet taken by the broker, above the input line.
+        pending = self.outbox.pending
+        lines = [to_ansi(pending_line(p.text, p.to, self.view))
+                 for p in pending[-PENDING_SHOWN:]]
+        if len(pending) > PENDING_SHOWN:
+            lines.insert(0, to_ansi(((DIM, f"(pending) … and {len(pending) - PENDING_SHOWN} "
+                                           "more before these"),)))
+        return ANSI("\n".join([*lines, prompt]))
 
     def _refresh_prompt(self) -> None:
         if self.prompt.app.is_running:
@@ -187,10 +316,14 @@ class Session:
                 loop.add_signal_handler(sig, self._on_signal, sig)
             loop.set_exception_handler(self._on_loop_error)
             shower = asyncio.create_task(self._show_items(items))
+            sender = asyncio.create_task(self._send_outbox())
             try:
                 await self._read_input()
+                if self.closed is None:
+                    await self._flush_outbox()  # while the sender still runs
             finally:
                 shower.cancel()
+                sender.cancel()
         if self.closed is not None:
             self.client.close()
             return EXIT_CLOSED
@@ -231,16 +364,12 @@ class Session:
                 recent = await asyncio.to_thread(self.client.history, after, CONTEXT_EVENTS, 5.0)
             except ClientError:
                 recent = []
-            said = [e for e in recent if isinstance(e, Message | Notice) and e.seq <= welcome.seq]
-            said = said[-self.options.history:]
-            if said:
-                heading = f"the last {len(said)} messages:" if said[1:] else "the last message:"
-                lines.append(notice(heading, now, self.view, GREEN))
-                lines.extend(render(event, self.view) for event in said)
+            lines += last_messages([e for e in recent if e.seq <= welcome.seq],
+                                   self.options.history, self.view, now)
         lines.append(who_line(welcome.members, self.view, now))
         lines.append(notice("type a message and press Enter; /help lists the commands",
                             now, self.view, GREEN))
-        show(lines)
+        self.show(lines)
 
     async def _show_items(self, items: asyncio.Queue[Item]) -> None:
         while True:
@@ -248,20 +377,53 @@ class Session:
             while not items.empty():
                 batch.append(items.get_nowait())
             now = time.time()
-            show([render(item, self.view, now) for item in batch if self._note(item)])
+            lines: list[Line] = []
+            ring = False
+            for item in batch:
+                shown = self._lines_for(item, now)
+                lines += shown
+                ring = ring or bool(shown and wants_attention(item, self.client.name))
+            self.show(lines)
+            if ring and self.prompt.app.is_running:
+                self.prompt.app.output.bell()
             if self.closed is not None:
                 self._stop_prompt()  # after the line that says why
 
-    def _note(self, item: Item) -> bool:
-        """Track the connection from an item; True if it should be shown."""
-        if not isinstance(item, Status):
-            return True
+    def _lines_for(self, item: Item, now: float) -> list[Line]:
+        """What to show for an item, tracking the connection on the way."""
+        if isinstance(item, Status):
+            return [render(item, self.view, now)] if self._note(item) else []
+        lines: list[Line] = []
+        seq = getattr(item, "seq", None)
+        if self._catchup is not None and isinstance(seq, int):
+            if seq <= self._catchup_until:
+                self._catchup.append(item)
+                if seq < self._catchup_until:
+                    return []
+            # The catch-up is complete: its last messages, then go on live.
+            lines = last_messages(self._catchup, self.options.history, self.view, now)
+            self._catchup = None
+            if seq <= self._catchup_until:
+                return lines
+        if isinstance(item, Joined | Left) and item.name.casefold() == self.client.name.casefold():
+            # Our own comings and goings (a reconnect, a broker shutdown) are
+            # said by the connection lines; the room's echo of them is noise.
+            return lines
+        return [*lines, render(item, self.view, now)]
+
+    def _note(self, item: Status) -> bool:
+        """Track the connection from a status; True if it should be shown."""
         if item.state == "connected":
             return False  # the intro said so
         if item.state == "disconnected":
             self.online = False
         elif item.state == "reconnected":
             self.online = True
+            welcome = self.client.welcome
+            if welcome is not None:
+                self.outbox.set_limits(welcome.rate, welcome.burst)
+        elif item.state == "history_lost" and item.count > 0:
+            self._catchup, self._catchup_until = [], item.count
         elif item.state == "closed":
             self.closed = item.detail or "closed"
         self._refresh_prompt()
@@ -273,53 +435,98 @@ class Session:
                 line = await self.prompt.prompt_async(set_exception_handler=False)
             except (EOFError, KeyboardInterrupt):
                 return
-            command = parse_line(line)
-            if command is None:
-                continue
-            if isinstance(command, Quit):
-                self.quit_reason = command.reason
+            if not self._enter(line):
                 return
-            self._run_command(command)
 
-    def _run_command(self, command: Say | Private | Who | Help | Invalid) -> None:
+    def _enter(self, line: str) -> bool:
+        """Act on one entered line; False when it asks to quit."""
+        command = parse_line(line)
+        if isinstance(command, Quit):
+            self.quit_reason = command.reason
+            return False
+        if command is not None:
+            self._run_command(command)
+        return True
+
+    def _run_command(self, command: Say | Private | Who | Help | Clear | Nick | Invalid) -> None:
         now = time.time()
         if isinstance(command, Say):
             # Pasted lines go out one message each, as typed ones would.
             for text in _pieces(command.text):
-                self._watch(self.client.send_nowait(text), text)
-                if not self.online:
-                    show([notice(f"not connected: will be sent on reconnecting: "
-                                 f"{printable(text)}", now, self.view)])
+                self.outbox.put(Outgoing(text))
         elif isinstance(command, Private):
             for text in _pieces(command.text):
-                # Shown at once, like IRC clients do: an answer can only come after it.
-                show([render(SentPrivate(command.to, text, now), self.view)])
-                self._watch(self.client.dm_nowait(command.to, text), text, command.to)
+                self.outbox.put(Outgoing(text, command.to))
         elif isinstance(command, Who):
             self._spawn(self._who())
         elif isinstance(command, Help):
-            show(help_lines(self.view, now))
+            self.show(help_lines(self.view, now))
+        elif isinstance(command, Clear):
+            self.prompt.app.renderer.clear()
+        elif isinstance(command, Nick):
+            self.show([notice(f"a name is kept for the whole session: /quit, then join again "
+                              f"with --name {printable(command.name)}", now, self.view)])
         else:
-            show([notice(command.why, now, self.view)])
+            self.show([notice(command.why, now, self.view)])
+        self._outbox_changed.set()
+        self._refresh_prompt()
+
+    async def _send_outbox(self) -> None:
+        """Send what the outbox releases, when it releases it."""
+        while True:
+            now = time.monotonic()
+            for line in self.outbox.take(now):
+                future: Future[Any]
+                if line.to is None:
+                    future = self.client.send_nowait(line.text)
+                else:
+                    future = self.client.dm_nowait(line.to, line.text)
+                self._spawn(self._settle(line, future))
+            wake = self.outbox.wake_at(now)
+            try:
+                await asyncio.wait_for(self._outbox_changed.wait(),
+                                       None if wake is None else max(0.0, wake - now))
+            except TimeoutError:
+                pass
+            self._outbox_changed.clear()
+
+    async def _flush_outbox(self, seconds: float = 5.0) -> None:
+        """Before leaving: give the lines still pending a moment to go out."""
+        deadline = time.monotonic() + seconds
+        while self.outbox.pending and self.closed is None and self.online \
+                and time.monotonic() < deadline:
+            self._outbox_changed.set()
+            await asyncio.sleep(0.05)  # polling the outbox, which the sender empties
+        if unsent := len(self.outbox.pending):
+            self.show([notice(f"{unsent} line{'s' if unsent > 1 else ''} typed but not sent",
+                              time.time(), self.view, RED)])
 
     def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._keep(asyncio.ensure_future(coro))
+
+    def _keep(self, task: asyncio.Future[Any]) -> None:
         self._tasks.add(task)  # keep a reference until it is done
         task.add_done_callback(self._tasks.discard)
 
-    def _watch(self, future: Future[Any], text: str, to: str | None = None) -> None:
-        """Report a refused line as a notice when its future settles."""
-
-        async def wait() -> None:
-            try:
-                await asyncio.wrap_future(future)
-            except ClientClosed:
-                return
-            except RequestFailed as exc:
-                show([notice(refusal(exc.code, exc.detail, text, to), time.time(), self.view,
-                             RED)])
-
-        self._spawn(wait())
+    async def _settle(self, line: Outgoing, future: Future[Any]) -> None:
+        """Follow one sent line to its answer."""
+        try:
+            await asyncio.wrap_future(future)
+        except ClientClosed:
+            return
+        except RateLimited:
+            # A broker stricter than we knew: the line waits its turn again.
+            self.outbox.refused(line, time.monotonic())
+        except RequestFailed as exc:
+            self.outbox.failed(line)
+            self.show([notice(refusal(exc.code, exc.detail, line.text, line.to), time.time(),
+                              self.view, RED)])
+        else:
+            self.outbox.acked(line)
+            if line.to is not None:  # the echo of what was delivered, and only that
+                self.show([render(SentPrivate(line.to, line.text, time.time()), self.view)])
+        self._outbox_changed.set()
+        self._refresh_prompt()
 
     async def _who(self) -> None:
         now = time.time()
@@ -327,8 +534,8 @@ class Session:
             members = await asyncio.to_thread(self.client.who, 3.0)
         except ClientError:
             members = list(self.client.members.values())
-            show([notice("not connected: the last known members are", now, self.view)])
-        show([who_line(members, self.view, now)])
+            self.show([notice("not connected: the last known members are", now, self.view)])
+        self.show([who_line(members, self.view, now)])
 
 
 def _pieces(text: str) -> list[str]:
@@ -379,6 +586,8 @@ def join(options: Options) -> tuple[Client, Inbox] | None:
         try:
             client.connect(timeout=JOIN_ATTEMPT if unreachable_said else FIRST_JOIN_ATTEMPT)
             return client, inbox
+        except HandshakeFailed:
+            raise  # a key problem: retrying cannot help
         except BrokerUnreachable:
             if not unreachable_said:
                 _say(notice(f"broker unreachable at {options.connect}, retrying… "
@@ -406,6 +615,9 @@ def run_interactive(options: Options) -> int:
         joined = join(options)
     except KeyboardInterrupt:
         return EXIT_OK
+    except HandshakeFailed as exc:
+        print(f"zchat-client: {exc} ({options.connect})", file=sys.stderr)
+        return EXIT_HANDSHAKE
     if joined is None:
         return EXIT_OK
     client, inbox = joined

@@ -24,12 +24,14 @@ Line shapes (``HH:MM`` first, then)::
 
 Defines ``Span``, ``Line``, ``View``, ``SentPrivate``, ``ACTION_PREFIX``,
 ``render``, ``notice``, ``who_line``, ``help_lines``, ``to_ansi``,
-``to_plain``, ``item_json``, ``is_action``, ``refusal``.
+``to_plain``, ``item_json``, ``is_action``, ``refusal``, ``pending_line``,
+``wants_attention``, ``wrap``, ``width``.
 """
 
 from __future__ import annotations
 
 import time
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -48,11 +50,15 @@ __all__ = [
     "is_action",
     "item_json",
     "notice",
+    "pending_line",
     "refusal",
     "render",
     "to_ansi",
     "to_plain",
+    "wants_attention",
     "who_line",
+    "width",
+    "wrap",
 ]
 
 Span: TypeAlias = tuple[str, str]  # (SGR parameters, text)
@@ -123,8 +129,12 @@ def _name(name: str, view: View, style: str = "") -> Span:
     return (";".join(s for s in (style, colour) if s), printable(name))
 
 
-def _stamp(ts: float, view: View) -> Span:
-    return (DIM, time.strftime(view.clock, time.localtime(ts)) + " ")
+def _stamp(ts: float, view: View, now: float | None = None) -> Span:
+    when = time.localtime(ts)
+    today = time.localtime(ts if now is None else now)
+    # A line from another day (history, a long-running session) says which.
+    day = "" if when[:3] == today[:3] else time.strftime("%Y-%m-%d ", when)
+    return (DIM, day + time.strftime(view.clock, when) + " ")
 
 
 def _mentions(text: str, me: str) -> bool:
@@ -141,48 +151,51 @@ def _mentions(text: str, me: str) -> bool:
 
 
 def render(item: Item, view: View, now: float | None = None) -> Line:
-    """The line that shows ``item``; ``now`` stamps items without a time."""
+    """The line that shows ``item``; ``now`` stamps items without a time,
+    and says which day is today (lines from another day show their date)."""
+    now = time.time() if now is None else now
     if isinstance(item, Message):
-        return _message(item, view)
+        return _message(item, view, now)
     if isinstance(item, Joined):
         return (
-            _stamp(item.ts, view), (GREEN, "--> "), _name(item.name, view),
+            _stamp(item.ts, view, now), (GREEN, "--> "), _name(item.name, view),
             (DIM, f" ({printable(item.addr)}) joined"),
         )
     if isinstance(item, Left):
         verb = LEAVE_VERBS.get(item.reason, f"left [{printable(item.reason)}]")
         detail = f": {printable(item.detail)}" if item.detail else ""
         return (
-            _stamp(item.ts, view), (RED, "<-- "), _name(item.name, view),
+            _stamp(item.ts, view, now), (RED, "<-- "), _name(item.name, view),
             (DIM, f" ({printable(item.addr)}) {verb}{detail}"),
         )
     if isinstance(item, Notice):
-        return (_stamp(item.ts, view), (MAGENTA, "-!- "), ("1;35", "notice: "),
+        return (_stamp(item.ts, view, now), (MAGENTA, "-!- "), ("1;35", "notice: "),
                 (BOLD, printable(item.text)))
     if isinstance(item, OtherEvent):
-        return (_stamp(item.ts, view), (DIM, f"-!- a {printable(item.type)} event (#{item.seq})"))
+        return (_stamp(item.ts, view, now),
+                (DIM, f"-!- a {printable(item.type)} event (#{item.seq})"))
     if isinstance(item, Direct):
         return (
-            _stamp(item.ts, view), (MAGENTA, "[private from "), _name(item.sender, view),
+            _stamp(item.ts, view, now), (MAGENTA, "[private from "), _name(item.sender, view),
             (MAGENTA, "] "), (PLAIN, printable(item.text)),
         )
     if isinstance(item, SentPrivate):
         return (
-            _stamp(item.ts, view), (MAGENTA, "[private to "), _name(item.to, view),
+            _stamp(item.ts, view, now), (MAGENTA, "[private to "), _name(item.to, view),
             (MAGENTA, "] "), (BOLD, printable(item.text)),
         )
-    return _status(item, view, time.time() if now is None else now)
+    return _status(item, view, now)
 
 
-def _message(item: Message, view: View) -> Line:
+def _message(item: Message, view: View, now: float) -> Line:
     mine = item.sender.casefold() == view.me.casefold()
     text_style = BOLD if mine else (MENTION if _mentions(item.text, view.me) else PLAIN)
     name = _name(item.sender, view, BOLD if mine else "")
     if is_action(item.text):
         action = item.text[len(ACTION_PREFIX):]
-        return (_stamp(item.ts, view), (name[0], "* "), name,
+        return (_stamp(item.ts, view, now), (name[0], "* "), name,
                 (text_style, " " + printable(action)))
-    return (_stamp(item.ts, view), (PLAIN, "<"), name, (PLAIN, "> "),
+    return (_stamp(item.ts, view, now), (PLAIN, "<"), name, (PLAIN, "> "),
             (text_style, printable(item.text)))
 
 
@@ -225,12 +238,89 @@ HELP = (
     ("TEXT", "say TEXT to the room; //TEXT if it starts with /"),
     ("/msg NAME TEXT", "a private message to NAME; only you and NAME see it"),
     ("/me ACTION", "say what you are doing: * you ACTION"),
-    ("/who", "who is here, with their address"),
+    ("/who, /names", "who is here, with their address"),
+    ("/clear", "clear the screen"),
+    ("/nick NAME", "(names are kept for a session: /quit, join again as NAME)"),
     ("/help", "this help"),
-    ("/quit [REASON]", "leave (Ctrl-D and Ctrl-C leave too)"),
+    ("/quit, /exit [REASON]", "leave (Ctrl-D leaves too; Ctrl-C on an empty line)"),
+    ("Ctrl-C", "clear the line you are typing"),
     ("Up / Down", "recall what you typed"),
+    ("PageUp / PageDown", "scroll back through the room (in tmux; a pager elsewhere)"),
     ("Tab", "complete a name or a command"),
 )
+
+
+def pending_line(text: str, to: str | None, view: View) -> Line:
+    """A line the user typed that the broker has not taken yet (dim)."""
+    if to is not None:
+        return ((DIM, "(pending) [private to "), (DIM, printable(to)), (DIM, "] "),
+                (DIM, printable(text)))
+    if is_action(text):
+        return ((DIM, "(pending) * "), (DIM, printable(view.me)),
+                (DIM, " " + printable(text[len(ACTION_PREFIX):])))
+    return ((DIM, "(pending) <"), (DIM, printable(view.me)), (DIM, "> "), (DIM, printable(text)))
+
+
+def wants_attention(item: Item, me: str) -> bool:
+    """True for what rings the bell: a private message, or someone naming us."""
+    if isinstance(item, Direct):
+        return True
+    return (isinstance(item, Message) and item.sender.casefold() != me.casefold()
+            and _mentions(item.text, me))
+
+
+def _char_width(char: str) -> int:
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def width(text: str) -> int:
+    """Terminal columns that ``text`` takes (wide East Asian and emoji count 2)."""
+    return sum(_char_width(char) for char in text)
+
+
+def wrap(line: Line, columns: int) -> list[Line]:
+    """``line`` cut to ``columns``, the continuation indented under the text.
+
+    The text is the last span (what someone said, a notice): its wrapped
+    rest starts in the column where it started, as irssi and weechat do,
+    so the time and name column stay clear. Cuts fall between words when
+    the word fits on a line.
+    """
+    spans = list(line)
+    if not spans or columns < 2 or width(to_plain(line)) < columns:
+        return [line]
+    style, text = spans[-1]
+    indent = width(to_plain(tuple(spans[:-1])))
+    if indent > columns // 2:  # a long prefix: wrap under the start instead
+        indent = 0
+    first = columns - 1 - width(to_plain(tuple(spans[:-1])))
+    room = columns - 1 - indent
+    pieces: list[str] = []
+    while text:
+        limit = first if not pieces else room
+        if limit <= 0:
+            pieces.append("")
+            first = room
+            continue
+        cut, used = 0, 0
+        for index, char in enumerate(text):
+            used += _char_width(char)
+            if used > limit:
+                break
+            cut = index + 1
+        else:
+            pieces.append(text.rstrip(" "))
+            break
+        space = text.rfind(" ", 0, cut + 1)
+        if space > 0 and text[:space].strip():
+            cut = space
+        pieces.append(text[:cut].rstrip(" "))
+        text = text[cut:].lstrip(" ")
+    lines = [(*spans[:-1], (style, pieces[0]))] if pieces else [line]
+    lines += [((PLAIN, " " * indent), (style, piece)) for piece in pieces[1:]]
+    return lines
 
 
 def help_lines(view: View, now: float) -> list[Line]:

@@ -10,11 +10,21 @@ How a run goes:
    ``--json``), flushing each so a pipe reader sees it at once.
 3. The main thread sends each ``--say`` text, then each line of stdin (read
    by a small thread straight from the file descriptor), one at a time: each
-   waits for the broker's ack, and ``rate_limited`` is waited out with a
-   backoff, so any amount of input arrives complete and in order.
-4. At end of input it waits until every ``--expect`` name was heard, then
+   waits for the broker's ack, paced by the broker's token bucket kept on
+   our side (``zchat.clients.outbox.TokenBucket``), so lines go as fast as
+   the broker takes them and are not refused for speed; a stricter broker's
+   ``rate_limited`` is waited out. Any amount of input arrives complete and
+   in order. In ``--commands`` mode an unknown ``/word`` is a usage error:
+   nothing more is sent, exit 2.
+4. At end of input it waits until its own messages came back from the room
+   and were printed, and until every ``--expect`` name was heard, then
    leaves and exits 0, or with ``--stay`` keeps printing until SIGINT or
    SIGTERM (which leave and exit 0 at any time).
+
+What is printed is the same in every run: every room event and private
+message, but never our own ``joined`` or ``left`` lines (whether our leave
+came back before we closed would be a race; the connection is ours to know),
+and always the echo of each of our own messages.
 
 Exit codes are the ``EXIT_*`` of ``zchat.clients.terminal``; errors are one
 line on stderr, never a traceback.
@@ -43,6 +53,9 @@ from zchat import (
     Client,
     ClientClosed,
     Direct,
+    HandshakeFailed,
+    Joined,
+    Left,
     Message,
     Notice,
     ProtocolError,
@@ -52,10 +65,12 @@ from zchat import (
 )
 from zchat.protocol import check_name
 
-from .commands import Help, Invalid, Private, Quit, Say, Who, parse_line
+from .commands import Clear, Help, Invalid, Nick, Private, Quit, Say, Who, parse_line
+from .outbox import DEFAULT_BURST, DEFAULT_RATE, MARGIN, TokenBucket
 from .render import Item, SentPrivate, View, item_json, render, to_plain, who_line
 from .terminal import (
     EXIT_CLOSED,
+    EXIT_HANDSHAKE,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_TIMEOUT,
@@ -68,7 +83,8 @@ from .terminal import (
 __all__ = ["Script", "run_script"]
 
 CONTEXT_EVENTS = 100  # how far back "recently heard" and --history look
-RETRY_MIN, RETRY_MAX = 0.05, 2.0  # backoff after rate_limited
+RETRY_MIN, RETRY_MAX = 0.25, 5.0  # backoff after rate_limited (a stricter broker)
+ECHO_WAIT = 5.0  # at most, for our own messages to come back before leaving
 
 
 class Stop(BaseException):
@@ -103,6 +119,13 @@ class Script:
         self.leave_reason: str | None = None
         self._heard: set[str] = set()
         self._closed: str | None = None  # why the broker closed us, once it did
+        self._sent_seq = 0  # the highest seq of our own acked messages
+        self._printed_seq = 0  # the highest room seq printed
+        welcome = client.welcome
+        self._bucket = TokenBucket(
+            (welcome.rate if welcome and welcome.rate is not None else DEFAULT_RATE) * MARGIN,
+            welcome.burst if welcome and welcome.burst is not None else DEFAULT_BURST,
+            time.monotonic())
         self._changed = threading.Condition()
         self._print_lock = threading.Lock()
         self._out_broken = False
@@ -140,10 +163,20 @@ class Script:
                 self._closed = item.detail or "closed"
             self._changed.notify_all()
 
+    def _mine(self, item: Item) -> bool:
+        """Our own joined or left event: never printed (see the module doc)."""
+        return isinstance(item, Joined | Left) and item.name.casefold() == self.me.casefold()
+
     def _print_events(self) -> None:
         for item in self.client.events():
             self._note(item)
-            self.show(item)
+            if not self._mine(item):
+                self.show(item)
+            seq = getattr(item, "seq", None)
+            if isinstance(seq, int) and not isinstance(item, Status):
+                with self._changed:
+                    self._printed_seq = max(self._printed_seq, seq)
+                    self._changed.notify_all()
         with self._changed:
             self._closed = self._closed or "closed"
             self._changed.notify_all()
@@ -178,6 +211,7 @@ class Script:
             while (line := self._next_line(lines)) is not None:
                 if not self.submit(line, literal=not self.options.commands):
                     return EXIT_OK
+        self.wait_echoed()
         self.wait_heard(self.options.expect)
         if self.options.stay:
             self.wait_closed()
@@ -219,10 +253,12 @@ class Script:
         if command is None:
             return True
         if isinstance(command, Say):
-            self._deliver(lambda: self.client.send_nowait(command.text), command.text)
+            seq = self._deliver(lambda: self.client.send_nowait(command.text), command.text)
+            if isinstance(seq, int):
+                self._sent_seq = max(self._sent_seq, seq)
         elif isinstance(command, Private):
             if self._deliver(lambda: self.client.dm_nowait(command.to, command.text),
-                             command.text):
+                             command.text) is not False:
                 self.show(SentPrivate(command.to, command.text, time.time()))
         elif isinstance(command, Who):
             members = self.client.who(self._left())
@@ -232,25 +268,35 @@ class Script:
             return False
         elif isinstance(command, Help):
             self.warn("in scriptable mode: /msg NAME TEXT, /me ACTION, /who, /quit [REASON]")
+        elif isinstance(command, Clear):
+            pass  # there is no screen to clear
+        elif isinstance(command, Nick):
+            raise Failed(EXIT_USAGE, "/nick: a name is kept for the whole session "
+                                     "(use --name)")
         elif isinstance(command, Invalid):
-            self.warn(command.why)
-            self.unsent += 1
+            # A script with a command we do not know is a wrong script:
+            # stop before sending anything that was meant to come after it.
+            raise Failed(EXIT_USAGE, f"{command.why}; stopped at {line[:60]!r}")
         return True
 
-    def _deliver(self, send: Callable[[], Future[Any]], text: str) -> bool:
-        """Send until acked, waiting out rate limits; False if refused."""
+    def _deliver(self, send: Callable[[], Future[Any]], text: str) -> Any:
+        """Send until acked, at the broker's pace; the ack's result (a seq for
+        a message, None for a dm), or False if refused."""
         backoff = RETRY_MIN
         while True:
             self._check_closed()
+            while not self._bucket.take(now := time.monotonic()):
+                time.sleep(self._bucket.ready_at(now) - now)  # the broker's pace, not a guess
             future = send()
             try:
-                future.result(self._left())
-                return True
+                return future.result(self._left())
             except FutureTimeout:
                 raise Failed(EXIT_TIMEOUT, f"timeout after {self.options.timeout:g} s: "
                                            "a line was not acknowledged") from None
             except RateLimited:
-                time.sleep(backoff)  # the broker refills our bucket over time
+                # A broker stricter than we knew: it refills our bucket over time.
+                self._bucket.empty(time.monotonic())
+                time.sleep(backoff)
                 backoff = min(backoff * 2, RETRY_MAX)
             except ClientClosed as exc:
                 raise Failed(EXIT_CLOSED, f"disconnected: {self._closed or exc}") from None
@@ -258,6 +304,19 @@ class Script:
                 self.unsent += 1
                 self.warn(f"not sent ({exc.code}: {exc.detail}): {text[:60]!r}")
                 return False
+
+    def wait_echoed(self) -> None:
+        """Until our own messages came back from the room and were printed,
+        so that every run prints them (a leave may otherwise cut them off)."""
+        deadline = time.monotonic() + ECHO_WAIT
+        if self.deadline is not None:
+            deadline = min(deadline, self.deadline)
+        with self._changed:
+            while self._printed_seq < self._sent_seq and self._closed is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return  # not worth failing for: they were delivered
+                self._changed.wait(left)
 
     def wait_heard(self, names: list[str]) -> None:
         """Wait until each name said something (or --timeout)."""
@@ -333,6 +392,8 @@ def run_script(options: Options, out: TextIO | None = None, err: TextIO | None =
     try:
         try:
             client.connect(timeout=options.join_timeout)
+        except HandshakeFailed as exc:
+            return fail(EXIT_HANDSHAKE, f"{exc} ({options.connect})")
         except BrokerUnreachable:
             return fail(EXIT_UNREACHABLE, f"broker unreachable at {options.connect} "
                                           f"(no answer within {options.join_timeout:g} s)")

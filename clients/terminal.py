@@ -23,6 +23,7 @@ from zchat.keys import ClientKeys, KeyFileError, load_client_keys
 
 __all__ = [
     "EXIT_CLOSED",
+    "EXIT_HANDSHAKE",
     "EXIT_OK",
     "EXIT_REFUSED",
     "EXIT_TIMEOUT",
@@ -42,6 +43,7 @@ EXIT_UNREACHABLE = 3  # no welcome from the broker in time
 EXIT_REFUSED = 4  # the broker refused the join: name taken, bad name
 EXIT_CLOSED = 5  # kicked by the operator or replaced by another connection
 EXIT_UNSENT = 6  # a line was refused (too large, no such user) and not sent
+EXIT_HANDSHAKE = 7  # a broker answered but the handshake failed: wrong server key?
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
 JOIN_TIMEOUT = 10.0  # seconds to reach the broker when no --timeout says otherwise
@@ -55,20 +57,26 @@ input line is sent as a message and events are printed one per line.
 
 EPILOG = """\
 interactive commands:
-  TEXT              say TEXT to the room (//TEXT says a text that starts with /)
-  /msg NAME TEXT    a private message, seen by NAME only
-  /me ACTION        an action, shown as "* you ACTION"
-  /who              who is here, with addresses
-  /help             the commands
-  /quit [REASON]    leave; Ctrl-D and Ctrl-C leave too
-  Up/Down recall what you typed; Tab completes names and commands.
+  TEXT                   say TEXT to the room (//TEXT says a text that starts with /)
+  /msg NAME TEXT         a private message, seen by NAME only
+  /me ACTION             an action, shown as "* you ACTION"
+  /who, /names           who is here, with addresses
+  /clear                 clear the screen
+  /nick NAME             (a name is kept for a session: /quit, join again as NAME)
+  /help                  the commands
+  /quit, /exit [REASON]  leave; Ctrl-D leaves too, and Ctrl-C on an empty line
+  Ctrl-C clears a half-typed line; Up/Down recall what you typed; Tab completes
+  names and commands; PageUp/PageDown scroll back (tmux's copy mode in tmux,
+  else a pager). Lines wait, marked (pending), until the broker took them:
+  they go out at the broker's pace, and while it is away they wait for it.
 
 scriptable mode:
   Lines of stdin are sent in order (after any --say), each acknowledged by
-  the broker before the next; rate limits are waited out. At end of input it
-  waits for --expect, leaves, and exits, unless --stay. With --commands, input
-  lines may use /msg, /me and /quit as above. SIGINT and SIGTERM leave and
-  exit 0.
+  the broker before the next, paced at the broker's rate. At end of input it
+  waits until its own messages were printed and for --expect, leaves, and
+  exits, unless --stay. Its own joined and left lines are never printed. With
+  --commands, input lines may use /msg, /me, /who and /quit as above (any
+  other /word is a usage error: exit 2). SIGINT and SIGTERM leave and exit 0.
 
 environment: ZCHAT_NAME, ZCHAT_CONNECT, ZCHAT_TIMEOUT, ZCHAT_SERVER_KEY and
 ZCHAT_KEY set the options of the same names; an option on the command line wins.
@@ -76,11 +84,14 @@ ZCHAT_KEY set the options of the same names; an option on the command line wins.
 exit codes:
   0  done (or left on /quit, Ctrl-D, Ctrl-C, SIGINT, SIGTERM)
   1  --timeout passed: lines not acknowledged or --expect names not heard
-  2  bad option or name (usage)
-  3  broker unreachable (no welcome within --timeout, default 10 s)
+  2  bad option, name or endpoint (usage); an unknown /command with --commands
+  3  broker unreachable (no welcome within --timeout, default 10 s), or its
+     host name does not resolve
   4  join refused: the name is taken (or invalid)
   5  disconnected for good: kicked by the operator or replaced
   6  a line was refused by the broker (too large, no such user) and not sent
+  7  handshake failed: a wrong --server-key, a --key the broker does not
+     accept, or no keys for a broker that encrypts
 """
 
 
@@ -204,6 +215,18 @@ def parse_options(argv: Sequence[str] | None = None, *, tty: bool | None = None)
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
+    # Before any socket: a mistyped endpoint is one line, not a traceback,
+    # and a host that does not resolve is said at once, not after a timeout.
+    from zchat.client import resolve_endpoint
+
+    try:
+        resolve_endpoint(options.connect)
+    except ValueError as exc:
+        print(f"zchat-client: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"zchat-client: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     if options.interactive:
         from .interactive import run_interactive
 

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 import zchat
 from conftest import RunningBroker, launch_broker, wait_item
 from zchat import (
     AsyncClient,
+    BrokerUnreachable,
     Client,
     ClientClosed,
     Direct,
+    HandshakeFailed,
     Joined,
     Left,
     Message,
@@ -24,6 +32,8 @@ from zchat import (
     RateLimited,
     Status,
 )
+from zchat.client import check_endpoint
+from zchat.keys import load_client_keys
 
 
 @pytest.fixture
@@ -289,3 +299,95 @@ def test_events_older_than_the_kept_history_are_reported_missed(
     first = wait_item(late, lambda e: isinstance(e, Message))
     assert missed.count == first.seq - 1
     assert missed.count > 0
+
+
+# ------------------------------------------- endpoints, handshakes, liveness
+
+
+@pytest.mark.parametrize("endpoint", [
+    "localhost:46101", "tcp://127.0.0.1", "tcp://*:46101", "udp://127.0.0.1:46101", "",
+    "tcp://:46101", "tcp://127.0.0.1:0", "tcp://127.0.0.1:99999", "tcp://127.0.0.1:x1",
+    "ipc:///tmp/zchat",
+])
+def test_a_bad_endpoint_is_refused_before_any_socket(endpoint: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        Client(endpoint, "zz")
+    assert str(caught.value) == f"bad endpoint {endpoint!r}: expected tcp://HOST:PORT"
+
+
+@pytest.mark.parametrize("endpoint", [
+    "tcp://127.0.0.1:5555", "tcp://localhost:1", "tcp://[::1]:5555", "tcp://chat.example.org:80",
+])
+def test_good_endpoints_pass(endpoint: str) -> None:
+    check_endpoint(endpoint)
+
+
+def test_an_unresolvable_host_is_said_at_once() -> None:
+    started = time.monotonic()
+    with pytest.raises(BrokerUnreachable, match=r"cannot resolve host 'nohost\.invalid'"):
+        Client("tcp://nohost.invalid:5555", "zz", timeout=10).connect()
+    assert time.monotonic() - started < 5
+
+
+@pytest.fixture
+def key_dir(tmp_path: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "zchat.broker.keygen", "--dir", str(tmp_path),
+                    "broker", "other", "alice"], capture_output=True, timeout=30, check=True)
+    (tmp_path / "authorized").mkdir()
+    shutil.copy(tmp_path / "alice.key", tmp_path / "authorized")
+    return tmp_path
+
+
+def test_a_wrong_server_key_is_a_failed_handshake_not_unreachable(
+        start_broker: Callable[..., RunningBroker], key_dir: Path) -> None:
+    broker = start_broker("--secret-key", str(key_dir / "broker.key_secret"),
+                          "--authorized-keys", str(key_dir / "authorized"))
+    wrong = load_client_keys(key_dir / "other.key", key_dir / "alice.key_secret")
+    started = time.monotonic()
+    with pytest.raises(HandshakeFailed, match="handshake failed: wrong server key"):
+        Client(broker.input, "alice", timeout=10, keys=wrong).connect()
+    assert time.monotonic() - started < 5
+    with pytest.raises(HandshakeFailed, match="--server-key and --key"):
+        Client(broker.input, "alice", timeout=10).connect()
+    right = load_client_keys(key_dir / "broker.key", key_dir / "alice.key_secret")
+    with Client(broker.input, "alice", timeout=10, keys=right) as alice:
+        assert alice.welcome is not None
+
+
+def test_routing_ids_are_our_own_and_unguessable(ctx: zmq.Context[Any]) -> None:
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    ids = []
+    for name in ("one", "two"):
+        client = Client(f"tcp://127.0.0.1:{port}", name, timeout=0.2)
+        with pytest.raises(BrokerUnreachable):
+            client.connect()  # nobody answers: the join frame is all we need
+        assert router.poll(5000)
+        ids.append(router.recv_multipart()[0])
+    assert all(len(rid) == 16 and rid[0] != 0 for rid in ids)
+    assert ids[0] != ids[1]
+
+
+def test_a_dead_broker_is_noticed_at_once(start_broker: Callable[..., RunningBroker],
+                                          clients: Callable[..., Client]) -> None:
+    broker = start_broker("--heartbeat", "5")  # 3 silent intervals would be 15 s
+    client = clients(broker, "watcher")
+    broker.stop(signal.SIGKILL)
+    started = time.monotonic()
+    wait_item(client, lambda i: isinstance(i, Status) and i.state == "disconnected",
+              timeout=5)
+    assert time.monotonic() - started < 2
+
+
+def test_a_frozen_broker_is_noticed_within_seconds(start_broker: Callable[..., RunningBroker],
+                                                   clients: Callable[..., Client]) -> None:
+    broker = start_broker("--heartbeat", "5")  # 3 silent intervals would be 15 s
+    client = clients(broker, "watcher")
+    broker.proc.send_signal(signal.SIGSTOP)  # a host that vanished: nothing closes
+    try:
+        started = time.monotonic()
+        wait_item(client, lambda i: isinstance(i, Status) and i.state == "disconnected",
+                  timeout=10)
+        assert time.monotonic() - started < 6
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)

@@ -11,11 +11,15 @@ import re
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from zchat import Direct, Joined, Left, Member, Message, Notice, OtherEvent, Status
 from zchat.clients.commands import (
+    Clear,
     Help,
     Invalid,
+    Nick,
     Private,
     Quit,
     Say,
@@ -31,14 +35,18 @@ from zchat.clients.render import (
     help_lines,
     is_action,
     item_json,
+    pending_line,
     refusal,
     render,
     to_ansi,
     to_plain,
+    wants_attention,
     who_line,
+    width,
+    wrap,
 )
 from zchat.clients.terminal import Options, parse_options
-from zchat.display import name_colour
+from zchat.display import PALETTE, name_colour, printable
 from zchat.protocol import parse_event
 
 TS = 1_700_000_000.0
@@ -96,7 +104,7 @@ def test_peer_text_cannot_move_the_cursor() -> None:
     assert "\x1b" not in text and "\r" not in text and "\n" not in text and "\x07" not in text
     assert "\\x1b" in text
     # The only escapes in the painted line are our own styles.
-    painted = to_ansi(render(evil, ALICE))
+    painted = to_ansi(render(evil, ALICE, TS))
     assert "\n" not in painted and ANSI_ESCAPE.sub("", painted) == text
 
 
@@ -164,7 +172,8 @@ def test_who_line_sorts_names_and_marks_me() -> None:
 
 def test_help_lists_every_command() -> None:
     text = "\n".join(to_plain(line) for line in help_lines(ALICE, TS))
-    for command in ("/msg NAME TEXT", "/me ACTION", "/who", "/help", "/quit [REASON]", "Tab"):
+    for command in ("/msg NAME TEXT", "/me ACTION", "/who", "/help", "/quit", "Tab", "/names",
+                    "/exit [REASON]", "/nick NAME", "/clear", "PageUp / PageDown", "Ctrl-C"):
         assert command in text
 
 
@@ -279,3 +288,100 @@ def test_environment_sets_name_and_endpoint(monkeypatch: pytest.MonkeyPatch) -> 
         "envname", "tcp://10.1.2.3:5555", 7.0)
     assert options.expect == ["bob", "carol", "dan"]
     assert parse_options(["--name", "cli"], tty=False).name == "cli"  # the option wins
+
+
+# ---------------------------------------------------------------- printable
+
+HARMFUL = ("\x00\x07\x08\n\r\x1b\x7f\x85\x9b\u2028\u2029\u202a\u202b\u202c\u202d\u202e"
+           "\u2066\u2067\u2068\u2069\u206a\ufff9\ud800")
+
+
+@pytest.mark.parametrize("text", [
+    "🏳️\u200d🌈", "👩\u200d💻", "👨\u200d👩\u200d👧",
+    "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+    "soft\xadhyphen",
+    "\u05e9\u05dc\u05d5\u05dd\u200f!", "ok\ufe0f", "🏴\U000e0067\U000e0062\U000e0065\U000e006e"
+    "\U000e0067\U000e007f", "\u00a0nbsp\u3000wide", "e\u0301",
+])
+def test_printable_shows_joiners_emoji_and_scripts_as_written(text: str) -> None:
+    assert printable(text) == text
+
+
+def test_printable_shows_tabs_as_spaces_and_escapes_controls() -> None:
+    assert printable("a\tb") == "a    b"
+    assert printable("\x1b[2Jx") == "\\x1b[2Jx"
+    assert printable("\x9b31m") == "\\x9b31m"
+    assert printable("evil\u202etxt.exe") == "evil\\u202etxt.exe"
+    assert printable("one\u2028two\ntwo") == "one\\u2028two\\x0atwo"
+
+
+@given(st.text(alphabet=st.characters(codec=None) | st.sampled_from(HARMFUL)))
+def test_printable_leaves_nothing_harmful(text: str) -> None:
+    shown = printable(text)
+    assert not any(char in HARMFUL or char == "\t" for char in shown)
+    assert not any(ord(char) < 0x20 or 0x7f <= ord(char) <= 0x9f for char in shown)
+    shown.encode("utf-8")  # a terminal can always be given it
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"),
+                                      blacklist_characters="\u202a\u202b\u202c\u202d\u202e"
+                                      "\u2066\u2067\u2068\u2069\u206a\u206b\u206c\u206d\u206e"
+                                      "\u206f\ufff9\ufffa\ufffb")))
+def test_printable_changes_nothing_harmless(text: str) -> None:
+    assert printable(text) == text
+
+
+def test_names_have_more_than_sixteen_colours() -> None:
+    assert len(PALETTE) > 16
+    assert all(16 <= c <= 231 for c in PALETTE)
+    colours = {name_colour(f"user{n}") for n in range(400)}
+    assert len(colours) > 40
+
+
+# ------------------------------------------- days, wrapping, bell, pending
+
+
+def test_lines_from_another_day_show_their_date() -> None:
+    day = time.strftime("%Y-%m-%d", time.localtime(TS))
+    later = TS + 3 * 86400
+    assert to_plain(render(Message(5, TS, "bob", "old"), ALICE, later)) == \
+        f"{day} {STAMP} <bob> old"
+    assert to_plain(render(Message(5, later, "bob", "new"), ALICE, later)).startswith(
+        time.strftime("%H:%M <bob>", time.localtime(later)))
+
+
+def test_wrapped_lines_are_indented_under_the_text() -> None:
+    text = " ".join(f"word{n}" for n in range(30))
+    lines = wrap(render(Message(5, TS, "bob", text), ALICE, TS), 40)
+    shown = [to_plain(line) for line in lines]
+    assert len(shown) > 3 and all(len(line) < 40 for line in shown)
+    indent = len(f"{STAMP} <bob> ")
+    assert all(line.startswith(" " * indent) and line[indent] != " " for line in shown[1:])
+    assert " ".join(line.strip() for line in shown) == f"{STAMP} <bob> {text}"
+    # A word longer than a line is cut; wide characters count two columns.
+    long = wrap(render(Message(5, TS, "bob", "字" * 50), ALICE, TS), 40)
+    assert all(width(to_plain(line)) < 40 for line in long)
+    assert "".join(to_plain(line).strip() for line in long).count("字") == 50
+    short = render(Message(5, TS, "bob", "short"), ALICE, TS)
+    assert wrap(short, 40) == [short]
+
+
+def test_private_messages_and_mentions_ring_the_bell() -> None:
+    assert wants_attention(Direct("bob", "psst", TS), "alice")
+    assert wants_attention(Message(5, TS, "bob", "alice: lunch?"), "alice")
+    assert not wants_attention(Message(5, TS, "bob", "malice"), "alice")
+    assert not wants_attention(Message(5, TS, "Alice", "alice here"), "alice")
+
+
+def test_pending_lines_are_marked() -> None:
+    assert to_plain(pending_line("hi", None, ALICE)) == "(pending) <alice> hi"
+    assert to_plain(pending_line("/me waves", None, ALICE)) == "(pending) * alice waves"
+    assert to_plain(pending_line("psst", "bob", ALICE)) == "(pending) [private to bob] psst"
+
+
+def test_nick_and_clear_are_commands() -> None:
+    assert parse_line("/nick bob") == Nick("bob")
+    assert isinstance(parse_line("/nick"), Invalid)
+    assert parse_line("/clear") == Clear()
+    assert parse_line("/exit bye") == Quit("bye")
+    assert parse_line("/names") == Who()

@@ -10,6 +10,8 @@ with their one-line reasons.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -276,3 +279,86 @@ def test_help_documents_options_commands_and_exit_codes() -> None:
     for word in ("--name", "--connect", "--say", "--expect", "--timeout", "--stay", "--json",
                  "/msg NAME TEXT", "/me ACTION", "/who", "/quit", "ZCHAT_NAME", "exit codes:"):
         assert word in result.stdout
+
+
+# ------------------------------------------------- endpoints and handshakes
+
+
+@pytest.mark.parametrize("endpoint", [
+    "localhost:46101", "tcp://127.0.0.1", "tcp://*:46101", "udp://127.0.0.1:46101", "",
+])
+def test_a_bad_endpoint_is_one_line_and_exit_2(endpoint: str) -> None:
+    result = run_client(endpoint, "--name", "zz", stdin="hi\n")
+    assert result.returncode == 2, result.stderr
+    assert one_line(result.stderr) == \
+        f"zchat-client: bad endpoint {endpoint!r}: expected tcp://HOST:PORT"
+
+
+def test_an_unresolvable_host_exits_3_at_once() -> None:
+    started = time.monotonic()
+    result = run_client("tcp://nohost.invalid:46101", "--name", "zz", stdin="hi\n")
+    assert result.returncode == 3
+    assert "cannot resolve host 'nohost.invalid'" in one_line(result.stderr)
+    assert time.monotonic() - started < 8  # not the 10 s join timeout
+
+
+def test_a_wrong_server_key_is_a_failed_handshake_exit_7(
+        start_broker: Callable[..., RunningBroker], tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "zchat.broker.keygen", "--dir", str(tmp_path),
+                    "broker", "other", "ann"], capture_output=True, timeout=30, check=True)
+    (tmp_path / "authorized").mkdir()
+    shutil.copy(tmp_path / "ann.key", tmp_path / "authorized")
+    broker = start_broker("--secret-key", str(tmp_path / "broker.key_secret"),
+                          "--authorized-keys", str(tmp_path / "authorized"))
+    result = run_client(broker, "--name", "ann", "--server-key", str(tmp_path / "other.key"),
+                        "--key", str(tmp_path / "ann.key_secret"), stdin="hi\n")
+    assert result.returncode == 7
+    assert "handshake failed: wrong server key?" in one_line(result.stderr)
+
+
+# -------------------------------------------------- determinism and pacing
+
+
+def test_own_echo_always_and_own_leave_never_printed(broker: RunningBroker) -> None:
+    for run in range(6):
+        result = run_client(broker, "--name", f"echo{run}", stdin=f"run {run} says hi\n")
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert [line.split(" ", 1)[1] for line in lines if "says hi" in line] == \
+            [f"<echo{run}> run {run} says hi"], result.stdout
+        assert not any(f"echo{run} (" in line for line in lines), result.stdout
+
+
+def test_a_paste_is_paced_not_refused(start_broker: Callable[..., RunningBroker],
+                                      ctx: zmq.Context[Any]) -> None:
+    broker = start_broker("--heartbeat", "0.5")  # the defaults: a burst of 20, then 10/s
+    lines = [f"line {n}" for n in range(30)]
+    with Client(broker.input, "reader", context=ctx, timeout=5.0) as reader:
+        started = time.monotonic()
+        result = run_client(broker, "--name", "paster", stdin="\n".join(lines) + "\n")
+        elapsed = time.monotonic() - started
+        assert result.returncode == 0, result.stderr
+        items = collect(reader, lambda got: any(isinstance(i, Left) for i in got))
+    assert texts_from(items, "paster") == lines
+    stats = subprocess.run([sys.executable, "-m", "zchat.broker.admin", "--control",
+                            broker.control, "stats"], capture_output=True, text=True,
+                           timeout=20, check=True).stdout
+    assert re.search(r"^rate_limited\s+0\b", stats, re.MULTILINE), stats  # none refused
+    assert elapsed < 6
+
+
+def test_an_unknown_command_is_a_usage_error(broker: RunningBroker,
+                                             listen: Callable[[str], Client]) -> None:
+    reader = listen("reader")
+    result = run_client(broker, "--name", "cmd", "--commands",
+                        stdin="before\n/bogus thing\nafter\n")
+    assert result.returncode == 2
+    assert "unknown command /bogus" in one_line(result.stderr)
+    items = collect(reader, lambda got: any(isinstance(i, Left) for i in got))
+    assert texts_from(items, "cmd") == ["before"]
+
+
+def test_nick_in_a_script_is_a_usage_error(broker: RunningBroker) -> None:
+    result = run_client(broker, "--name", "cmd", "--commands", stdin="/nick other\n")
+    assert result.returncode == 2
+    assert "a name is kept for the whole session" in one_line(result.stderr)

@@ -30,7 +30,7 @@ import pytest
 import zmq
 
 from conftest import RunningBroker, wait_item
-from zchat import Client, Joined, Left
+from zchat import Client, Joined, Left, Message
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (.ci/run)")
 
@@ -198,7 +198,8 @@ def test_two_people_chat_and_a_third_joins(broker: RunningBroker, tmux: Tmux) ->
 
 def test_broker_restart_loses_and_doubles_nothing(
         start_broker: Callable[..., RunningBroker], tmux: Tmux) -> None:
-    first = start_broker("--heartbeat", "0.5", "--rate", "0")
+    # A 5 s heartbeat: three silent ones would be 15 s before "offline".
+    first = start_broker("--heartbeat", "5", "--rate", "0")
     ep = f"--connect {first.input}"
     tmux.client("ann", "--name ann", ep)
     tmux.wait("ann", r"1 here: ann")
@@ -208,12 +209,16 @@ def test_broker_restart_loses_and_doubles_nothing(
     tmux.type("ann", "before the restart")
     tmux.wait("ben", r"<ann> before the restart")
 
-    first.stop(signal.SIGKILL)  # no goodbye: the clients notice the silence
+    first.stop(signal.SIGKILL)  # no goodbye: the connection drops
+    killed = time.monotonic()
     for name in ("ann", "ben"):
-        tmux.wait(name, r"-!- broker unreachable, retrying…")
-    tmux.wait_prompt("ann", "[ann offline]")
+        tmux.wait(name, r"-!- broker unreachable, retrying…", timeout=5)
+    tmux.wait_prompt("ann", "[ann offline]", timeout=5)
+    assert time.monotonic() - killed < 3, "offline should show within a few seconds"
+    # What is typed meanwhile shows at once, marked as not sent yet.
     tmux.type("ann", "typed while the broker was down")
-    tmux.wait("ann", r"not connected: will be sent on reconnecting: typed while the broker")
+    tmux.wait("ann", r"\(pending\) <ann> typed while the broker was down\n\[ann offline\]",
+              timeout=2)
 
     start_broker("--heartbeat", "0.5", "--rate", "0",
                  "--input", first.input, "--broadcast", first.broadcast)
@@ -222,6 +227,9 @@ def test_broker_restart_loses_and_doubles_nothing(
                            timeout=15)
         assert count(screen, "<ann> typed while the broker was down") == 1
         assert count(screen, "<ann> before the restart") == 1
+        # Our own joining again is not news; the "reconnected" line says it.
+        assert f"--> {name} (127.0.0.1) joined" not in screen.partition("reconnected")[2]
+    tmux.wait_for("ann", lambda screen: "(pending)" not in screen, "pending line gone")
     tmux.wait_prompt("ann", "[ann]")
     tmux.type("ben", "all good?")
     screen = tmux.wait("ann", r"<ben> all good\?")
@@ -316,10 +324,230 @@ def test_refused_lines_are_one_notice_each(start_broker: Callable[..., RunningBr
     tmux.client("rita", "--name rita", f"--connect {broker.input}")
     tmux.wait_prompt("rita", "[rita]")
     tmux.type("rita", "/msg zed are you there?")
-    tmux.wait("rita", r"-!- nobody called zed is here, not sent: are you there\?")
+    screen = tmux.wait("rita", r"-!- nobody called zed is here, not sent: are you there\?")
+    assert "[private to zed]" not in screen  # only what was delivered is echoed
     tmux.type("rita", "this line is longer than twenty characters")
     tmux.wait("rita", r"-!- too long \(42 characters\), not sent: this line is longer")
     for text in ("a1", "a2", "a3"):  # a burst of 2, then 1 per 100 s
         tmux.type("rita", text)
-    screen = tmux.wait("rita", r"-!- slow down: rate limited, not sent: a3")
+    # The third waits its turn, shown as pending; it is not thrown away.
+    screen = tmux.wait("rita", r"<rita> a2(.|\n)*\(pending\) <rita> a3\n\[rita\]")
+    assert "rate limited" not in screen and "Traceback" not in screen
+
+
+# ------------------------------------------ what irssi and weechat users expect
+
+
+def test_a_mistyped_endpoint_is_one_line_and_exit_2(tmux: Tmux) -> None:
+    tmux.client("typo", "--name zz", "--connect localhost:46101")
+    assert tmux.exit_status("typo") == 2
+    screen = tmux.screen("typo")
+    assert "zchat-client: bad endpoint 'localhost:46101': expected tcp://HOST:PORT\n" in screen
     assert "Traceback" not in screen
+
+
+def test_a_pasted_text_arrives_whole_and_in_order(
+        start_broker: Callable[..., RunningBroker], tmux: Tmux, ctx: zmq.Context[Any]) -> None:
+    broker = start_broker("--heartbeat", "0.5")  # the defaults: a burst of 20, then 10/s
+    lines = [f"pasted line {n}" for n in range(1, 31)]
+    with Client(broker.input, "reader", context=ctx, timeout=5.0) as reader:
+        tmux.client("paster", "--name paster", f"--connect {broker.input}")
+        tmux.wait_prompt("paster", "[paster]")
+        tmux.run("set-buffer", "-b", "paste", "\n".join(lines) + "\n")
+        tmux.run("paste-buffer", "-p", "-b", "paste", "-t", "paster")
+        got: list[str] = []
+        while len(got) < len(lines):
+            item = wait_item(reader, lambda i: isinstance(i, Message) and i.sender == "paster")
+            got.append(item.text)
+    assert got == lines
+    screen = tmux.wait_for("paster", lambda s: "(pending)" not in s and
+                           "<paster> pasted line 30" in s, "all lines sent")
+    assert "rate limited" not in screen
+
+
+def test_ctrl_c_clears_a_half_typed_line_and_leaves_on_an_empty_one(
+        broker: RunningBroker, tmux: Tmux) -> None:
+    tmux.client("cc", "--name cc", f"--connect {broker.input}")
+    tmux.wait_prompt("cc", "[cc]")
+    tmux.type("cc", "half a thought", enter=False)
+    tmux.wait_prompt("cc", "[cc] half a thought")
+    tmux.keys("cc", "C-c")
+    tmux.wait_prompt("cc", "[cc]")
+    tmux.type("cc", "still here")
+    tmux.wait("cc", r"<cc> still here")
+    tmux.keys("cc", "C-c")
+    assert tmux.exit_status("cc") == 0
+
+
+def test_page_up_scrolls_back_and_page_down_returns(
+        broker: RunningBroker, tmux: Tmux, ctx: zmq.Context[Any]) -> None:
+    tmux.client("pager", "--name pager", f"--connect {broker.input}")
+    tmux.wait_prompt("pager", "[pager]")
+    with Client(broker.input, "talker", context=ctx, timeout=5.0) as talker:
+        for n in range(2 * HEIGHT):
+            talker.send_nowait(f"filler {n}")
+        talker.send("the end")
+        tmux.wait("pager", r"<talker> the end")
+    tmux.wait_prompt("pager", "[pager]")
+    tmux.keys("pager", "PageUp")
+    deadline = time.monotonic() + 10
+    while (mode := tmux.run("display", "-p", "-t", "pager",
+                            "#{pane_in_mode} #{scroll_position}").split()) [0] != "1":
+        if time.monotonic() > deadline:
+            raise AssertionError(f"PageUp did not scroll back: {mode}")
+        time.sleep(0.05)
+    assert int(mode[1]) > 0
+    for _ in range(3):
+        tmux.keys("pager", "PageDown")
+    deadline = time.monotonic() + 10
+    while tmux.run("display", "-p", "-t", "pager", "#{pane_in_mode}").strip() != "0":
+        if time.monotonic() > deadline:
+            raise AssertionError("PageDown at the bottom did not return to the chat")
+        time.sleep(0.05)
+
+
+def test_long_lines_wrap_under_the_text(broker: RunningBroker, tmux: Tmux,
+                                        ctx: zmq.Context[Any]) -> None:
+    tmux.client("belle", "--name belle", f"--connect {broker.input}")
+    tmux.wait_prompt("belle", "[belle]")
+    long = " ".join(f"word{n:03d}" for n in range(40))  # 319 characters, 110 columns
+    with Client(broker.input, "bob", context=ctx, timeout=5.0) as bob:
+        bob.send(long)
+        screen = tmux.wait("belle", r"word039")
+        indent = " " * len("00:00 <bob> ")
+        shown = [line for line in screen.splitlines() if "word0" in line]
+        assert len(shown) >= 3 and all(len(line) < WIDTH for line in shown)
+        assert all(line.startswith(indent) and line[len(indent)] != " " for line in shown[1:])
+
+
+def test_a_private_message_rings_the_bell(broker: RunningBroker, tmux: Tmux,
+                                          ctx: zmq.Context[Any]) -> None:
+    tmux.client("belle", "--name belle", f"--connect {broker.input}")
+    tmux.wait_prompt("belle", "[belle]")
+    with Client(broker.input, "bob", context=ctx, timeout=5.0) as bob:
+        bob.send("no bell for this")
+        tmux.wait("belle", r"<bob> no bell for this")
+        assert tmux.run("display", "-p", "-t", "belle", "#{window_bell_flag}").strip() == "0"
+        bob.dm("belle", "psst")
+        tmux.wait("belle", r"\[private from bob\] psst")
+    deadline = time.monotonic() + 5
+    while tmux.run("display", "-p", "-t", "belle", "#{window_bell_flag}").strip() != "1":
+        if time.monotonic() > deadline:
+            raise AssertionError("no bell for a private message")
+        time.sleep(0.05)
+
+
+def pane_process(tmux: Tmux, session: str) -> int:
+    """The pid of the client that the session's shell started."""
+    shell = int(tmux.run("display", "-p", "-t", session, "#{pane_pid}"))
+    deadline = time.monotonic() + 10
+    while not (children := Path(f"/proc/{shell}/task/{shell}/children").read_text().split()):
+        if time.monotonic() > deadline:
+            raise AssertionError("the client process did not start")
+        time.sleep(0.05)
+    return int(children[0])
+
+
+def test_a_lost_history_shows_only_the_last_messages(
+        start_broker: Callable[..., RunningBroker], tmux: Tmux, ctx: zmq.Context[Any]) -> None:
+    first = start_broker("--heartbeat", "0.5", "--rate", "0")
+    tmux.client("hana", "--name hana", "--history 3", f"--connect {first.input}")
+    tmux.wait_prompt("hana", "[hana]")
+    client = pane_process(tmux, "hana")
+    # hana sleeps through the broker's restart and the new room's first talk.
+    os.kill(client, signal.SIGSTOP)
+    try:
+        first.stop(signal.SIGKILL)
+        second = start_broker("--heartbeat", "0.5", "--rate", "0",
+                              "--input", first.input, "--broadcast", first.broadcast)
+        with Client(second.input, "newsie", context=ctx, timeout=5.0) as newsie:
+            for n in range(10):
+                newsie.send(f"new room talk {n}")
+            os.kill(client, signal.SIGCONT)
+            screen = tmux.wait("hana", r"(?s)reconnected.*the last 3 messages:\n.*"
+                                       r"<newsie> new room talk 7\n.*talk 8\n.*talk 9\n",
+                               timeout=15)
+            newsie.send("live again")
+            screen = tmux.wait("hana", r"<newsie> live again")
+    finally:
+        os.kill(client, signal.SIGCONT)
+    after = screen.partition("reconnected")[2]
+    assert "new room talk 6" not in after and "--> newsie" not in after
+    assert "--> hana" not in after
+
+
+def test_own_leave_and_join_are_not_shown_across_a_broker_shutdown(
+        start_broker: Callable[..., RunningBroker], tmux: Tmux, tmp_path: Path) -> None:
+    db = str(tmp_path / "history.db")
+    first = start_broker("--heartbeat", "0.5", "--rate", "0", "--db", db)
+    tmux.client("sid", "--name sid", f"--connect {first.input}")
+    tmux.wait_prompt("sid", "[sid]")
+    tmux.type("sid", "before")
+    tmux.wait("sid", r"<sid> before")
+    first.stop(signal.SIGTERM)
+    tmux.wait_prompt("sid", "[sid offline]")
+    start_broker("--heartbeat", "0.5", "--rate", "0", "--db", db,
+                 "--input", first.input, "--broadcast", first.broadcast)
+    tmux.wait("sid", r"-!- reconnected", timeout=15)
+    tmux.wait_prompt("sid", "[sid]")
+    tmux.type("sid", "after")
+    screen = tmux.wait("sid", r"<sid> after")
+    assert "sid (127.0.0.1) left" not in screen and "--> sid" not in screen
+    assert count(screen, "<sid> before") == 1
+
+
+def test_a_wrong_server_key_says_so_and_exits_7(
+        start_broker: Callable[..., RunningBroker], tmux: Tmux, tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "zchat.broker.keygen", "--dir", str(tmp_path),
+                    "broker", "other", "kay"], capture_output=True, timeout=30, check=True)
+    (tmp_path / "authorized").mkdir()
+    shutil.copy(tmp_path / "kay.key", tmp_path / "authorized")
+    broker = start_broker("--secret-key", str(tmp_path / "broker.key_secret"),
+                          "--authorized-keys", str(tmp_path / "authorized"))
+    tmux.client("kay", "--name kay", f"--connect {broker.input}",
+                f"--server-key {tmp_path / 'other.key'}", f"--key {tmp_path / 'kay.key_secret'}")
+    assert tmux.exit_status("kay") == 7
+    screen = tmux.screen("kay")
+    assert "zchat-client: handshake failed: wrong server key?" in screen
+    assert "unreachable" not in screen and "Traceback" not in screen
+
+
+def test_quitting_right_after_a_paste_still_sends_it_all(
+        start_broker: Callable[..., RunningBroker], tmux: Tmux, ctx: zmq.Context[Any]) -> None:
+    broker = start_broker("--heartbeat", "0.5")  # the defaults: a burst of 20, then 10/s
+    lines = [f"last words {n}" for n in range(1, 26)]
+    with Client(broker.input, "reader", context=ctx, timeout=5.0) as reader:
+        tmux.client("quitter", "--name quitter", f"--connect {broker.input}")
+        tmux.wait_prompt("quitter", "[quitter]")
+        tmux.run("set-buffer", "-b", "paste", "\n".join([*lines, "/quit bye"]) + "\n")
+        tmux.run("paste-buffer", "-p", "-b", "paste", "-t", "quitter")
+        got: list[str] = []
+        left = wait_item(reader, lambda i: (isinstance(i, Message) and got.append(i.text))
+                         or (isinstance(i, Left) and i.name == "quitter"))
+    assert got == lines
+    assert (left.reason, left.detail) == ("leave", "bye")
+    assert tmux.exit_status("quitter") == 0
+
+
+def test_page_up_outside_tmux_opens_the_session_in_a_pager(broker: RunningBroker,
+                                                          tmux: Tmux) -> None:
+    if shutil.which("less") is None:
+        pytest.skip("needs less")
+    # As in a plain terminal: the client cannot see that tmux runs it.
+    tmux.session("plain", f"env -u TMUX -u TMUX_PANE {sys.executable} -m zchat.clients.terminal "
+                          f"--name plain --connect {broker.input}")
+    tmux.wait_prompt("plain", "[plain]")
+    tmux.type("plain", "remember this")
+    tmux.wait("plain", r"<plain> remember this")
+    tmux.keys("plain", "PageUp")
+    deadline = time.monotonic() + 10
+    while tmux.run("display", "-p", "-t", "plain", "#{alternate_on}").strip() != "1":
+        if time.monotonic() > deadline:
+            raise AssertionError("PageUp opened no pager")
+        time.sleep(0.05)
+    pager = tmux.run("capture-pane", "-p", "-t", "plain")
+    assert "<plain> remember this" in pager and "joined the lobby room" in pager
+    tmux.keys("plain", "q")
+    tmux.wait_prompt("plain", "[plain]")
+    tmux.type("plain", "back in the chat")
+    tmux.wait("plain", r"<plain> back in the chat")

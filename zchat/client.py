@@ -9,8 +9,13 @@ client must do by itself, so that a bot is a few lines:
 - delivers room events exactly once and in ``seq`` order, filling any gap
   (late join, dropped frames, reconnect) from ``history``;
 - pings when idle, and treats the broker as gone after three silent
-  heartbeat intervals; then rejoins with its ``token`` and ``since`` so the
+  heartbeat intervals, or at once when the connection drops (a socket
+  monitor on the DEALER, and ZMTP heartbeats for a peer that vanished
+  without closing); then rejoins with its ``token`` and ``since`` so the
   name is kept and nothing is missed;
+- tells a failed handshake (a wrong CURVE server key) from an absent
+  broker: ``HandshakeFailed`` at once instead of ``BrokerUnreachable``
+  after the timeout;
 - keeps every ``message`` and ``dm`` until acked, sending it again with the
   same ``id`` after a reconnect: the broker's dedupe makes that at most once.
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
 import itertools
 import logging
 import queue
@@ -39,10 +45,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from zchat.errors import (
     BrokerUnreachable,
     ClientClosed,
+    HandshakeFailed,
     ProtocolError,
     RequestFailed,
 )
@@ -62,7 +70,7 @@ from zchat.protocol import (
     parse_members,
 )
 
-__all__ = ["AsyncClient", "Client", "Status", "Welcome"]
+__all__ = ["AsyncClient", "Client", "Status", "Welcome", "check_endpoint", "resolve_endpoint"]
 
 log = logging.getLogger("zchat.client")
 
@@ -75,6 +83,13 @@ HISTORY_PAGE = 1000
 EARLY_PING_SECONDS = 0.3  # after a welcome: time enough for the SUB to connect
 LEAVE_ACK = "leave-ack"
 LEAVE_WAIT_SECONDS = 2.0  # at most, for the broker to confirm a leave
+# ZMTP heartbeats on the DEALER: libzmq's I/O thread answers them even while
+# the broker's Python loop is busy, so silence means the peer is gone (a
+# host that vanished without closing its connection), noticed in seconds.
+ZMTP_HEARTBEAT_MS, ZMTP_TIMEOUT_MS = 1000, 3000
+_MONITORED = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+              | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +99,9 @@ class Status:
     ``state`` is one of ``connected`` (first welcome), ``disconnected`` (the
     broker stopped answering or shut down; retrying), ``reconnected``,
     ``history_lost`` (the broker restarted without its history: events from
-    before may be missing), ``missed`` (``count`` events fell out of the
+    before may be missing; ``count`` is the room's seq when we rejoined, so
+    the events up to it that follow are the new history, said while we were
+    away or long before), ``missed`` (``count`` events fell out of the
     broker's history before they could be fetched), ``closed`` (kicked,
     replaced by another connection with our token, or ``close()``).
     """
@@ -107,6 +124,8 @@ class Welcome:
     heartbeat: float
     token: str
     epoch: str | None
+    rate: float | None = None  # the broker's message rate limit, if it says
+    burst: int | None = None
 
 
 Item: TypeAlias = Event | Direct | Status
@@ -162,6 +181,7 @@ class Client:
     ) -> None:
         if not name:
             raise ValueError("a name is needed to join")
+        check_endpoint(endpoint)
         self.endpoint = endpoint
         self.name = name
         self.timeout = timeout
@@ -193,9 +213,19 @@ class Client:
 
         Raises:
             NameTaken, RequestFailed: the broker refused the join.
-            BrokerUnreachable: no welcome within ``timeout``.
+            HandshakeFailed: a broker answered but the handshake failed
+                (wrong server key, key not accepted, encryption expected).
+            BrokerUnreachable: no welcome within ``timeout``, or the host
+                name does not resolve (said at once).
         """
         if not self._started:
+            try:
+                resolve_endpoint(self.endpoint)
+            except OSError as exc:
+                self._closed.set()  # no thread ran: nothing else to stop
+                self._wake_r.close()
+                self._wake_w.close()
+                raise BrokerUnreachable(str(exc)) from None
             self._started = True
             self._thread.start()
         try:
@@ -326,6 +356,8 @@ class Client:
 
     def _run(self) -> None:
         self._dealer: zmq.Socket[Any] | None = None
+        self._monitor: zmq.Socket[Any] | None = None
+        self._handshaken = False  # on the current DEALER connection
         self._sub: zmq.Socket[Any] | None = None
         self._pending: dict[str, _Pending] = {}
         self._gap = _Gap()
@@ -345,7 +377,7 @@ class Client:
         try:
             self._start_join(time.monotonic())
             while not self._stop:
-                for sock in (self._dealer, self._sub):
+                for sock in (self._dealer, self._monitor, self._sub):
                     if sock is not None and sock not in poller:
                         poller.register(sock, zmq.POLLIN)
                 timeout = max(0.0, self._deadline() - time.monotonic())
@@ -354,6 +386,8 @@ class Client:
                     self._drain_commands()
                 if self._dealer is not None and self._dealer in ready:
                     self._drain(self._dealer, self._on_reply)
+                if self._monitor is not None and self._monitor in ready:
+                    self._drain_monitor()
                 if self._sub is not None and self._sub in ready:
                     self._drain(self._sub, self._on_broadcast)
                 self._on_time(time.monotonic())
@@ -364,9 +398,9 @@ class Client:
             log.exception("zchat client thread failed")
             self._finish("internal error")
         finally:
-            for sock in (self._dealer, self._sub):
-                if sock is not None:
-                    sock.close(linger=0)
+            self._close_dealer()
+            if self._sub is not None:
+                self._sub.close(linger=0)
             self._wake_r.close()
             self._wake_w.close()
 
@@ -451,12 +485,20 @@ class Client:
     # join / reconnect
 
     def _start_join(self, now: float) -> None:
-        if self._dealer is not None:
-            self._dealer.close(linger=0)
+        self._close_dealer()
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.LINGER, 0)
+        # Our own routing id, 16 random bytes: libzmq's automatic ids are a
+        # counter from an unseeded rand(), the same in every broker run, so
+        # anyone could predict ours and take over a dropped session. A first
+        # byte of 0 is reserved by ZMTP for libzmq's own ids.
+        self._dealer.setsockopt(zmq.ROUTING_ID, b"z" + secrets.token_bytes(15))
+        self._dealer.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_MS)
+        self._dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_TIMEOUT_MS)
         if self._keys is not None:
             self._keys.apply(self._dealer)
+        self._monitor = self._dealer.get_monitor_socket(_MONITORED)
+        self._handshaken = False
         self._dealer.connect(self.endpoint)
         body: dict[str, Any] = {"type": "join", "name": self.name, "id": "join"}
         if self._token:
@@ -471,10 +513,54 @@ class Client:
             self._emit(Status("disconnected", why))
         self.welcome = None
         self._joining_since = 0.0
+        self._close_dealer()
+        self._next_attempt = now + self._retry
+
+    def _close_dealer(self) -> None:
+        if self._monitor is not None:
+            if self._dealer is not None and not self._dealer.closed:
+                try:
+                    self._dealer.disable_monitor()
+                except zmq.ZMQError:
+                    pass  # the context is going away: closing is all that is left
+            self._monitor.close(linger=0)
+            self._monitor = None
         if self._dealer is not None:
             self._dealer.close(linger=0)
             self._dealer = None
-        self._next_attempt = now + self._retry
+
+    def _drain_monitor(self) -> None:
+        while self._monitor is not None:
+            try:
+                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshaken = True
+            elif kind & (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                         | zmq.EVENT_HANDSHAKE_FAILED_AUTH):
+                self._handshake_failed(kind)
+                return
+            elif kind == zmq.EVENT_DISCONNECTED and self._handshaken:
+                # The broker's end closed (it died, or restarted): no need to
+                # wait three heartbeats to say so. Rejoin at once.
+                self._handshaken = False
+                if self.welcome is not None and not self._joining_since:
+                    self._lost("broker unreachable, retrying…", time.monotonic())
+                    return
+
+    def _handshake_failed(self, kind: int) -> None:
+        if self._keys is None:
+            why = "handshake failed: does the broker need --server-key and --key?"
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            why = "handshake failed: the broker does not accept your key"
+        else:
+            why = "handshake failed: wrong server key?"
+        if not self._joined_future.done():
+            # Retrying cannot fix a key: say so now rather than time out.
+            self._joined_future.set_exception(HandshakeFailed(why))
+            self._finish(why)
 
     def _on_welcome(self, reply: dict[str, Any]) -> None:
         welcome = Welcome(
@@ -487,6 +573,8 @@ class Client:
             heartbeat=float(reply.get("heartbeat", DEFAULT_HEARTBEAT)),
             token=str(reply["token"]),
             epoch=reply.get("epoch") if isinstance(reply.get("epoch"), str) else None,
+            rate=_number(reply.get("rate")),
+            burst=int(burst) if (burst := _number(reply.get("burst"))) is not None else None,
         )
         first = not self._was_joined
         self.welcome = welcome
@@ -502,7 +590,8 @@ class Client:
         restarted = welcome.epoch != self._epoch and self._epoch is not None
         if restarted or (self._has_seq and welcome.seq < self.last_seq):
             # The broker lost its history: old seqs mean nothing now.
-            self._emit(Status("history_lost", "the broker restarted without its history"))
+            self._emit(Status("history_lost", "the broker restarted without its history",
+                              welcome.seq))
             self.last_seq = 0
         elif not self._has_seq:
             self.last_seq = welcome.seq
@@ -727,11 +816,61 @@ class Client:
         self._pending.clear()
         if not self._joined_future.done():
             self._joined_future.set_exception(error)
-        if self._dealer is not None:
-            self._dealer.close()
-            self._dealer = None
+        self._close_dealer()
         if self._on_item is None:
             self._items.put(None)
+
+
+def check_endpoint(endpoint: str) -> tuple[str, int] | None:
+    """The host and port of a ``tcp://HOST:PORT`` endpoint to connect to.
+
+    ``ipc://PATH`` (a broker on the same machine) is accepted too: it has
+    no host or port, so the result is None.
+
+    Raises:
+        ValueError: ``bad endpoint 'X': expected tcp://HOST:PORT`` for
+            anything else (no scheme, no port, ``*``, another transport).
+    """
+    error = ValueError(f"bad endpoint {endpoint!r}: expected tcp://HOST:PORT")
+    scheme, sep, rest = endpoint.partition("://")
+    if scheme == "ipc" and sep and rest:
+        return None
+    host, colon, port = rest.rpartition(":")
+    if scheme != "tcp" or not sep or not colon or not port.isascii() or not port.isdigit():
+        raise error
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise error from None
+    if not host or host == "*" or any(c in host for c in "[]/ ;") or not 0 < int(port) < 65536:
+        raise error
+    return host, int(port)
+
+
+def resolve_endpoint(endpoint: str) -> None:
+    """Check that the endpoint's host resolves (libzmq would retry forever).
+
+    Raises:
+        ValueError: a malformed endpoint (see ``check_endpoint``).
+        OSError: ``cannot resolve host 'X': ...``.
+    """
+    address = check_endpoint(endpoint)
+    if address is None:
+        return
+    host, port = address
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise OSError(f"cannot resolve host {host!r}: {reason}") from None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return None
+    return float(value)
 
 
 def resolve_pub(pub: str, endpoint: str) -> str:

@@ -13,6 +13,8 @@
         │   ├── RateLimited
         │   └── NoSuchUser
         ├── BrokerUnreachable  no answer from the broker in time
+        │   └── HandshakeFailed  it answered, but the connection's handshake
+        │                        failed (wrong server key, key not accepted)
         └── ClientClosed       the client was closed (or kicked, replaced)
 
 ``ProtocolError`` is what the broker catches around one peer's frame: it
@@ -29,6 +31,7 @@ __all__ = [
     "BrokerUnreachable",
     "ClientClosed",
     "ClientError",
+    "HandshakeFailed",
     "HistoryError",
     "NameTaken",
     "NoSuchUser",
@@ -89,6 +92,14 @@ class NoSuchUser(RequestFailed):
 
 class BrokerUnreachable(ClientError):
     """The broker did not answer in time."""
+
+
+class HandshakeFailed(BrokerUnreachable):
+    """A broker is there, but the ZeroMQ handshake with it failed.
+
+    With CURVE this is a wrong server key or a client key the broker does
+    not accept; without keys, a broker that encrypts. Retrying cannot help.
+    """
 
 
 class ClientClosed(ClientError):
