@@ -142,8 +142,9 @@ def test_zchat_client_with_keys(secure_broker: RunningBroker, keys: Path) -> Non
         [sys.executable, "-m", "zchat.clients.terminal", "--connect", secure_broker.input,
          "--name", "eve", "--say", "let me in", "--timeout", "2"],
         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-    assert plain.returncode == 3
-    assert "broker unreachable" in plain.stderr
+    # Not "unreachable": the broker answered and wants keys (exit 7, handshake).
+    assert plain.returncode == 7
+    assert "handshake failed: does the broker need --server-key and --key?" in plain.stderr
     half = subprocess.run(
         [sys.executable, "-m", "zchat.clients.terminal", "--name", "eve", "--key", "x"],
         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)

@@ -87,6 +87,7 @@ LEAVE_WAIT_SECONDS = 2.0  # at most, for the broker to confirm a leave
 # the broker's Python loop is busy, so silence means the peer is gone (a
 # host that vanished without closing its connection), noticed in seconds.
 ZMTP_HEARTBEAT_MS, ZMTP_TIMEOUT_MS = 1000, 3000
+HANDSHAKE_TRIES = 5  # handshakes cut short in a row before a CURVE key is blamed
 _MONITORED = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
               | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -358,6 +359,7 @@ class Client:
         self._dealer: zmq.Socket[Any] | None = None
         self._monitor: zmq.Socket[Any] | None = None
         self._handshaken = False  # on the current DEALER connection
+        self._handshake_failures = 0  # handshakes cut short since the last one that worked
         self._sub: zmq.Socket[Any] | None = None
         self._pending: dict[str, _Pending] = {}
         self._gap = _Gap()
@@ -538,10 +540,19 @@ class Client:
             kind = event["event"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshaken = True
+                self._handshake_failures = 0
             elif kind & (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                          | zmq.EVENT_HANDSHAKE_FAILED_AUTH):
-                self._handshake_failed(kind)
-                return
+                # A connection closed mid-handshake (NO_DETAIL) may be a busy
+                # broker shedding connections: only a wrong key makes it
+                # happen every time. A mechanism mismatch or a refused key
+                # says so at once.
+                self._handshake_failures += 1
+                if (kind != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                        or (self._keys is not None
+                            and self._handshake_failures >= HANDSHAKE_TRIES)):
+                    self._handshake_failed(kind)
+                    return
             elif kind == zmq.EVENT_DISCONNECTED and self._handshaken:
                 # The broker's end closed (it died, or restarted): no need to
                 # wait three heartbeats to say so. Rejoin at once.
