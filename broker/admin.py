@@ -172,6 +172,8 @@ def _stat(key: str, value: Any) -> str:
     """One statistic for people: seconds as h:mm:ss, other numbers as they are."""
     if key == "uptime" and isinstance(value, int | float):
         return str(datetime.timedelta(seconds=int(value)))
+    if isinstance(value, dict):  # connections by socket, cuts by reason
+        return "; ".join(f"{k}: {v}" for k, v in value.items()) or "none"
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
