@@ -307,7 +307,6 @@ def test_events_older_than_the_kept_history_are_reported_missed(
 @pytest.mark.parametrize("endpoint", [
     "localhost:46101", "tcp://127.0.0.1", "tcp://*:46101", "udp://127.0.0.1:46101", "",
     "tcp://:46101", "tcp://127.0.0.1:0", "tcp://127.0.0.1:99999", "tcp://127.0.0.1:x1",
-    "ipc:///tmp/zchat",
 ])
 def test_a_bad_endpoint_is_refused_before_any_socket(endpoint: str) -> None:
     with pytest.raises(ValueError) as caught:

@@ -74,7 +74,7 @@ class RequestFailed(ClientError):
     @staticmethod
     def from_reply(code: str, detail: str) -> RequestFailed:
         """The most specific subclass for an error code."""
-        cls = _BY_CODE.get(code, RequestFailed)
+        cls = _by_code().get(code, RequestFailed)
         return cls(code, detail)
 
 
@@ -110,8 +110,12 @@ class ClientClosed(ClientError):
         self.reason = reason
 
 
-_BY_CODE: dict[str, type[RequestFailed]] = {
-    "name_taken": NameTaken,
-    "rate_limited": RateLimited,
-    "no_such_user": NoSuchUser,
-}
+def _by_code() -> dict[str, type[RequestFailed]]:
+    # Imported here: zchat.protocol raises ProtocolError, so it imports us.
+    from zchat.protocol import ErrorCode
+
+    return {
+        ErrorCode.NAME_TAKEN: NameTaken,
+        ErrorCode.RATE_LIMITED: RateLimited,
+        ErrorCode.NO_SUCH_USER: NoSuchUser,
+    }

@@ -30,7 +30,9 @@ error codes, so the broker can answer that peer and carry on.
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Final, TypeAlias
 
 import msgpack
@@ -41,27 +43,43 @@ from zchat.names import name_key, name_problem
 __all__ = [
     "BATCH_TOPIC",
     "BROKER_TOPIC",
+    "DEFAULT_HEARTBEAT",
+    "HISTORY_PAGE",
+    "HISTORY_PAGE_MAX",
     "MAX_ID_CHARS",
     "MAX_NAME_CHARS",
+    "MISSED_HEARTBEATS",
     "PROTOCOL_VERSION",
     "ROOM",
     "ROOM_TOPIC",
+    "Ack",
+    "BrokerReply",
+    "Bye",
+    "ByeReason",
+    "ClientStatus",
     "Direct",
     "ErrorCode",
+    "ErrorReply",
     "Event",
     "GetHistory",
+    "HistoryPage",
     "Join",
     "Joined",
     "Leave",
+    "LeaveReason",
     "Left",
     "Member",
+    "Members",
     "Message",
     "Notice",
     "OtherEvent",
+    "OtherReply",
     "Ping",
+    "Pong",
     "Request",
     "Say",
     "SendDm",
+    "Welcome",
     "Who",
     "check_name",
     "decode_frame",
@@ -70,7 +88,10 @@ __all__ = [
     "encode_batch",
     "fold_name",
     "parse_event",
+    "parse_members",
+    "parse_reply",
     "parse_request",
+    "request_id",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -85,21 +106,60 @@ MAX_NAME_CHARS: Final = 32
 DEFAULT_MAX_FRAME: Final = 64 * 1024
 
 
-class ErrorCode:
-    """The error codes of ``error`` replies."""
+HISTORY_PAGE: Final = 100  # events in a `history` reply when no `limit` is asked
+HISTORY_PAGE_MAX: Final = 1000  # the most a page holds, whatever `limit` says
+DEFAULT_HEARTBEAT: Final = 5.0  # seconds, until a `welcome` says otherwise
+# The broker drops a member after this many silent heartbeat intervals, and a
+# client takes a broker as gone after as many.
+MISSED_HEARTBEATS: Final = 3
 
-    BAD_FRAME: Final = "bad_frame"
-    BAD_REQUEST: Final = "bad_request"
-    BAD_NAME: Final = "bad_name"
-    NAME_TAKEN: Final = "name_taken"
-    NOT_JOINED: Final = "not_joined"
-    TOO_LARGE: Final = "too_large"
-    RATE_LIMITED: Final = "rate_limited"
-    NO_SUCH_USER: Final = "no_such_user"
-    INTERNAL: Final = "internal"  # the broker failed on this request (its bug, not yours)
+
+class ErrorCode(StrEnum):
+    """The error codes of ``error`` replies (an unknown one is a plain failure)."""
+
+    BAD_FRAME = "bad_frame"
+    BAD_REQUEST = "bad_request"
+    BAD_NAME = "bad_name"
+    NAME_TAKEN = "name_taken"
+    NOT_JOINED = "not_joined"
+    TOO_LARGE = "too_large"
+    RATE_LIMITED = "rate_limited"
+    NO_SUCH_USER = "no_such_user"
+    INTERNAL = "internal"  # the broker failed on this request (its bug, not yours)
     # Additions (a v1 client treats an unknown code as a plain failure):
-    TOO_MANY_NAMES: Final = "too_many_names"  # CURVE: this key holds its limit of names
-    UNAVAILABLE: Final = "unavailable"  # the broker's store failed this request; retry later
+    TOO_MANY_NAMES = "too_many_names"  # CURVE: this key holds its limit of names
+    UNAVAILABLE = "unavailable"  # the broker's store failed this request; retry later
+    # Never on the wire: the client library's code for a reply it cannot parse.
+    BAD_REPLY = "bad_reply"
+
+
+class LeaveReason(StrEnum):
+    """Why a member left: the ``reason`` of a ``left`` event."""
+
+    LEAVE = "leave"  # it said `leave`
+    TIMEOUT = "timeout"  # it fell silent
+    KICKED = "kicked"  # the operator kicked it
+    REPLACED = "replaced"  # another connection took its name with its token
+    SHUTDOWN = "shutdown"  # the broker stopped
+
+
+class ByeReason(StrEnum):
+    """Why the broker said ``bye`` to a client."""
+
+    KICKED = "kicked"
+    REPLACED = "replaced"
+    SHUTDOWN = "shutdown"
+
+
+class ClientStatus(StrEnum):
+    """The ``state`` of a client library ``Status`` item (see ``zchat.client``)."""
+
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    RECONNECTED = "reconnected"
+    HISTORY_LOST = "history_lost"
+    MISSED = "missed"
+    CLOSED = "closed"
 
 
 # --------------------------------------------------------------------------
@@ -429,3 +489,171 @@ def parse_members(items: object) -> list[Member]:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "a member must be a map")
         members.append(Member(_field(item, "name", str), _field(item, "addr", str)))
     return members
+
+
+# --------------------------------------------------------------------------
+# Replies (broker -> client, on the DEALER), parsed by a table
+#
+#     type      class          fields (? optional, with its default)
+#     welcome   Welcome        name, seq, pub, token, addr?, room?, members?,
+#                              heartbeat?, epoch?, rate?, burst?, batch?
+#     ack       Ack            seq? (a message's; a dm's ack has none)
+#     error     ErrorReply     code, detail?
+#     pong      Pong           ts, seq?, joined?
+#     members   Members        members
+#     history   HistoryPage    events
+#     dm        Direct         from, text, ts?
+#     bye       Bye            reason, detail?
+#     (other)   OtherReply     the map as it came
+#
+# Every reply but ``dm`` and ``bye`` may carry the ``id`` of its request.
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """What the broker said when we joined."""
+
+    name: str
+    addr: str
+    room: str
+    seq: int
+    members: list[Member]
+    pub: str
+    heartbeat: float
+    token: str
+    epoch: str | None
+    rate: float | None = None  # the broker's message rate limit, if it says
+    burst: int | None = None
+    batch: bool = False  # it also publishes room events in batches
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    seq: int | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    code: str  # an ``ErrorCode`` value, or one this version does not know
+    detail: str = ""
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    ts: float
+    seq: int | None = None  # addition: the room's head seq
+    joined: bool | None = None  # addition: False once the broker forgot us
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Members:
+    members: list[Member]
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    events: list[Event]
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    reason: str  # a ``ByeReason`` value, or one this version does not know
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OtherReply:
+    """A reply of a type this version does not know."""
+
+    type: str
+    body: dict[str, Any]
+    id: str | None = None
+
+
+BrokerReply: TypeAlias = (
+    Welcome | Ack | ErrorReply | Pong | Members | HistoryPage | Direct | Bye | OtherReply
+)
+
+
+def _optional(body: dict[str, Any], name: str, ftype: type | tuple[type, ...]) -> Any:
+    """A field that may be absent (None); present, it must have its type."""
+    if body.get(name) is None:
+        return None
+    return _field(body, name, ftype)
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return None
+    return float(value)
+
+
+def _parse_welcome(body: dict[str, Any], rid: str | None) -> Welcome:
+    burst = _number(body.get("burst"))
+    epoch = body.get("epoch")
+    return Welcome(
+        name=_field(body, "name", str),
+        addr=_optional(body, "addr", str) or "",
+        room=_optional(body, "room", str) or ROOM,
+        seq=_field(body, "seq", int),
+        members=parse_members(body.get("members", [])),
+        pub=str(_field(body, "pub", (str, int))),
+        heartbeat=float(_optional(body, "heartbeat", (int, float)) or DEFAULT_HEARTBEAT),
+        token=_field(body, "token", str),
+        epoch=epoch if isinstance(epoch, str) else None,
+        rate=_number(body.get("rate")),
+        burst=int(burst) if burst is not None else None,
+        batch=body.get("batch") is True,
+        id=rid,
+    )
+
+
+def _parse_events(body: dict[str, Any], rid: str | None) -> HistoryPage:
+    items = body.get("events")
+    if not isinstance(items, list):
+        raise ProtocolError(ErrorCode.BAD_REPLY, "'events' must be a list")
+    events = [parse_event(item) for item in items if isinstance(item, dict) and "type" in item]
+    return HistoryPage(events, rid)
+
+
+def _parse_pong(body: dict[str, Any], rid: str | None) -> Pong:
+    joined = body.get("joined")
+    return Pong(float(_field(body, "ts", (int, float))), _optional(body, "seq", int),
+                joined if isinstance(joined, bool) else None, rid)
+
+
+_REPLIES: Final[dict[str, Callable[[dict[str, Any], str | None], BrokerReply]]] = {
+    "welcome": _parse_welcome,
+    "ack": lambda b, rid: Ack(_optional(b, "seq", int), rid),
+    "error": lambda b, rid: ErrorReply(_field(b, "code", str),
+                                       str(b.get("detail") or ""), rid),
+    "pong": _parse_pong,
+    "members": lambda b, rid: Members(parse_members(b.get("members")), rid),
+    "history": _parse_events,
+    "dm": lambda b, rid: Direct(_field(b, "from", str), _field(b, "text", str),
+                                float(_optional(b, "ts", (int, float)) or 0.0)),
+    "bye": lambda b, rid: Bye(str(b.get("reason") or ""), str(b.get("detail") or "")),
+}
+
+
+def parse_reply(body: dict[str, Any]) -> BrokerReply:
+    """Turn a decoded broker reply into a typed one (unknown types are kept).
+
+    Raises:
+        ProtocolError: ``bad_reply`` when a known type lacks a field or has
+            one of the wrong type (a ``welcome`` without ``seq``, say).
+    """
+    rid = request_id(body)
+    parse = _REPLIES.get(body["type"])
+    if parse is None:
+        return OtherReply(body["type"], body, rid)
+    try:
+        return parse(body, rid)
+    except ProtocolError as exc:
+        raise ProtocolError(ErrorCode.BAD_REPLY, exc.detail) from None
