@@ -1,0 +1,564 @@
+"""zchat.session.Session with a fake clock: no sockets, milliseconds each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zchat.errors import ClientClosed, HandshakeFailed, NameTaken, RequestFailed
+from zchat.protocol import (
+    BATCH_TOPIC,
+    BROKER_TOPIC,
+    HISTORY_PAGE_MAX,
+    ROOM_TOPIC,
+    ClientStatus,
+    Direct,
+    ErrorCode,
+    Joined,
+    Left,
+    Member,
+    Message,
+    encode,
+)
+from zchat.session import (
+    EARLY_PING_SECONDS,
+    FILL_RETRY_SECONDS,
+    HANDSHAKE_TRIES,
+    JOIN_ATTEMPT_SECONDS,
+    LEAVE_WAIT_SECONDS,
+    RETRY_MIN,
+    Action,
+    Closed,
+    CloseDealer,
+    Emit,
+    HandshakeFault,
+    OpenDealer,
+    OpenSub,
+    Phase,
+    Reject,
+    RequestKind,
+    Resolve,
+    Send,
+    Session,
+    Status,
+    Welcomed,
+)
+
+T0 = 1000.0
+HB = 5.0
+
+
+def sent(actions: list[Action]) -> list[dict[str, Any]]:
+    return [a.body for a in actions if isinstance(a, Send)]
+
+
+def items(actions: list[Action]) -> list[Any]:
+    return [a.item for a in actions if isinstance(a, Emit)]
+
+
+def statuses(actions: list[Action]) -> list[Status]:
+    return [i for i in items(actions) if isinstance(i, Status)]
+
+
+def welcome(rid: str | None, seq: int = 0, epoch: str = "e1", **extra: Any) -> list[bytes]:
+    body: dict[str, Any] = {"type": "welcome", "name": "alice", "addr": "127.0.0.1",
+                            "room": "lobby", "seq": seq, "pub": "5556", "heartbeat": HB,
+                            "token": "tok", "epoch": epoch,
+                            "members": [{"name": "alice", "addr": "127.0.0.1"}], **extra}
+    if rid is not None:
+        body["id"] = rid
+    return [encode(body)]
+
+
+def reply(**body: Any) -> list[bytes]:
+    return [encode(body)]
+
+
+def message(seq: int, text: str = "", sender: str = "bob") -> dict[str, Any]:
+    return {"type": "message", "seq": seq, "ts": 1.0, "room": "lobby", "from": sender,
+            "text": text or f"m{seq}"}
+
+
+def room(event: dict[str, Any]) -> list[bytes]:
+    return [ROOM_TOPIC, encode(event)]
+
+
+def join_id(actions: list[Action]) -> str:
+    (body,) = [b for b in sent(actions) if b["type"] == "join"]
+    rid = body["id"]
+    assert isinstance(rid, str)
+    return rid
+
+
+def joined(seq: int = 0, since: int | None = None, now: float = T0,
+           **kw: Any) -> tuple[Session, list[Action]]:
+    session = Session("alice", "tcp://127.0.0.1:5555", since=since, id_prefix="s", **kw)
+    rid = join_id(session.start(now))
+    out = session.reply_received(welcome(rid, seq), now)
+    assert session.phase is Phase.JOINED
+    return session, out
+
+
+def fill_of(actions: list[Action]) -> dict[str, Any]:
+    (body,) = [b for b in sent(actions) if b["type"] == "history"]
+    return body
+
+
+def delivered(actions: list[Action]) -> list[int]:
+    return [i.seq for i in items(actions) if isinstance(i, Message | Joined | Left)]
+
+
+# ------------------------------------------------------------------ joining
+
+
+def test_start_opens_a_dealer_and_joins_with_token_and_since() -> None:
+    session = Session("alice", "tcp://h:5555", token="t0", since=7)
+    out = session.start(T0)
+    assert isinstance(out[0], OpenDealer)
+    (body,) = sent(out)
+    assert (body["type"], body["name"], body["token"], body["since"]) == ("join", "alice", "t0", 7)
+    assert session.phase is Phase.JOINING
+    assert session.start(T0) == []  # once
+
+
+def test_welcome_subscribes_says_connected_and_pings_early() -> None:
+    session, out = joined(seq=4)
+    (sub,) = [a for a in out if isinstance(a, OpenSub)]
+    assert sub.endpoint == "tcp://127.0.0.1:5556"
+    assert sub.topics == (ROOM_TOPIC, BROKER_TOPIC)
+    assert [s.state for s in statuses(out)] == [ClientStatus.CONNECTED]
+    assert isinstance(out[-1], Welcomed) and out[-1].welcome.seq == 4
+    assert session.last_seq == 4  # no since: start at the head
+    assert list(session.members) == ["alice"]
+    assert session.deadline() == T0 + EARLY_PING_SECONDS
+    assert sent(session.tick(T0 + EARLY_PING_SECONDS)) == [{"type": "ping"}]
+    assert session.deadline() == T0 + EARLY_PING_SECONDS + HB
+
+
+def test_a_batching_broker_is_subscribed_in_batches() -> None:
+    session = Session("alice", "tcp://h:5555", broadcast="tcp://other:1")
+    rid = join_id(session.start(T0))
+    out = session.reply_received(welcome(rid, batch=True), T0)
+    (sub,) = [a for a in out if isinstance(a, OpenSub)]
+    assert (sub.endpoint, sub.topics) == ("tcp://other:1", (BATCH_TOPIC, BROKER_TOPIC))
+
+
+def test_an_unanswered_join_is_retried_with_backoff_and_a_late_welcome_counts() -> None:
+    session = Session("alice", "tcp://h:5555")
+    first = join_id(session.start(T0))
+    assert session.deadline() == T0 + JOIN_ATTEMPT_SECONDS
+    assert session.tick(T0 + JOIN_ATTEMPT_SECONDS) == []
+    assert session.phase is Phase.WAITING
+    again_at = T0 + JOIN_ATTEMPT_SECONDS + RETRY_MIN
+    assert session.deadline() == again_at
+    # A slow broker's welcome to the first join, still on the same DEALER.
+    out = session.reply_received(welcome(first), T0 + 2.1)
+    assert session.phase is Phase.JOINED and isinstance(out[-1], Welcomed)
+
+
+def test_each_attempt_has_its_own_id_and_a_stale_welcome_is_ignored() -> None:
+    session = Session("alice", "tcp://h:5555")
+    first = join_id(session.start(T0))
+    session.tick(T0 + 2)
+    out = session.tick(T0 + 2 + RETRY_MIN)
+    assert isinstance(out[0], OpenDealer)
+    second = join_id(out)
+    assert second != first
+    assert session.reply_received(welcome(first), T0 + 2.3) == []
+    assert session.phase is Phase.JOINING
+    # The backoff doubles.
+    session.tick(T0 + 4.25)
+    assert session.deadline() == pytest.approx(T0 + 4.25 + 2 * RETRY_MIN)
+
+
+def test_a_rate_limited_join_waits_and_tries_again() -> None:
+    session = Session("alice", "tcp://h:5555")
+    rid = join_id(session.start(T0))
+    out = session.reply_received(reply(type="error", code="rate_limited", detail="slow", id=rid),
+                                 T0 + 0.01)
+    assert not any(isinstance(a, Closed) for a in out)
+    assert session.phase is Phase.WAITING
+    again = session.tick(session.deadline())
+    assert join_id(again) != rid
+
+
+def test_a_refused_first_join_closes_with_the_specific_error() -> None:
+    session = Session("alice", "tcp://h:5555")
+    rid = join_id(session.start(T0))
+    out = session.reply_received(reply(type="error", code="name_taken", detail="x", id=rid), T0)
+    (closed,) = [a for a in out if isinstance(a, Closed)]
+    assert isinstance(closed.error, NameTaken)
+    assert session.closed and session.deadline() == float("inf")
+
+
+def test_a_refused_rejoin_says_closed() -> None:
+    session, _ = joined()
+    session.reply_received(reply(type="pong", ts=1.0, joined=False), T0 + 1)
+    rid = join_id(session.tick(T0 + 1))
+    out = session.reply_received(reply(type="error", code="name_taken", detail="x", id=rid),
+                                 T0 + 1)
+    assert [s.state for s in statuses(out)] == [ClientStatus.CLOSED]
+    assert isinstance(out[-1], Closed)
+
+
+def test_a_welcome_missing_a_field_is_a_clean_failure_not_a_key_error() -> None:
+    session = Session("alice", "tcp://h:5555")
+    rid = join_id(session.start(T0))
+    out = session.reply_received(reply(type="welcome", name="alice", id=rid), T0)
+    (closed,) = [a for a in out if isinstance(a, Closed)]
+    assert isinstance(closed.error, RequestFailed)
+    assert closed.error.code == ErrorCode.BAD_REPLY
+
+
+# ------------------------------------------------------------------ requests
+
+
+def test_requests_wait_for_the_welcome_and_are_answered_by_id() -> None:
+    session = Session("alice", "tcp://h:5555")
+    rid = join_id(session.start(T0))
+    assert session.submit("u1", RequestKind.MESSAGE, {"text": "hi"}, T0) == []
+    out = session.reply_received(welcome(rid), T0)
+    assert {"type": "message", "text": "hi", "id": "u1"} in sent(out)
+    assert session.reply_received(reply(type="ack", seq=3, id="u1"), T0) == [Resolve("u1", 3)]
+    assert session.reply_received(reply(type="ack", seq=3, id="u1"), T0) == []  # a duplicate
+    session.submit("u2", RequestKind.DM, {"to": "zed", "text": "x"}, T0)
+    (rejected,) = session.reply_received(
+        reply(type="error", code="no_such_user", detail="", id="u2"), T0)
+    assert isinstance(rejected, Reject) and rejected.error.__class__.__name__ == "NoSuchUser"
+    session.submit("u3", RequestKind.WHO, {}, T0)
+    (members,) = session.reply_received(
+        reply(type="members", members=[{"name": "a", "addr": "b"}], id="u3"), T0)
+    assert members == Resolve("u3", [Member("a", "b")])
+    session.submit("u4", RequestKind.PING, {}, T0)
+    (bad,) = session.reply_received(reply(type="ack", id="u4"), T0)
+    assert isinstance(bad, Reject) and isinstance(bad.error, RequestFailed)
+
+
+def test_unacked_requests_are_resent_after_two_intervals_and_after_a_rejoin() -> None:
+    session, _ = joined()
+    out = session.submit("u1", RequestKind.MESSAGE, {"text": "hi"}, T0)
+    body = sent(out)[0]
+    session.reply_received(reply(type="pong", ts=1.0), T0 + HB)  # heard: not lost
+    assert body in sent(session.tick(T0 + 2 * HB))
+    # The connection drops; the rejoin's welcome sends it again, same id.
+    session.handshake_succeeded()
+    out = session.disconnected(T0 + 11)
+    assert [s.state for s in statuses(out)] == [ClientStatus.DISCONNECTED]
+    assert CloseDealer() in out
+    rejoin = session.tick(session.deadline())
+    (join,) = [b for b in sent(rejoin) if b["type"] == "join"]
+    assert (join["token"], join["since"]) == ("tok", 0)  # the name and the place kept
+    out = session.reply_received(welcome(join["id"]), T0 + 12)
+    assert body in sent(out)
+    assert [s.state for s in statuses(out)] == [ClientStatus.RECONNECTED]
+
+
+def test_a_disconnect_before_any_handshake_means_nothing() -> None:
+    session, _ = joined()
+    assert session.disconnected(T0 + 1) == []
+    assert session.phase is Phase.JOINED
+
+
+def test_close_rejects_what_is_pending() -> None:
+    session = Session("alice", "tcp://h:5555")
+    session.start(T0)
+    session.submit("u1", RequestKind.MESSAGE, {"text": "x"}, T0)
+    out = session.close()
+    assert isinstance(out[0], Reject) and isinstance(out[0].error, ClientClosed)
+    assert isinstance(out[-1], Closed) and out[-1].reason == "closed"
+    (late,) = session.submit("u2", RequestKind.WHO, {}, T0)
+    assert isinstance(late, Reject)
+    assert session.close() == []
+
+
+# ------------------------------------------------------------------ liveness
+
+
+def test_silence_for_three_heartbeats_is_a_lost_broker() -> None:
+    session, _ = joined()
+    session.tick(T0 + EARLY_PING_SECONDS)
+    session.tick(T0 + 3 * HB - 0.001)
+    assert session.phase is Phase.JOINED
+    out = session.tick(T0 + 3 * HB)
+    assert [s.state for s in statuses(out)] == [ClientStatus.DISCONNECTED]
+    assert session.phase is Phase.WAITING and session.welcome is None
+
+
+def test_pings_when_idle() -> None:
+    session, _ = joined()
+    session.tick(T0 + EARLY_PING_SECONDS)
+    assert session.tick(T0 + 1) == []
+    assert sent(session.tick(T0 + EARLY_PING_SECONDS + HB)) == [{"type": "ping"}]
+
+
+@pytest.mark.parametrize("frames", [
+    reply(type="pong", ts=1.0, joined=False),
+    reply(type="error", code="not_joined", detail="join first"),
+])
+def test_a_broker_that_forgot_us_is_rejoined_at_once(frames: list[bytes]) -> None:
+    session, _ = joined()
+    out = session.reply_received(frames, T0 + 1)
+    assert [s.state for s in statuses(out)] == [ClientStatus.DISCONNECTED]
+    assert session.deadline() == T0 + 1
+    assert join_id(session.tick(T0 + 1))
+
+
+def test_bye() -> None:
+    session, _ = joined()
+    out = session.reply_received(reply(type="bye", reason="shutdown"), T0)
+    assert [s.state for s in statuses(out)] == [ClientStatus.DISCONNECTED]
+    session, _ = joined()
+    out = session.reply_received(reply(type="bye", reason="kicked", detail="spam"), T0)
+    assert [(s.state, s.detail) for s in statuses(out)] == [
+        (ClientStatus.CLOSED, "kicked by the operator: spam")]
+    assert isinstance(out[-1], Closed) and out[-1].reason == "kicked"
+
+
+def test_a_broadcast_shutdown_is_a_lost_broker() -> None:
+    session, _ = joined()
+    out = session.broadcast_received([BROKER_TOPIC, encode({"type": "shutdown"})], T0)
+    assert [s.state for s in statuses(out)] == [ClientStatus.DISCONNECTED]
+
+
+# ------------------------------------------------------------------ leaving
+
+
+def test_leave_waits_for_the_broker_to_take_it() -> None:
+    session, _ = joined()
+    out = session.leave("bye all", T0)
+    leave, ping = sent(out)
+    assert leave == {"type": "leave", "reason": "bye all"}
+    assert ping["type"] == "ping" and isinstance(ping["id"], str)
+    assert session.phase is Phase.LEAVING
+    out = session.reply_received(reply(type="pong", ts=1.0, id=ping["id"]), T0 + 0.01)
+    assert isinstance(out[-1], Closed) and out[-1].reason == "left"
+
+
+def test_leave_gives_up_after_its_timeout() -> None:
+    session, _ = joined()
+    session.leave(None, T0)
+    assert session.deadline() == T0 + LEAVE_WAIT_SECONDS
+    assert session.tick(T0 + 1) == []
+    out = session.tick(T0 + LEAVE_WAIT_SECONDS)
+    assert isinstance(out[-1], Closed) and out[-1].reason == "left"
+
+
+def test_leave_before_joining_just_closes() -> None:
+    session = Session("alice", "tcp://h:5555")
+    session.start(T0)
+    out = session.leave(None, T0)
+    assert sent(out) == [] and isinstance(out[-1], Closed)
+
+
+# ------------------------------------------------------------------ handshakes
+
+
+def test_a_mechanism_mismatch_fails_the_first_connect_at_once() -> None:
+    session = Session("alice", "tcp://h:5555")
+    session.start(T0)
+    out = session.handshake_failed(HandshakeFault.PROTOCOL, T0)
+    assert isinstance(out[-1], Closed) and isinstance(out[-1].error, HandshakeFailed)
+    assert "--server-key" in out[-1].reason
+
+
+def test_handshakes_cut_short_blame_a_key_only_when_they_keep_happening() -> None:
+    session = Session("alice", "tcp://h:5555", encrypted=True)
+    session.start(T0)
+    for _ in range(HANDSHAKE_TRIES - 1):
+        assert session.handshake_failed(HandshakeFault.NO_DETAIL, T0) == []
+    out = session.handshake_failed(HandshakeFault.NO_DETAIL, T0)
+    assert isinstance(out[-1], Closed) and "wrong server key" in out[-1].reason
+    plain = Session("alice", "tcp://h:5555")
+    plain.start(T0)
+    for _ in range(2 * HANDSHAKE_TRIES):
+        assert plain.handshake_failed(HandshakeFault.NO_DETAIL, T0) == []
+
+
+# ------------------------------------------------------------------ room events
+
+
+def test_events_in_order_are_delivered_at_once_and_members_follow() -> None:
+    session, _ = joined()
+    out = session.broadcast_received(
+        room({"type": "joined", "seq": 1, "ts": 1.0, "name": "Bob", "addr": "x"}), T0)
+    assert delivered(out) == [1] and "bob" in session.members
+    out = session.broadcast_received(room(message(2)), T0)
+    assert delivered(out) == [2] and sent(out) == []
+    out = session.broadcast_received(
+        room({"type": "left", "seq": 3, "ts": 1.0, "name": "BOB", "addr": "x",
+              "reason": "leave"}), T0)
+    assert delivered(out) == [3] and "bob" not in session.members
+    assert session.broadcast_received(room(message(2)), T0) == []  # seen
+
+
+def test_a_batch_is_delivered_in_order() -> None:
+    session, _ = joined()
+    frame = [BATCH_TOPIC, encode({"type": "batch", "room": "lobby",
+                                  "events": [message(1), message(2), 7, {"x": 1}]})]
+    assert delivered(session.broadcast_received(frame, T0)) == [1, 2]
+
+
+def test_a_gap_is_filled_from_history_and_what_waited_follows() -> None:
+    session, _ = joined()
+    out = session.broadcast_received(room(message(3)), T0)
+    assert delivered(out) == []
+    fill = fill_of(out)
+    assert (fill["after"], fill["limit"]) == (0, HISTORY_PAGE_MAX)
+    assert session.broadcast_received(room(message(4)), T0) == []  # one fill at a time
+    out = session.reply_received(
+        reply(type="history", events=[message(1), message(2), message(3)], id=fill["id"]), T0)
+    assert delivered(out) == [1, 2, 3, 4]
+    assert sent(out) == []  # caught up
+
+
+def test_short_pages_page_on_until_the_known_head() -> None:
+    session, _ = joined()
+    out = session.reply_received(reply(type="pong", ts=1.0, seq=10), T0)
+    fill = fill_of(out)
+    out = session.reply_received(
+        reply(type="history", events=[message(s) for s in (1, 2, 3)], id=fill["id"]), T0)
+    assert delivered(out) == [1, 2, 3]
+    fill = fill_of(out)
+    assert fill["after"] == 3  # a short page is not the end
+    out = session.reply_received(
+        reply(type="history", events=[message(s) for s in range(4, 11)], id=fill["id"]), T0)
+    assert delivered(out) == list(range(4, 11))
+    assert sent(out) == []
+
+
+def test_a_heartbeat_head_starts_a_fill() -> None:
+    session, _ = joined()
+    out = session.broadcast_received(
+        [BROKER_TOPIC, encode({"type": "heartbeat", "seqs": {"lobby": 2}})], T0)
+    assert fill_of(out)["after"] == 0
+
+
+def test_a_failed_fill_is_asked_again_a_moment_later() -> None:
+    session, _ = joined()
+    fill = fill_of(session.broadcast_received(room(message(2)), T0))
+    out = session.reply_received(
+        reply(type="error", code="rate_limited", detail="", id=fill["id"]), T0)
+    assert out == []
+    assert session.deadline() <= T0 + FILL_RETRY_SECONDS
+    again = fill_of(session.tick(T0 + FILL_RETRY_SECONDS))
+    assert again["after"] == 0 and again["id"] != fill["id"]
+    out = session.reply_received(
+        reply(type="history", events=[message(1), message(2)], id=again["id"]), T0 + 1)
+    assert delivered(out) == [1, 2]
+
+
+def test_events_gone_from_history_are_said_missed() -> None:
+    session, _ = joined()
+    fill = fill_of(session.broadcast_received(room(message(9)), T0))
+    out = session.reply_received(
+        reply(type="history", events=[message(5), message(6)], id=fill["id"]), T0)
+    assert [(s.state, s.count) for s in statuses(out)] == [(ClientStatus.MISSED, 4)]
+    fill = fill_of(out)
+    out = session.reply_received(reply(type="history", events=[], id=fill["id"]), T0)
+    assert [(s.state, s.count) for s in statuses(out)] == [(ClientStatus.MISSED, 2)]
+    assert delivered(out) == [9]
+
+
+def test_a_new_epoch_says_history_lost_and_starts_over() -> None:
+    session, _ = joined(seq=5)
+    session.handshake_succeeded()
+    session.disconnected(T0 + 1)
+    rid = join_id(session.tick(session.deadline()))
+    out = session.reply_received(welcome(rid, seq=2, epoch="e2"), T0 + 2)
+    lost = statuses(out)[0]
+    assert (lost.state, lost.count) == (ClientStatus.HISTORY_LOST, 2)
+    assert session.last_seq == 0
+    assert fill_of(out)["after"] == 0
+
+
+def test_a_welcome_behind_our_seq_says_history_lost() -> None:
+    session = Session("alice", "tcp://h:5555", since=50)
+    rid = join_id(session.start(T0))
+    out = session.reply_received(welcome(rid, seq=3), T0)
+    assert statuses(out)[0].state == ClientStatus.HISTORY_LOST
+
+
+def test_since_fills_from_there() -> None:
+    _, out = joined(seq=8, since=6)
+    assert fill_of(out)["after"] == 6
+
+
+def test_a_dm_is_emitted() -> None:
+    session, _ = joined()
+    out = session.reply_received(reply(type="dm", **{"from": "bob"}, text="psst", ts=2.0), T0)
+    assert items(out) == [Direct("bob", "psst", 2.0)]
+
+
+def test_an_illegal_transition_is_our_bug() -> None:
+    session, _ = joined()
+    with pytest.raises(RuntimeError):
+        session._goto(Phase.JOINING)
+
+
+# ------------------------------------------------------------------ property
+
+
+_event = st.builds(message, st.integers(-2, 30))
+_bodies = st.one_of(
+    _event,
+    st.builds(lambda s: {"type": "pong", "ts": 1.0, "seq": s}, st.integers(-1, 30)),
+    st.builds(lambda evs: {"type": "history", "events": evs}, st.lists(_event, max_size=5)),
+    st.builds(lambda c: {"type": "error", "code": c, "detail": ""},
+              st.sampled_from(["rate_limited", "not_joined", "unavailable", "x"])),
+    st.builds(lambda s, e: {"type": "welcome", "name": "a", "seq": s, "pub": "1", "token": "t",
+                            "epoch": e}, st.integers(0, 30), st.sampled_from(["e1", "e2"])),
+    st.just({"type": "bye", "reason": "shutdown"}),
+    st.builds(lambda s: {"type": "heartbeat", "seqs": {"lobby": s}}, st.integers(-1, 30)),
+    st.dictionaries(st.sampled_from(["type", "id", "seq", "events", "ts"]),
+                    st.one_of(st.integers(-(2**40), 2**40), st.text(max_size=3), st.none(),
+                              st.lists(st.integers(0, 99), max_size=2))),
+)
+_inputs = st.lists(st.tuples(
+    st.sampled_from(["reply", "room", "batch", "broker", "tick", "drop", "raw"]),
+    _bodies, st.booleans(), st.floats(0, 3)), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_inputs)
+def test_any_broker_frames_never_raise_and_seqs_only_increase(
+        steps: list[tuple[str, dict[str, Any], bool, float]]) -> None:
+    session = Session("alice", "tcp://h:5555", id_prefix="s")
+    now = T0
+    out = session.start(now)
+    last = -1
+    for where, body, use_id, dt in steps:
+        now += dt
+        if use_id and where == "reply":
+            # Answer the request the session sent last, whatever it was.
+            ids = [b["id"] for b in sent(out) if "id" in b]
+            if ids:
+                body = {**body, "id": ids[-1]}
+        match where:
+            case "reply":
+                out = session.reply_received([encode(body)], now)
+            case "room":
+                out = session.broadcast_received([ROOM_TOPIC, encode(body)], now)
+            case "batch":
+                out = session.broadcast_received(
+                    [BATCH_TOPIC, encode({"type": "batch", "events": [body, body]})], now)
+            case "broker":
+                out = session.broadcast_received([BROKER_TOPIC, encode(body)], now)
+            case "drop":
+                session.handshake_succeeded()
+                out = session.disconnected(now)
+            case "raw":
+                out = session.reply_received([b"\xc1garbage"], now)
+            case _:
+                out = session.tick(now)
+        for item in items(out):
+            if isinstance(item, Status) and item.state == ClientStatus.HISTORY_LOST:
+                last = -1  # a new epoch: its seqs start over
+            elif isinstance(item, Message):
+                assert item.seq > last, (item.seq, last)
+                last = item.seq
+        assert session.last_seq >= max(last, 0)
+        if session.closed:
+            break
