@@ -636,7 +636,7 @@ class Server:
                 reply = self._control_reply(state, frame)
             except Exception:  # the operator's tool, not a peer: log, keep serving
                 log.exception("control command failed")
-                reply = encode({"type": "error", "code": "internal", "detail": "see log"})
+                reply = encode({"type": "error", "code": ErrorCode.INTERNAL, "detail": "see log"})
             try:
                 self.control.send(reply, zmq.NOBLOCK)
             except zmq.Again:
@@ -678,7 +678,8 @@ class Server:
         if cmd == "kick":
             name, reason = body.get("name"), body.get("reason")
             if not isinstance(name, str) or not (reason is None or isinstance(reason, str)):
-                return _control_error("bad_request", "kick needs a name (and an optional reason)")
+                return _control_error(ErrorCode.BAD_REQUEST,
+                                      "kick needs a name (and an optional reason)")
             try:
                 self._send(state.kick(name, now, reason))
             except ProtocolError as exc:
@@ -688,13 +689,13 @@ class Server:
         if cmd == "say":
             text = body.get("text")
             if not isinstance(text, str) or not text:
-                return _control_error("bad_request", "say needs a text")
+                return _control_error(ErrorCode.BAD_REQUEST, "say needs a text")
             self._send(state.notice(text, now))
             return {}
         if cmd == "release":
             name = body.get("name")
             if not isinstance(name, str):
-                return _control_error("bad_request", "release needs a name")
+                return _control_error(ErrorCode.BAD_REQUEST, "release needs a name")
             try:
                 key = state.release(name)
             except ProtocolError as exc:
@@ -705,7 +706,7 @@ class Server:
             log.info("operator asked for shutdown")
             self.stop()
             return {}
-        return _control_error("bad_request", f"unknown command {cmd!r}")
+        return _control_error(ErrorCode.BAD_REQUEST, f"unknown command {cmd!r}")
 
     # ---------------------------------------------------------------- closing
 

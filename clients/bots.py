@@ -51,6 +51,7 @@ from zchat import (
 )
 from zchat.display import printable
 from zchat.keys import ClientKeys, KeyFileError, keys_from_env
+from zchat.protocol import ClientStatus, fold_name
 
 __all__ = ["BOTS", "Greeter", "Helper", "Reply", "main", "run_bot"]
 
@@ -89,17 +90,17 @@ class Greeter:
 
     def on_item(self, item: Event | Direct | Status, now: float) -> list[Reply]:
         if isinstance(item, Joined):
-            key = item.name.casefold()
-            if key == self.name.casefold():
+            key = fold_name(item.name)
+            if key == fold_name(self.name):
                 return []
             last = self.greeted.get(key)
             self.greeted[key] = now
             if last is not None and now - last < GREET_AGAIN_AFTER:
                 return []
-            others = sorted((n for n in self.members() if n.casefold() != key), key=str.casefold)
+            others = sorted((n for n in self.members() if fold_name(n) != key), key=str.casefold)
             here = f" here now: {', '.join(others)}" if others else " you are the first here"
             return [Reply(f"welcome, {item.name}!{here}")]
-        if isinstance(item, Message) and item.sender.casefold() != self.name.casefold():
+        if isinstance(item, Message) and fold_name(item.sender) != fold_name(self.name):
             words = re.findall(r"[\w'-]+", item.text.casefold())
             if self.name.casefold() in words and words[0] in ("hi", "hello", "hey", "hallo"):
                 return [Reply(f"hello, {item.sender}!")]
@@ -118,10 +119,10 @@ class Helper:
     )
 
     def on_item(self, item: Event | Direct | Status, now: float) -> list[Reply]:
-        if isinstance(item, Message) and item.sender.casefold() != self.name.casefold():
+        if isinstance(item, Message) and fold_name(item.sender) != fold_name(self.name):
             answer = self.answer(item.text, item.sender, now)
             return [Reply(answer)] if answer else []
-        if isinstance(item, Direct) and item.sender.casefold() != self.name.casefold():
+        if isinstance(item, Direct) and fold_name(item.sender) != fold_name(self.name):
             answer = self.answer(item.text, item.sender, now)
             if answer is None and not item.text.startswith("!"):
                 answer = "I am a bot; try !help"
@@ -200,10 +201,10 @@ def run_bot(bot: Bot, client: Client, stop: threading.Event) -> int:
         if item is None:
             continue
         if isinstance(item, Status):
-            if item.state == "connected":
+            if item.state == ClientStatus.CONNECTED:
                 continue  # said above
             _say(f"{bot.name}: {item.state}{': ' + item.detail if item.detail else ''}")
-            if item.state == "closed":
+            if item.state == ClientStatus.CLOSED:
                 return EXIT_CLOSED
             continue
         for reply in bot.on_item(item, time.time()):

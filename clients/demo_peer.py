@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from zchat import BrokerUnreachable, Client, ClientError, Joined, Left, Message, Status
 from zchat.display import printable
 from zchat.keys import ClientKeys, KeyFileError, keys_from_env
+from zchat.protocol import ClientStatus, fold_name
 
 __all__ = ["Pass", "Relay", "main", "run"]
 
@@ -76,14 +77,14 @@ class Relay:
     started: bool = False
 
     def __post_init__(self) -> None:
-        keys = [peer.casefold() for peer in self.ring]
-        if self.name.casefold() not in keys:
+        keys = [fold_name(peer) for peer in self.ring]
+        if fold_name(self.name) not in keys:
             raise ValueError(f"{self.name} is not in the ring {','.join(self.ring)}")
         if len(set(keys)) != len(keys) or len(keys) < 2:
             raise ValueError("the ring needs two or more distinct names")
         if self.rounds < 1:
             raise ValueError("rounds must be at least 1")
-        self.present.add(self.name.casefold())
+        self.present.add(fold_name(self.name))
 
     @property
     def total(self) -> int:
@@ -91,52 +92,52 @@ class Relay:
 
     @property
     def others(self) -> list[str]:
-        return [peer for peer in self.ring if peer.casefold() != self.name.casefold()]
+        return [peer for peer in self.ring if fold_name(peer) != fold_name(self.name)]
 
     @property
     def missing(self) -> list[str]:
         """Ring peers not in the room (yet)."""
-        return [peer for peer in self.ring if peer.casefold() not in self.present]
+        return [peer for peer in self.ring if fold_name(peer) not in self.present]
 
     @property
     def unheard(self) -> list[str]:
         """Ring peers none of whose hops reached us."""
-        return [peer for peer in self.others if peer.casefold() not in self.heard]
+        return [peer for peer in self.others if fold_name(peer) not in self.heard]
 
     @property
     def done(self) -> bool:
         return self.last_hop >= self.total and not self.unheard
 
     def next_of(self, peer: str) -> str:
-        keys = [p.casefold() for p in self.ring]
-        return self.ring[(keys.index(peer.casefold()) + 1) % len(self.ring)]
+        keys = [fold_name(p) for p in self.ring]
+        return self.ring[(keys.index(fold_name(peer)) + 1) % len(self.ring)]
 
     def arrived(self, name: str) -> Pass | None:
         """``name`` is in the room; the first peer throws once everyone is."""
-        self.present.add(name.casefold())
+        self.present.add(fold_name(name))
         return self._maybe_start()
 
     def departed(self, name: str) -> None:
-        self.present.discard(name.casefold())
+        self.present.discard(fold_name(name))
 
     def message(self, sender: str, text: str) -> Pass | None:
         """A room message; returns the hop to pass if it threw the ball to us."""
         match = HOP.match(text)
-        if match is None or sender.casefold() not in {p.casefold() for p in self.ring}:
+        if match is None or fold_name(sender) not in {fold_name(p) for p in self.ring}:
             return None
         hop, total = int(match["hop"]), int(match["total"])
         if total != self.total or hop <= self.last_hop:
             return None  # another game, or a hop seen already
         self.last_hop = hop
         self.started = True
-        if sender.casefold() != self.name.casefold():
-            self.heard.add(sender.casefold())
-        if match["taker"].casefold() != self.name.casefold() or hop >= self.total:
+        if fold_name(sender) != fold_name(self.name):
+            self.heard.add(fold_name(sender))
+        if fold_name(match["taker"]) != fold_name(self.name) or hop >= self.total:
             return None
         return Pass(self.next_of(self.name), hop + 1, self.total)
 
     def _maybe_start(self) -> Pass | None:
-        if self.started or self.missing or self.ring[0].casefold() != self.name.casefold():
+        if self.started or self.missing or fold_name(self.ring[0]) != fold_name(self.name):
             return None
         self.started = True
         return Pass(self.next_of(self.name), 1, self.total)
@@ -231,7 +232,7 @@ def run(args: argparse.Namespace, stop: _Stop, keys: ClientKeys | None = None) -
                 _, hop = due.pop(0)
                 chat.send_nowait(hop.text(args.name, welcome.addr))
             item = chat.next_event(POLL_SECONDS)
-            if isinstance(item, Status) and item.state == "closed":
+            if isinstance(item, Status) and item.state == ClientStatus.CLOSED:
                 say(f"closed by the broker: {item.detail}")
                 return EXIT_INCOMPLETE
             if isinstance(item, Joined):

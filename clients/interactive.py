@@ -70,6 +70,7 @@ from zchat import (
     Joined,
     Left,
     Message,
+    NameTaken,
     Notice,
     ProtocolError,
     RateLimited,
@@ -77,7 +78,7 @@ from zchat import (
     Status,
 )
 from zchat.display import name_colour, printable
-from zchat.protocol import check_name
+from zchat.protocol import ClientStatus, check_name, fold_name
 
 from .commands import Clear, Help, Invalid, Nick, Private, Quit, Say, Who, complete, parse_line
 from .outbox import Outbox, Outgoing
@@ -405,7 +406,7 @@ class Session:
             self._catchup = None
             if seq <= self._catchup_until:
                 return lines
-        if isinstance(item, Joined | Left) and item.name.casefold() == self.client.name.casefold():
+        if isinstance(item, Joined | Left) and fold_name(item.name) == fold_name(self.client.name):
             # Our own comings and goings (a reconnect, a broker shutdown) are
             # said by the connection lines; the room's echo of them is noise.
             return lines
@@ -413,18 +414,18 @@ class Session:
 
     def _note(self, item: Status) -> bool:
         """Track the connection from a status; True if it should be shown."""
-        if item.state == "connected":
+        if item.state == ClientStatus.CONNECTED:
             return False  # the intro said so
-        if item.state == "disconnected":
+        if item.state == ClientStatus.DISCONNECTED:
             self.online = False
-        elif item.state == "reconnected":
+        elif item.state == ClientStatus.RECONNECTED:
             self.online = True
             welcome = self.client.welcome
             if welcome is not None:
                 self.outbox.set_limits(welcome.rate, welcome.burst)
-        elif item.state == "history_lost" and item.count > 0:
+        elif item.state == ClientStatus.HISTORY_LOST and item.count > 0:
             self._catchup, self._catchup_until = [], item.count
-        elif item.state == "closed":
+        elif item.state == ClientStatus.CLOSED:
             self.closed = item.detail or "closed"
         self._refresh_prompt()
         return True
@@ -595,7 +596,7 @@ def join(options: Options) -> tuple[Client, Inbox] | None:
                 unreachable_said = True
         except RequestFailed as exc:
             client.close()
-            if exc.code == "name_taken":
+            if isinstance(exc, NameTaken):
                 why = f"the name {printable(name)} is taken; choose another"
             else:
                 why = f"the broker refused {printable(name)!r}: {printable(exc.detail)}"

@@ -38,6 +38,7 @@ from typing import Any, TypeAlias
 
 from zchat import Direct, Joined, Left, Member, Message, Notice, OtherEvent, Status
 from zchat.display import name_colour, printable
+from zchat.protocol import ClientStatus, ErrorCode, LeaveReason, fold_name
 
 __all__ = [
     "ACTION_PREFIX",
@@ -77,20 +78,20 @@ YELLOW = "33"
 MAGENTA = "35"
 MENTION = "1;33"  # someone said our name
 
-LEAVE_VERBS = {
-    "leave": "left",
-    "timeout": "timed out",
-    "kicked": "was kicked by the operator",
-    "shutdown": "left: the broker shut down",
+LEAVE_VERBS: dict[str, str] = {
+    LeaveReason.LEAVE: "left",
+    LeaveReason.TIMEOUT: "timed out",
+    LeaveReason.KICKED: "was kicked by the operator",
+    LeaveReason.SHUTDOWN: "left: the broker shut down",
 }
 
-STATUS_STYLES = {
-    "connected": GREEN,
-    "reconnected": GREEN,
-    "disconnected": YELLOW,
-    "history_lost": YELLOW,
-    "missed": YELLOW,
-    "closed": RED,
+STATUS_STYLES: dict[str, str] = {
+    ClientStatus.CONNECTED: GREEN,
+    ClientStatus.RECONNECTED: GREEN,
+    ClientStatus.DISCONNECTED: YELLOW,
+    ClientStatus.HISTORY_LOST: YELLOW,
+    ClientStatus.MISSED: YELLOW,
+    ClientStatus.CLOSED: RED,
 }
 
 
@@ -188,7 +189,7 @@ def render(item: Item, view: View, now: float | None = None) -> Line:
 
 
 def _message(item: Message, view: View, now: float) -> Line:
-    mine = item.sender.casefold() == view.me.casefold()
+    mine = fold_name(item.sender) == fold_name(view.me)
     text_style = BOLD if mine else (MENTION if _mentions(item.text, view.me) else PLAIN)
     name = _name(item.sender, view, BOLD if mine else "")
     if is_action(item.text):
@@ -201,15 +202,15 @@ def _message(item: Message, view: View, now: float) -> Line:
 
 def _status(item: Status, view: View, now: float) -> Line:
     style = STATUS_STYLES.get(item.state, YELLOW)
-    if item.state == "connected":
+    if item.state == ClientStatus.CONNECTED:
         text = f"connected (your address: {printable(item.detail)})"
-    elif item.state == "reconnected":
+    elif item.state == ClientStatus.RECONNECTED:
         text = "reconnected"
-    elif item.state == "history_lost":
+    elif item.state == ClientStatus.HISTORY_LOST:
         text = "the broker was restarted: the room's history starts afresh"
-    elif item.state == "missed":
+    elif item.state == ClientStatus.MISSED:
         text = f"{item.count} events were lost: the broker no longer keeps them"
-    elif item.state == "closed":
+    elif item.state == ClientStatus.CLOSED:
         text = f"disconnected: {printable(item.detail)}" if item.detail else "disconnected"
     else:
         text = printable(item.detail) or item.state
@@ -229,7 +230,7 @@ def who_line(members: Iterable[Member], view: View, now: float) -> Line:
         if index:
             spans.append((PLAIN, ", "))
         spans.append(_name(member.name, view))
-        mine = member.name.casefold() == view.me.casefold()
+        mine = fold_name(member.name) == fold_name(view.me)
         spans.append((DIM, f" ({printable(member.addr)}{', you' if mine else ''})"))
     return tuple(spans)
 
@@ -265,7 +266,7 @@ def wants_attention(item: Item, me: str) -> bool:
     """True for what rings the bell: a private message, or someone naming us."""
     if isinstance(item, Direct):
         return True
-    return (isinstance(item, Message) and item.sender.casefold() != me.casefold()
+    return (isinstance(item, Message) and fold_name(item.sender) != fold_name(me)
             and _mentions(item.text, me))
 
 
@@ -334,11 +335,11 @@ def help_lines(view: View, now: float) -> list[Line]:
 def refusal(code: str, detail: str, text: str, to: str | None = None) -> str:
     """Why a line was not sent, in a few words, quoting the start of it."""
     quoted = printable(text if len(text) <= 40 else text[:39] + "…")
-    if code == "rate_limited":
+    if code == ErrorCode.RATE_LIMITED:
         return f"slow down: rate limited, not sent: {quoted}"
-    if code == "too_large":
+    if code == ErrorCode.TOO_LARGE:
         return f"too long ({len(text)} characters), not sent: {quoted}"
-    if code == "no_such_user":
+    if code == ErrorCode.NO_SUCH_USER:
         return f"nobody called {printable(to or '?')} is here, not sent: {quoted}"
     return f"not sent ({printable(code)}: {printable(detail)}): {quoted}"
 

@@ -57,13 +57,14 @@ from zchat import (
     Joined,
     Left,
     Message,
+    NameTaken,
     Notice,
     ProtocolError,
     RateLimited,
     RequestFailed,
     Status,
 )
-from zchat.protocol import check_name
+from zchat.protocol import ClientStatus, check_name, fold_name
 
 from .commands import Clear, Help, Invalid, Nick, Private, Quit, Say, Who, parse_line
 from .outbox import DEFAULT_BURST, DEFAULT_RATE, MARGIN, TokenBucket
@@ -158,14 +159,14 @@ class Script:
     def _note(self, item: Item) -> None:
         with self._changed:
             if isinstance(item, Message | Direct):
-                self._heard.add(item.sender.casefold())
-            elif isinstance(item, Status) and item.state == "closed":
+                self._heard.add(fold_name(item.sender))
+            elif isinstance(item, Status) and item.state == ClientStatus.CLOSED:
                 self._closed = item.detail or "closed"
             self._changed.notify_all()
 
     def _mine(self, item: Item) -> bool:
         """Our own joined or left event: never printed (see the module doc)."""
-        return isinstance(item, Joined | Left) and item.name.casefold() == self.me.casefold()
+        return isinstance(item, Joined | Left) and fold_name(item.name) == fold_name(self.me)
 
     def _print_events(self) -> None:
         for item in self.client.events():
@@ -320,7 +321,7 @@ class Script:
 
     def wait_heard(self, names: list[str]) -> None:
         """Wait until each name said something (or --timeout)."""
-        wanted = {name.casefold(): name for name in names}
+        wanted = {fold_name(name): name for name in names}
         with self._changed:
             while missing := [n for key, n in wanted.items() if key not in self._heard]:
                 self._check_closed()
@@ -398,7 +399,7 @@ def run_script(options: Options, out: TextIO | None = None, err: TextIO | None =
             return fail(EXIT_UNREACHABLE, f"broker unreachable at {options.connect} "
                                           f"(no answer within {options.join_timeout:g} s)")
         except RequestFailed as exc:
-            reason = f"name {name!r} is taken" if exc.code == "name_taken" else exc.detail
+            reason = f"name {name!r} is taken" if isinstance(exc, NameTaken) else exc.detail
             return fail(EXIT_REFUSED, f"join refused: {reason}")
         script = Script(options, client, out, err, deadline)
         script.start()

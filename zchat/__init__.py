@@ -3,9 +3,13 @@
 The library holds the wire protocol (``zchat.protocol``), the broker's logic
 (``zchat.state``) and the client API (``zchat.client``). The broker program is
 ``zchat.broker``; the client programs are ``zchat.clients``.
+
+The client classes are imported on first use (module ``__getattr__``), so
+``import zchat.protocol`` costs neither ``zmq`` nor ``asyncio``.
 """
 
-from zchat.client import AsyncClient, Client, Status, Welcome
+import typing
+
 from zchat.errors import (
     BrokerUnreachable,
     ClientClosed,
@@ -21,6 +25,7 @@ from zchat.errors import (
 from zchat.protocol import (
     PROTOCOL_VERSION,
     ROOM,
+    ClientStatus,
     Direct,
     Event,
     Joined,
@@ -29,7 +34,11 @@ from zchat.protocol import (
     Message,
     Notice,
     OtherEvent,
+    Welcome,
 )
+
+if typing.TYPE_CHECKING:
+    from zchat.client import AsyncClient, Client, Status
 
 __version__ = "0.1.0"
 
@@ -41,6 +50,7 @@ __all__ = [
     "Client",
     "ClientClosed",
     "ClientError",
+    "ClientStatus",
     "Direct",
     "Event",
     "HandshakeFailed",
@@ -60,3 +70,17 @@ __all__ = [
     "ZchatError",
     "__version__",
 ]
+
+_FROM_CLIENT = ("AsyncClient", "Client", "Status")
+
+
+def __getattr__(name: str) -> typing.Any:
+    if name not in _FROM_CLIENT:
+        raise AttributeError(f"module 'zchat' has no attribute {name!r}")
+    from zchat import client
+
+    # All at once: afterwards they are plain attributes, as if imported above.
+    for each in _FROM_CLIENT:
+        globals()[each] = getattr(client, each)
+    return globals()[name]
+

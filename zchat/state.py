@@ -52,12 +52,17 @@ from zchat.errors import HistoryError, ProtocolError
 from zchat.history import History, MemoryHistory
 from zchat.protocol import (
     BROKER_TOPIC,
+    HISTORY_PAGE,
+    HISTORY_PAGE_MAX,
+    MISSED_HEARTBEATS,
     ROOM,
     ROOM_TOPIC,
+    ByeReason,
     ErrorCode,
     GetHistory,
     Join,
     Leave,
+    LeaveReason,
     Ping,
     Request,
     Say,
@@ -69,9 +74,6 @@ from zchat.protocol import (
 
 __all__ = ["Broker", "Limits", "Outgoing", "Publish", "Reply", "Statistics", "TokenBucket"]
 
-MISSED_HEARTBEATS: Final = 3
-HISTORY_PAGE: Final = 100  # events per `history` reply when no limit is asked
-HISTORY_PAGE_MAX: Final = 1000
 BUCKETS_KEPT: Final = 100_000  # rate buckets remembered (LRU); an idle full one is no loss
 
 
@@ -474,7 +476,7 @@ class Broker:
         if holder is not None:
             # Takeover: the same user, back on a new connection; same lineage.
             if holder.peer is not None:
-                out.append(Reply(holder.peer, {"type": "bye", "reason": "replaced"}))
+                out.append(Reply(holder.peer, {"type": "bye", "reason": ByeReason.REPLACED}))
             self._forget(holder)
             token, lineage = holder.token, holder.lineage
         else:
@@ -668,7 +670,7 @@ class Broker:
         if reason and self.limits.max_text and len(reason) > self.limits.max_text:
             # A leave always succeeds; an overlong reason is cut, not refused.
             reason = reason[: self.limits.max_text]
-        return [self._depart(self._by_peer[peer], "leave", now, detail=reason)]
+        return [self._depart(self._by_peer[peer], LeaveReason.LEAVE, now, detail=reason)]
 
     def _ping(self, peer: bytes, req: Ping, now: float, origin: Origin) -> list[Outgoing]:
         # Additions: `joined` tells an idle client whose DEALER silently
@@ -733,7 +735,7 @@ class Broker:
             if oldest.last_seen >= horizon:
                 break
             self._counts["timeouts"] += 1
-            out.append(self._depart(oldest, "timeout", now))
+            out.append(self._depart(oldest, LeaveReason.TIMEOUT, now))
         if now >= self._next_heartbeat:
             out.append(self.heartbeat_frame(now))
             self._next_heartbeat = now + self.heartbeat
@@ -754,11 +756,11 @@ class Broker:
         member = self._by_name.get(fold_name(name))
         if member is None:
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {name!r} is here")
-        bye: dict[str, Any] = {"type": "bye", "reason": "kicked"}
+        bye: dict[str, Any] = {"type": "bye", "reason": ByeReason.KICKED}
         if reason:
             bye["detail"] = reason
         out: list[Outgoing] = [] if member.peer is None else [Reply(member.peer, bye)]
-        out.append(self._depart(member, "kicked", now, detail=reason))
+        out.append(self._depart(member, LeaveReason.KICKED, now, detail=reason))
         return out
 
     def notice(self, text: str, now: float) -> list[Outgoing]:
@@ -770,8 +772,8 @@ class Broker:
         out: list[Outgoing] = []
         for member in list(self._by_name.values()):
             if member.peer is not None:
-                out.append(Reply(member.peer, {"type": "bye", "reason": "shutdown"}))
-            out.append(self._depart(member, "shutdown", now))
+                out.append(Reply(member.peer, {"type": "bye", "reason": ByeReason.SHUTDOWN}))
+            out.append(self._depart(member, LeaveReason.SHUTDOWN, now))
         out.append(Publish(BROKER_TOPIC, {"type": "shutdown", "reason": reason}))
         return out
 
@@ -788,7 +790,7 @@ class Broker:
         return Publish(ROOM_TOPIC, body)
 
     def _depart(
-        self, member: _Member, reason: str, now: float, detail: str | None = None
+        self, member: _Member, reason: LeaveReason, now: float, detail: str | None = None
     ) -> Publish:
         self._forget(member)
         binding = self._owners.get(member.folded)
