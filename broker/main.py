@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final, NamedTuple
 
 from zchat.history import HistoryError, default_db_path
 from zchat.keys import KeyFileError
@@ -49,6 +49,62 @@ Exit codes: 0 stopped cleanly (SIGINT, SIGTERM or `zchat-admin shutdown`),
 inproc://NAME), 3 an endpoint could not be bound, 4 the history database
 could not be created, opened (another broker uses it?) or written.
 """
+
+
+class LimitOption(NamedTuple):
+    """One limit's command-line option: ``--flag`` sets ``field`` of its dataclass."""
+
+    flag: str
+    field: str
+    kind: Callable[[str], Any]
+    metavar: str
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return self.flag.replace("-", "_")
+
+
+PERSON_LIMITS: Final = (
+    LimitOption("max-text", "max_text", int, "N", "characters in one message"),
+    LimitOption("max-frame", "max_frame", int, "BYTES", "bytes in one frame"),
+    LimitOption("rate", "rate", float, "PER_SECOND",
+                "messages and dms per second per person, sustained"),
+    LimitOption("burst", "burst", int, "N", "messages at once before the rate applies"),
+    LimitOption("query-rate", "query_rate", float, "PER_SECOND",
+                "`history` and `who` requests per second, sustained"),
+    LimitOption("query-burst", "query_burst", int, "N", "`history` and `who` requests at once"),
+    LimitOption("join-rate", "join_rate", float, "PER_SECOND", "joins per second, sustained"),
+    LimitOption("join-burst", "join_burst", int, "N", "joins at once"),
+    LimitOption("address-budget", "per_address", int, "N",
+                "one IP address may spend N persons' worth of each rate above (several "
+                "people may share an address)"),
+    LimitOption("page-bytes", "page_bytes", int, "BYTES",
+                "bytes of events in one `history` reply, at least one event"),
+    LimitOption("dedupe", "dedupe", int, "N",
+                "request ids remembered per sender, so a resend is not delivered twice"),
+    LimitOption("dedupe-total", "dedupe_total", int, "N",
+                "request ids remembered across all senders"),
+    LimitOption("names-per-key", "names_per_key", int, "N",
+                "CURVE: names one client key may hold"),
+    LimitOption("name-ttl", "name_ttl", float, "SECONDS",
+                "CURVE: a name unused this long is no longer bound to its key"),
+)
+CONNECTION_LIMITS: Final = (
+    LimitOption("max-per-address", "per_address", int, "N",
+                "connections from one IP address to each port; more are cut at once (keep "
+                "it above a NAT'd office's head count)"),
+    LimitOption("join-timeout", "join_timeout", float, "SECONDS",
+                "a connection to --input with nobody joined on it is cut after this long"),
+    LimitOption("max-backlog", "max_backlog", int, "BYTES",
+                "bytes one client may have waiting in the broker, either way (unread "
+                "input, unread replies); past it the connection is cut and the client "
+                "resumes from its last seq"),
+    LimitOption("max-subscribe", "max_subscribe", int, "BYTES",
+                "bytes of subscriptions one subscriber may send"),
+    LimitOption("stall", "stall", float, "SECONDS",
+                "a subscriber that reads nothing for this long while events wait is cut"),
+)
 
 
 def env_default(name: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
@@ -132,78 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--authorized-keys", metavar="DIR",
                      default=env_default("authorized-keys", None),
                      help="directory of the public .key files of admitted clients")
-    lim = p.add_argument_group("limits per client (0 turns one off)")
-    lim.add_argument("--max-text", metavar="N", type=int,
-                     default=env_default("max-text", limits.max_text, int),
-                     help="characters in one message (default: %(default)s)")
-    lim.add_argument("--max-frame", metavar="BYTES", type=int,
-                     default=env_default("max-frame", limits.max_frame, int),
-                     help="bytes in one frame (default: %(default)s)")
-    lim.add_argument("--rate", metavar="PER_SECOND", type=float,
-                     default=env_default("rate", limits.rate, float),
-                     help="messages per second, sustained (default: %(default)s)")
-    lim.add_argument("--burst", metavar="N", type=int,
-                     default=env_default("burst", limits.burst, int),
-                     help="messages at once before the rate applies (default: %(default)s)")
-    lim.add_argument("--query-rate", metavar="PER_SECOND", type=float,
-                     default=env_default("query-rate", limits.query_rate, float),
-                     help="`history` and `who` requests per second, sustained (default: "
-                          "%(default)s)")
-    lim.add_argument("--query-burst", metavar="N", type=int,
-                     default=env_default("query-burst", limits.query_burst, int),
-                     help="`history` and `who` requests at once (default: %(default)s)")
-    lim.add_argument("--join-rate", metavar="PER_SECOND", type=float,
-                     default=env_default("join-rate", limits.join_rate, float),
-                     help="joins per second, sustained (default: %(default)s)")
-    lim.add_argument("--join-burst", metavar="N", type=int,
-                     default=env_default("join-burst", limits.join_burst, int),
-                     help="joins at once (default: %(default)s)")
-    lim.add_argument("--address-budget", metavar="N", type=int,
-                     default=env_default("address-budget", limits.per_address, int),
-                     help="one IP address may spend N persons' worth of each rate above "
-                          "(several people may share an address; default: %(default)s)")
-    lim.add_argument("--page-bytes", metavar="BYTES", type=int,
-                     default=env_default("page-bytes", limits.page_bytes, int),
-                     help="bytes of events in one `history` reply, at least one event "
-                          "(default: %(default)s)")
-    lim.add_argument("--dedupe", metavar="N", type=int,
-                     default=env_default("dedupe", limits.dedupe, int),
-                     help="request ids remembered per sender, so a resend is not "
-                          "delivered twice (default: %(default)s)")
-    lim.add_argument("--dedupe-total", metavar="N", type=int,
-                     default=env_default("dedupe-total", limits.dedupe_total, int),
-                     help="request ids remembered across all senders (default: %(default)s)")
-    lim.add_argument("--names-per-key", metavar="N", type=int,
-                     default=env_default("names-per-key", limits.names_per_key, int),
-                     help="CURVE: names one client key may hold (default: %(default)s)")
-    lim.add_argument("--name-ttl", metavar="SECONDS", type=float,
-                     default=env_default("name-ttl", limits.name_ttl, float),
-                     help="CURVE: a name unused this long is no longer bound to its key "
-                          "(default: %(default)s)")
-    conn = ConnectionLimits()
-    net = p.add_argument_group("limits per connection and address (0 turns one off)")
-    net.add_argument("--max-per-address", metavar="N", type=int,
-                     default=env_default("max-per-address", conn.per_address, int),
-                     help="connections from one IP address to each port; more are cut at "
-                          "once (keep it above a NAT'd office's head count; default: "
-                          "%(default)s)")
-    net.add_argument("--join-timeout", metavar="SECONDS", type=float,
-                     default=env_default("join-timeout", conn.join_timeout, float),
-                     help="a connection to --input with nobody joined on it is cut after "
-                          "this long (default: %(default)s)")
-    net.add_argument("--max-backlog", metavar="BYTES", type=int,
-                     default=env_default("max-backlog", conn.max_backlog, int),
-                     help="bytes one client may have waiting in the broker, either way "
-                          "(unread input, unread replies); past it the connection is cut "
-                          "and the client resumes from its last seq (default: %(default)s)")
-    net.add_argument("--max-subscribe", metavar="BYTES", type=int,
-                     default=env_default("max-subscribe", conn.max_subscribe, int),
-                     help="bytes of subscriptions one subscriber may send (default: "
-                          "%(default)s)")
-    net.add_argument("--stall", metavar="SECONDS", type=float,
-                     default=env_default("stall", conn.stall, float),
-                     help="a subscriber that reads nothing for this long while events wait "
-                          "is cut (default: %(default)s)")
+    for title, defaults, table in (
+            ("limits per person (0 turns one off)", Limits(), PERSON_LIMITS),
+            ("limits per connection and address (0 turns one off)", ConnectionLimits(),
+             CONNECTION_LIMITS)):
+        group = p.add_argument_group(title)
+        for option in table:
+            default = env_default(option.flag, getattr(defaults, option.field), option.kind)
+            group.add_argument(f"--{option.flag}", metavar=option.metavar, type=option.kind,
+                               default=default,
+                               help=f"{option.help} (default: %(default)s)")
     p.add_argument("--log-level", metavar="LEVEL",
                    default=env_default("log-level", "INFO", str.upper),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -212,33 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    for name in ("max_text", "max_frame", "rate", "burst", "history", "query_rate",
-                 "query_burst", "join_rate", "join_burst", "address_budget", "page_bytes",
-                 "dedupe", "dedupe_total", "names_per_key", "name_ttl"):
-        if getattr(args, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
+    for option in (*PERSON_LIMITS, *CONNECTION_LIMITS):
+        if getattr(args, option.dest) < 0:
+            raise ConfigError(f"--{option.flag} must not be negative")
+    if args.history < 0:
+        raise ConfigError("--history must not be negative")
     return Config(
         input=args.input,
         broadcast=args.broadcast,
         control=args.control,
         heartbeat=args.heartbeat,
-        limits=Limits(
-            max_text=args.max_text,
-            max_frame=args.max_frame,
-            rate=args.rate,
-            burst=args.burst,
-            history=args.history,
-            query_rate=args.query_rate,
-            query_burst=args.query_burst,
-            join_rate=args.join_rate,
-            join_burst=args.join_burst,
-            per_address=args.address_budget,
-            page_bytes=args.page_bytes,
-            dedupe=args.dedupe,
-            dedupe_total=args.dedupe_total,
-            names_per_key=args.names_per_key,
-            name_ttl=args.name_ttl,
-        ),
+        limits=Limits(history=args.history,
+                      **{option.field: getattr(args, option.dest) for option in PERSON_LIMITS}),
+        connections=ConnectionLimits(
+            **{option.field: getattr(args, option.dest) for option in CONNECTION_LIMITS}),
         hide_addresses=args.hide_addresses,
         advertise=args.advertise,
         quiet=args.quiet,
@@ -249,13 +230,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
         db=args.db,
         retention=args.retention,
         fsync=args.fsync,
-        connections=ConnectionLimits(
-            per_address=args.max_per_address,
-            join_timeout=args.join_timeout,
-            max_backlog=args.max_backlog,
-            max_subscribe=args.max_subscribe,
-            stall=args.stall,
-        ),
     )
 
 

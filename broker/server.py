@@ -67,6 +67,7 @@ CLOSE_LINGER_MS = 1000  # time to flush `bye` and `shutdown` at exit
 CONTROL_IDS_KEPT = 64
 MAX_SUBSCRIPTION = 4096  # bytes of one frame a subscriber may send (a topic, or a handshake)
 MAX_CONTROL_FRAME = 64 * 1024  # bytes of one operator command
+HANDSHAKE_TIMEOUT = 5.0  # seconds a connection may take to finish its ZMTP handshake
 OWN_FDS = 64  # descriptors the broker itself holds (sockets, pipes, the database, logs)
 SCREEN_BACKLOG = 1 << 20  # bytes of chat lines kept for a screen that does not keep up
 FDS_WANTED = 65_536  # two connections per client, for 10,000 clients and more
@@ -234,8 +235,14 @@ class Server:
             keys.apply(self.pub)
         self.control = ctx.socket(zmq.PAIR)
         self.control.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_FRAME)
+        # A connection that has not finished its ZMTP handshake in this time
+        # is dropped by libzmq (its default is 30 s): raw TCP connections that
+        # say nothing, to any port, do not pile up.
+        timeout = cfg.connections.join_timeout
+        handshake_ms = int(1000 * min(HANDSHAKE_TIMEOUT, timeout or HANDSHAKE_TIMEOUT))
         for sock in (self.router, self.pub, self.control):
             sock.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
+            sock.setsockopt(zmq.HANDSHAKE_IVL, handshake_ms)
         self._monitors = [guard.watch(self.router, Kind.INPUT, ctx),
                           guard.watch(self.pub, Kind.BROADCAST, ctx),
                           guard.watch(self.control, Kind.CONTROL, ctx)]

@@ -390,6 +390,21 @@ def test_connections_that_never_join_are_capped_and_dropped(
     broker.wait_output("no join within 1 s", stderr=True)
 
 
+def test_silent_tcp_connections_to_the_pub_port_are_dropped(
+        start_broker: Callable[..., RunningBroker], ctx: zmq.Context[Any]) -> None:
+    broker = start_broker("--join-timeout", "1")
+    silent = [socket.create_connection(endpoint_address(broker.broadcast)) for _ in range(50)]
+    with closing_all(silent):
+        for sock in silent:
+            sock.settimeout(5)
+            try:
+                sock.recv(65536)  # the broker's greeting, then the close
+                assert sock.recv(65536) == b""
+            except ConnectionResetError:
+                pass
+    honest_ping(ctx, broker)
+
+
 def _tight_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
 

@@ -307,6 +307,7 @@ def test_events_older_than_the_kept_history_are_reported_missed(
 @pytest.mark.parametrize("endpoint", [
     "localhost:46101", "tcp://127.0.0.1", "tcp://*:46101", "udp://127.0.0.1:46101", "",
     "tcp://:46101", "tcp://127.0.0.1:0", "tcp://127.0.0.1:99999", "tcp://127.0.0.1:x1",
+    "ipc://",
 ])
 def test_a_bad_endpoint_is_refused_before_any_socket(endpoint: str) -> None:
     with pytest.raises(ValueError) as caught:
@@ -316,6 +317,7 @@ def test_a_bad_endpoint_is_refused_before_any_socket(endpoint: str) -> None:
 
 @pytest.mark.parametrize("endpoint", [
     "tcp://127.0.0.1:5555", "tcp://localhost:1", "tcp://[::1]:5555", "tcp://chat.example.org:80",
+    "ipc:///run/zchat/input",  # a broker on this machine
 ])
 def test_good_endpoints_pass(endpoint: str) -> None:
     check_endpoint(endpoint)

@@ -312,7 +312,7 @@ def test_printable_shows_tabs_as_spaces_and_escapes_controls() -> None:
     assert printable("\x1b[2Jx") == "\\x1b[2Jx"
     assert printable("\x9b31m") == "\\x9b31m"
     assert printable("evil\u202etxt.exe") == "evil\\u202etxt.exe"
-    assert printable("one\u2028two\ntwo") == "one\\u2028two\\x0atwo"
+    assert printable("one\u2028two\ntwo\rthree") == "one\\u2028two\\ntwo\\rthree"
 
 
 @given(st.text(alphabet=st.characters(codec=None) | st.sampled_from(HARMFUL)))

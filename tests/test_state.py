@@ -56,6 +56,8 @@ def test_join_welcomes_and_announces_with_address() -> None:
     assert welcome["heartbeat"] == 1.0
     assert welcome["epoch"] == "e1"
     assert isinstance(welcome["token"], str) and len(welcome["token"]) >= 16
+    limits = broker.limits
+    assert (welcome["rate"], welcome["burst"]) == (limits.rate, limits.burst)  # to pace by
 
 
 def test_names_are_unique_case_insensitively() -> None:

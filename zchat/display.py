@@ -37,8 +37,15 @@ _HARMFUL = re.compile(
 )
 
 
+_NAMED = {"\n": "\\n", "\r": "\\r"}  # the two a reader knows by sight
+
+
 def _escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
+    char = match.group()
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
     if code < 0x100:
         return f"\\x{code:02x}"
     return f"\\u{code:04x}"

@@ -593,6 +593,10 @@ class Broker:
             "heartbeat": self.heartbeat,
             "token": member.token,
             "epoch": self.epoch,
+            # Addition: the message budget, so a client paces itself instead
+            # of being refused (0: no limit).
+            "rate": self.limits.rate,
+            "burst": self.limits.burst,
         }
         if self.batch:
             body["batch"] = True
