@@ -2,22 +2,43 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from typing import Any
+
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from zchat.errors import ProtocolError
 from zchat.protocol import (
+    ROOM,
+    Ack,
+    Bye,
+    ByeReason,
+    ClientStatus,
+    Direct,
+    ErrorCode,
+    ErrorReply,
     GetHistory,
+    HistoryPage,
     Join,
     Joined,
     Leave,
+    LeaveReason,
     Left,
+    Member,
+    Members,
     Message,
     Notice,
     OtherEvent,
+    OtherReply,
     Ping,
+    Pong,
     Say,
     SendDm,
+    Welcome,
     Who,
     check_name,
     decode_frame,
@@ -26,6 +47,7 @@ from zchat.protocol import (
     fold_name,
     parse_event,
     parse_members,
+    parse_reply,
     request_id,
 )
 
@@ -162,3 +184,75 @@ def test_members_parse() -> None:
         parse_members("nope")
     with pytest.raises(ProtocolError):
         parse_members([{"name": "a"}])
+
+
+# --------------------------------------------------------------------------
+# Replies (broker -> client)
+
+
+def test_replies_parse_to_typed_classes_by_the_table() -> None:
+    welcome = parse_reply({"type": "welcome", "name": "a", "seq": 3, "pub": 5556,
+                           "token": "t", "id": "j1", "rate": 2, "burst": 4, "batch": True})
+    assert isinstance(welcome, Welcome)
+    assert (welcome.seq, welcome.pub, welcome.room, welcome.heartbeat, welcome.id) == (
+        3, "5556", ROOM, 5.0, "j1")
+    assert (welcome.rate, welcome.burst, welcome.batch, welcome.epoch) == (2.0, 4, True, None)
+    assert parse_reply({"type": "ack", "seq": 9, "id": "x"}) == Ack(9, "x")
+    assert parse_reply({"type": "ack"}) == Ack()
+    assert parse_reply({"type": "error", "code": "name_taken", "detail": "d"}) == ErrorReply(
+        ErrorCode.NAME_TAKEN, "d")
+    assert parse_reply({"type": "pong", "ts": 1, "seq": 4, "joined": False}) == Pong(
+        1.0, 4, False)
+    assert parse_reply({"type": "members", "members": [{"name": "a", "addr": "b"}]}) == Members(
+        [Member("a", "b")])
+    page = parse_reply({"type": "history", "events": [
+        {"type": "notice", "seq": 1, "ts": 0.5, "text": "hi"}, 7]})
+    assert page == HistoryPage([Notice(1, 0.5, "hi")])
+    assert parse_reply({"type": "dm", "from": "a", "text": "t", "ts": 2}) == Direct("a", "t", 2.0)
+    assert parse_reply({"type": "bye", "reason": "kicked"}) == Bye(ByeReason.KICKED)
+    other = parse_reply({"type": "future", "x": 1})
+    assert isinstance(other, OtherReply) and other.type == "future"
+
+
+@pytest.mark.parametrize("body", [
+    {"type": "welcome", "name": "a", "pub": "1", "token": "t"},  # no seq
+    {"type": "welcome", "name": "a", "seq": "3", "pub": "1", "token": "t"},
+    {"type": "welcome", "name": "a", "seq": 3, "pub": "1", "token": "t", "members": 5},
+    {"type": "pong"},
+    {"type": "error", "detail": "no code"},
+    {"type": "history", "events": {}},
+    {"type": "dm", "from": "a"},
+])
+def test_a_reply_missing_a_field_is_a_clean_protocol_error(body: dict[str, Any]) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        parse_reply(body)
+    assert caught.value.code == ErrorCode.BAD_REPLY
+
+
+@given(st.dictionaries(
+    st.sampled_from(["type", "id", "seq", "name", "pub", "token", "events", "ts", "code",
+                     "members", "from", "text", "reason", "joined"]),
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=4),
+              st.lists(st.integers(), max_size=2)),
+).map(lambda d: {**d, "type": d.get("type") if isinstance(d.get("type"), str) else "welcome"}))
+def test_any_reply_map_parses_or_raises_protocol_error(body: dict[str, Any]) -> None:
+    try:
+        parse_reply(body)
+    except ProtocolError:
+        pass
+
+
+@pytest.mark.parametrize("module", ["zchat.protocol", "zchat.session"])
+def test_the_sans_io_modules_import_no_zmq_or_sqlite(module: str) -> None:
+    code = (f"import sys, {module}; "
+            "print(sorted(m for m in ('zmq', 'sqlite3', 'asyncio') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+
+
+def test_vocabulary_values_are_the_wire_strings() -> None:
+    assert ErrorCode.RATE_LIMITED == "rate_limited"
+    assert encode({"code": ErrorCode.NAME_TAKEN}) == encode({"code": "name_taken"})
+    assert {r.value for r in ByeReason} <= {r.value for r in LeaveReason}
+    assert ClientStatus("closed") is ClientStatus.CLOSED
