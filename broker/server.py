@@ -23,21 +23,17 @@ import logging
 import os
 import resource
 import secrets
-import select
 import signal
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 import msgpack
 import zmq
 
-from zchat.display import printable
 from zchat.errors import ProtocolError
 from zchat.history import HistoryError, open_history
 from zchat.keys import load_server_keys
@@ -55,7 +51,9 @@ from zchat.state import Broker, Outgoing, Publish
 
 from .auth import CurveGate
 from .config import Config
+from .console import Console
 from .guard import FD_RESERVE, Guard, Kind, seed_routing_ids
+from .screen import Screen
 
 __all__ = ["Endpoints", "Server", "raise_fd_limit"]
 
@@ -64,12 +62,10 @@ log = logging.getLogger("zchat.broker")
 DRAIN_BATCH = 4096  # frames taken from one socket before looking at the others
 RELEASE_EVERY = 256  # frames between group commits (and sends) within a pass
 CLOSE_LINGER_MS = 1000  # time to flush `bye` and `shutdown` at exit
-CONTROL_IDS_KEPT = 64
 MAX_SUBSCRIPTION = 4096  # bytes of one frame a subscriber may send (a topic, or a handshake)
 MAX_CONTROL_FRAME = 64 * 1024  # bytes of one operator command
 HANDSHAKE_TIMEOUT = 5.0  # seconds a connection may take to finish its ZMTP handshake
 OWN_FDS = 64  # descriptors the broker itself holds (sockets, pipes, the database, logs)
-SCREEN_BACKLOG = 1 << 20  # bytes of chat lines kept for a screen that does not keep up
 FDS_WANTED = 65_536  # two connections per client, for 10,000 clients and more
 
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -168,22 +164,17 @@ class Server:
         self.config = config
         self._own_context = context is None
         self.context = context or zmq.Context(io_threads=config.io_threads)
-        self.screen = None if config.quiet else (screen or sys.stdout)
+        self._screen = Screen(None if config.quiet else (screen or sys.stdout))
+        self.console: Console | None = None
         self._throttle = _Throttle()
         self._stopping = False
-        self._control_replies: OrderedDict[str, bytes] = OrderedDict()
         self.endpoints: Endpoints | None = None
         self.state: Broker | None = None
         self._packer = msgpack.Packer(use_bin_type=True)
         self._outbox: list[Outgoing] = []
         self.auth: CurveGate | None = None
         self.failure: str | None = None  # why the loop stopped, if not asked to
-        self._screen_lines: list[str] = []
         self._batch: list[bytes] = []
-        self._stamp_second = -1
-        self._stamp = ""
-        self._screen_pending = bytearray()
-        self._screen_dropped = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self.guard: Guard | None = None
@@ -272,6 +263,7 @@ class Server:
             batch=cfg.coalesce > 0,
             history=history,
         )
+        self.console = Console(self.state, self._stats)
         return self.endpoints
 
     def _bind_state(self) -> Broker:
@@ -319,8 +311,8 @@ class Server:
         if zap is not None:
             poller.register(zap, zmq.POLLIN)
         try:
-            self._send(state.tick(time.time()))
-            self._release(state)
+            self._queue(state.tick(time.time()))
+            self._before_sleep(state)
             while not self._stopping:
                 deadline = state.next_deadline()
                 if guard is not None:
@@ -344,15 +336,15 @@ class Server:
                     self.auth.answer()
                 now = time.time()
                 if now >= state.next_deadline():
-                    self._send(state.tick(now))
+                    self._queue(state.tick(now))
                 if guard is not None and now >= guard.next_deadline():
                     guard.tick(now, state.is_member)
                 self._throttle.flush()
-                self._release(state)
-            self._send(state.shutdown(time.time()))
-            self._release(state)
+                self._before_sleep(state)
+            self._queue(state.shutdown(time.time()))
+            self._before_sleep(state)
         finally:
-            self._flush_screen(wait=2.0)
+            self._screen.flush(wait=2.0)
             try:
                 state.store.close()
             except HistoryError as exc:
@@ -370,17 +362,27 @@ class Server:
     def _connection_gone(self, kind: Kind, peer: bytes) -> None:
         """A member's connection closed: its routing id no longer speaks for it."""
         if self.state is not None and kind is Kind.INPUT:
-            self._send(self.state.disconnected(peer, time.time()))
+            self._queue(self.state.disconnected(peer, time.time()))
 
-    def _send(self, out: list[Outgoing]) -> None:
-        """Queue frames; ``_release`` sends them once their events are durable."""
+    def _queue(self, out: list[Outgoing]) -> None:
+        """Queue frames; ``_before_sleep`` sends them once their events are durable."""
         self._outbox.extend(out)
 
-    def _release(self, state: Broker) -> None:
-        """Commit the pass's events (one group commit), then send its frames.
+    def _before_sleep(self, state: Broker) -> None:
+        """What must happen before the loop polls again, in this order.
 
-        Nothing of the pass is published or acked before the commit returned,
-        so no client ever sees a seq that a crash could take back.
+        1. Commit the pass's events (one group commit). Nothing of the pass
+           is published or acked before the commit returned, so no client
+           ever sees a seq that a crash could take back; a failed commit
+           stops the broker, and then only the goodbyes go out.
+        2. Send the queued replies and publish the queued events: only now,
+           for the reason above.
+        3. Publish the coalesced batch: its events are committed now, and a
+           heartbeat of the next pass must not overtake them.
+        4. Write the operator's screen: last, it is for people and may lag.
+
+        Also run every ``RELEASE_EVERY`` frames of a long drain, so that a
+        flood does not hold everyone's replies back. Nothing else commits.
         """
         if self._outbox and self.failure is None:
             try:
@@ -395,9 +397,9 @@ class Server:
             self._outbox = [o for o in self._outbox if o.body["type"] in ("bye", "shutdown")]
         if self._outbox:
             out, self._outbox = self._outbox, []
-            self._transmit(out)
+            self._send_now(out)
         self._flush_batch()
-        self._flush_screen()
+        self._screen.flush()
 
     def _flush_batch(self) -> None:
         """Publish the events coalesced so far as one frame on the batch topic.
@@ -411,62 +413,6 @@ class Server:
             self.pub.send(encode_batch(self._batch), _NOBLOCK)
             self._batch.clear()
 
-    def _flush_screen(self, wait: float = 0.0) -> None:
-        """Write the pass's chat lines without ever blocking the loop.
-
-        One write per loop turn (a write per chat line costs more than the
-        chat). A screen that does not keep up (a paused terminal, a pipe
-        nobody reads) lags by up to ``SCREEN_BACKLOG`` bytes; past that, lines
-        are dropped and counted, and the screen says so when it catches up.
-        """
-        screen = self.screen
-        if screen is None or not (self._screen_lines or self._screen_pending):
-            return
-        pending = self._screen_pending
-        if self._screen_lines:
-            text = "".join(self._screen_lines)
-            self._screen_lines.clear()
-            if len(pending) + len(text) > SCREEN_BACKLOG:
-                self._screen_dropped += text.count("\n")
-            else:
-                pending += text.encode(errors="replace")
-        try:
-            fd = screen.fileno()
-        except (OSError, ValueError, AttributeError):
-            fd = -1
-        if fd < 0:  # not a real file (a test's StringIO): it cannot block
-            screen.write(pending.decode(errors="replace"))
-            screen.flush()
-            pending.clear()
-            return
-        screen.flush()
-        blocking = os.get_blocking(fd)
-        deadline = time.monotonic() + wait
-        try:
-            if blocking:
-                os.set_blocking(fd, False)
-            while pending:
-                if self._screen_dropped and len(pending) < SCREEN_BACKLOG // 2:
-                    pending += (f"*** the screen fell behind: {self._screen_dropped} "
-                                "chat lines not shown\n").encode()
-                    self._screen_dropped = 0
-                try:
-                    written = os.write(fd, pending)
-                except (BlockingIOError, InterruptedError):
-                    # At exit the screen gets a moment to take the rest.
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not select.select([], [fd], [], left)[1]:
-                        break
-                    continue
-                del pending[:written]
-        except OSError as exc:  # the screen is gone (EPIPE, EIO): stop writing to it
-            log.warning("screen output failed (%s); chat lines are no longer printed", exc)
-            self.screen = None
-            pending.clear()
-        finally:
-            if blocking:
-                os.set_blocking(fd, True)
-
     def _drain_input(self, state: Broker) -> None:
         router = self.router
         recv = router.recv
@@ -476,7 +422,7 @@ class Server:
         ledger = guard.ledger if guard is not None else None
         for count in range(1, DRAIN_BATCH + 1):
             if count % RELEASE_EVERY == 0:
-                self._release(state)
+                self._before_sleep(state)
                 self._drain_monitors()
             try:
                 peer = recv(_NOBLOCK)
@@ -521,7 +467,7 @@ class Server:
                 # A frame that decoded but is no valid request still gets its id back.
                 rid = request_id(body) if body is not None else None
                 self._warn_peer(state, peer, exc)
-                self._send([state.error(peer, exc.code, exc.detail, rid)])
+                self._queue([state.error(peer, exc.code, exc.detail, rid)])
                 continue
             addr, key = "", None
             if isinstance(payload, zmq.Frame):
@@ -531,7 +477,7 @@ class Server:
                     # Our ZAP handler made the client's public key its User-Id.
                     key = _frame_property(payload, "User-Id")
             try:
-                self._send(state.handle(peer, request, now, addr, key))
+                self._queue(state.handle(peer, request, now, addr, key))
             except Exception:
                 # A bug, not the peer's fault: it costs this request, never the broker.
                 self._internal_errors += 1
@@ -539,7 +485,7 @@ class Server:
                     log.exception("internal error handling %s from %s (%d so far)",
                                   body["type"], state.name_of(peer) or "a stranger",
                                   self._internal_errors)
-                self._send([state.error(peer, ErrorCode.INTERNAL,
+                self._queue([state.error(peer, ErrorCode.INTERNAL,
                                         "the broker failed on this request; see its log",
                                         request.id)])
                 continue
@@ -566,13 +512,13 @@ class Server:
     def _warn_peer(self, state: Broker, peer: bytes, exc: ProtocolError) -> None:
         self._throttle.warning(exc.code, "%s sent a bad frame: %s", self._who(peer), exc)
 
-    def _transmit(self, out: list[Outgoing]) -> None:
+    def _send_now(self, out: list[Outgoing]) -> None:
         # Plain int flags and one reused Packer: pyzmq's send_multipart and
         # msgpack.packb cost more in Python overhead than the sends themselves.
         pack = self._packer.pack
         pub_send = self.pub.send
         router_send = self.router.send
-        screen = self.screen
+        screen = self._screen if self._screen.on else None
         coalesce = self.config.coalesce
         batch = self._batch
         guard = self.guard
@@ -582,7 +528,7 @@ class Server:
                 packed = pack(item.body)
                 if item.topic == ROOM_TOPIC:
                     if screen is not None:
-                        self._screen_lines.append(self._screen_line(item.body))
+                        screen.add(item.body, item.sender_addr)
                     if coalesce:
                         batch.append(packed)
                         if len(batch) >= coalesce:
@@ -619,16 +565,6 @@ class Server:
         name = self.state.name_of(peer) if self.state is not None else None
         return name if name is not None else f"peer {peer.hex()}"
 
-    def _screen_line(self, event: dict[str, Any]) -> str:
-        second = int(event["ts"])
-        if second != self._stamp_second:
-            self._stamp_second = second
-            self._stamp = datetime.fromtimestamp(second).strftime("%H:%M:%S")
-        addr = None
-        if event["type"] == "message" and self.state is not None:
-            addr = self.state.address_of(event["from"])
-        return screen_line(event, self._stamp, addr)
-
     # ---------------------------------------------------------------- control
 
     def _drain_control(self, state: Broker) -> None:
@@ -639,81 +575,35 @@ class Server:
                 return
             if self.guard is not None:
                 self.guard.ledger.control_command(time.time())
+            console = self.console if self.console is not None else Console(state, self._stats)
+            self.console = console
             try:
-                reply = self._control_reply(state, frame)
+                answer = console.answer(frame, time.time())
             except Exception:  # the operator's tool, not a peer: log, keep serving
                 log.exception("control command failed")
                 reply = encode({"type": "error", "code": ErrorCode.INTERNAL, "detail": "see log"})
+            else:
+                reply = answer.reply
+                self._queue(answer.out)
+                if answer.stop:
+                    self.stop()
             try:
                 self.control.send(reply, zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("operator went away before the reply")
 
-    def _control_reply(self, state: Broker, frame: bytes) -> bytes:
-        try:
-            body = decode_frame(frame)
-        except ProtocolError as exc:
-            return encode({"type": "error", "code": exc.code, "detail": exc.detail})
-        rid = body.get("id")
-        if isinstance(rid, str) and rid in self._control_replies:
-            # A retry of a command already done (its reply was lost): answer again.
-            return self._control_replies[rid]
-        result = self._control_command(state, body)
-        result.setdefault("type", "result")
-        if isinstance(rid, str):
-            result["id"] = rid
-        packed = encode(result)
-        if isinstance(rid, str):
-            self._control_replies[rid] = packed
-            if len(self._control_replies) > CONTROL_IDS_KEPT:
-                self._control_replies.popitem(last=False)
-        return packed
+    def _stats(self) -> dict[str, Any]:
+        """What ``stats`` adds to the state's counters: endpoints, pid, connections."""
+        stats: dict[str, Any] = asdict(self.endpoints) if self.endpoints is not None else {}
+        stats["pid"] = os.getpid()
+        if self.guard is not None:
+            stats.update(self.guard.ledger.statistics())
+        return stats
 
-    def _control_command(self, state: Broker, body: dict[str, Any]) -> dict[str, Any]:
-        now = time.time()
-        cmd = body["type"]
-        if cmd == "stats":
-            stats = asdict(state.statistics(now))
-            if self.endpoints is not None:
-                stats.update(asdict(self.endpoints))
-            stats["pid"] = os.getpid()
-            if self.guard is not None:
-                stats.update(self.guard.ledger.statistics())
-            return {"stats": stats}
-        if cmd == "who":
-            return {"members": state.members(real_addresses=True)}
-        if cmd == "kick":
-            name, reason = body.get("name"), body.get("reason")
-            if not isinstance(name, str) or not (reason is None or isinstance(reason, str)):
-                return _control_error(ErrorCode.BAD_REQUEST,
-                                      "kick needs a name (and an optional reason)")
-            try:
-                self._send(state.kick(name, now, reason))
-            except ProtocolError as exc:
-                return _control_error(exc.code, exc.detail)
-            log.info("operator kicked %s", name)
-            return {}
-        if cmd == "say":
-            text = body.get("text")
-            if not isinstance(text, str) or not text:
-                return _control_error(ErrorCode.BAD_REQUEST, "say needs a text")
-            self._send(state.notice(text, now))
-            return {}
-        if cmd == "release":
-            name = body.get("name")
-            if not isinstance(name, str):
-                return _control_error(ErrorCode.BAD_REQUEST, "release needs a name")
-            try:
-                key = state.release(name)
-            except ProtocolError as exc:
-                return _control_error(exc.code, exc.detail)
-            log.info("operator released %s from key %s", name, key)
-            return {"key": key}
-        if cmd == "shutdown":
-            log.info("operator asked for shutdown")
-            self.stop()
-            return {}
-        return _control_error(ErrorCode.BAD_REQUEST, f"unknown command {cmd!r}")
+    @property
+    def screen(self) -> TextIO | None:
+        """Where chat lines go (None: quiet, or the screen went away)."""
+        return self._screen.out
 
     # ---------------------------------------------------------------- closing
 
@@ -734,10 +624,6 @@ class Server:
         self._wake_r = self._wake_w = -1
         if self._own_context:
             self.context.term()
-
-
-def _control_error(code: str, detail: str) -> dict[str, Any]:
-    return {"type": "error", "code": code, "detail": detail}
 
 
 def _frame_property(frame: zmq.Frame, name: str) -> str | None:
@@ -773,30 +659,3 @@ def advertised(configured: str, bound: str) -> str:
     if host in ("*", "0.0.0.0", "[::]", "::", ""):
         return bound.rpartition(":")[2]
     return bound
-
-
-def screen_line(event: dict[str, Any], stamp: str | None = None,
-                addr: str | None = None) -> str:
-    """One readable line for the operator's screen (control characters escaped).
-
-    Messages show the sender's address (``addr``) as well as the name, as
-    the original server did: the operator sees where each line came from.
-    """
-    if stamp is None:
-        stamp = datetime.fromtimestamp(event["ts"]).strftime("%H:%M:%S")
-    kind = event["type"]
-    seq = event["seq"]
-    if kind == "message":
-        text = event["text"]
-        if text.startswith("/me "):  # an action, shown as the clients show it
-            return f"{stamp} #{seq} {addr or '?'} * {event['from']} {printable(text[4:])}\n"
-        return f"{stamp} #{seq} {addr or '?'} <{event['from']}> {printable(text)}\n"
-    if kind == "joined":
-        return f"{stamp} #{seq} --> {event['name']} joined from {event['addr']}\n"
-    if kind == "left":
-        detail = f": {printable(event['detail'])}" if event.get("detail") else ""
-        who = f"{event['name']} ({event['addr']})"
-        return f"{stamp} #{seq} <-- {who} left [{event['reason']}]{detail}\n"
-    if kind == "notice":
-        return f"{stamp} #{seq} *** notice: {printable(event['text'])}\n"
-    return f"{stamp} #{seq} {printable(kind)}\n"

@@ -9,6 +9,7 @@
     │                          or write its database)
     └── ClientError            raised by the client library
         ├── RequestFailed      the broker answered a request with ``error``
+        │   │                  (or with a reply we cannot read: ``bad_reply``)
         │   ├── NameTaken
         │   ├── RateLimited
         │   └── NoSuchUser
@@ -23,6 +24,13 @@ error of the store, whatever SQLite said: at start the broker exits 4; a
 failed read costs one request (``unavailable``); a failed write stops the
 broker without acking what it could not store. The client library raises
 ``RequestFailed`` subclasses so that bot authors can catch what they expect.
+
+Whose fault: a ``ProtocolError`` is always the peer's (the broker raises it
+for a client's frame, the client session for a broker's reply, as code
+``bad_reply``, and then fails that one request as ``RequestFailed``);
+``HistoryError`` and ``BrokerUnreachable`` are the environment's; a bug of
+our own is none of these (the broker answers ``internal``, the client
+closes as "internal error").
 """
 
 from __future__ import annotations

@@ -119,6 +119,10 @@ class Publish:
 
     topic: bytes
     body: dict[str, Any]
+    # A message's sender address (as clients see it), for the operator's
+    # screen: the event carries it, so nothing is looked up at print time,
+    # when the sender may be gone. Never sent.
+    sender_addr: str | None = None
 
 
 Outgoing: TypeAlias = Reply | Publish
@@ -637,8 +641,8 @@ class Broker:
             if seen is not None:
                 return [Reply(peer, {"type": "ack", "id": req.id, "seq": seen})]
         self._spend(_MESSAGE, member.folded, self._origin(member), now)
-        event = self._room_event(
-            now, "message", (member.lineage, req.id), **{"from": member.name, "text": req.text})
+        event = self._room_event(now, "message", (member.lineage, req.id), member.shown,
+                                 **{"from": member.name, "text": req.text})
         if req.id is not None:
             self._dedupe.put(member.lineage, _MESSAGE + req.id, self.seq)
         self._counts["messages"] += 1
@@ -784,14 +788,14 @@ class Broker:
     # ---------------------------------------------------------------- helpers
 
     def _room_event(self, now: float, kind: str, dedupe: tuple[str, str | None] | None = None,
-                    **fields: Any) -> Publish:
+                    sender_addr: str | None = None, **fields: Any) -> Publish:
         self.seq += 1
         body = {"type": kind, "room": ROOM, "seq": self.seq, "ts": now, **fields}
         if dedupe is None:
             self._history.append(body)
         else:
             self._history.append(body, *dedupe)
-        return Publish(ROOM_TOPIC, body)
+        return Publish(ROOM_TOPIC, body, sender_addr)
 
     def _depart(
         self, member: _Member, reason: LeaveReason, now: float, detail: str | None = None
