@@ -26,7 +26,6 @@ Defines ``Reply``, ``Greeter``, ``Helper``, ``BOTS``, ``run_bot`` and ``main``.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import re
 import signal
@@ -53,13 +52,18 @@ from zchat.display import printable
 from zchat.keys import ClientKeys, KeyFileError, keys_from_env
 from zchat.protocol import ClientStatus, fold_name
 
+from .options import (
+    DEFAULT_CONNECT,
+    EXIT_CLOSED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    env,
+)
+
 __all__ = ["BOTS", "Greeter", "Helper", "Reply", "main", "run_bot"]
 
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_REFUSED = 4  # the broker refused the join (name taken, bad name)
-EXIT_CLOSED = 5  # kicked or replaced
 
 GREET_AGAIN_AFTER = 600.0  # seconds before the same name is welcomed again
 JOIN_ATTEMPT = 5.0  # seconds per join attempt while waiting for the broker
@@ -233,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bots", nargs="+", choices=sorted(BOTS), metavar="BOT",
                    help=f"which bots to run: {', '.join(sorted(BOTS))}")
     p.add_argument("--connect", metavar="EP",
-                   default=os.environ.get("ZCHAT_CONNECT") or "tcp://127.0.0.1:5555",
+                   default=env("CONNECT", DEFAULT_CONNECT),
                    help="the broker's input endpoint (env ZCHAT_CONNECT; default %(default)s)")
     p.add_argument("--name", metavar="NAME", action="append", default=[],
                    help="name of each bot, in order (default: the bot's kind)")

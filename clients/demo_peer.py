@@ -24,7 +24,6 @@ Defines ``Relay``, ``Pass`` (a hop to say), ``run`` and ``main``.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import sys
@@ -38,12 +37,11 @@ from zchat.display import printable
 from zchat.keys import ClientKeys, KeyFileError, keys_from_env
 from zchat.protocol import ClientStatus, fold_name
 
+from .options import EXIT_OK, EXIT_TIMEOUT, EXIT_UNREACHABLE, EXIT_USAGE, env
+
 __all__ = ["Pass", "Relay", "main", "run"]
 
-EXIT_OK = 0
-EXIT_INCOMPLETE = 1  # timed out before the ball came round, or was kicked
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3  # no broker answered
+EXIT_INCOMPLETE = EXIT_TIMEOUT  # timed out before the ball came round, or was kicked
 
 POLL_SECONDS = 0.25  # how often the main thread looks at its deadlines and signals
 HOP = re.compile(r"^@(?P<taker>\S+) (?P<hop>\d+)/(?P<total>\d+)\b")
@@ -141,10 +139,6 @@ class Relay:
             return None
         self.started = True
         return Pass(self.next_of(self.name), 1, self.total)
-
-
-def env(name: str, default: str) -> str:
-    return os.environ.get(f"ZCHAT_{name}") or default
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -81,6 +81,7 @@ from zchat.display import name_colour, printable
 from zchat.protocol import ClientStatus, check_name, fold_name
 
 from .commands import Clear, Help, Invalid, Nick, Private, Quit, Say, Who, complete, parse_line
+from .options import EXIT_CLOSED, EXIT_HANDSHAKE, EXIT_OK, Options
 from .outbox import Outbox, Outgoing
 from .render import (
     BOLD,
@@ -102,7 +103,6 @@ from .render import (
     who_line,
     wrap,
 )
-from .terminal import EXIT_CLOSED, EXIT_HANDSHAKE, EXIT_OK, Options
 
 __all__ = ["Inbox", "Session", "run_interactive"]
 
@@ -571,6 +571,8 @@ def join(options: Options) -> tuple[Client, Inbox] | None:
     view = View(name or "")
     unreachable_said = False
     why = "choose a name for the chat (1-32 characters, no spaces)"
+    client: Client | None = None
+    inbox = Inbox()
     while True:
         if not name:
             name = _ask_name(why, view)
@@ -582,10 +584,14 @@ def join(options: Options) -> tuple[Client, Inbox] | None:
             why = f"{printable(name)!r} cannot be a name: {exc.detail}; choose another"
             name = None
             continue
-        inbox = Inbox()
-        client = Client(options.connect, name, on_item=inbox.put, keys=options.keys)
+        if client is None:
+            inbox = Inbox()
+            client = Client(options.connect, name, on_item=inbox.put, keys=options.keys)
         try:
-            client.connect(timeout=JOIN_ATTEMPT if unreachable_said else FIRST_JOIN_ATTEMPT)
+            # The client retries by itself; the timeout only says when to
+            # tell the user that it is doing so.
+            client.connect(timeout=JOIN_ATTEMPT if unreachable_said else FIRST_JOIN_ATTEMPT,
+                           give_up=False)
             return client, inbox
         except HandshakeFailed:
             raise  # a key problem: retrying cannot help
@@ -596,6 +602,7 @@ def join(options: Options) -> tuple[Client, Inbox] | None:
                 unreachable_said = True
         except RequestFailed as exc:
             client.close()
+            client = None
             if isinstance(exc, NameTaken):
                 why = f"the name {printable(name)} is taken; choose another"
             else:

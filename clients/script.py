@@ -67,9 +67,7 @@ from zchat import (
 from zchat.protocol import ClientStatus, check_name, fold_name
 
 from .commands import Clear, Help, Invalid, Nick, Private, Quit, Say, Who, parse_line
-from .outbox import DEFAULT_BURST, DEFAULT_RATE, MARGIN, TokenBucket
-from .render import Item, SentPrivate, View, item_json, render, to_plain, who_line
-from .terminal import (
+from .options import (
     EXIT_CLOSED,
     EXIT_HANDSHAKE,
     EXIT_OK,
@@ -80,6 +78,8 @@ from .terminal import (
     EXIT_USAGE,
     Options,
 )
+from .outbox import DEFAULT_BURST, DEFAULT_RATE, MARGIN, TokenBucket
+from .render import Item, SentPrivate, View, item_json, render, to_plain, who_line
 
 __all__ = ["Script", "run_script"]
 

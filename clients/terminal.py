@@ -1,216 +1,22 @@
 """``zchat-client``: the command line, then the interactive or scriptable client.
 
-``main`` only parses options (every one also from a ``ZCHAT_`` variable) and
-picks the mode: with a terminal on stdin and stdout and no script options it
-runs the interactive client (``zchat.clients.interactive``, which loads
-prompt_toolkit); otherwise the scriptable one (``zchat.clients.script``),
-which starts faster because it never imports prompt_toolkit. Both are built
-on ``zchat.Client``, the same client core the bots use.
-
-Defines ``Options``, ``build_parser``, ``parse_options``, the ``EXIT_*``
-codes and ``main``.
+``main`` only parses options (``zchat.clients.options``: every one also from
+a ``ZCHAT_`` variable) and picks the mode: with a terminal on stdin and
+stdout and no script options it runs the interactive client
+(``zchat.clients.interactive``, which loads prompt_toolkit); otherwise the
+scriptable one (``zchat.clients.script``), which starts faster because it
+never imports prompt_toolkit. Both are built on ``zchat.Client``, the same
+client core the bots use. Nothing imports this module back.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-from zchat.keys import ClientKeys, KeyFileError, load_client_keys
+from .options import EXIT_UNREACHABLE, EXIT_USAGE, Options, parse_options
 
-__all__ = [
-    "EXIT_CLOSED",
-    "EXIT_HANDSHAKE",
-    "EXIT_OK",
-    "EXIT_REFUSED",
-    "EXIT_TIMEOUT",
-    "EXIT_UNREACHABLE",
-    "EXIT_UNSENT",
-    "EXIT_USAGE",
-    "Options",
-    "build_parser",
-    "main",
-    "parse_options",
-]
-
-EXIT_OK = 0
-EXIT_TIMEOUT = 1  # --timeout passed before the lines were acked or --expect was met
-EXIT_USAGE = 2  # bad option (argparse uses 2 as well)
-EXIT_UNREACHABLE = 3  # no welcome from the broker in time
-EXIT_REFUSED = 4  # the broker refused the join: name taken, bad name
-EXIT_CLOSED = 5  # kicked by the operator or replaced by another connection
-EXIT_UNSENT = 6  # a line was refused (too large, no such user) and not sent
-EXIT_HANDSHAKE = 7  # a broker answered but the handshake failed: wrong server key?
-
-DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
-JOIN_TIMEOUT = 10.0  # seconds to reach the broker when no --timeout says otherwise
-
-DESCRIPTION = """\
-The zchat chat client. In a terminal it is an interactive chat (an input line
-at the bottom, the room above it); with stdin or stdout not a terminal, or
-with --say, --expect, --stay, --json or --commands, it is scriptable: each
-input line is sent as a message and events are printed one per line.
-"""
-
-EPILOG = """\
-interactive commands:
-  TEXT                   say TEXT to the room (//TEXT says a text that starts with /)
-  /msg NAME TEXT         a private message, seen by NAME only
-  /me ACTION             an action, shown as "* you ACTION"
-  /who, /names           who is here, with addresses
-  /clear                 clear the screen
-  /nick NAME             (a name is kept for a session: /quit, join again as NAME)
-  /help                  the commands
-  /quit, /exit [REASON]  leave; Ctrl-D leaves too, and Ctrl-C on an empty line
-  Ctrl-C clears a half-typed line; Up/Down recall what you typed; Tab completes
-  names and commands; PageUp/PageDown scroll back (tmux's copy mode in tmux,
-  else a pager). Lines wait, marked (pending), until the broker took them:
-  they go out at the broker's pace, and while it is away they wait for it.
-
-scriptable mode:
-  Lines of stdin are sent in order (after any --say), each acknowledged by
-  the broker before the next, paced at the broker's rate. At end of input it
-  waits until its own messages were printed and for --expect, leaves, and
-  exits, unless --stay. Its own joined and left lines are never printed. With
-  --commands, input lines may use /msg, /me, /who and /quit as above (any
-  other /word is a usage error: exit 2). SIGINT and SIGTERM leave and exit 0.
-
-environment: ZCHAT_NAME, ZCHAT_CONNECT, ZCHAT_TIMEOUT, ZCHAT_SERVER_KEY and
-ZCHAT_KEY set the options of the same names; an option on the command line wins.
-
-exit codes:
-  0  done (or left on /quit, Ctrl-D, Ctrl-C, SIGINT, SIGTERM)
-  1  --timeout passed: lines not acknowledged or --expect names not heard
-  2  bad option, name or endpoint (usage); an unknown /command with --commands
-  3  broker unreachable (no welcome within --timeout, default 10 s), or its
-     host name does not resolve
-  4  join refused: the name is taken (or invalid)
-  5  disconnected for good: kicked by the operator or replaced
-  6  a line was refused by the broker (too large, no such user) and not sent
-  7  handshake failed: a wrong --server-key, a --key the broker does not
-     accept, or no keys for a broker that encrypts
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class Options:
-    """What ``zchat-client`` was asked to do."""
-
-    name: str | None = None
-    connect: str = DEFAULT_CONNECT
-    interactive: bool = False
-    json: bool = False
-    say: list[str] = field(default_factory=list)
-    expect: list[str] = field(default_factory=list)
-    timeout: float | None = None
-    stay: bool = False
-    history: int = 0
-    commands: bool = False
-    keys: ClientKeys | None = None  # CURVE, for a broker that encrypts
-
-    @property
-    def join_timeout(self) -> float:
-        return self.timeout if self.timeout is not None else JOIN_TIMEOUT
-
-
-def _positive(raw: str) -> float:
-    value = float(raw)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {raw}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="zchat-client", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--name", "-n", metavar="NAME", default=os.environ.get("ZCHAT_NAME") or None,
-                   help="your name in the room: 1-32 characters, no spaces (env ZCHAT_NAME; "
-                        "asked for when missing in a terminal)")
-    p.add_argument("--connect", "-c", metavar="EP",
-                   default=os.environ.get("ZCHAT_CONNECT") or DEFAULT_CONNECT,
-                   help="the broker's input endpoint (env ZCHAT_CONNECT; default %(default)s)")
-    p.add_argument("--history", metavar="N", type=int, default=None,
-                   help="show the last N messages of the room on joining "
-                        "(default 20 in a terminal, 0 in scriptable mode)")
-    sec = p.add_argument_group("security (a broker started with --secret-key)")
-    sec.add_argument("--server-key", metavar="FILE",
-                     default=os.environ.get("ZCHAT_SERVER_KEY") or None,
-                     help="the broker's public .key file (env ZCHAT_SERVER_KEY)")
-    sec.add_argument("--key", metavar="FILE", default=os.environ.get("ZCHAT_KEY") or None,
-                     help="your .key_secret file from zchat-keygen; the broker must list your "
-                          ".key among its authorized keys (env ZCHAT_KEY)")
-    script = p.add_argument_group("scriptable mode (any of these but --timeout selects it)")
-    script.add_argument("--say", metavar="TEXT", action="append", default=[],
-                        help="say TEXT after joining (repeatable, in order, before stdin)")
-    script.add_argument("--expect", metavar="NAMES", action="append", default=[],
-                        help="before leaving, wait until each of these users (comma-separated, "
-                             "repeatable) was heard: said something in the room (recently, or "
-                             "while we are here) or to us")
-    script.add_argument("--timeout", metavar="SECONDS", type=_positive,
-                        default=_env_timeout(),
-                        help="give up (exit 1) if joining, sending and --expect take longer; "
-                             "joining alone gives up after 10 s without it (env ZCHAT_TIMEOUT)")
-    script.add_argument("--stay", action="store_true",
-                        help="after the input and --expect, keep running and printing events "
-                             "until SIGINT/SIGTERM")
-    script.add_argument("--json", action="store_true",
-                        help="print events as JSON lines (one object per line) instead of text")
-    script.add_argument("--commands", action="store_true",
-                        help="treat input lines starting with / as commands (/msg, /me, /quit)")
-    return p
-
-
-def _env_timeout() -> float | None:
-    raw = os.environ.get("ZCHAT_TIMEOUT")
-    if not raw:
-        return None
-    try:
-        return _positive(raw)
-    except (ValueError, argparse.ArgumentTypeError):
-        print(f"zchat-client: ignoring ZCHAT_TIMEOUT={raw!r}: not a positive number",
-              file=sys.stderr)
-        return None
-
-
-def parse_options(argv: Sequence[str] | None = None, *, tty: bool | None = None) -> Options:
-    """Parse the command line; ``tty`` says whether stdin and stdout are terminals."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if tty is None:
-        tty = sys.stdin.isatty() and sys.stdout.isatty()
-    scripted = bool(args.say or args.expect or args.stay or args.json or args.commands)
-    interactive = tty and not scripted
-    if not interactive and not args.name:
-        parser.error("a name is needed: --name NAME (or ZCHAT_NAME)")
-    if args.history is not None and args.history < 0:
-        parser.error("--history must not be negative")
-    expect = [name.strip() for item in args.expect for name in item.split(",") if name.strip()]
-    keys = None
-    if (args.server_key is None) != (args.key is None):
-        parser.error("--server-key and --key go together")
-    if args.server_key is not None:
-        try:
-            keys = load_client_keys(args.server_key, args.key)
-        except KeyFileError as exc:
-            parser.error(str(exc))
-    return Options(
-        name=args.name,
-        connect=args.connect,
-        interactive=interactive,
-        json=args.json,
-        say=list(args.say),
-        expect=expect,
-        timeout=args.timeout,
-        stay=args.stay,
-        history=args.history if args.history is not None else (20 if interactive else 0),
-        commands=args.commands,
-        keys=keys,
-    )
+__all__ = ["Options", "main", "parse_options"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -392,3 +392,24 @@ def test_a_frozen_broker_is_noticed_within_seconds(start_broker: Callable[..., R
         assert time.monotonic() - started < 6
     finally:
         broker.proc.send_signal(signal.SIGCONT)
+
+
+def test_connect_that_does_not_give_up_waits_for_a_broker_that_comes_later(
+        start_broker: Callable[..., RunningBroker]) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a free port for the broker that is not there yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{port}"
+    client = Client(endpoint, "patient")
+    try:
+        with pytest.raises(BrokerUnreachable):
+            client.connect(timeout=0.5, give_up=False)
+        start_broker("--input", endpoint)
+        # The same client, still trying: no loop of our own, no new Client.
+        welcome = client.connect(timeout=15, give_up=False)
+        assert welcome.name == "patient"
+        assert client.send("made it") > 0
+    finally:
+        client.close()

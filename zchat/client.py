@@ -199,8 +199,13 @@ class Client:
 
     # ------------------------------------------------------------ public API
 
-    def connect(self, timeout: float | None = None) -> Welcome:
+    def connect(self, timeout: float | None = None, *, give_up: bool = True) -> Welcome:
         """Start the I/O thread and join; return the ``welcome``.
+
+        With ``give_up=False`` a timeout raises ``BrokerUnreachable`` but the
+        client goes on trying (with backoff): call ``connect`` again to wait
+        more, ``close()`` to stop. A program that waits for a broker to come
+        up needs no retry loop of its own.
 
         Raises:
             NameTaken, RequestFailed: the broker refused the join.
@@ -222,7 +227,8 @@ class Client:
         try:
             return self._wait(self._joined_future, timeout)
         except BrokerUnreachable:
-            self.close()
+            if give_up or self._joined_future.done():
+                self.close()
             raise
 
     def __enter__(self) -> Client:
