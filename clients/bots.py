@@ -43,6 +43,7 @@ from zchat import (
     ClientClosed,
     Direct,
     Event,
+    HandshakeFailed,
     Joined,
     Message,
     RequestFailed,
@@ -168,22 +169,30 @@ def _say(line: str) -> None:
 
 def join_until(endpoint: str, name: str, stop: threading.Event,
                give_up: float | None, keys: ClientKeys | None = None) -> Client | None:
-    """Join, retrying while the broker is unreachable; None if stopped."""
+    """Join, waiting while the broker is unreachable; None if stopped.
+
+    The client retries by itself (``give_up=False``); each wait is short
+    only so that ``stop`` is seen.
+    """
     deadline = None if give_up is None else time.monotonic() + give_up
     waiting_said = False
+    client = Client(endpoint, name, keys=keys)
     while not stop.is_set():
         attempt = JOIN_ATTEMPT if deadline is None else max(
             0.1, min(JOIN_ATTEMPT, deadline - time.monotonic()))
-        client = Client(endpoint, name, keys=keys)
         try:
-            client.connect(timeout=attempt)
+            client.connect(timeout=attempt, give_up=False)
             return client
+        except HandshakeFailed:
+            raise  # a key problem: waiting cannot help (the client closed itself)
         except BrokerUnreachable:
             if deadline is not None and time.monotonic() >= deadline:
+                client.close()
                 raise
             if not waiting_said:
                 _say(f"{name}: waiting for the broker at {endpoint}…")
                 waiting_said = True
+    client.close()
     return None
 
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from typing import Any
 
+import pytest
 import zmq
 
 from conftest import RunningBroker, wait_item
-from zchat import Client, Direct, Joined, Left, Message, Status
-from zchat.clients.bots import GREET_AGAIN_AFTER, Greeter, Helper, Reply
+from zchat import BrokerUnreachable, Client, Direct, Joined, Left, Message, Status
+from zchat.clients.bots import GREET_AGAIN_AFTER, Greeter, Helper, Reply, join_until
 
 
 def test_greeter_welcomes_newcomers_once_in_a_while() -> None:
@@ -89,3 +93,29 @@ def test_bots_cli_chats_on_a_real_broker_and_leaves_on_sigterm(
             left = wait_item(ann, lambda i: isinstance(i, Left))
             gone[left.name] = (left.reason, left.detail)
         assert gone == {"hal": ("leave", "bot stopped"), "greeter": ("leave", "bot stopped")}
+
+
+def test_a_bot_waits_with_one_client_for_a_broker_that_comes_later(
+        start_broker: Callable[..., RunningBroker]) -> None:
+    with socket.socket() as probe:  # a free port for the broker that is not there yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{port}"
+    stop = threading.Event()
+    with pytest.raises(BrokerUnreachable):
+        join_until(endpoint, "early", stop, give_up=0.3)
+    got: list[Client | None] = []
+    waiter = threading.Thread(target=lambda: got.append(join_until(endpoint, "late", stop, 20)))
+    waiter.start()
+    try:
+        start_broker("--input", endpoint)
+        waiter.join(20)
+        assert got and got[0] is not None and got[0].connected
+    finally:
+        stop.set()
+        waiter.join(5)
+        for client in got:
+            if client is not None:
+                client.close()
+    stop.set()
+    assert join_until(endpoint, "never", stop, None) is None  # stopped: no join at all

@@ -340,6 +340,10 @@ class Client:
     def _stop_thread(self) -> None:
         if self._started and threading.current_thread() is not self._thread:
             self._thread.join(5.0)
+        elif not self._started and not self._closed.is_set():
+            # Never connected: no thread will close the wake-up pair.
+            self._wake_r.close()
+            self._wake_w.close()
         self._closed.set()
 
     # --------------------------------------------------------- the I/O thread
