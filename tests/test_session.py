@@ -562,3 +562,59 @@ def test_any_broker_frames_never_raise_and_seqs_only_increase(
         assert session.last_seq >= max(last, 0)
         if session.closed:
             break
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_against_a_lossy_broker_every_event_arrives_once_in_order(data: st.DataObject) -> None:
+    """A model broker that drops broadcasts, pages short and fails fills."""
+    total = data.draw(st.integers(1, 40), label="events")
+    session, out = joined()
+    now = T0
+    published = 0
+    fills: list[dict[str, Any]] = []
+    got: list[int] = []
+
+    def take(actions: list[Action]) -> None:
+        got.extend(delivered(actions))
+        assert not [s for s in statuses(actions) if s.state != ClientStatus.CONNECTED]
+        fills.extend(b for b in sent(actions) if b["type"] == "history")
+
+    def answer_fill(page: int, fail: bool) -> None:
+        body = fills.pop(0)
+        if fail:
+            take(session.reply_received(reply(type="error", code="rate_limited", detail="",
+                                              id=body["id"]), now))
+            return
+        events = [message(s) for s in range(body["after"] + 1, published + 1)][:page]
+        take(session.reply_received(reply(type="history", events=events, id=body["id"]), now))
+
+    take(out)
+    for _ in range(data.draw(st.integers(0, 120), label="steps")):
+        step = data.draw(st.sampled_from(["publish", "fill", "pong", "tick"]))
+        if step == "publish" and published < total:
+            published += 1
+            if not data.draw(st.booleans(), label="dropped"):
+                take(session.broadcast_received(room(message(published)), now))
+        elif step == "fill" and fills:
+            answer_fill(data.draw(st.integers(1, 5)), data.draw(st.booleans()))
+        elif step == "pong":
+            take(session.reply_received(reply(type="pong", ts=1.0, seq=published), now))
+        else:
+            now += data.draw(st.sampled_from([0.1, FILL_RETRY_SECONDS, 1.0]))
+            session.reply_received(reply(type="pong", ts=1.0), now)  # the broker is alive
+            take(session.tick(now))
+    # Everything said; then the broker behaves: the client must catch up.
+    while published < total:
+        published += 1
+    take(session.reply_received(reply(type="pong", ts=1.0, seq=published), now))
+    for _ in range(1000):
+        if fills:
+            answer_fill(HISTORY_PAGE_MAX, False)
+        elif got[-1:] != [total]:
+            now += FILL_RETRY_SECONDS
+            take(session.tick(now))
+            take(session.reply_received(reply(type="pong", ts=1.0, seq=published), now))
+        else:
+            break
+    assert got == list(range(1, total + 1))
