@@ -43,7 +43,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Container, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
@@ -88,6 +88,7 @@ _FAULTS: dict[int, HandshakeFault] = {
     int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): HandshakeFault.PROTOCOL,
     int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): HandshakeFault.AUTH,
 }
+DRAIN_BATCH = 10_000  # frames read from one socket before looking at the others
 _MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 for _event in _FAULTS:
     _MONITORED |= _event
@@ -115,6 +116,132 @@ class _Close:
 
 
 _Command: TypeAlias = _Submit | _Leave | _Close
+
+
+class _Sockets:
+    """One client's DEALER (with its monitor) and SUB: the actions that touch sockets.
+
+    Both shells carry the session's socket actions through this, and read
+    what the sockets say back into the session with ``drain``.
+    """
+
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, keys: ClientKeys | None) -> None:
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.keys = keys
+        self.dealer: zmq.Socket[Any] | None = None
+        self.monitor: zmq.Socket[Any] | None = None
+        self.sub: zmq.Socket[Any] | None = None
+
+    def carry(self, action: Action) -> bool:
+        """Do ``action`` if it is about sockets; False if it is not."""
+        match action:
+            case Send(body):
+                if self.dealer is not None:
+                    try:
+                        self.dealer.send(encode(body), zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # the broker is not there; resent after the next welcome
+            case OpenDealer():
+                self.open_dealer()
+            case CloseDealer():
+                self.close_dealer()
+            case OpenSub(endpoint, topics):
+                self.open_sub(endpoint, topics)
+            case _:
+                return False
+        return True
+
+    def open(self) -> list[zmq.Socket[Any]]:
+        """The sockets open now, to poll."""
+        return [s for s in (self.dealer, self.monitor, self.sub) if s is not None and not s.closed]
+
+    def drain(self, ready: Container[Any], session: Session, clock: Callable[[], float],
+              apply: Callable[[list[Action]], None]) -> None:
+        """Feed the session what the ready sockets hold, applying its actions as they come.
+
+        Each socket is read without blocking, at most ``DRAIN_BATCH`` frames
+        a turn; an action may close a socket mid-way (then it is left).
+        """
+        if self.dealer is not None and self.dealer in ready:
+            self._drain(self.dealer, session.reply_received, clock, apply)
+        if self.monitor is not None and self.monitor in ready:
+            self._drain_monitor(session, clock, apply)
+        if self.sub is not None and self.sub in ready:
+            self._drain(self.sub, session.broadcast_received, clock, apply)
+
+    @staticmethod
+    def _drain(sock: zmq.Socket[Any], take: Callable[[list[bytes], float], list[Action]],
+               clock: Callable[[], float], apply: Callable[[list[Action]], None]) -> None:
+        for _ in range(DRAIN_BATCH):
+            if sock.closed:
+                return
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            apply(take(frames, clock()))
+
+    def _drain_monitor(self, session: Session, clock: Callable[[], float],
+                       apply: Callable[[list[Action]], None]) -> None:
+        while self.monitor is not None:
+            try:
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                session.handshake_succeeded()
+            elif kind in _FAULTS:
+                apply(session.handshake_failed(_FAULTS[kind], clock()))
+            elif kind == zmq.EVENT_DISCONNECTED:
+                apply(session.disconnected(clock()))
+
+    def open_dealer(self) -> None:
+        self.close_dealer()
+        self.dealer = dealer = self.ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        # Our own routing id, 16 random bytes: libzmq's automatic ids are a
+        # counter from an unseeded rand(), the same in every broker run, so
+        # anyone could predict ours and take over a dropped session. A first
+        # byte of 0 is reserved by ZMTP for libzmq's own ids.
+        dealer.setsockopt(zmq.ROUTING_ID, b"z" + secrets.token_bytes(15))
+        dealer.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_MS)
+        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_TIMEOUT_MS)
+        if self.keys is not None:
+            self.keys.apply(dealer)
+        self.monitor = dealer.get_monitor_socket(_MONITORED)
+        dealer.connect(self.endpoint)
+
+    def close_dealer(self) -> None:
+        if self.monitor is not None:
+            if self.dealer is not None and not self.dealer.closed:
+                try:
+                    self.dealer.disable_monitor()
+                except zmq.ZMQError:
+                    pass  # the context is going away: closing is all that is left
+            self.monitor.close(linger=0)
+            self.monitor = None
+        if self.dealer is not None:
+            self.dealer.close(linger=0)
+            self.dealer = None
+
+    def open_sub(self, endpoint: str, topics: tuple[bytes, ...]) -> None:
+        if self.sub is not None:
+            self.sub.close(linger=0)
+        self.sub = sub = self.ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            self.keys.apply(sub)
+        for topic in topics:
+            sub.setsockopt(zmq.SUBSCRIBE, topic)
+        sub.connect(endpoint)
+
+    def close(self) -> None:
+        self.close_dealer()
+        if self.sub is not None:
+            self.sub.close(linger=0)
+            self.sub = None
 
 
 class Client:
@@ -156,7 +283,6 @@ class Client:
         prefix = secrets.token_hex(4)
         self._session = Session(name, endpoint, broadcast=broadcast, token=token, since=since,
                                 encrypted=keys is not None, id_prefix=f"{prefix}-s")
-        self._keys = keys
         self._ctx = context or zmq.Context.instance()
         self._items: queue.Queue[Item | None] = queue.Queue()
         self._on_item = on_item
@@ -171,9 +297,7 @@ class Client:
         self._joined_future: concurrent.futures.Future[Welcome] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, name=f"zchat-{name}", daemon=True)
         self._started = False
-        self._dealer: zmq.Socket[Any] | None = None
-        self._monitor: zmq.Socket[Any] | None = None
-        self._sub: zmq.Socket[Any] | None = None
+        self._sockets = _Sockets(self._ctx, endpoint, keys)
 
     # ------------------------------------------------------------ the session's state
 
@@ -196,6 +320,10 @@ class Client:
     def last_seq(self) -> int:
         """The seq of the last room event delivered."""
         return self._session.last_seq
+
+    @property
+    def _dealer(self) -> zmq.Socket[Any] | None:
+        return self._sockets.dealer  # for tests that look at the socket itself
 
     # ------------------------------------------------------------ public API
 
@@ -355,19 +483,14 @@ class Client:
         try:
             self._apply(session.start(time.monotonic()))
             while not session.closed:
-                for sock in (self._dealer, self._monitor, self._sub):
-                    if sock is not None and sock not in poller:
+                for sock in self._sockets.open():
+                    if sock not in poller:
                         poller.register(sock, zmq.POLLIN)
                 timeout = min(max(0.0, session.deadline() - time.monotonic()), 60.0)
                 ready = dict(poller.poll(int(timeout * 1000) + 1))
                 if self._wake_r.fileno() in ready:
                     self._drain_commands()
-                if self._dealer is not None and self._dealer in ready:
-                    self._drain(self._dealer, session.reply_received)
-                if self._monitor is not None and self._monitor in ready:
-                    self._drain_monitor()
-                if self._sub is not None and self._sub in ready:
-                    self._drain(self._sub, session.broadcast_received)
+                self._sockets.drain(ready, session, time.monotonic, self._apply)
                 self._apply(session.tick(time.monotonic()))
                 for polled, _ in list(poller.sockets):
                     if isinstance(polled, zmq.Socket) and polled.closed:
@@ -376,9 +499,7 @@ class Client:
             log.exception("zchat client thread failed")
             self._apply(session.close("internal error"))
         finally:
-            self._close_dealer()
-            if self._sub is not None:
-                self._sub.close(linger=0)
+            self._sockets.close()
             self._wake_r.close()
             self._wake_w.close()
             if not self._closed.is_set():
@@ -405,37 +526,12 @@ class Client:
                 case _Close():
                     self._apply(self._session.close())
 
-    def _drain(self, sock: zmq.Socket[Any],
-               take: Callable[[list[bytes], float], list[Action]]) -> None:
-        for _ in range(10_000):
-            if sock.closed:
-                return
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._apply(take(frames, time.monotonic()))
-
-    def _drain_monitor(self) -> None:
-        while self._monitor is not None:
-            try:
-                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
-            kind = event["event"]
-            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._session.handshake_succeeded()
-            elif kind in _FAULTS:
-                self._apply(self._session.handshake_failed(_FAULTS[kind], time.monotonic()))
-            elif kind == zmq.EVENT_DISCONNECTED:
-                self._apply(self._session.disconnected(time.monotonic()))
-
     def _apply(self, actions: list[Action]) -> None:
         """Carry out what the session said, in its order."""
         for action in actions:
+            if self._sockets.carry(action):
+                continue
             match action:
-                case Send(body):
-                    self._send(body)
                 case Emit(item):
                     self._emit(item)
                 case Resolve(rid, value):
@@ -446,71 +542,17 @@ class Client:
                     future = self._futures.pop(rid, None)
                     if future is not None and not future.done():
                         future.set_exception(error)
-                case OpenDealer():
-                    self._open_dealer()
-                case CloseDealer():
-                    self._close_dealer()
-                case OpenSub(endpoint, topics):
-                    self._open_sub(endpoint, topics)
                 case Welcomed(welcome):
                     if not self._joined_future.done():
                         self._joined_future.set_result(welcome)
                 case Closed():
                     self._on_closed(action)
 
-    def _send(self, body: dict[str, Any]) -> None:
-        if self._dealer is None:
-            return
-        try:
-            self._dealer.send(encode(body), zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # the broker is not there; resent after the next welcome
-
     def _emit(self, item: Item) -> None:
         if self._on_item is not None:
             self._on_item(item)
         else:
             self._items.put(item)
-
-    def _open_dealer(self) -> None:
-        self._close_dealer()
-        self._dealer = self._ctx.socket(zmq.DEALER)
-        self._dealer.setsockopt(zmq.LINGER, 0)
-        # Our own routing id, 16 random bytes: libzmq's automatic ids are a
-        # counter from an unseeded rand(), the same in every broker run, so
-        # anyone could predict ours and take over a dropped session. A first
-        # byte of 0 is reserved by ZMTP for libzmq's own ids.
-        self._dealer.setsockopt(zmq.ROUTING_ID, b"z" + secrets.token_bytes(15))
-        self._dealer.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_MS)
-        self._dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_TIMEOUT_MS)
-        if self._keys is not None:
-            self._keys.apply(self._dealer)
-        self._monitor = self._dealer.get_monitor_socket(_MONITORED)
-        self._dealer.connect(self.endpoint)
-
-    def _close_dealer(self) -> None:
-        if self._monitor is not None:
-            if self._dealer is not None and not self._dealer.closed:
-                try:
-                    self._dealer.disable_monitor()
-                except zmq.ZMQError:
-                    pass  # the context is going away: closing is all that is left
-            self._monitor.close(linger=0)
-            self._monitor = None
-        if self._dealer is not None:
-            self._dealer.close(linger=0)
-            self._dealer = None
-
-    def _open_sub(self, endpoint: str, topics: tuple[bytes, ...]) -> None:
-        if self._sub is not None:
-            self._sub.close(linger=0)
-        self._sub = self._ctx.socket(zmq.SUB)
-        self._sub.setsockopt(zmq.LINGER, 0)
-        if self._keys is not None:
-            self._keys.apply(self._sub)
-        for topic in topics:
-            self._sub.setsockopt(zmq.SUBSCRIBE, topic)
-        self._sub.connect(endpoint)
 
     def _on_closed(self, closed: Closed) -> None:
         self._close_reason = closed.reason
@@ -522,7 +564,7 @@ class Client:
         self._futures.clear()
         if not self._joined_future.done():
             self._joined_future.set_exception(closed.error)
-        self._close_dealer()
+        self._sockets.close_dealer()
         if self._on_item is None:
             self._items.put(None)
 
