@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 import zmq
+import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from zchat.errors import BrokerUnreachable, ClientClosed
@@ -617,7 +618,12 @@ def resolve_endpoint(endpoint: str) -> None:
 
 
 class AsyncClient:
-    """The asyncio face of ``Client``: the same behaviour, awaitable.
+    """The asyncio shell over the same ``Session``: the same behaviour, awaitable.
+
+    One task of the running loop owns the sockets (polled with
+    ``zmq.asyncio.Poller``) and the loop's clock; the coroutines below hand
+    their commands straight to the session (one thread: no queue needed) and
+    wake the task so that it sees new deadlines. Options are ``Client``'s.
 
     ::
 
@@ -627,28 +633,85 @@ class AsyncClient:
                 ...
     """
 
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", name: str = "",
-                 **options: Any) -> None:
-        self._options = options
-        self._endpoint = endpoint
-        self._name = name
-        self._queue: asyncio.Queue[Item | None] = asyncio.Queue()
-        self._client: Client | None = None
+    def __init__(
+        self,
+        endpoint: str = "tcp://127.0.0.1:5555",
+        name: str = "",
+        *,
+        broadcast: str | None = None,
+        timeout: float = 10.0,
+        token: str | None = None,
+        since: int | None = None,
+        context: zmq.Context[Any] | None = None,
+        keys: ClientKeys | None = None,
+    ) -> None:
+        if not name:
+            raise ValueError("a name is needed to join")
+        check_endpoint(endpoint)
+        self.endpoint = endpoint
+        self.timeout = timeout
+        prefix = secrets.token_hex(4)
+        self._session = Session(name, endpoint, broadcast=broadcast, token=token, since=since,
+                                encrypted=keys is not None, id_prefix=f"{prefix}-s")
+        self._ids = (f"{prefix}-{n}" for n in itertools.count(1))
+        self._sockets = _Sockets(context or zmq.Context.instance(), endpoint, keys)
+        self._items: asyncio.Queue[Item | None] = asyncio.Queue()
+        self._futures: dict[str, asyncio.Future[Any]] = {}
+        self._joined: asyncio.Future[Welcome] | None = None
+        self._task: asyncio.Task[None] | None = None
+        # A wake-up pair in the poller, as in the thread shell: a poll is
+        # never cancelled, so no readiness of a socket is lost with it.
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
 
     @property
-    def client(self) -> Client:
-        if self._client is None:
-            raise ClientClosed("not connected")
-        return self._client
+    def name(self) -> str:
+        return self._session.name
 
-    async def connect(self, timeout: float | None = None) -> Welcome:
+    @property
+    def welcome(self) -> Welcome | None:
+        return self._session.welcome
+
+    @property
+    def members(self) -> dict[str, Member]:
+        return self._session.members
+
+    @property
+    def last_seq(self) -> int:
+        return self._session.last_seq
+
+    @property
+    def connected(self) -> bool:
+        return self.welcome is not None and not self._session.closed
+
+    async def connect(self, timeout: float | None = None, *, give_up: bool = True) -> Welcome:
+        """Join; see ``Client.connect`` (the same errors, the same ``give_up``)."""
         loop = asyncio.get_running_loop()
-
-        def on_item(item: Item) -> None:
-            loop.call_soon_threadsafe(self._queue.put_nowait, item)
-
-        self._client = Client(self._endpoint, self._name, on_item=on_item, **self._options)
-        return await loop.run_in_executor(None, self._client.connect, timeout)
+        if self._task is None:
+            try:
+                # getaddrinfo blocks: not on the loop.
+                await loop.run_in_executor(None, resolve_endpoint, self.endpoint)
+            except OSError as exc:
+                self._session.close()
+                raise BrokerUnreachable(str(exc)) from None
+            self._joined = loop.create_future()
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+            self._task = loop.create_task(self._run(), name=f"zchat-{self.name}")
+        if self._joined is None:  # pragma: no cover - set with the task
+            raise ClientClosed("not connected")
+        seconds = self.timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._joined), seconds)
+        except TimeoutError:
+            if give_up:
+                await self.close()
+            raise BrokerUnreachable(
+                f"no answer from {self.endpoint} within {seconds:g}s") from None
+        except BrokerUnreachable:
+            await self.close()
+            raise
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()
@@ -658,32 +721,149 @@ class AsyncClient:
         await self.close()
 
     async def send(self, text: str) -> int:
-        return await asyncio.wrap_future(self.client.send_nowait(text))
+        """Say ``text``; its seq once acked (kept across reconnects until then)."""
+        seq: int = await self._request(RequestKind.MESSAGE, {"text": text}, None)
+        return seq
 
     async def dm(self, to: str, text: str) -> None:
-        await asyncio.wrap_future(self.client.dm_nowait(to, text))
+        await self._request(RequestKind.DM, {"to": to, "text": text}, None)
 
-    async def who(self) -> list[Member]:
-        return await asyncio.to_thread(self.client.who)
+    async def who(self, timeout: float | None = None) -> list[Member]:
+        members: list[Member] = await self._request(RequestKind.WHO, {}, timeout)
+        return members
 
-    async def history(self, after: int = 0, limit: int | None = None) -> list[Event]:
-        return await asyncio.to_thread(self.client.history, after, limit)
+    async def history(self, after: int = 0, limit: int | None = None,
+                      timeout: float | None = None) -> list[Event]:
+        body: dict[str, Any] = {"after": after}
+        if limit is not None:
+            body["limit"] = limit
+        events: list[Event] = await self._request(RequestKind.HISTORY, body, timeout)
+        return events
+
+    async def ping(self, timeout: float | None = None) -> float:
+        ts: float = await self._request(RequestKind.PING, {}, timeout)
+        return ts
 
     async def next_event(self) -> Item | None:
-        return await self._queue.get()
+        """The next item; None once closed."""
+        return await self._items.get()
 
     async def events(self) -> AsyncIterator[Item]:
-        while (item := await self._queue.get()) is not None:
+        """Items until closed."""
+        while (item := await self._items.get()) is not None:
             yield item
             if isinstance(item, Status) and item.state == ClientStatus.CLOSED:
                 return
 
     async def leave(self, reason: str | None = None) -> None:
-        await asyncio.to_thread(self.client.leave, reason)
-        self._queue.put_nowait(None)
+        """Leave the room and close, once the broker took it (2 s at most)."""
+        self._apply(self._session.leave(reason, asyncio.get_running_loop().time()))
+        await self._stopped()
 
     async def close(self) -> None:
-        if self._client is not None:
-            await asyncio.to_thread(self._client.close)
-        self._queue.put_nowait(None)
+        """Stop without a ``leave``."""
+        self._apply(self._session.close())
+        await self._stopped()
 
+    def _wake(self) -> None:
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass  # already awake (full), or closed
+
+    async def _stopped(self) -> None:
+        self._wake()
+        if self._task is not None and not self._task.done():
+            await asyncio.wait({self._task}, timeout=5.0)
+        self._items.put_nowait(None)
+
+    async def _request(self, kind: RequestKind, body: dict[str, Any],
+                       timeout: float | None) -> Any:
+        if self._task is None:
+            raise ClientClosed("not connected")
+        loop = asyncio.get_running_loop()
+        rid = next(self._ids)
+        future: asyncio.Future[Any] = loop.create_future()
+        self._futures[rid] = future
+        self._apply(self._session.submit(rid, kind, body, loop.time()))
+        self._wake()  # a new deadline: its resend
+        if kind in (RequestKind.MESSAGE, RequestKind.DM):
+            return await future  # kept until acked, however long
+        seconds = self.timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(future, seconds)
+        except TimeoutError:
+            raise BrokerUnreachable(
+                f"no answer from {self.endpoint} within {seconds:g}s") from None
+
+    async def _run(self) -> None:
+        session = self._session
+        loop = asyncio.get_running_loop()
+        poller = zmq.asyncio.Poller()
+        polled: list[zmq.Socket[Any]] = []
+        wake_r = self._wake_r
+        if wake_r is not None:
+            poller.register(wake_r, zmq.POLLIN)
+        try:
+            self._apply(session.start(loop.time()))
+            while not session.closed:
+                sockets = self._sockets.open()
+                if sockets != polled:
+                    for sock in polled:
+                        poller.unregister(sock)
+                    for sock in sockets:
+                        poller.register(sock, zmq.POLLIN)
+                    polled = sockets
+                timeout = min(max(0.0, session.deadline() - loop.time()), 60.0)
+                await poller.poll(int(timeout * 1000) + 1)
+                if wake_r is not None:
+                    try:
+                        while wake_r.recv(4096):
+                            pass
+                    except OSError:
+                        pass
+                # Every socket, not only those the poll named: reads do not
+                # block, and libzmq's descriptors only signal edges.
+                self._sockets.drain(sockets, session, loop.time, self._apply)
+                self._apply(session.tick(loop.time()))
+        except Exception:  # never leave callers waiting forever on a dead task
+            log.exception("zchat client task failed")
+            self._apply(session.close("internal error"))
+        finally:
+            self._sockets.close()
+            if not session.closed:  # cancelled
+                self._apply(session.close())
+            for pair_end in (self._wake_r, self._wake_w):
+                if pair_end is not None:
+                    pair_end.close()
+            self._wake_r = self._wake_w = None
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if self._sockets.carry(action):
+                continue
+            match action:
+                case Emit(item):
+                    self._items.put_nowait(item)
+                case Resolve(rid, value):
+                    future = self._futures.pop(rid, None)
+                    if future is not None and not future.done():
+                        future.set_result(value)
+                case Reject(rid, error):
+                    future = self._futures.pop(rid, None)
+                    if future is not None and not future.done():
+                        future.set_exception(error)
+                case Welcomed(welcome):
+                    if self._joined is not None and not self._joined.done():
+                        self._joined.set_result(welcome)
+                case Closed(reason, error):
+                    for future in self._futures.values():
+                        if not future.done():
+                            future.set_exception(ClientClosed(reason))
+                    self._futures.clear()
+                    if self._joined is not None and not self._joined.done():
+                        self._joined.set_exception(error)
+                        self._joined.exception()  # said to connect(), if anyone waits
+                    self._sockets.close_dealer()
+                    self._items.put_nowait(None)
