@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import random
 import re
-import signal
 import sys
 import threading
 import time
@@ -61,6 +60,7 @@ from .options import (
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     env,
+    on_signals,
 )
 
 __all__ = ["BOTS", "Greeter", "Helper", "Reply", "main", "run_bot"]
@@ -289,8 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_signal(signum: int, frame: object) -> None:
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    on_signals(on_signal)
     threads = [threading.Thread(target=one, args=(kind, name), name=f"bot-{name}")
                for kind, name in zip(args.bots, names, strict=True)]
     for thread in threads:

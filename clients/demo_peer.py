@@ -37,7 +37,7 @@ from zchat.display import printable
 from zchat.keys import ClientKeys, KeyFileError, keys_from_env
 from zchat.protocol import ClientStatus, fold_name
 
-from .options import EXIT_OK, EXIT_TIMEOUT, EXIT_UNREACHABLE, EXIT_USAGE, env
+from .options import EXIT_OK, EXIT_TIMEOUT, EXIT_UNREACHABLE, EXIT_USAGE, env, on_signals
 
 __all__ = ["Pass", "Relay", "main", "run"]
 
@@ -174,8 +174,7 @@ class _Stop:
         self.event = threading.Event()
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        on_signals(self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signal = signal.Signals(signum).name

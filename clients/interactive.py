@@ -81,7 +81,7 @@ from zchat.display import name_colour, printable
 from zchat.protocol import ClientStatus, check_name, fold_name
 
 from .commands import Clear, Help, Invalid, Nick, Private, Quit, Say, Who, complete, parse_line
-from .options import EXIT_CLOSED, EXIT_HANDSHAKE, EXIT_OK, Options
+from .options import EXIT_CLOSED, EXIT_HANDSHAKE, EXIT_OK, Options, on_signals
 from .outbox import Outbox, Outgoing
 from .render import (
     BOLD,
@@ -617,8 +617,7 @@ def run_interactive(options: Options) -> int:
     """Run the interactive client until the user quits; return the exit code."""
     # Until the session's loop takes them over, SIGTERM and SIGHUP end the
     # program like Ctrl-C does: with a leave if we had joined.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.default_int_handler)
+    on_signals(signal.default_int_handler, signal.SIGTERM, signal.SIGHUP)
     try:
         joined = join(options)
     except KeyboardInterrupt:

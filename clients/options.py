@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import overload
 
 from zchat.keys import ClientKeys, KeyFileError, load_client_keys
@@ -33,6 +35,7 @@ __all__ = [
     "Options",
     "build_parser",
     "env",
+    "on_signals",
     "parse_options",
 ]
 
@@ -94,6 +97,18 @@ exit codes:
   7  handshake failed: a wrong --server-key, a --key the broker does not
      accept, or no keys for a broker that encrypts
 """
+
+
+def on_signals(handler: Callable[[int, FrameType | None], object] | int,
+               *signals: signal.Signals) -> None:
+    """Route ``signals`` (SIGTERM and SIGINT unless named) to ``handler``.
+
+    Every client program stops on SIGTERM as on Ctrl-C: a program that is
+    PID 1 in a container gets SIGTERM from ``docker stop`` and nothing else.
+    ``handler`` may be ``signal.SIG_IGN`` (a leave under way must finish).
+    """
+    for sig in signals or (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 @overload

@@ -77,6 +77,7 @@ from .options import (
     EXIT_UNSENT,
     EXIT_USAGE,
     Options,
+    on_signals,
 )
 from .outbox import DEFAULT_BURST, DEFAULT_RATE, MARGIN, TokenBucket
 from .render import Item, SentPrivate, View, item_json, render, to_plain, who_line
@@ -386,8 +387,7 @@ def run_script(options: Options, out: TextIO | None = None, err: TextIO | None =
         return fail(EXIT_USAGE, f"bad name {name!r}: {exc.detail}")
     # --timeout counts from the start: joining is part of the run.
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_stop)
+    on_signals(_raise_stop, signal.SIGTERM, signal.SIGHUP)
     client = Client(options.connect, name, keys=options.keys)
     script: Script | None = None
     try:
@@ -415,8 +415,7 @@ def run_script(options: Options, out: TextIO | None = None, err: TextIO | None =
         return EXIT_OK
     finally:
         # A second signal while leaving must not cut the leave short.
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)
+        on_signals(signal.SIG_IGN, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
         if script is not None:
             script.finish()
         else:
