@@ -455,3 +455,23 @@ def test_async_client_resumes_across_a_broker_restart(
         for broker in second:
             broker.stop()
             broker.release()
+
+
+def test_an_async_client_abandoned_at_loop_end_cleans_up_quietly(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import socket
+
+    with socket.socket() as probe:  # nothing listens here
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def scenario() -> None:
+        chat = AsyncClient(f"tcp://127.0.0.1:{port}", "abandoned")
+        with pytest.raises(BrokerUnreachable):
+            await chat.connect(timeout=0.3, give_up=False)
+        # Still trying when asyncio.run() cancels its task.
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(scenario())
+    assert not caplog.records, [r.getMessage() for r in caplog.records]

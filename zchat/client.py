@@ -804,7 +804,9 @@ class AsyncClient:
         polled: list[zmq.Socket[Any]] = []
         wake_r = self._wake_r
         if wake_r is not None:
-            poller.register(wake_r, zmq.POLLIN)
+            # By number, not the socket object: a poll cancelled with the task
+            # unwatches it after the finally below closed the socket.
+            poller.register(wake_r.fileno(), zmq.POLLIN)
         try:
             self._apply(session.start(loop.time()))
             while not session.closed:
