@@ -1,12 +1,14 @@
 """The zchat client library: ``Client`` (threads) and ``AsyncClient`` (asyncio).
 
-A client owns one I/O thread that owns the ZeroMQ sockets (a DEALER for
-requests, a SUB for room events) and the clock; public methods are
-thread-safe and pass their commands to it, as data, through a queue and a
-wake-up pipe. The protocol logic is ``zchat.session.Session`` (sans-I/O):
-the thread feeds it frames, monitor events and the time, and carries out
-the actions it returns. Together they do what a good chat client must do by
-itself, so that a bot is a few lines:
+The protocol logic is ``zchat.session.Session`` (sans-I/O); this module
+holds its two shells, which own the ZeroMQ sockets (a DEALER for requests,
+a SUB for room events, through ``_Sockets``) and a clock, feed the session
+frames, monitor events and the time, and carry out the actions it returns.
+``Client`` runs one I/O thread; its public methods are thread-safe and pass
+their commands to it, as data, through a queue and a wake-up pipe.
+``AsyncClient`` runs one task on the caller's event loop. Together with the
+session they do what a good chat client must do by itself, so that a bot
+is a few lines:
 
 - joins, learns the broadcast endpoint from ``welcome`` and subscribes;
 - delivers room events exactly once and in ``seq`` order, filling any gap
