@@ -92,6 +92,7 @@ __all__ = [
     "parse_reply",
     "parse_request",
     "request_id",
+    "with_id",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -329,6 +330,17 @@ _REQUESTS: Final[dict[str, tuple[type, _FieldSpec]]] = {
     "history": (GetHistory, {"after": (int, True), "limit": (int, False)}),
     "dm": (SendDm, {"to": (str, True), "text": (str, True)}),
 }
+
+
+def with_id(body: dict[str, Any], rid: str | None) -> dict[str, Any]:
+    """``body`` with the ``id`` of the request it answers, if it had one.
+
+    Every reply echoes its request's ``id`` (PROTOCOL.md): the client routes
+    replies by it.
+    """
+    if rid is not None:
+        body["id"] = rid
+    return body
 
 
 def request_id(body: dict[str, Any]) -> str | None:

@@ -70,6 +70,7 @@ from zchat.protocol import (
     Who,
     check_name,
     fold_name,
+    with_id,
 )
 
 __all__ = ["Broker", "Limits", "Outgoing", "Publish", "Reply", "Statistics", "TokenBucket"]
@@ -452,9 +453,7 @@ class Broker:
         self._counts["errors"] += 1
         if code == ErrorCode.RATE_LIMITED:
             self._counts["rate_limited"] += 1
-        body: dict[str, Any] = {"type": "error", "code": code, "detail": detail}
-        if rid is not None:
-            body["id"] = rid
+        body = with_id({"type": "error", "code": code, "detail": detail}, rid)
         return Reply(peer, body)
 
     def _join(self, peer: bytes, req: Join, now: float, origin: Origin) -> list[Outgoing]:
@@ -604,9 +603,7 @@ class Broker:
         }
         if self.batch:
             body["batch"] = True
-        if rid is not None:
-            body["id"] = rid
-        return body
+        return with_id(body, rid)
 
     def _check_text(self, text: str) -> None:
         limit = self.limits.max_text
@@ -646,19 +643,15 @@ class Broker:
         if req.id is not None:
             self._dedupe.put(member.lineage, _MESSAGE + req.id, self.seq)
         self._counts["messages"] += 1
-        ack: dict[str, Any] = {"type": "ack", "seq": self.seq}
-        if req.id is not None:
-            ack["id"] = req.id
+        ack = with_id({"type": "ack", "seq": self.seq}, req.id)
         return [event, Reply(peer, ack)]
 
     def _dm(self, peer: bytes, req: SendDm, now: float, origin: Origin) -> list[Outgoing]:
         member = self._by_peer[peer]
         self._check_text(req.text)
-        ack: dict[str, Any] = {"type": "ack"}
-        if req.id is not None:
-            ack["id"] = req.id
-            if self._dedupe.get(member.lineage, _DM + req.id) is not None:
-                return [Reply(peer, ack)]
+        ack = with_id({"type": "ack"}, req.id)
+        if req.id is not None and self._dedupe.get(member.lineage, _DM + req.id) is not None:
+            return [Reply(peer, ack)]
         target = self._by_name.get(fold_name(req.to))
         if target is None:
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {req.to!r} is here")
@@ -684,18 +677,14 @@ class Broker:
         # Additions: `joined` tells an idle client whose DEALER silently
         # reconnected to a restarted broker that it must join again; `seq`
         # lets a client see a gap without waiting for the next heartbeat.
-        body: dict[str, Any] = {"type": "pong", "ts": now, "joined": peer in self._by_peer,
-                                "seq": self.seq}
-        if req.id is not None:
-            body["id"] = req.id
+        body = with_id({"type": "pong", "ts": now, "joined": peer in self._by_peer,
+                        "seq": self.seq}, req.id)
         return [Reply(peer, body)]
 
     def _who(self, peer: bytes, req: Who, now: float, origin: Origin) -> list[Outgoing]:
         member = self._by_peer[peer]
         self._spend(_QUERY, member.folded, self._origin(member), now)
-        body: dict[str, Any] = {"type": "members", "members": self.members()}
-        if req.id is not None:
-            body["id"] = req.id
+        body = with_id({"type": "members", "members": self.members()}, req.id)
         return [Reply(peer, body)]
 
     def _get_history(self, peer: bytes, req: GetHistory, now: float,
@@ -711,9 +700,7 @@ class Broker:
             # The store logged it; this request fails, the broker goes on.
             raise ProtocolError(ErrorCode.UNAVAILABLE,
                                 "history cannot be read right now; try again later") from exc
-        body: dict[str, Any] = {"type": "history", "events": events}
-        if req.id is not None:
-            body["id"] = req.id
+        body = with_id({"type": "history", "events": events}, req.id)
         return [Reply(peer, body)]
 
     def history(self, after: int, limit: int = HISTORY_PAGE,
