@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="W2 client counts, e.g. 1000/5000/10000")
     p.add_argument("--step-seconds", type=float, default=None, help="W1 seconds per rate step")
     p.add_argument("--start-rate", type=int, default=None,
-                   help="W1 first rate of the ladder (default: 100000/S within 100..1000)")
+                   help="W1 first rate of the ladder (default: 100000/S within 100..10000)")
     p.add_argument("--max-rate", type=int, default=None, help="W1 last rate of the ladder")
     p.add_argument("--refine", type=int, default=None,
                    help="W1 bisections between the last pass and the first failure")
