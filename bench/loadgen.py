@@ -65,6 +65,7 @@ READ_LOW: Final = 16 << 10
 READ_HIGH: Final = 128 << 10
 READ_EVERY_MIN: Final = 0.001
 READ_EVERY_MAX: Final = 0.05
+COUNT_RCVBUF: Final = 4 << 20  # a count-only stream's receive buffer (the kernel doubles it)
 IDS_CYCLE: Final = 4096  # distinct message ids per publisher (the broker remembers 1,000)
 
 PARSE, COUNT, DISCARD = 0, 1, 2
@@ -251,11 +252,14 @@ class Worker:
         that reads promptly lets it: a flattering difference. Between the
         two, the system's writes are the same as for a prompt reader's.
         """
-        if self._round_reads < 16:
+        if not self._round_reads:
             return
+        # Every round: a step that starts at a high rate must shorten the
+        # interval within a few rounds (quartered each time), while it only
+        # lengthens slowly when reads are small.
         average = self._round_bytes / self._round_reads
         if average > READ_HIGH:
-            self.read_every = max(READ_EVERY_MIN, self.read_every / 2)
+            self.read_every = max(READ_EVERY_MIN, self.read_every / 4)
         elif average < READ_LOW:
             self.read_every = min(READ_EVERY_MAX, self.read_every * 1.25)
         self._round_bytes = self._round_reads = 0
@@ -301,6 +305,13 @@ class Worker:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.read_every and kind in ("sub", "lp"):
+            # A reader that waits between reads needs the room to hold what
+            # arrives meanwhile, from the first step on: a window that closed
+            # would make the system queue, batch or drop for us, and
+            # autotuning grows the buffer only after reads have been large.
+            # Set before connecting, so the window scale allows all of it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, COUNT_RCVBUF)
         conn = Conn(client, kind, sock, reader)
         code = sock.connect_ex(self.target.address(endpoint))
         if code not in (0, errno.EINPROGRESS):
