@@ -64,7 +64,7 @@ TICK: Final = 0.001
 READ_LOW: Final = 16 << 10
 READ_HIGH: Final = 128 << 10
 READ_EVERY_MIN: Final = 0.001
-READ_EVERY_MAX: Final = 0.05
+READ_EVERY_MAX: Final = 0.2
 COUNT_RCVBUF: Final = 4 << 20  # a count-only stream's receive buffer (the kernel doubles it)
 IDS_CYCLE: Final = 4096  # distinct message ids per publisher (the broker remembers 1,000)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["chart", "summarize", "tables"]
+__all__ = ["chart", "markdown", "summarize", "tables"]
 
 STYLE = {
     "zchat": ("tab:blue", "o"),
@@ -256,3 +256,46 @@ def chart(results: dict[str, Any], path: str) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The W1 figures as the README's Markdown tables: rates and ratios, CPU per message."""
+    w1 = results.get("w1", {})
+    ratios = results.get("ratios") or summarize(results)
+    generator = results.get("generator", {})
+    names = list(w1)
+    sizes = sorted({s for per in w1.values() for s in per}, key=int)
+    head = ["S", *names, "generator into a sink"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
+    for size in sizes:
+        cells = [f"{int(size):,}"]
+        for name in names:
+            entry = w1[name].get(size) or {}
+            best = entry.get("best") or {}
+            ratio = ratios["w1"].get(size, {}).get(name, {}).get("of_ceiling")
+            if not best:
+                cells.append("-")
+                continue
+            cell = f"{best['rate']:,}"
+            if name != "ceiling" and ratio is not None:
+                cell += f" ({ratio:.2f})"
+            if best.get("generator_bound"):
+                cell += " generator-bound"
+            cells.append(cell)
+        cap = generator.get(size) or {}
+        cells.append(f"{_fmt(cap.get('max_publish_rate'), ',')} msg/s, "
+                     f"{_fmt(cap.get('max_deliveries_per_s'), ',')} deliveries/s")
+        lines.append("| " + " | ".join(cells) + " |")
+    head = ["S", *names, "generator"]
+    cpu = ["| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
+    for size in sizes:
+        cells = [f"{int(size):,}"]
+        gen = []
+        for name in names:
+            best = (w1[name].get(size) or {}).get("best") or {}
+            cells.append(_fmt(best.get("system_us_per_msg"), ".0f"))
+            if best.get("generator_us_per_delivery") is not None:
+                gen.append(best["generator_us_per_delivery"] * int(size))
+        cells.append(f"{min(gen):.0f}-{max(gen):.0f}" if gen else "-")
+        cpu.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + "\n".join(cpu)
