@@ -18,7 +18,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from zchat.bench.report import summarize, tables
+from zchat.bench.report import markdown, summarize, tables
 from zchat.bench.wire import (
     MESSAGE_MARK,
     LengthPrefixReader,
@@ -146,6 +146,10 @@ def test_quick_run_measures_every_system(tmp_path: Path) -> None:
     assert "us/msg" in proc.stdout and "headroom" in proc.stdout
     assert "S=5" in proc.stderr and "N=20" in proc.stderr
     assert tables({**results, "ratios": summarize(results)}) in proc.stdout
+    # The README's tables come from the same file: rates with their ratio to
+    # the ceiling, and CPU per message at one rate that every system ran.
+    md = markdown(results)
+    assert "generator into a sink" in md and "| S | at msg/s |" in md, md
 
 
 def test_headroom_adds_the_publishers_and_the_subscribers_shares() -> None:
