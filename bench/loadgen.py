@@ -21,6 +21,12 @@ publisher writes a whole batch of frames with one ``bytes.join``
 unsent bytes wait in its own buffer; past ``OUT_CAP`` a publisher stops
 generating and counts the messages it could not offer (backpressure).
 
+Its cost per delivery must stay far below the system's, or it measures
+itself: a count-only process (``read_every``) reads each stream only when
+16-128 KiB have piled up (``Worker._tune_interval``), into a receive buffer
+large enough that the window never closes; sampled subscribers are read on
+a timer (``pace``), not woken per message.
+
 Defines: ``Target``, ``Worker``, ``Handle``, ``spawn``.
 """
 

@@ -17,9 +17,15 @@ the last of the N clients has it.
 
 Every step also records what was busy: the system's busiest thread
 (``ZMQbg/IO/0`` is libzmq's I/O thread, ``python`` the interpreter), each
-generator process, and the whole machine, and names the likely limit.
+generator process, and the whole machine, and names the likely limit; the
+system's CPU per message (all threads) and the generator's per delivery;
+and the generator's headroom: how many times over it drove that load into
+a do-nothing sink (``calibrate``, once per size). Under ``HEADROOM`` times,
+or with a generator process saturated or its publishers late, the step is
+"generator-bound".
 
-Defines: ``W1Settings``, ``W2Settings``, ``run_w1``, ``run_w2``, ``LADDER``.
+Defines: ``W1Settings``, ``W2Settings``, ``calibrate``, ``headroom``, ``run_w1``,
+``run_w2``, ``LADDER``, ``HEADROOM``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from . import profiler, systems
 from .loadgen import Handle, Target, spawn
 from .sink import SinkHandle
 
-__all__ = ["LADDER", "W1Settings", "W2Settings", "calibrate", "headroom", "run_w1", "run_w2"]
+__all__ = ["HEADROOM", "LADDER", "W1Settings", "W2Settings", "calibrate", "headroom", "run_w1",
+           "run_w2"]
 
 LADDER: Final = [m * 10**e for e in range(1, 7) for m in (1, 2, 5)]
 DELIVERY_GOAL: Final = 0.999
@@ -63,17 +70,18 @@ class W1Settings:
     pub_processes: int = 1  # also hosts the samplers
     sub_processes: int = 2
     samplers: int = 4  # subscribers (of S, at most S/5) whose latency is timed, joined last
-    read_every: float | None = None  # seconds between count-only reads (default: by S)
+    read_every: float | None = None  # first interval between count-only reads (then tuned)
     max_rate: int = 1_000_000
     start_rate: int | None = None  # default: 100000 / S, within 100..10000
     profile_dir: str = ""  # if set, py-spy records zchat brokers during the steps, here
 
     def read_interval(self, subscribers: int) -> float:
-        """How long count-only processes let data pile up between reads.
+        """How long count-only processes first let data pile up between reads.
 
         Their cost is per read (a syscall and a turn of the loop per socket),
         so with many subscribers they read each less often; with few, the
-        rates are high and a socket's buffer must not fill in between.
+        rates are high. Each process then tunes it to the bytes its reads
+        take (``loadgen.Worker._tune_interval``).
         """
         if self.read_every is not None:
             return self.read_every
