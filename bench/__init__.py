@@ -7,8 +7,9 @@
     systems     the systems under test as subprocesses; CPU and RSS from /proc
     ceiling     libzmq forwarding in C (a baseline)
     baseline_epoll  the original single-threaded epoll design (a baseline)
+    sink        a system that does nothing: what the generator can drive
     profiler    py-spy recordings of the broker (``--profile``)
     report      ratios, tables and the chart
 
-README "Performance" has the figures of a full run and the command.
+README "Performance" has the figures of the latest runs and the command.
 """

@@ -21,6 +21,12 @@ publisher writes a whole batch of frames with one ``bytes.join``
 unsent bytes wait in its own buffer; past ``OUT_CAP`` a publisher stops
 generating and counts the messages it could not offer (backpressure).
 
+Its cost per delivery must stay far below the system's, or it measures
+itself: a count-only process (``read_every``) reads each stream only when
+16-128 KiB have piled up (``Worker._tune_interval``), into a receive buffer
+large enough that the window never closes; sampled subscribers are read on
+a timer (``pace``), not woken per message.
+
 Defines: ``Target``, ``Worker``, ``Handle``, ``spawn``.
 """
 
@@ -59,6 +65,13 @@ BROKER_TOPIC: Final = b"\x00"
 OUT_CAP: Final = 4 << 20  # a publisher's unsent bytes before it stops offering
 READ_BUFFER: Final = 1 << 20
 TICK: Final = 0.001
+# A count-only process reads each stream every READ_EVERY_MIN..MAX seconds,
+# tuned so a read takes READ_LOW..READ_HIGH bytes (``Worker._tune_interval``).
+READ_LOW: Final = 16 << 10
+READ_HIGH: Final = 128 << 10
+READ_EVERY_MIN: Final = 0.001
+READ_EVERY_MAX: Final = 0.2
+COUNT_RCVBUF: Final = 4 << 20  # a count-only stream's receive buffer (the kernel doubles it)
 IDS_CYCLE: Final = 4096  # distinct message ids per publisher (the broker remembers 1,000)
 
 PARSE, COUNT, DISCARD = 0, 1, 2
@@ -184,6 +197,8 @@ class Worker:
         self.running = True
         self.read_every = 0.0
         self._last_round = 0.0
+        self._round_bytes = 0  # what count reads took since the interval was last tuned
+        self._round_reads = 0
         self.sweep_every = 0.0
         self._next_sweep = 0.0
         self.swept: list[Conn] = []  # counting connections read on the sweep timer
@@ -201,6 +216,7 @@ class Worker:
             if self.read_every and not publishing:
                 # Count-only readers: let data pile up so each read takes many
                 # messages; the per-read cost, not the bytes, is what costs.
+                self._tune_interval()
                 pause = self._last_round + self.read_every - now
                 if pause > 0:
                     time.sleep(pause)
@@ -230,6 +246,29 @@ class Worker:
         for conn in list(self.conns.values()):
             self._close(conn)
         self.selector.close()
+
+    def _tune_interval(self) -> None:
+        """Keep a count read between ``READ_LOW`` and ``READ_HIGH`` bytes.
+
+        Too small a read and the generator pays a syscall and a turn of
+        Python per message or two (it measured itself: at S = 100 its count
+        processes cost as much CPU per delivery as the C ceiling did). Too
+        large, and unread bytes would fill the socket's receive window and
+        make the system under test write in bigger batches than a client
+        that reads promptly lets it: a flattering difference. Between the
+        two, the system's writes are the same as for a prompt reader's.
+        """
+        if not self._round_reads:
+            return
+        # Every round: a step that starts at a high rate must shorten the
+        # interval within a few rounds (quartered each time), while it only
+        # lengthens slowly when reads are small.
+        average = self._round_bytes / self._round_reads
+        if average > READ_HIGH:
+            self.read_every = max(READ_EVERY_MIN, self.read_every / 4)
+        elif average < READ_LOW:
+            self.read_every = min(READ_EVERY_MAX, self.read_every * 1.25)
+        self._round_bytes = self._round_reads = 0
 
     def _start_waiting(self) -> None:
         while self.waiting and self.in_flight < self.window:
@@ -272,6 +311,13 @@ class Worker:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.read_every and kind in ("sub", "lp"):
+            # A reader that waits between reads needs the room to hold what
+            # arrives meanwhile, from the first step on: a window that closed
+            # would make the system queue, batch or drop for us, and
+            # autotuning grows the buffer only after reads have been large.
+            # Set before connecting, so the window scale allows all of it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, COUNT_RCVBUF)
         conn = Conn(client, kind, sock, reader)
         code = sock.connect_ex(self.target.address(endpoint))
         if code not in (0, errno.EINPROGRESS):
@@ -432,6 +478,8 @@ class Worker:
                 self._lost(conn)
                 return False
             counter.scan(self.buffer, start + size, now)
+            self._round_bytes += size
+            self._round_reads += 1
             return size == READ_BUFFER
         if conn.mode == DISCARD:
             try:

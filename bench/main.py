@@ -29,7 +29,7 @@ from typing import Any
 import zmq
 
 from . import report, systems
-from .workloads import W1Settings, W2Settings, run_w1, run_w2
+from .workloads import W1Settings, W2Settings, calibrate, run_w1, run_w2
 
 __all__ = ["build_parser", "main"]
 
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="W2 client counts, e.g. 1000/5000/10000")
     p.add_argument("--step-seconds", type=float, default=None, help="W1 seconds per rate step")
     p.add_argument("--start-rate", type=int, default=None,
-                   help="W1 first rate of the ladder (default: 100000/S within 100..1000)")
+                   help="W1 first rate of the ladder (default: 100000/S within 100..10000)")
     p.add_argument("--max-rate", type=int, default=None, help="W1 last rate of the ladder")
     p.add_argument("--refine", type=int, default=None,
                    help="W1 bisections between the last pass and the first failure")
@@ -150,12 +150,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     results: dict[str, Any] = {
-        "version": 1,
+        "version": 2,
         "started": datetime.now().isoformat(timespec="seconds"),
         "command": "zchat-bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "settings": {"w1": asdict(w1), "w2": asdict(w2)},
         "criteria": {"delivered_at_least": 0.999, "p99_under_ms": 100},
+        # Per W1 size: what the generator drove into a do-nothing sink.
+        "generator": {},
         "w1": {},
         "w2": {},
     }
@@ -194,9 +196,11 @@ def run_all(results: dict[str, Any], workloads: set[str], args: argparse.Namespa
         names = args.systems or W1_SYSTEMS
         for size in w1.subscribers:
             say(f"W1 throughput, S = {size}: " + ", ".join(names))
+            capacity = calibrate(size, w1, say)
+            results["generator"][str(size)] = capacity
             for name in names:
                 try:
-                    entry = run_w1(name, size, w1, say)
+                    entry = run_w1(name, size, w1, say, capacity)
                 except FAILURES as exc:
                     say(f"  {name} S={size}: {exc!r}")
                     entry = {"system": name, "subscribers": size, "steps": [], "best": None,

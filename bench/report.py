@@ -2,7 +2,11 @@
 
 ``summarize(results)`` adds the ratios that matter (zchat against the
 ceiling and against the original design, measured in the same run), and
-``tables(results)`` renders them as plain-text tables. ``chart(results,
+``tables(results)`` renders them as plain-text tables: what the generator
+drove into a do-nothing sink, then per system and size the best step with
+the system's CPU per message (all threads, at the best and the first
+failing step), the generator's own CPU beside it, and its headroom; a rate
+the generator could not prove it drives twice over says "generator-bound". ``chart(results,
 path)`` draws the W1 rate/latency curves per subscriber count and the W2
 broadcast times with matplotlib (the optional ``bench`` extra); without it,
 it says so and draws nothing.
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["chart", "summarize", "tables"]
+__all__ = ["chart", "markdown", "summarize", "tables"]
 
 STYLE = {
     "zchat": ("tab:blue", "o"),
@@ -102,9 +106,26 @@ def tables(results: dict[str, Any]) -> str:
     out = []
     ratios = results.get("ratios") or summarize(results)
     w1 = results.get("w1", {})
+    generator = results.get("generator", {})
+    if generator:
+        headers = ["Generator into a sink", "S", "publish msg/s", "pub us/msg", "deliveries/s",
+                   "sub us/delivery", "sink CPU%"]
+        rows = []
+        for size in sorted(generator, key=int):
+            cap = generator[size]
+            if cap.get("error"):
+                rows.append(["sink", size, "-", "-", "-", "-", cap["error"][:40]])
+                continue
+            rows.append(["sink", size, _fmt(cap.get("max_publish_rate"), ","),
+                         _fmt(cap.get("publisher_us_per_message"), ".3f"),
+                         _fmt(cap.get("max_deliveries_per_s"), ","),
+                         _fmt(cap.get("subscriber_us_per_delivery"), ".3f"),
+                         _fmt(cap.get("sink_cpu_pct_blasting"), ".0f")])
+        out.append(_table(headers, rows))
     if w1:
         headers = ["W1 throughput", "S", "max msg/s", "deliveries/s", "p50 ms", "p99 ms",
-                   "CPU%", "busiest thread", "gen max%", "x ceiling", "x original",
+                   "CPU%", "us/msg", "us/msg@fail", "busiest thread", "gen CPU%",
+                   "gen us/dlv", "sys us/dlv", "headroom", "x ceiling", "x original",
                    "next step failed on"]
         rows = []
         sizes = sorted({s for per in w1.values() for s in per}, key=int)
@@ -116,7 +137,6 @@ def tables(results: dict[str, Any]) -> str:
                 best = entry.get("best") or {}
                 fail = entry.get("first_failure") or {}
                 ratio = ratios["w1"].get(size, {}).get(name, {})
-                gen = best.get("generator_cpu_pct") or {}
                 why = ", ".join(fail.get("failed_because", []))
                 if fail.get("limited_by"):
                     why += f" @ {fail['rate']:,} ({'; '.join(fail['limited_by'])})"
@@ -124,13 +144,22 @@ def tables(results: dict[str, Any]) -> str:
                     why += f" @ {fail['rate']:,}"
                 if entry.get("error"):
                     why = entry["error"][:60]
+                rate = _fmt(best.get("rate"), ",")
+                if best.get("generator_bound"):
+                    rate += " generator-bound"
                 rows.append([
-                    name, str(size), _fmt(best.get("rate"), ","),
+                    name, str(size), rate,
                     _fmt(best.get("deliveries_per_s"), ","),
                     _fmt(best.get("p50_ms"), ".1f"), _fmt(best.get("p99_ms"), ".1f"),
                     _fmt(best.get("system_cpu_pct"), ".0f"),
+                    _fmt(best.get("system_us_per_msg"), ".1f"),
+                    _fmt(fail.get("system_us_per_msg"), ".1f"),
                     _thread(best),
-                    _fmt(max(gen.values()) if gen else None, ".0f"),
+                    _fmt(best.get("generator_cpu_total_pct"), ".0f"),
+                    _fmt(best.get("generator_us_per_delivery"), ".2f"),
+                    _fmt(best.get("system_us_per_delivery"), ".2f"),
+                    _fmt(best.get("generator_headroom"), ".1f", "-") + (
+                        "x" if best.get("generator_headroom") is not None else ""),
                     _fmt(ratio.get("of_ceiling"), ".2f"), _fmt(ratio.get("of_original"), ".2f"),
                     why or ("(top of ladder)" if best else "-"),
                 ])
@@ -227,3 +256,56 @@ def chart(results: dict[str, Any], path: str) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The W1 figures as the README's Markdown tables: rates and ratios, CPU per message."""
+    w1 = results.get("w1", {})
+    ratios = results.get("ratios") or summarize(results)
+    generator = results.get("generator", {})
+    names = list(w1)
+    sizes = sorted({s for per in w1.values() for s in per}, key=int)
+    head = ["S", *names, "generator into a sink"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
+    for size in sizes:
+        cells = [f"{int(size):,}"]
+        for name in names:
+            entry = w1[name].get(size) or {}
+            best = entry.get("best") or {}
+            ratio = ratios["w1"].get(size, {}).get(name, {}).get("of_ceiling")
+            if not best:
+                cells.append("-")
+                continue
+            cell = f"{best['rate']:,}"
+            if name != "ceiling" and ratio is not None:
+                cell += f" ({ratio:.2f})"
+            if best.get("generator_bound"):
+                cell += " generator-bound"
+            cells.append(cell)
+        cap = generator.get(size) or {}
+        cells.append(f"{_fmt(cap.get('max_publish_rate'), ',')} msg/s, "
+                     f"{_fmt(cap.get('max_deliveries_per_s'), ',')} deliveries/s")
+        lines.append("| " + " | ".join(cells) + " |")
+    # CPU per message falls as the rate rises (libzmq writes more per system
+    # call, the broker drains more per pass), so systems are compared at one
+    # rate: the highest that every one of them ran with all deliveries made.
+    head = ["S", "at msg/s", *names, "generator"]
+    cpu = ["| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
+    for size in sizes:
+        steps = {name: {st["rate"]: st for st in (w1[name].get(size) or {}).get("steps", [])
+                        if st.get("delivery_ratio", 0) >= 0.999}
+                 for name in names}
+        common = set.intersection(*(set(by) for by in steps.values())) if steps else set()
+        if not common:
+            continue
+        rate = max(common)
+        cells = [f"{int(size):,}", f"{rate:,}"]
+        gen = []
+        for name in names:
+            step = steps[name][rate]
+            cells.append(_fmt(step.get("system_us_per_msg"), ",.0f"))
+            if step.get("generator_us_per_delivery") is not None:
+                gen.append(step["generator_us_per_delivery"] * int(size))
+        cells.append(f"{min(gen):,.0f}-{max(gen):,.0f}" if gen else "-")
+        cpu.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + "\n".join(cpu)

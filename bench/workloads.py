@@ -17,9 +17,15 @@ the last of the N clients has it.
 
 Every step also records what was busy: the system's busiest thread
 (``ZMQbg/IO/0`` is libzmq's I/O thread, ``python`` the interpreter), each
-generator process, and the whole machine, and names the likely limit.
+generator process, and the whole machine, and names the likely limit; the
+system's CPU per message (all threads) and the generator's per delivery;
+and the generator's headroom: how many times over it drove that load into
+a do-nothing sink (``calibrate``, once per size). Under ``HEADROOM`` times,
+or with a generator process saturated or its publishers late, the step is
+"generator-bound".
 
-Defines: ``W1Settings``, ``W2Settings``, ``run_w1``, ``run_w2``, ``LADDER``.
+Defines: ``W1Settings``, ``W2Settings``, ``calibrate``, ``headroom``, ``run_w1``,
+``run_w2``, ``LADDER``, ``HEADROOM``.
 """
 
 from __future__ import annotations
@@ -35,13 +41,19 @@ from typing import Any, Final
 
 from . import profiler, systems
 from .loadgen import Handle, Target, spawn
+from .sink import SinkHandle
 
-__all__ = ["LADDER", "W1Settings", "W2Settings", "run_w1", "run_w2"]
+__all__ = ["HEADROOM", "LADDER", "W1Settings", "W2Settings", "calibrate", "headroom", "run_w1",
+           "run_w2"]
 
 LADDER: Final = [m * 10**e for e in range(1, 7) for m in (1, 2, 5)]
 DELIVERY_GOAL: Final = 0.999
 LATENCY_GOAL: Final = 0.100
 BUSY: Final = 0.90  # a thread or process this busy (of one core) is saturated
+# A step needs the generator to manage this many times its load into a sink,
+# or its row says "generator-bound".
+HEADROOM: Final = 2.0
+SAMPLER_TICK: Final = 0.001  # the publishers' process reads the samplers this often
 HEARTBEAT: Final = 5.0  # zchat's default; clients of every system ping this often
 CPUS: Final = os.cpu_count() or 1
 
@@ -55,20 +67,21 @@ class W1Settings:
     drain_seconds: float = 1.5
     refine: int = 2
     publishers: int = 4
-    pub_processes: int = 2
+    pub_processes: int = 1  # also hosts the samplers
     sub_processes: int = 2
-    samplers: int = 8  # subscribers (of S) whose latency is sampled, in their own process
-    read_every: float | None = None  # seconds between count-only reads (default: by S)
+    samplers: int = 4  # subscribers (of S, at most S/5) whose latency is timed, joined last
+    read_every: float | None = None  # first interval between count-only reads (then tuned)
     max_rate: int = 1_000_000
-    start_rate: int | None = None  # default: 100000 / S, within 100..1000
+    start_rate: int | None = None  # default: 100000 / S, within 100..10000
     profile_dir: str = ""  # if set, py-spy records zchat brokers during the steps, here
 
     def read_interval(self, subscribers: int) -> float:
-        """How long count-only processes let data pile up between reads.
+        """How long count-only processes first let data pile up between reads.
 
         Their cost is per read (a syscall and a turn of the loop per socket),
         so with many subscribers they read each less often; with few, the
-        rates are high and a socket's buffer must not fill in between.
+        rates are high. Each process then tunes it to the bytes its reads
+        take (``loadgen.Worker._tune_interval``).
         """
         if self.read_every is not None:
             return self.read_every
@@ -77,7 +90,9 @@ class W1Settings:
     def first_rate(self, subscribers: int) -> int:
         if self.start_rate is not None:
             return self.start_rate
-        return min(1000, max(100, 100_000 // max(subscribers, 1)))
+        # 100,000 deliveries a second, which every system passes: lower
+        # steps only cost time (and S = 10 started at 1,000 took ten steps).
+        return min(10_000, max(100, 100_000 // max(subscribers, 1)))
 
 
 @dataclass
@@ -152,6 +167,7 @@ class _Fleet:
                  label: str) -> None:
         self.subs: list[Handle] = [spawn(f"{label}-sub{i}", target) for i in range(sub_processes)]
         self.pubs: list[Handle] = [spawn(f"{label}-pub{i}", target) for i in range(pub_processes)]
+        self.counting = list(self.subs)  # the processes with subscribers
 
     @property
     def all(self) -> list[Handle]:
@@ -165,7 +181,11 @@ class _Fleet:
         return [h.call("status") for h in (self.all if handles is None else handles)]
 
     def count(self) -> int:
-        return sum(s["count"] for s in self.status(self.subs))
+        return sum(s["count"] for s in self.status(self.counting))
+
+    def cpu(self, handles: list[Handle]) -> float:
+        """CPU seconds the given generator processes have used so far."""
+        return float(sum(s["cpu"] for s in self.status(handles)))
 
     def join(self, total: int, timeout: float, progress: Progress, what: str) -> dict[str, Any]:
         """Wait until every client is welcomed (or failed); say how far it got."""
@@ -194,7 +214,7 @@ class _Fleet:
             self.pubs[0].call("send_one", text="@probe")
             deadline = time.monotonic() + 0.3
             while time.monotonic() < deadline:
-                live = sum(s["live"] for s in self.status(self.subs))
+                live = sum(s["live"] for s in self.status(self.counting))
                 if live >= total:
                     return live, time.monotonic() - started
                 time.sleep(0.05)
@@ -216,37 +236,141 @@ class _Fleet:
 # ---------------------------------------------------------------------------- W1
 
 
-def run_w1(name: str, subscribers: int, cfg: W1Settings, progress: Progress) -> dict[str, Any]:
-    """Find the highest passing rate of system ``name`` with ``subscribers``."""
-    run = systems.start(name)
-    target = Target(systems.SYSTEMS[name][0], run.endpoints, HEARTBEAT)
-    # A sampler reads as soon as data comes, so it pays per read, and a server
-    # that sends each message separately (the original design) makes one
-    # read per message: a few samplers suffice, and more would load the
-    # generator instead of the system.
-    samplers = max(1, min(cfg.samplers, max(2, subscribers // 10), subscribers))
+def _w1_fleet(target: Target, subscribers: int, cfg: W1Settings, progress: Progress,
+              what: str) -> tuple[_Fleet, dict[str, Any]]:
+    """The generator processes of W1, every client joined.
+
+    The publishers share one process with the samplers (the subscribers whose
+    latency is timed), which it reads on its 1 ms pacing tick: a reader that
+    waits for every message pays a wakeup per message (20 us here, more than
+    the broker's work), and the tick costs no wakeup the pacing does not
+    already pay. Latencies so include up to 1 ms of that tick: they can
+    only look worse for it. The samplers join last, after every counting
+    subscriber: a system fans a message out in join order, so they see the
+    latest delivery, not the earliest.
+    """
+    samplers = max(1, min(cfg.samplers, max(1, subscribers // 5), subscribers))
     counters = subscribers - samplers
     count_processes = min(cfg.sub_processes, counters)
-    # The first process reads promptly and times its subscribers' messages;
-    # the others only count, reading in batches.
-    fleet = _Fleet(target, 1 + count_processes, cfg.pub_processes, f"{name}-w1")
-    result: dict[str, Any] = {"system": name, "subscribers": subscribers, "steps": [],
-                              "best": None, "first_failure": None, "error": None}
-    profile: profiler.Recording | None = None
+    fleet = _Fleet(target, count_processes, cfg.pub_processes, what)
+    fleet.counting = fleet.subs + fleet.pubs[:1]
     try:
-        fleet.subs[0].call("add", clients=[(i, f"sub{i}", "sub", True)
-                                           for i in range(samplers)], window=64)
-        for w, handle in enumerate(fleet.subs[1:]):
+        for w, handle in enumerate(fleet.subs):
             clients = [(i, f"sub{i}", "sub", False)
-                       for i in range(samplers + w, subscribers, count_processes)]
+                       for i in range(w, counters, count_processes)]
             handle.call("add", clients=clients, window=64,
                         read_every=cfg.read_interval(subscribers))
         for w, handle in enumerate(fleet.pubs):
             clients = [(subscribers + i, f"pub{i}", "pub", False)
                        for i in range(w, cfg.publishers, cfg.pub_processes)]
             handle.call("add", clients=clients, window=64)
-        joined = fleet.join(subscribers + cfg.publishers, 60 + subscribers * 0.05, progress,
-                            f"{name} S={subscribers}")
+        fleet.join(counters + cfg.publishers, 60 + subscribers * 0.05, progress, what)
+        fleet.pubs[0].call("pace", sweep_every=SAMPLER_TICK)
+        fleet.pubs[0].call("add", clients=[(i, f"sub{i}", "sub", True)
+                                           for i in range(counters, subscribers)], window=64)
+        joined = fleet.join(subscribers + cfg.publishers, 30, progress, what)
+    except BaseException:
+        fleet.stop()
+        raise
+    joined["samplers"] = samplers
+    return fleet, joined
+
+
+def calibrate(subscribers: int, cfg: W1Settings, progress: Progress) -> dict[str, Any]:
+    """What the generator drives with nothing resisting: ``sink.py`` in place of a system.
+
+    The same processes and clients as a W1 step at this size, against a sink
+    that discards what publishers send and feeds every subscriber without
+    pause. Two figures bound every rate this run may report: messages a
+    second the publishers offered (``max_publish_rate``) and deliveries a
+    second the subscribers counted (``max_deliveries_per_s``), each with the
+    generator's CPU per message while doing it.
+    """
+    sink = SinkHandle()
+    target = Target("ceiling", sink.endpoints, HEARTBEAT)
+    result: dict[str, Any] = {"subscribers": subscribers, "error": None}
+    fleet: _Fleet | None = None
+    try:
+        fleet, joined = _w1_fleet(target, subscribers, cfg, progress, f"sink-S{subscribers}")
+        if joined["failed"] or joined["welcomed"] < subscribers + cfg.publishers:
+            raise RuntimeError(f"only {joined['welcomed']} joined the sink: {joined['failures']}")
+        seconds = max(1.0, min(cfg.step_seconds, 2.0))
+        # Subscribers: the sink writes 64 KiB runs of events to all of them.
+        sink.call("blast", on=True)
+        time.sleep(0.3)
+        base, cpu0, sink0 = fleet.count(), fleet.cpu(fleet.counting), sink.cpu_seconds()
+        wall0 = time.monotonic()
+        time.sleep(seconds)
+        counted, cpu1, sink1 = fleet.count(), fleet.cpu(fleet.counting), sink.cpu_seconds()
+        wall = time.monotonic() - wall0
+        sink.call("blast", on=False)
+        fleet.settle(5)
+        delivered = counted - base
+        result.update({
+            "max_deliveries_per_s": round(delivered / wall),
+            "subscriber_cpu_pct": round((cpu1 - cpu0) / wall * 100, 1),
+            "subscriber_us_per_delivery": _us(cpu1 - cpu0, delivered),
+            "sink_cpu_pct_blasting": round((sink1 - sink0) / wall * 100, 1),
+        })
+        # Publishers: offered far more than they can send, into the discarding sink.
+        offered_rate = 4_000_000
+        cpu0 = fleet.cpu(fleet.pubs)
+        t0 = time.time() + 0.05
+        for handle in fleet.pubs:
+            handle.call("publish", t0=t0, duration=seconds, rate=offered_rate / cfg.publishers)
+        time.sleep(max(0.0, t0 + seconds - time.time()))
+        _wait(lambda: not any(h.call("published")["active"] for h in fleet.pubs), 5.0, 0.02)
+        _wait(lambda: not any(h.call("published")["unsent"] for h in fleet.pubs), 5.0, 0.02)
+        wall = time.time() - t0
+        published = [h.call("published") for h in fleet.pubs]
+        sent = sum(p["generated"] - p["dropped"] - p["unsent"] for p in published)
+        cpu1 = fleet.cpu(fleet.pubs)
+        result.update({
+            "max_publish_rate": round(sent / wall),
+            "publisher_cpu_pct": round((cpu1 - cpu0) / wall * 100, 1),
+            "publisher_us_per_message": _us(cpu1 - cpu0, sent),
+        })
+        progress(f"  generator S={subscribers:<5} against a do-nothing sink: publishers "
+                 f"{result['max_publish_rate']:,} msg/s ({result['publisher_cpu_pct']:.0f}% CPU), "
+                 f"subscribers {result['max_deliveries_per_s']:,} deliveries/s "
+                 f"({result['subscriber_cpu_pct']:.0f}% CPU, "
+                 f"{result['subscriber_us_per_delivery']} us each)")
+    except (RuntimeError, TimeoutError, OSError, EOFError) as exc:
+        result["error"] = repr(exc)
+        progress(f"  generator S={subscribers}: calibration failed: {exc!r}")
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        sink.stop()
+    return result
+
+
+def headroom(rate: float, subscribers: int, capacity: dict[str, Any] | None) -> float | None:
+    """How many times over the generator could drive this step into a sink.
+
+    The publishers' and the subscribers' work share the same CPUs, so their
+    shares of capacity add up: 1 / (R / publish_max + R x S / deliveries_max).
+    """
+    if not capacity or capacity.get("error") or not rate:
+        return None
+    pub = float(capacity.get("max_publish_rate") or 0)
+    dlv = float(capacity.get("max_deliveries_per_s") or 0)
+    if not pub or not dlv:
+        return None
+    return round(1 / (rate / pub + rate * subscribers / dlv), 2)
+
+
+def run_w1(name: str, subscribers: int, cfg: W1Settings, progress: Progress,
+           capacity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Find the highest passing rate of system ``name`` with ``subscribers``."""
+    run = systems.start(name)
+    target = Target(systems.SYSTEMS[name][0], run.endpoints, HEARTBEAT)
+    result: dict[str, Any] = {"system": name, "subscribers": subscribers, "steps": [],
+                              "best": None, "first_failure": None, "error": None}
+    profile: profiler.Recording | None = None
+    fleet: _Fleet | None = None
+    try:
+        fleet, joined = _w1_fleet(target, subscribers, cfg, progress, f"{name}-w1")
         live, _ = fleet.probe_until_live(subscribers, 20)
         if joined["failed"] or live < subscribers:
             result["error"] = (f"only {live}/{subscribers} subscribers live, "
@@ -262,7 +386,7 @@ def run_w1(name: str, subscribers: int, cfg: W1Settings, progress: Progress) -> 
         best: dict[str, Any] | None = None
         failure: dict[str, Any] | None = None
         for rate in rates:
-            step = _w1_step(run, fleet, rate, subscribers, cfg, progress)
+            step = _w1_step(run, fleet, rate, subscribers, cfg, progress, capacity)
             result["steps"].append(step)
             if step["passed"]:
                 best = step
@@ -276,7 +400,7 @@ def run_w1(name: str, subscribers: int, cfg: W1Settings, progress: Progress) -> 
             if rate in (best["rate"], failure["rate"]):
                 break
             fleet.settle()
-            step = _w1_step(run, fleet, rate, subscribers, cfg, progress)
+            step = _w1_step(run, fleet, rate, subscribers, cfg, progress, capacity)
             result["steps"].append(step)
             if step["passed"]:
                 best = step
@@ -290,7 +414,8 @@ def run_w1(name: str, subscribers: int, cfg: W1Settings, progress: Progress) -> 
         if profile is not None:
             result["profile"] = profile.stop()
             progress(profiler.render(result["profile"]))
-        fleet.stop()
+        if fleet is not None:
+            fleet.stop()
         run.stop()
     return result
 
@@ -302,10 +427,16 @@ def _between(low: float, high: float) -> int:
     return int(round(middle / digits) * digits)
 
 
+def _us(seconds: float, count: float) -> float | None:
+    """``seconds`` of CPU per one of ``count``, in microseconds."""
+    return round(seconds / count * 1e6, 3) if count > 0 else None
+
+
 def _w1_step(run: systems.Running, fleet: _Fleet, rate: int, subscribers: int,
-             cfg: W1Settings, progress: Progress) -> dict[str, Any]:
+             cfg: W1Settings, progress: Progress,
+             capacity: dict[str, Any] | None = None) -> dict[str, Any]:
     base = fleet.count()
-    for handle in fleet.subs:
+    for handle in fleet.counting:
         handle.call("samples")
     cpu0 = {h.name: h.call("status")["cpu"] for h in fleet.all}
     n_pubs = cfg.publishers
@@ -328,8 +459,13 @@ def _w1_step(run: systems.Running, fleet: _Fleet, rate: int, subscribers: int,
     while delivered < expected and time.monotonic() < deadline:
         time.sleep(0.05)
         delivered = fleet.count() - base
+    # CPU per message from the first publish until the last delivery (or the
+    # drain's end): a system that falls behind does the rest of the step's
+    # work after it, and counting only the step would make it look cheaper.
+    system_cpu = run.cpu_seconds() - meter.cpu
+    generator_cpu = sum(h.call("status")["cpu"] - cpu0[h.name] for h in fleet.all)
     latencies: list[float] = []
-    for handle in fleet.subs:
+    for handle in fleet.counting:
         latencies += handle.call("samples")["latencies"]
     published = [h.call("published") for h in fleet.pubs]
     ratio = delivered / expected if expected else 0.0
@@ -347,6 +483,7 @@ def _w1_step(run: systems.Running, fleet: _Fleet, rate: int, subscribers: int,
     dropped = sum(p["dropped"] for p in published)
     unsent = sum(p["unsent"] for p in published)
     lag = max(p["lag_max"] for p in published)
+    room = headroom(rate, subscribers, capacity)
     step = {
         "rate": rate,
         "seconds": cfg.step_seconds,
@@ -362,20 +499,37 @@ def _w1_step(run: systems.Running, fleet: _Fleet, rate: int, subscribers: int,
         "p99_ms": round(p99 * 1000, 2) if p99 is not None else None,
         "samples": len(latencies),
         **busy,
+        # All threads of the system under test, per message it took in and
+        # per delivery it made (CPU seconds, not wall time: steadier on a
+        # shared machine than any rate).
+        "system_us_per_msg": _us(system_cpu, generated - dropped),
+        "system_us_per_delivery": _us(system_cpu, delivered),
         "generator_cpu_pct": gen,
+        "generator_cpu_total_pct": round(sum(gen.values()), 1),
+        "generator_us_per_delivery": _us(generator_cpu, delivered),
+        "generator_headroom": room,
         "passed": passed,
         "failed_because": reasons,
     }
     step["limited_by"] = _limits(step, run.name)
+    step["generator_bound"] = any(w.startswith("generator") for w in step["limited_by"])
     mark = "pass" if passed else "FAIL " + ", ".join(reasons)
+    if step["generator_bound"]:
+        mark += " (generator-bound)"
     progress(
         f"  {run.name:<11} S={subscribers:<5} R={rate:>8,}/s "
         f"delivered {ratio:7.2%}  p50 {_ms(p50)}  p99 {_ms(p99)}  "
-        f"CPU {busy['system_cpu_pct']:4.0f}% ({_threads(busy['threads_cpu_pct'])})  "
-        f"gen {sum(gen.values()):3.0f}% (max {max(gen.values()):.0f})  "
+        f"CPU {busy['system_cpu_pct']:4.0f}% ({_threads(busy['threads_cpu_pct'])}) "
+        f"{_fmt_us(step['system_us_per_msg'])} us/msg  "
+        f"gen {sum(gen.values()):3.0f}% (max {max(gen.values()):.0f}, "
+        f"headroom {'-' if room is None else f'{room:.1f}x'})  "
         f"machine {busy['machine_cpu_pct']:.0f}%  {mark}"
     )
     return step
+
+
+def _fmt_us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _threads(pcts: dict[str, float]) -> str:
@@ -397,6 +551,9 @@ def _limits(step: dict[str, Any], name: str) -> list[str]:
     hot = [k for k, v in gen.items() if v >= BUSY * 100]
     if hot or step["generated"] < step["offered"] or step["publisher_lag_max_ms"] > 50:
         found.append("generator (" + (", ".join(hot) or "publishers late") + ")")
+    room = step.get("generator_headroom")
+    if room is not None and room < HEADROOM:
+        found.append(f"generator (headroom {room:.1f}x < {HEADROOM:.0f}x into a sink)")
     machine = step["machine_cpu_pct"]
     if machine is not None and machine >= 95:
         found.append(f"machine CPU {machine:.0f}% of {CPUS} cores")

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import msgpack
+import pytest
 
-from zchat.bench.report import summarize, tables
+from zchat.bench.report import markdown, summarize, tables
 from zchat.bench.wire import (
     MESSAGE_MARK,
     LengthPrefixReader,
@@ -109,6 +110,26 @@ def test_quick_run_measures_every_system(tmp_path: Path) -> None:
             assert step["samples"] > 0, (name, step)
             assert step["system_cpu_pct"] is not None
             assert set(step["generator_cpu_pct"]) and step["machine_cpu_pct"] is not None
+            # CPU per message of the system (all threads) and of the generator:
+            # present, positive, and not absurd (a second per message would
+            # mean the counts or the clock are wrong, not that it is slow).
+            assert 0 < step["system_us_per_msg"] < 1e6, (name, step)
+            assert 0 < step["system_us_per_delivery"] <= step["system_us_per_msg"], (name, step)
+            assert 0 < step["generator_us_per_delivery"] < 1e6, (name, step)
+            assert step["generator_cpu_total_pct"] == pytest.approx(
+                sum(step["generator_cpu_pct"].values()), abs=0.5)
+            assert step["generator_headroom"] > 0, (name, step)
+            assert isinstance(step["generator_bound"], bool)
+            assert step["generator_bound"] == (step["generator_headroom"] < 2 or any(
+                why.startswith("generator") for why in step["limited_by"])), (name, step)
+    # Once per size, the generator drove a do-nothing sink: its publishers
+    # offered messages and its subscribers counted deliveries, both far more
+    # than the quick run's top rate (500/s, 5 subscribers) asks of it.
+    sink = results["generator"]["5"]
+    assert sink["error"] is None, sink
+    assert sink["max_publish_rate"] > 2 * 500, sink
+    assert sink["max_deliveries_per_s"] > 2 * 500 * 5, sink
+    assert sink["subscriber_us_per_delivery"] > 0 and sink["publisher_us_per_message"] > 0
     for name in ("zchat", "ceiling", "epoll"):
         entry = results["w2"][name]["20"]
         assert entry["error"] is None, entry["error"]
@@ -121,5 +142,22 @@ def test_quick_run_measures_every_system(tmp_path: Path) -> None:
     assert results["machine"]["cores"]
     # The terminal shows progress while running and the tables at the end.
     assert "W1 throughput" in proc.stdout and "W2 C10K" in proc.stdout
+    assert "Generator into a sink" in proc.stdout
+    assert "us/msg" in proc.stdout and "headroom" in proc.stdout
     assert "S=5" in proc.stderr and "N=20" in proc.stderr
     assert tables({**results, "ratios": summarize(results)}) in proc.stdout
+    # The README's tables come from the same file: rates with their ratio to
+    # the ceiling, and CPU per message at one rate that every system ran.
+    md = markdown(results)
+    assert "generator into a sink" in md and "| S | at msg/s |" in md, md
+
+
+def test_headroom_adds_the_publishers_and_the_subscribers_shares() -> None:
+    from zchat.bench.workloads import headroom
+
+    capacity = {"max_publish_rate": 1_000_000, "max_deliveries_per_s": 4_000_000}
+    # 10,000 msg/s takes 1 % of the publishers and, to 100 subscribers, 25 %
+    # of the subscribers' capacity: 26 % in all, 3.85 times over.
+    assert headroom(10_000, 100, capacity) == pytest.approx(1 / 0.26, abs=0.01)
+    assert headroom(10_000, 100, None) is None
+    assert headroom(10_000, 100, {"error": "did not start"}) is None
