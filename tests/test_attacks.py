@@ -212,6 +212,7 @@ def test_a_dropped_members_routing_id_does_not_carry_its_session(
 # Inbound bytes
 
 
+@pytest.mark.slow
 def test_a_multipart_message_that_never_ends_is_cut(
         start_broker: Callable[..., RunningBroker], ctx: zmq.Context[Any]) -> None:
     broker = start_broker()

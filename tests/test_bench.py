@@ -92,6 +92,7 @@ def test_length_prefix_reader_splits_frames_across_reads() -> None:
     assert MESSAGE_MARK not in stream
 
 
+@pytest.mark.slow
 def test_quick_run_measures_every_system(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     proc = subprocess.run(

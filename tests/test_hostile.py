@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 import zmq
 
 from conftest import RawClient, RunningBroker, launch_broker
@@ -173,6 +174,7 @@ def test_slow_subscriber_does_not_hold_others_back_and_recovers(
         fast.close()
 
 
+@pytest.mark.slow
 def test_reconnect_storm_1000_clients_resume(tmp_path: Path,
                                              start_broker: Callable[..., RunningBroker]) -> None:
     n = 1000
