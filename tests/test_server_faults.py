@@ -24,7 +24,7 @@ def test_an_exception_in_one_request_is_answered_internal_and_logged(
         ctx: zmq.Context[Any], caplog: pytest.LogCaptureFixture) -> None:
     server = Server(Config(input="tcp://127.0.0.1:0", broadcast="tcp://127.0.0.1:0",
                            control="tcp://127.0.0.1:0", db=":memory:"),
-                    screen=io.StringIO())
+                    screen=io.StringIO(), context=ctx)  # tracked: leaks fail the test
     endpoints = server.bind()
     state = server.state
     assert state is not None
