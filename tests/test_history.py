@@ -57,7 +57,7 @@ def test_sqlite_keeps_seq_epoch_and_ids_across_reopen(tmp_path: Path) -> None:
     second = SqliteHistory(path)
     assert (second.last_seq, second.epoch) == (2, epoch)
     assert [e["text"] for e in second.after(0, 10)] == ["hi", "yo"]
-    assert second.recent_ids(10) == {"alice": [("m1", 1)]}
+    assert second.recent_ids(10) == {"alice": [("m1", 1, "lobby")]}
     second.close()
 
 
@@ -108,7 +108,8 @@ def test_broker_resumes_seq_and_dedupe_from_a_durable_store(tmp_path: Path) -> N
     # The client rejoins with its token: its lineage, and so its ids, go on.
     again.handle(b"b", Join("ALICE", token=token), 5.0, "10.0.0.1")
     resent = again.handle(b"b", Say("kept", id="m1"), 6.0)
-    assert [o.body for o in resent] == [{"type": "ack", "id": "m1", "seq": seq}]
+    assert [o.body for o in resent] == [{"type": "ack", "id": "m1", "seq": seq,
+                                            "room": "lobby"}]
     assert [e["text"] for e in again.history(0) if e["type"] == "message"] == [
         "kept", "not a resend"]
     again.store.close()

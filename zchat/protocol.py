@@ -1,4 +1,4 @@
-"""The zchat wire protocol, version 1: frames to typed messages and back.
+"""The zchat wire protocol, versions 1 and 2: frames to typed messages and back.
 
 This module does no I/O and imports no ``zmq``. Every payload on the wire is
 one frame holding one MessagePack map with string keys (see ``PROTOCOL.md``).
@@ -6,21 +6,34 @@ one frame holding one MessagePack map with string keys (see ``PROTOCOL.md``).
 Client -> broker requests (``decode_request``)::
 
     type       fields                                  class
-    join       name, since?, token?                    Join
-    message    text                                    Say
+    join       name, since?, token?, rooms?            Join
+    message    text, room?                             Say
     leave      reason?                                 Leave
     ping       (anything)                              Ping
-    who        -                                       Who
-    history    after, limit?                           GetHistory
+    who        room?, after?, limit?                   Who
+    history    after, room?, limit?                    GetHistory
     dm         to, text                                SendDm
+    enter      room, private?                          Enter        (v2 from here)
+    part       room, reason?                           Part
+    rooms      -                                       ListRooms
+    topic      room, text                              SetTopic
+    mode       room, private?, moderated?, topic_ops?  SetMode
+    op, deop   room, name                              Op, Deop
+    kick       room, name, reason?                     KickFrom
+    ban, unban room, name                              Ban, Unban
+    invite     room, name                              Invite
+
+A request without ``room`` means ``lobby`` (a version 1 client sends none).
 
 Every request may carry ``id`` (str, at most 64 chars), echoed by its reply.
 
 Broker -> client frames (``decode_frame`` on the client side, parsed by
 ``parse_event``)::
 
-    room events (PUB, topic "lobby\\0"): joined, message, left, notice
-    direct (DEALER): welcome, ack, error, pong, members, history, dm, bye
+    room events (PUB, topic "<room>\\0"; a private room's on each member's
+        DEALER instead): joined, message, left, notice, topic, mode
+    direct (DEALER): welcome, ack, error, pong, members, history, dm, bye,
+        entered, parted, rooms, invited
     broker-wide (PUB, topic "\\0"): heartbeat, shutdown
 
 Anything a peer got wrong raises ``ProtocolError`` with one of the protocol's
@@ -29,6 +42,7 @@ error codes, so the broker can answer that peer and carry on.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,40 +62,57 @@ __all__ = [
     "HISTORY_PAGE_MAX",
     "MAX_ID_CHARS",
     "MAX_NAME_CHARS",
+    "MAX_ROOM_CHARS",
+    "MEMBERS_SHOWN",
     "MISSED_HEARTBEATS",
     "PROTOCOL_VERSION",
     "ROOM",
     "ROOM_TOPIC",
+    "WHO_PAGE",
+    "WHO_PAGE_MAX",
     "Ack",
+    "Ban",
     "BrokerReply",
     "Bye",
     "ByeReason",
     "ClientStatus",
+    "Deop",
     "Direct",
+    "Enter",
     "ErrorCode",
     "ErrorReply",
     "Event",
     "GetHistory",
     "HistoryPage",
+    "Invite",
     "Join",
     "Joined",
+    "KickFrom",
     "Leave",
     "LeaveReason",
     "Left",
+    "ListRooms",
     "Member",
     "Members",
     "Message",
     "Notice",
+    "Op",
     "OtherEvent",
     "OtherReply",
+    "Part",
     "Ping",
     "Pong",
     "Request",
     "Say",
     "SendDm",
+    "SetMode",
+    "SetTopic",
+    "Unban",
     "Welcome",
     "Who",
+    "batch_topic",
     "check_name",
+    "check_room",
     "decode_frame",
     "decode_request",
     "encode",
@@ -92,18 +123,34 @@ __all__ = [
     "parse_reply",
     "parse_request",
     "request_id",
+    "room_topic",
     "with_id",
 ]
 
-PROTOCOL_VERSION: Final = 1
-ROOM: Final = "lobby"
-ROOM_TOPIC: Final = ROOM.encode() + b"\x00"
+PROTOCOL_VERSION: Final = 2
+ROOM: Final = "lobby"  # the room every version 1 client is in
 BROKER_TOPIC: Final = b"\x00"
-# Extension: room events coalesced into one frame under load (see PROTOCOL.md).
-BATCH_TOPIC: Final = b"\x01" + ROOM_TOPIC
+
+
+def room_topic(room: str) -> bytes:
+    """The PUB topic of a public room's events: its folded name and a NUL."""
+    return room.encode() + b"\x00"
+
+
+def batch_topic(room: str) -> bytes:
+    """Extension: the topic of a room's events coalesced into one frame (PROTOCOL.md)."""
+    return b"\x01" + room.encode() + b"\x00"
+
+
+ROOM_TOPIC: Final = room_topic(ROOM)
+BATCH_TOPIC: Final = batch_topic(ROOM)
 
 MAX_ID_CHARS: Final = 64
 MAX_NAME_CHARS: Final = 32
+MAX_ROOM_CHARS: Final = 64  # the protocol's bound; a broker may set a lower one
+MEMBERS_SHOWN: Final = 100  # members listed in `welcome` and `entered` (the rest: `who`)
+WHO_PAGE: Final = 100  # members in a `who` page when no `limit` is asked
+WHO_PAGE_MAX: Final = 1000
 DEFAULT_MAX_FRAME: Final = 64 * 1024
 
 
@@ -130,6 +177,12 @@ class ErrorCode(StrEnum):
     # Additions (a v1 client treats an unknown code as a plain failure):
     TOO_MANY_NAMES = "too_many_names"  # CURVE: this key holds its limit of names
     UNAVAILABLE = "unavailable"  # the broker's store failed this request; retry later
+    # Version 2 (rooms):
+    BAD_ROOM = "bad_room"  # not a valid room name
+    NO_SUCH_ROOM = "no_such_room"
+    NOT_IN_ROOM = "not_in_room"  # a room the client has not entered (or may not see)
+    FORBIDDEN = "forbidden"  # not an operator, banned, invite-only, moderated
+    TOO_MANY_ROOMS = "too_many_rooms"  # rooms per client, or rooms in all
     # Never on the wire: the client library's code for a reply it cannot parse.
     BAD_REPLY = "bad_reply"
 
@@ -139,9 +192,12 @@ class LeaveReason(StrEnum):
 
     LEAVE = "leave"  # it said `leave`
     TIMEOUT = "timeout"  # it fell silent
-    KICKED = "kicked"  # the operator kicked it
+    KICKED = "kicked"  # the operator kicked it, or (v2, with `by`) a room operator
     REPLACED = "replaced"  # another connection took its name with its token
     SHUTDOWN = "shutdown"  # the broker stopped
+    PART = "part"  # v2: it parted the room
+    BANNED = "banned"  # v2: a room operator banned it (with `by`)
+    CLOSED = "closed"  # v2: the broker's operator closed the room
 
 
 class ByeReason(StrEnum):
@@ -198,17 +254,14 @@ def decode_frame(frame: bytes | memoryview, max_size: int = DEFAULT_MAX_FRAME) -
     return body
 
 
-_BATCH_HEAD: Final = b"\x83" + b"".join(
-    msgpack.packb(word) for word in ("type", "batch", "room", ROOM, "events")
-)
-
-
-def encode_batch(packed_events: list[bytes]) -> bytes:
+def encode_batch(packed_events: list[bytes], room: str = ROOM) -> bytes:
     """One ``batch`` frame from already packed room events, without repacking.
 
     ``{type: "batch", room, events: [...]}``: a MessagePack array is its
     header followed by its items, so the events' bytes are joined as they are.
     """
+    head = b"\x83" + b"".join(
+        msgpack.packb(word) for word in ("type", "batch", "room", room, "events"))
     count = len(packed_events)
     if count < 16:
         header = bytes((0x90 | count,))
@@ -216,7 +269,7 @@ def encode_batch(packed_events: list[bytes]) -> bytes:
         header = b"\xdc" + count.to_bytes(2, "big")
     else:
         header = b"\xdd" + count.to_bytes(4, "big")
-    return _BATCH_HEAD + header + b"".join(packed_events)
+    return head + header + b"".join(packed_events)
 
 
 # --------------------------------------------------------------------------
@@ -266,6 +319,33 @@ def check_name(name: object) -> str:
     return shown
 
 
+_ROOM_NAME: Final = re.compile(r"[a-z0-9][a-z0-9._-]*")
+
+
+def check_room(room: object, max_chars: int = MAX_ROOM_CHARS) -> str:
+    """Return ``room`` folded to lower case if it is a valid room name.
+
+    1 to ``max_chars`` characters from ``a-z0-9-_.``, starting with a letter
+    or a digit; upper-case ASCII letters are folded. Anything else (a ``#``,
+    a space, a non-ASCII letter, even one whose lower case is ASCII, like
+    the Kelvin sign) is refused.
+
+    Raises:
+        ProtocolError: ``bad_request`` if ``room`` is not a string, else
+            ``bad_room``.
+    """
+    if not isinstance(room, str):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'room' must be a string")
+    if not 1 <= len(room) <= max_chars or not room.isascii():
+        raise ProtocolError(ErrorCode.BAD_ROOM,
+                            f"a room name is 1 to {max_chars} characters from a-z0-9-_.")
+    folded = room.lower()
+    if _ROOM_NAME.fullmatch(folded) is None:
+        raise ProtocolError(ErrorCode.BAD_ROOM, "a room name is made of a-z, 0-9, '-', '_', "
+                            "'.' and starts with a letter or a digit")
+    return folded
+
+
 # --------------------------------------------------------------------------
 # Requests (client -> broker)
 
@@ -275,14 +355,16 @@ class Join:
     name: str
     since: int | None = None
     token: str | None = None
+    rooms: list[Any] | None = None  # v2: rooms to enter (None: lobby); checked one by one
     id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Say:
-    """A ``message`` request: say ``text`` in the room."""
+    """A ``message`` request: say ``text`` in ``room`` (None: lobby)."""
 
     text: str
+    room: str | None = None
     id: str | None = None
 
 
@@ -299,12 +381,16 @@ class Ping:
 
 @dataclass(frozen=True, slots=True)
 class Who:
+    room: str | None = None
+    after: object = None  # a member name (str): the page starts after it
+    limit: int | None = None
     id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class GetHistory:
     after: int
+    room: str | None = None
     limit: int | None = None
     id: str | None = None
 
@@ -316,19 +402,119 @@ class SendDm:
     id: str | None = None
 
 
-Request: TypeAlias = Join | Say | Leave | Ping | Who | GetHistory | SendDm
+@dataclass(frozen=True, slots=True)
+class Enter:
+    room: str
+    private: bool | None = None  # only when it creates the room
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    room: str
+    reason: str | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListRooms:
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetTopic:
+    room: str
+    text: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetMode:
+    room: str
+    private: bool | None = None
+    moderated: bool | None = None
+    topic_ops: bool | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    room: str
+    name: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Deop:
+    room: str
+    name: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KickFrom:
+    """A room operator's ``kick`` (the broker's operator kicks from the console)."""
+
+    room: str
+    name: str
+    reason: str | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ban:
+    room: str
+    name: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unban:
+    room: str
+    name: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Invite:
+    room: str
+    name: str
+    id: str | None = None
+
+
+Request: TypeAlias = (
+    Join | Say | Leave | Ping | Who | GetHistory | SendDm | Enter | Part | ListRooms
+    | SetTopic | SetMode | Op | Deop | KickFrom | Ban | Unban | Invite
+)
 
 # The request table: wire type -> (class, {field: (accepted type, required)}).
-# ``int`` means a true int (a MessagePack bool is refused).
+# ``int`` means a true int (a MessagePack bool is refused); ``object``, anything.
 _FieldSpec: TypeAlias = dict[str, tuple[type, bool]]
+_ROOM_NAMED: Final[_FieldSpec] = {"room": (str, True), "name": (str, True)}
 _REQUESTS: Final[dict[str, tuple[type, _FieldSpec]]] = {
-    "join": (Join, {"name": (str, True), "since": (int, False), "token": (str, False)}),
-    "message": (Say, {"text": (str, True)}),
+    "join": (Join, {"name": (str, True), "since": (int, False), "token": (str, False),
+                    "rooms": (list, False)}),
+    "message": (Say, {"text": (str, True), "room": (str, False)}),
     "leave": (Leave, {"reason": (str, False)}),
     "ping": (Ping, {}),
-    "who": (Who, {}),
-    "history": (GetHistory, {"after": (int, True), "limit": (int, False)}),
+    # `after` is checked by the broker, after `not_joined`: version 1 sent
+    # `who` with any fields, and an int `after` there was never an error.
+    "who": (Who, {"room": (str, False), "after": (object, False), "limit": (int, False)}),
+    "history": (GetHistory, {"after": (int, True), "room": (str, False),
+                             "limit": (int, False)}),
     "dm": (SendDm, {"to": (str, True), "text": (str, True)}),
+    "enter": (Enter, {"room": (str, True), "private": (bool, False)}),
+    "part": (Part, {"room": (str, True), "reason": (str, False)}),
+    "rooms": (ListRooms, {}),
+    "topic": (SetTopic, {"room": (str, True), "text": (str, True)}),
+    "mode": (SetMode, {"room": (str, True), "private": (bool, False),
+                       "moderated": (bool, False), "topic_ops": (bool, False)}),
+    "op": (Op, _ROOM_NAMED),
+    "deop": (Deop, _ROOM_NAMED),
+    "kick": (KickFrom, {**_ROOM_NAMED, "reason": (str, False)}),
+    "ban": (Ban, _ROOM_NAMED),
+    "unban": (Unban, _ROOM_NAMED),
+    "invite": (Invite, _ROOM_NAMED),
 }
 
 
@@ -375,7 +561,7 @@ def parse_request(body: dict[str, Any]) -> Request:
             if required:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, f"{kind!r} needs {field!r}")
             continue
-        if type(value) is not ftype:
+        if ftype is not object and type(value) is not ftype:
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST, f"{kind!r} field {field!r} must be {ftype.__name__}"
             )
