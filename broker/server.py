@@ -64,6 +64,7 @@ RELEASE_EVERY = 256  # frames between group commits (and sends) within a pass
 CLOSE_LINGER_MS = 1000  # time to flush `bye` and `shutdown` at exit
 MAX_SUBSCRIPTION = 4096  # bytes of one frame a subscriber may send (a topic, or a handshake)
 MAX_CONTROL_FRAME = 64 * 1024  # bytes of one operator command
+OVERSLEEP = 0.5  # seconds a poll may return late before the loop counts as having lagged
 HANDSHAKE_TIMEOUT = 5.0  # seconds a connection may take to finish its ZMTP handshake
 OWN_FDS = 64  # descriptors the broker itself holds (sockets, pipes, the database, logs)
 FDS_WANTED = 65_536  # two connections per client, for 10,000 clients and more
@@ -324,26 +325,35 @@ class Server:
                 told = self._throttle.next_deadline()
                 if told is not None:
                     timeout = min(timeout, max(0.0, told - time.monotonic()))
+                asleep = time.monotonic()
                 ready = dict(poller.poll(int(timeout * 1000) + 1))
+                # Woken much later than asked: the process did not run (stopped,
+                # a paused machine), and members' pings may still be on their way.
+                overslept = time.monotonic() - asleep - timeout > OVERSLEEP
                 if guard is not None:
                     # Connections first: a closed one must be known before a
                     # newcomer reusing its routing id is read.
                     for monitor in monitors:
                         if monitor in ready:
                             guard.drain(monitor, time.time(), self._connection_gone)
-                if self.router in ready:
-                    self._caught_up = self._drain_input(state)
+                # Not ready: nothing waits (zmq_poll reads the socket's own
+                # state), so a drain that stopped at DRAIN_BATCH exactly
+                # cannot leave expiry switched off, nor the loop spinning.
+                self._caught_up = self._drain_input(state) if self.router in ready else True
                 if self.control in ready:
                     self._drain_control(state)
                 if self.auth is not None and zap in ready:
                     self.auth.answer()
                 now = time.time()
-                if now >= state.next_deadline():
+                if overslept or not self._caught_up:
                     # Liveness never punishes a client for the broker's own
-                    # backlog: while input is still queued (a join storm),
-                    # a silent-looking member's ping may be in it, so the
-                    # heartbeat goes out but nobody expires until caught up.
-                    self._queue(state.tick(now, expire=self._caught_up))
+                    # backlog: while input is still queued (a join storm), or
+                    # after the loop did not run, a silent-looking member's
+                    # ping may be waiting, so nobody expires until the loop
+                    # has caught up and a heartbeat interval has passed.
+                    state.lagged(now)
+                if now >= state.next_deadline():
+                    self._queue(state.tick(now))
                 if guard is not None and now >= guard.next_deadline():
                     guard.tick(now, state.is_member)
                 self._throttle.flush()

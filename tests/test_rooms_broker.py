@@ -213,3 +213,42 @@ def test_room_limits_are_configurable(start_broker: Callable[..., RunningBroker]
     entered(alice, "two")
     alice.request({"type": "part", "room": "two", "id": "p2"})
     assert alice.request({"type": "enter", "room": "sixsix", "id": "s"})["code"] == "bad_room"
+
+
+def test_a_broker_that_did_not_run_expires_nobody_who_pinged(
+        start_broker: Callable[..., RunningBroker], ctx: zmq.Context[Any]) -> None:
+    """Liveness never punishes a client for the broker's own backlog (issue 12).
+
+    The broker is stopped for over three times its expiry while clients go
+    on pinging as asked: their pings wait in the kernel, as in a join storm
+    they wait in the input queue. Resumed, it must read them, not expire them.
+    """
+    import os
+    import time
+
+    broker = start_broker("--heartbeat", "0.3")  # silent for 0.9 s: expired
+    alice, watcher = RawClient(ctx, broker), RawClient(ctx, broker)
+    alice.join("alice")
+    watcher.join("watcher")
+
+    def ping_for(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for client in (alice, watcher):
+                client.send({"type": "ping"})
+            time.sleep(0.1)  # the clients' ping cadence (not a wait for a state)
+
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    try:
+        ping_for(3.0)
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    ping_for(1.5)
+    pong = alice.request({"type": "ping", "id": "last"})
+    assert pong["joined"] is True
+    timeouts = []
+    while watcher.sub.poll(0):
+        _, body = watcher.next_event(0)
+        if body.get("type") == "left":
+            timeouts.append(body["name"])
+    assert timeouts == []

@@ -375,6 +375,10 @@ def test_making_a_room_private_moves_its_events_off_pub() -> None:
     assert reply(broker.handle(C, Enter("dev"), T0), C)["code"] == "forbidden"
     out = broker.handle(A, SetMode("dev", private=False), T0)
     assert public(out, "dev")[0]["private"] is False
+    # lobby always exists and is public, whoever operates it.
+    broker.name_op("lobby", "alice", T0)
+    err = reply(broker.handle(A, SetMode("lobby", private=True), T0), A)
+    assert (err["code"], err["room"]) == ("forbidden", "lobby")
 
 
 def test_who_pages_by_folded_name() -> None:
@@ -421,11 +425,16 @@ def test_enter_and_part_churn_is_budgeted() -> None:
     assert codes[:3] == [None, None, None] and "rate_limited" in codes[3:]
 
 
-def test_expiry_waits_until_the_loop_caught_up() -> None:
-    broker = setup("alice")
-    assert broker.tick(T0 + 10, expire=False)[-1].body["type"] == "heartbeat"
+def test_expiry_waits_a_heartbeat_past_the_loop_catching_up() -> None:
+    broker = setup("alice")  # heartbeat 1 s: silent for 3 s is gone
+    broker.lagged(T0 + 10)  # the loop was behind its input until now
+    assert broker.tick(T0 + 10.5)[-1].body["type"] == "heartbeat"
+    assert broker.next_deadline() == T0 + 11  # no wake-up for an expiry it may not do
     assert len(broker) == 1
-    out = broker.tick(T0 + 10)
+    broker.handle(A, Ping(), T0 + 10.6)  # its ping, read once caught up
+    broker.tick(T0 + 11.5)
+    assert len(broker) == 1
+    out = broker.tick(T0 + 14)  # really silent since: gone
     assert [o.body["reason"] for o in out if o.body["type"] == "left"] == ["timeout"]
 
 

@@ -291,7 +291,7 @@ class SqliteHistory(History):
             # Read now, while a failure is still a clean exit 4.
             recent = self._db.execute(
                 "SELECT sender, rid, seq, room FROM events WHERE rid IS NOT NULL "
-                "ORDER BY ts DESC LIMIT ?", (RECENT_IDS_SCANNED,)).fetchall()
+                "ORDER BY ts DESC, seq DESC LIMIT ?", (RECENT_IDS_SCANNED,)).fetchall()
             recent.reverse()
             self._recent: list[tuple[str, str, int, str]] = recent
         except (sqlite3.Error, ValueError, msgpack.ExtraData) as exc:

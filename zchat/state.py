@@ -450,6 +450,7 @@ class Broker:
         # Public rooms whose seq moved since the last heartbeat (it lists them).
         self._changed: set[str] = set()
         self._next_heartbeat = now
+        self._expiry_from = now  # nobody is expired before this (see ``lagged``)
         self._counts = dict.fromkeys(
             ("messages", "dms", "joins", "timeouts", "errors", "rate_limited"), 0
         )
@@ -540,8 +541,19 @@ class Broker:
         deadline = self._next_heartbeat
         if self._activity:
             oldest = next(iter(self._activity.values()))
-            deadline = min(deadline, oldest.last_seen + MISSED_HEARTBEATS * self.heartbeat)
+            expiry = oldest.last_seen + MISSED_HEARTBEATS * self.heartbeat
+            deadline = min(deadline, max(expiry, self._expiry_from))
         return deadline
+
+    def lagged(self, now: float) -> None:
+        """The loop is behind its input (or did not run): expire nobody for a while.
+
+        A member's ping may be waiting in the input behind other frames (a
+        join storm) or in the kernel (the process was stopped). Expiry waits
+        one heartbeat interval past the last time the loop said it lagged:
+        by then a live member's next ping has been read.
+        """
+        self._expiry_from = max(self._expiry_from, now + self.heartbeat)
 
     # --------------------------------------------------------------- requests
 
@@ -1027,6 +1039,8 @@ class Broker:
         member = self._by_peer[peer]
         room = self._find(req.room, member, inside=True)
         self._need_op(member, room)
+        if req.private and room.name == ROOM:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "lobby is always public")
         asked = {"private": req.private, "moderated": req.moderated, "topic_ops": req.topic_ops}
         changes = {k: v for k, v in asked.items() if v is not None and getattr(room, k) != v}
         if not changes:
@@ -1150,15 +1164,14 @@ class Broker:
 
     # --------------------------------------------------------- timed and ops
 
-    def tick(self, now: float, expire: bool = True) -> list[Outgoing]:
+    def tick(self, now: float) -> list[Outgoing]:
         """Send a heartbeat when due and drop clients silent for too long.
 
-        ``expire=False``: the loop has not caught up with its input, so a
-        member's ping may be waiting in it; nobody is dropped until it has.
+        Nobody is dropped while the loop lags (``lagged``).
         """
         out: list[Outgoing] = []
         horizon = now - MISSED_HEARTBEATS * self.heartbeat
-        while expire and self._activity:
+        while now >= self._expiry_from and self._activity:
             oldest = next(iter(self._activity.values()))
             if oldest.last_seen >= horizon:
                 break
