@@ -477,3 +477,45 @@ def test_rooms_settings_bans_and_seqs_survive_a_restart(tmp_path: Path) -> None:
     events = again.history(0, room="secret")
     assert [e["text"] for e in events if e["type"] == "message"] == ["hidden"]
     again.store.close()
+
+
+def test_v2_replies_are_typed_from_what_the_broker_sends() -> None:
+    from zchat.protocol import (
+        Ack,
+        Entered,
+        ErrorReply,
+        Invited,
+        Members,
+        Parted,
+        Pong,
+        RoomInfo,
+        RoomList,
+        Welcome,
+        parse_reply,
+    )
+
+    broker = setup("alice", "bob")
+    broker.handle(A, Enter("secret", private=True), T0)
+    welcome = parse_reply(join(broker, C, "carol", rooms=["secret", "dev"]))
+    assert isinstance(welcome, Welcome)
+    assert (welcome.rooms, welcome.count, [r.room for r in welcome.refused]) == (
+        ("dev",), 1, ["secret"])
+    entered = parse_reply(reply(broker.handle(A, Enter("dev"), T0), A))
+    assert isinstance(entered, Entered) and entered.count == 2 and entered.topic_ops
+    out = broker.handle(A, Invite("secret", "bob", id="i"), T0)
+    assert parse_reply(reply(out, B)) == Invited("secret", "alice")
+    assert parse_reply(reply(out, A)) == Ack(None, "i", "secret")
+    ack = parse_reply(reply(broker.handle(A, Say("x", room="dev"), T0), A))
+    assert isinstance(ack, Ack) and (ack.room, ack.seq) == ("dev", 3)
+    pong = parse_reply(reply(broker.handle(A, Ping(), T0), A))
+    assert isinstance(pong, Pong) and pong.seqs == {"lobby": 2, "secret": 1, "dev": 3}
+    page = parse_reply(reply(broker.handle(A, Who(room="dev", limit=1), T0), A))
+    assert isinstance(page, Members) and (page.room, page.count, page.next) == (
+        "dev", 2, "alice")
+    rooms = parse_reply(reply(broker.handle(B, ListRooms(), T0), B))
+    assert isinstance(rooms, RoomList)
+    assert rooms.rooms[1] == RoomInfo("dev", "", 2, False)
+    assert parse_reply(reply(broker.handle(A, Part("dev", id="p"), T0), A)) == Parted("dev", "p")
+    error = parse_reply(reply(broker.handle(B, Say("x", room="secret"), T0), B))
+    assert isinstance(error, ErrorReply) and (error.code, error.room) == (
+        "not_in_room", "secret")

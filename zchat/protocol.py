@@ -79,12 +79,14 @@ __all__ = [
     "Deop",
     "Direct",
     "Enter",
+    "Entered",
     "ErrorCode",
     "ErrorReply",
     "Event",
     "GetHistory",
     "HistoryPage",
     "Invite",
+    "Invited",
     "Join",
     "Joined",
     "KickFrom",
@@ -100,9 +102,13 @@ __all__ = [
     "OtherEvent",
     "OtherReply",
     "Part",
+    "Parted",
     "Ping",
     "Pong",
+    "Refused",
     "Request",
+    "RoomInfo",
+    "RoomList",
     "Say",
     "SendDm",
     "SetMode",
@@ -697,12 +703,21 @@ def parse_members(items: object) -> list[Member]:
 #                              heartbeat?, epoch?, rate?, burst?, batch?
 #     ack       Ack            seq? (a message's; a dm's ack has none)
 #     error     ErrorReply     code, detail?
-#     pong      Pong           ts, seq?, joined?
-#     members   Members        members
-#     history   HistoryPage    events
+#     pong      Pong           ts, seq?, joined?, seqs?
+#     members   Members        members, room?, count?, next?
+#     history   HistoryPage    events, room?
 #     dm        Direct         from, text, ts?
 #     bye       Bye            reason, detail?
+#     entered   Entered        room, seq, topic, count, members, ops, private,
+#                              moderated, topic_ops                 (v2 from here)
+#     parted    Parted         room
+#     rooms     RoomList       rooms: [{name, topic, count, private}]
+#     invited   Invited        room, from
 #     (other)   OtherReply     the map as it came
+#
+# Version 2 adds to welcome: rooms, count, refused; to ack and error: room.
+# Its fields come after ``id``, so version 1 code that builds replies by
+# position is unchanged.
 #
 # Every reply but ``dm`` and ``bye`` may carry the ``id`` of its request.
 
@@ -724,12 +739,24 @@ class Welcome:
     burst: int | None = None
     batch: bool = False  # it also publishes room events in batches
     id: str | None = None
+    rooms: tuple[str, ...] = ()  # v2: the rooms entered (v1 brokers: none said)
+    count: int | None = None  # v2: members of `room`
+    refused: tuple[Refused, ...] = ()  # v2: rooms of the join it could not enter
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A room a ``join`` listed and could not enter, and why (an ``ErrorCode``)."""
+
+    room: str
+    code: str
 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
     seq: int | None = None
     id: str | None = None
+    room: str | None = None  # v2: the room the request was about
 
 
 @dataclass(frozen=True, slots=True)
@@ -737,6 +764,7 @@ class ErrorReply:
     code: str  # an ``ErrorCode`` value, or one this version does not know
     detail: str = ""
     id: str | None = None
+    room: str | None = None  # v2: the room the failed request named
 
 
 @dataclass(frozen=True, slots=True)
@@ -745,18 +773,67 @@ class Pong:
     seq: int | None = None  # addition: the room's head seq
     joined: bool | None = None  # addition: False once the broker forgot us
     id: str | None = None
+    seqs: dict[str, int] | None = None  # v2: the last seq of each room we are in
 
 
 @dataclass(frozen=True, slots=True)
 class Members:
     members: list[Member]
     id: str | None = None
+    room: str = ROOM
+    count: int | None = None  # v2: all the room's members, of which this is a page
+    next: str | None = None  # v2: pass as `after` for the next page; None: last page
 
 
 @dataclass(frozen=True, slots=True)
 class HistoryPage:
     events: list[Event]
     id: str | None = None
+    room: str = ROOM
+
+
+@dataclass(frozen=True, slots=True)
+class Entered:
+    """v2: we are in ``room`` (the answer to ``enter``)."""
+
+    room: str
+    seq: int
+    topic: str
+    count: int
+    members: list[Member]  # at most MEMBERS_SHOWN; the rest with `who`
+    ops: list[str]
+    private: bool
+    moderated: bool
+    topic_ops: bool
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Parted:
+    room: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomInfo:
+    name: str
+    topic: str
+    count: int
+    private: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RoomList:
+    rooms: list[RoomInfo]
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Invited:
+    """v2: ``sender`` invites us to ``room`` (on the DEALER, never PUB)."""
+
+    room: str
+    sender: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -776,6 +853,7 @@ class OtherReply:
 
 BrokerReply: TypeAlias = (
     Welcome | Ack | ErrorReply | Pong | Members | HistoryPage | Direct | Bye | OtherReply
+    | Entered | Parted | RoomList | Invited
 )
 
 
@@ -809,7 +887,61 @@ def _parse_welcome(body: dict[str, Any], rid: str | None) -> Welcome:
         burst=int(burst) if burst is not None else None,
         batch=body.get("batch") is True,
         id=rid,
+        rooms=tuple(_strings(body, "rooms")),
+        count=_optional(body, "count", int),
+        refused=tuple(Refused(_field(item, "room", str), _field(item, "code", str))
+                      for item in _maps(body, "refused")),
     )
+
+
+def _maps(body: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """An optional list of maps (absent: empty)."""
+    items = body.get(name)
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ProtocolError(ErrorCode.BAD_REPLY, f"{name!r} must be a list of maps")
+    return items
+
+
+def _strings(body: dict[str, Any], name: str) -> list[str]:
+    """An optional list of strings (absent: empty)."""
+    items = body.get(name)
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ProtocolError(ErrorCode.BAD_REPLY, f"{name!r} must be a list of strings")
+    return items
+
+
+def _parse_entered(body: dict[str, Any], rid: str | None) -> Entered:
+    flags = {}
+    for name in ("private", "moderated", "topic_ops"):
+        if not isinstance(body.get(name), bool):
+            raise ProtocolError(ErrorCode.BAD_REPLY, f"'entered' field {name!r} is bad")
+        flags[name] = body[name]
+    return Entered(
+        room=_field(body, "room", str), seq=_field(body, "seq", int),
+        topic=_field(body, "topic", str), count=_field(body, "count", int),
+        members=parse_members(body.get("members")), ops=_strings(body, "ops"),
+        id=rid, **flags,
+    )
+
+
+def _parse_rooms(body: dict[str, Any], rid: str | None) -> RoomList:
+    rooms = []
+    for item in _maps(body, "rooms"):
+        if not isinstance(item.get("private"), bool):
+            raise ProtocolError(ErrorCode.BAD_REPLY, "a room's 'private' is bad")
+        rooms.append(RoomInfo(_field(item, "name", str), _field(item, "topic", str),
+                              _field(item, "count", int), item["private"]))
+    return RoomList(rooms, rid)
+
+
+def _parse_members(body: dict[str, Any], rid: str | None) -> Members:
+    return Members(parse_members(body.get("members")), rid,
+                   _optional(body, "room", str) or ROOM, _optional(body, "count", int),
+                   _optional(body, "next", str))
 
 
 def _parse_events(body: dict[str, Any], rid: str | None) -> HistoryPage:
@@ -817,26 +949,35 @@ def _parse_events(body: dict[str, Any], rid: str | None) -> HistoryPage:
     if not isinstance(items, list):
         raise ProtocolError(ErrorCode.BAD_REPLY, "'events' must be a list")
     events = [parse_event(item) for item in items if isinstance(item, dict) and "type" in item]
-    return HistoryPage(events, rid)
+    return HistoryPage(events, rid, _optional(body, "room", str) or ROOM)
 
 
 def _parse_pong(body: dict[str, Any], rid: str | None) -> Pong:
     joined = body.get("joined")
+    seqs = body.get("seqs")
+    if seqs is not None and not (isinstance(seqs, dict) and all(
+            isinstance(k, str) and type(v) is int for k, v in seqs.items())):
+        raise ProtocolError(ErrorCode.BAD_REPLY, "'seqs' must map rooms to seqs")
     return Pong(float(_field(body, "ts", (int, float))), _optional(body, "seq", int),
-                joined if isinstance(joined, bool) else None, rid)
+                joined if isinstance(joined, bool) else None, rid, seqs)
 
 
 _REPLIES: Final[dict[str, Callable[[dict[str, Any], str | None], BrokerReply]]] = {
     "welcome": _parse_welcome,
-    "ack": lambda b, rid: Ack(_optional(b, "seq", int), rid),
+    "ack": lambda b, rid: Ack(_optional(b, "seq", int), rid, _optional(b, "room", str)),
     "error": lambda b, rid: ErrorReply(_field(b, "code", str),
-                                       str(b.get("detail") or ""), rid),
+                                       str(b.get("detail") or ""), rid,
+                                       _optional(b, "room", str)),
     "pong": _parse_pong,
-    "members": lambda b, rid: Members(parse_members(b.get("members")), rid),
+    "members": _parse_members,
     "history": _parse_events,
     "dm": lambda b, rid: Direct(_field(b, "from", str), _field(b, "text", str),
                                 float(_optional(b, "ts", (int, float)) or 0.0)),
     "bye": lambda b, rid: Bye(str(b.get("reason") or ""), str(b.get("detail") or "")),
+    "entered": _parse_entered,
+    "parted": lambda b, rid: Parted(_field(b, "room", str), rid),
+    "rooms": _parse_rooms,
+    "invited": lambda b, rid: Invited(_field(b, "room", str), _field(b, "from", str)),
 }
 
 
