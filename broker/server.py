@@ -44,6 +44,7 @@ from zchat.protocol import (
     decode_frame,
     encode,
     encode_batch,
+    named_room,
     parse_request,
     request_id,
 )
@@ -482,10 +483,12 @@ class Server:
                 )
                 request = parse_request(body)
             except ProtocolError as exc:
-                # A frame that decoded but is no valid request still gets its id back.
+                # A frame that decoded but is no valid request still gets its
+                # id back, and the room it named.
                 rid = request_id(body) if body is not None else None
+                room = named_room(body) if body is not None else None
                 self._warn_peer(state, peer, exc)
-                self._queue([state.error(peer, exc.code, exc.detail, rid)])
+                self._queue([state.error(peer, exc.code, exc.detail, rid, room)])
                 continue
             addr, key = "", None
             if isinstance(payload, zmq.Frame):

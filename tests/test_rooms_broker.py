@@ -252,3 +252,12 @@ def test_a_broker_that_did_not_run_expires_nobody_who_pinged(
         if body.get("type") == "left":
             timeouts.append(body["name"])
     assert timeouts == []
+
+
+def test_a_malformed_request_naming_a_room_gets_its_room_back(raw: Raw) -> None:
+    alice = raw()
+    alice.join("alice")
+    reply = alice.request({"type": "enter", "room": "Dev", "private": 1, "id": "x"})
+    assert (reply["code"], reply["room"], reply["id"]) == ("bad_request", "dev", "x")
+    reply = alice.request({"type": "part", "room": "#dev", "id": "y"})
+    assert (reply["code"], reply["room"]) == ("bad_room", "#dev")

@@ -124,6 +124,7 @@ __all__ = [
     "encode",
     "encode_batch",
     "fold_name",
+    "named_room",
     "parse_event",
     "parse_members",
     "parse_reply",
@@ -350,6 +351,21 @@ def check_room(room: object, max_chars: int = MAX_ROOM_CHARS) -> str:
         raise ProtocolError(ErrorCode.BAD_ROOM, "a room name is made of a-z, 0-9, '-', '_', "
                             "'.' and starts with a letter or a digit")
     return folded
+
+
+def named_room(body: dict[str, Any]) -> str | None:
+    """The room a request map names, folded if valid, as sent if not (None: none).
+
+    Every error about a request that named a room carries that room, even
+    when the request was refused before it was parsed.
+    """
+    raw = body.get("room")
+    if not isinstance(raw, str):
+        return None
+    try:
+        return check_room(raw)
+    except ProtocolError:
+        return raw
 
 
 # --------------------------------------------------------------------------

@@ -96,6 +96,7 @@ from zchat.protocol import (
     check_name,
     check_room,
     fold_name,
+    named_room,
     room_topic,
     with_id,
 )
@@ -580,7 +581,9 @@ class Broker:
         try:
             return self._handlers[type(request)](peer, request, now, Origin(addr, key))
         except ProtocolError as exc:
-            return [self.error(peer, exc.code, exc.detail, request.id, _named_room(request))]
+            raw = getattr(request, "room", None)
+            room = named_room({"room": raw}) if isinstance(raw, str) else None
+            return [self.error(peer, exc.code, exc.detail, request.id, room)]
 
     def disconnected(self, peer: bytes, now: float) -> list[Outgoing]:
         """The connection behind ``peer`` is gone.
@@ -1332,17 +1335,6 @@ class Broker:
             del self._by_peer[member.peer]
         del self._by_name[member.folded]
         del self._activity[member.folded]
-
-
-def _named_room(request: Request) -> str | None:
-    """The room a request named, folded if valid (errors about it carry it)."""
-    raw = getattr(request, "room", None)
-    if not isinstance(raw, str):
-        return None
-    try:
-        return check_room(raw)
-    except ProtocolError:
-        return raw
 
 
 def _first_members(room: _Room) -> list[dict[str, str]]:
