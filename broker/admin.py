@@ -10,7 +10,8 @@ deadline; the broker answers a repeated ``id`` from its memory instead of
 running the command twice.
 
 Control frames are MessagePack maps: ``{type: stats|who|kick|say|release|
-shutdown, id, name?, reason?, text?}``; replies are ``{type: result, id, ...}`` or
+rooms|op|close|shutdown, id, name?, reason?, text?, room?}``; replies are
+``{type: result, id, ...}`` or
 ``{type: error, id, code, detail}``.
 """
 
@@ -117,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("stats", help="counters: members, seq, messages, errors, uptime")
-    sub.add_parser("who", help="joined members with their real addresses")
+    who = sub.add_parser("who", help="joined members with their real addresses "
+                                     "(of ROOM: with operators marked @)")
+    who.add_argument("room", metavar="ROOM", nargs="?", help="one room's members only")
     kick = sub.add_parser("kick", help="disconnect a member (they get `bye kicked`)",
                           usage="%(prog)s NAME [REASON ...]\n"
                                 "       NAME is required; REASON, shown to everyone, is optional")
@@ -126,10 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     # `kick` says "required: name, reason".
     kick.add_argument("reason", metavar="REASON", nargs="*", default=[],
                       help="why, shown to everyone (optional)")
-    say = sub.add_parser("say", help="announce a notice to the room")
+    say = sub.add_parser("say", help="announce a notice to a room (lobby)")
+    say.add_argument("--room", metavar="ROOM", help="the room to say it in (default lobby)")
     say.add_argument("text", nargs="+")
     release = sub.add_parser("release", help="free a name from the CURVE key it is bound to")
     release.add_argument("name")
+    sub.add_parser("rooms", help="every room (private ones too): members, topic")
+    op = sub.add_parser("op", help="make NAME (in ROOM) an operator of ROOM")
+    op.add_argument("room", metavar="ROOM")
+    op.add_argument("name", metavar="NAME")
+    close = sub.add_parser("close", help="say why in ROOM, then remove it and its history")
+    close.add_argument("room", metavar="ROOM")
+    close.add_argument("reason", metavar="REASON", nargs="*", default=[],
+                       help="why, said in the room before it closes (optional)")
     sub.add_parser("shutdown", help="stop the broker cleanly")
     return p
 
@@ -137,14 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     request: dict[str, Any] = {"type": args.command}
-    if args.command == "release":
+    if args.command in ("who", "op", "close") and args.room is not None:
+        request["room"] = args.room.removeprefix("#")
+    if args.command in ("release", "op"):
         request["name"] = args.name
+    if args.command == "close" and args.reason:
+        request["reason"] = " ".join(args.reason)
     if args.command == "kick":
         request["name"] = args.name
         if args.reason:
             request["reason"] = " ".join(args.reason)
     elif args.command == "say":
         request["text"] = " ".join(args.text)
+        if args.room:
+            request["room"] = args.room.removeprefix("#")
     try:
         reply = command(args.control, request, timeout=args.timeout)
     except AdminError as exc:
@@ -161,8 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{key:14} {_stat(key, value)}")
     elif args.command == "who":
         for member in reply["members"]:
-            print(f"{member['name']:32} {member['addr']}")
+            name = ("@" if member.get("op") else "") + member["name"]
+            print(f"{name:33} {member['addr']}")
         print(f"{len(reply['members'])} member(s)")
+    elif args.command == "rooms":
+        for room in reply["rooms"]:
+            flag = " (private)" if room["private"] else ""
+            print(f"#{room['name']:32} {room['count']:6} {room['topic']}{flag}")
+        print(f"{len(reply['rooms'])} room(s)")
     else:
         print("ok")
     return EXIT_OK

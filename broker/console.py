@@ -6,10 +6,14 @@ command asks the broker to send (a kick's ``bye``, a notice) and whether to
 stop. Commands are a table::
 
     stats      -                 the broker's counters, endpoints, connections
-    who        -                 members with their real addresses
+    who        room?             members with their real addresses (of a room:
+                                 with operator flags)
     kick       name, reason?     say ``bye`` and announce the kick
-    say        text              a notice to the room
+    say        text, room?       a notice to a room (lobby)
     release    name              free a name from the CURVE key holding it
+    rooms      -                 every room, private ones too
+    op         room, name        make a member an operator of a room
+    close      room, reason?     say why in the room, then remove it and its history
     shutdown   -                 stop cleanly
 
 A command may carry ``id``: a retried command (its reply was lost) is
@@ -67,6 +71,9 @@ class Console:
             "kick": self._kick,
             "say": self._say,
             "release": self._release,
+            "rooms": self._rooms,
+            "op": self._op,
+            "close": self._close,
             "shutdown": self._shutdown,
         }
 
@@ -102,7 +109,40 @@ class Console:
         return {"stats": stats}
 
     def _who(self, body: dict[str, Any], now: float, answer: Answer) -> dict[str, Any]:
-        return {"members": self.state.members(real_addresses=True)}
+        room = body.get("room")
+        if room is None:
+            return {"members": self.state.members(real_addresses=True)}
+        if not isinstance(room, str):
+            return _error(ErrorCode.BAD_REQUEST, "who takes a room name")
+        try:
+            return {"room": room, "members": self.state.room_members(room)}
+        except ProtocolError as exc:
+            return _error(exc.code, exc.detail)
+
+    def _rooms(self, body: dict[str, Any], now: float, answer: Answer) -> dict[str, Any]:
+        return {"rooms": self.state.room_list()}
+
+    def _op(self, body: dict[str, Any], now: float, answer: Answer) -> dict[str, Any]:
+        room, name = body.get("room"), body.get("name")
+        if not isinstance(room, str) or not isinstance(name, str):
+            return _error(ErrorCode.BAD_REQUEST, "op needs a room and a name")
+        try:
+            answer.out += self.state.name_op(room, name, now)
+        except ProtocolError as exc:
+            return _error(exc.code, exc.detail)
+        log.info("operator made %s an operator of %s", name, room)
+        return {}
+
+    def _close(self, body: dict[str, Any], now: float, answer: Answer) -> dict[str, Any]:
+        room, reason = body.get("room"), body.get("reason")
+        if not isinstance(room, str) or not (reason is None or isinstance(reason, str)):
+            return _error(ErrorCode.BAD_REQUEST, "close needs a room (and an optional reason)")
+        try:
+            answer.out += self.state.close_room(room, now, reason or "")
+        except ProtocolError as exc:
+            return _error(exc.code, exc.detail)
+        log.info("operator closed room %s", room)
+        return {}
 
     def _kick(self, body: dict[str, Any], now: float, answer: Answer) -> dict[str, Any]:
         name, reason = body.get("name"), body.get("reason")
@@ -116,10 +156,13 @@ class Console:
         return {}
 
     def _say(self, body: dict[str, Any], now: float, answer: Answer) -> dict[str, Any]:
-        text = body.get("text")
-        if not isinstance(text, str) or not text:
-            return _error(ErrorCode.BAD_REQUEST, "say needs a text")
-        answer.out += self.state.notice(text, now)
+        text, room = body.get("text"), body.get("room", "lobby")
+        if not isinstance(text, str) or not text or not isinstance(room, str):
+            return _error(ErrorCode.BAD_REQUEST, "say needs a text (and an optional room)")
+        try:
+            answer.out += self.state.notice(text, now, room)
+        except ProtocolError as exc:
+            return _error(exc.code, exc.detail)
         return {}
 
     def _release(self, body: dict[str, Any], now: float, answer: Answer) -> dict[str, Any]:

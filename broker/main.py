@@ -89,6 +89,14 @@ PERSON_LIMITS: Final = (
                 "CURVE: names one client key may hold"),
     LimitOption("name-ttl", "name_ttl", float, "SECONDS",
                 "CURVE: a name unused this long is no longer bound to its key"),
+    LimitOption("rooms-per-client", "rooms_per_client", int, "N",
+                "rooms one client is in at once, lobby included"),
+    LimitOption("max-rooms", "rooms_total", int, "N",
+                "rooms in all (a room outlives its members until `zchat-admin close`)"),
+    LimitOption("max-room-chars", "room_chars", int, "N",
+                "characters of a room name (at most 64, the protocol's bound)"),
+    LimitOption("announce-max", "announce_max", int, "N",
+                "a room with more members announces no joins and parts (`who` lists them)"),
 )
 CONNECTION_LIMITS: Final = (
     LimitOption("max-per-address", "per_address", int, "N",

@@ -35,21 +35,29 @@ def screen_line(event: dict[str, Any], stamp: str | None = None,
     if stamp is None:
         stamp = datetime.fromtimestamp(event["ts"]).strftime("%H:%M:%S")
     kind = event["type"]
-    seq = event["seq"]
+    # The room, then the event's seq in it: `#dev 12`.
+    where = f"#{event.get('room', 'lobby')} {event['seq']}"
     if kind == "message":
         text = event["text"]
         if text.startswith("/me "):  # an action, shown as the clients show it
-            return f"{stamp} #{seq} {addr or '?'} * {event['from']} {printable(text[4:])}\n"
-        return f"{stamp} #{seq} {addr or '?'} <{event['from']}> {printable(text)}\n"
+            return f"{stamp} {where} {addr or '?'} * {event['from']} {printable(text[4:])}\n"
+        return f"{stamp} {where} {addr or '?'} <{event['from']}> {printable(text)}\n"
     if kind == "joined":
-        return f"{stamp} #{seq} --> {event['name']} joined from {event['addr']}\n"
+        return f"{stamp} {where} --> {event['name']} joined from {event['addr']}\n"
     if kind == "left":
         detail = f": {printable(event['detail'])}" if event.get("detail") else ""
+        by = f" by {event['by']}" if event.get("by") else ""
         who = f"{event['name']} ({event['addr']})"
-        return f"{stamp} #{seq} <-- {who} left [{event['reason']}]{detail}\n"
+        return f"{stamp} {where} <-- {who} left [{event['reason']}{by}]{detail}\n"
     if kind == "notice":
-        return f"{stamp} #{seq} *** notice: {printable(event['text'])}\n"
-    return f"{stamp} #{seq} {printable(kind)}\n"
+        return f"{stamp} {where} *** notice: {printable(event['text'])}\n"
+    if kind == "topic":
+        return f"{stamp} {where} *** {event['name']} set the topic: {printable(event['text'])}\n"
+    if kind == "mode":
+        changes = " ".join(f"{k}={printable(str(v))}" for k, v in event.items()
+                           if k not in ("type", "room", "seq", "ts", "name"))
+        return f"{stamp} {where} *** {event['name']} mode {changes}\n"
+    return f"{stamp} {where} {printable(kind)}\n"
 
 
 class Screen:

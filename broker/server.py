@@ -38,16 +38,17 @@ from zchat.errors import ProtocolError
 from zchat.history import HistoryError, open_history
 from zchat.keys import load_server_keys
 from zchat.protocol import (
-    BATCH_TOPIC,
-    ROOM_TOPIC,
+    BROKER_TOPIC,
     ErrorCode,
+    batch_topic,
     decode_frame,
     encode,
     encode_batch,
+    named_room,
     parse_request,
     request_id,
 )
-from zchat.state import Broker, Outgoing, Publish
+from zchat.state import Broker, Deliver, Outgoing, Publish
 
 from .auth import CurveGate
 from .config import Config
@@ -64,6 +65,7 @@ RELEASE_EVERY = 256  # frames between group commits (and sends) within a pass
 CLOSE_LINGER_MS = 1000  # time to flush `bye` and `shutdown` at exit
 MAX_SUBSCRIPTION = 4096  # bytes of one frame a subscriber may send (a topic, or a handshake)
 MAX_CONTROL_FRAME = 64 * 1024  # bytes of one operator command
+OVERSLEEP = 0.5  # seconds a poll may return late before the loop counts as having lagged
 HANDSHAKE_TIMEOUT = 5.0  # seconds a connection may take to finish its ZMTP handshake
 OWN_FDS = 64  # descriptors the broker itself holds (sockets, pipes, the database, logs)
 FDS_WANTED = 65_536  # two connections per client, for 10,000 clients and more
@@ -174,7 +176,10 @@ class Server:
         self._outbox: list[Outgoing] = []
         self.auth: CurveGate | None = None
         self.failure: str | None = None  # why the loop stopped, if not asked to
-        self._batch: list[bytes] = []
+        self._batch: dict[str, list[bytes]] = {}  # packed events by room, per pass
+        # Whether the last drain emptied the input: until it has, a member's
+        # ping may be waiting behind others' frames, and nobody is expired.
+        self._caught_up = True
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self.guard: Guard | None = None
@@ -321,20 +326,33 @@ class Server:
                 told = self._throttle.next_deadline()
                 if told is not None:
                     timeout = min(timeout, max(0.0, told - time.monotonic()))
+                asleep = time.monotonic()
                 ready = dict(poller.poll(int(timeout * 1000) + 1))
+                # Woken much later than asked: the process did not run (stopped,
+                # a paused machine), and members' pings may still be on their way.
+                overslept = time.monotonic() - asleep - timeout > OVERSLEEP
                 if guard is not None:
                     # Connections first: a closed one must be known before a
                     # newcomer reusing its routing id is read.
                     for monitor in monitors:
                         if monitor in ready:
                             guard.drain(monitor, time.time(), self._connection_gone)
-                if self.router in ready:
-                    self._drain_input(state)
+                # Not ready: nothing waits (zmq_poll reads the socket's own
+                # state), so a drain that stopped at DRAIN_BATCH exactly
+                # cannot leave expiry switched off, nor the loop spinning.
+                self._caught_up = self._drain_input(state) if self.router in ready else True
                 if self.control in ready:
                     self._drain_control(state)
                 if self.auth is not None and zap in ready:
                     self.auth.answer()
                 now = time.time()
+                if overslept or not self._caught_up:
+                    # Liveness never punishes a client for the broker's own
+                    # backlog: while input is still queued (a join storm), or
+                    # after the loop did not run, a silent-looking member's
+                    # ping may be waiting, so nobody expires until the loop
+                    # has caught up and a heartbeat interval has passed.
+                    state.lagged(now)
                 if now >= state.next_deadline():
                     self._queue(state.tick(now))
                 if guard is not None and now >= guard.next_deadline():
@@ -402,18 +420,19 @@ class Server:
         self._screen.flush()
 
     def _flush_batch(self) -> None:
-        """Publish the events coalesced so far as one frame on the batch topic.
+        """Publish each room's events coalesced so far as one frame on its batch topic.
 
         Under load one drain pass relays many events, and libzmq's I/O thread
         pays per frame per subscriber: one frame for many events is cheaper.
         At low load a pass holds one event, so nothing waits for company.
         """
-        if self._batch:
-            self.pub.send(BATCH_TOPIC, _MORE_NOBLOCK)
-            self.pub.send(encode_batch(self._batch), _NOBLOCK)
-            self._batch.clear()
+        for room, packed in self._batch.items():
+            self.pub.send(batch_topic(room), _MORE_NOBLOCK)
+            self.pub.send(encode_batch(packed, room), _NOBLOCK)
+        self._batch.clear()
 
-    def _drain_input(self, state: Broker) -> None:
+    def _drain_input(self, state: Broker) -> bool:
+        """Handle what the input holds, up to ``DRAIN_BATCH`` frames; True if emptied."""
         router = self.router
         recv = router.recv
         more = router.get
@@ -427,7 +446,7 @@ class Server:
             try:
                 peer = recv(_NOBLOCK)
             except zmq.Again:
-                return
+                return True
             if ledger is not None and ledger.severed and peer in ledger.severed:
                 while more(_RCVMORE):  # queued before its connection was cut: skip it
                     recv(_NOBLOCK)
@@ -464,10 +483,12 @@ class Server:
                 )
                 request = parse_request(body)
             except ProtocolError as exc:
-                # A frame that decoded but is no valid request still gets its id back.
+                # A frame that decoded but is no valid request still gets its
+                # id back, and the room it named.
                 rid = request_id(body) if body is not None else None
+                room = named_room(body) if body is not None else None
                 self._warn_peer(state, peer, exc)
-                self._queue([state.error(peer, exc.code, exc.detail, rid)])
+                self._queue([state.error(peer, exc.code, exc.detail, rid, room)])
                 continue
             addr, key = "", None
             if isinstance(payload, zmq.Frame):
@@ -491,6 +512,7 @@ class Server:
                 continue
             if stranger and ledger is not None and fd >= 0 and state.is_member(peer):
                 ledger.bind(fd, peer)
+        return False
 
     def _admit_stranger(self, guard: Guard, peer: bytes, fd: int, size: int,
                         now: float) -> bool:
@@ -517,48 +539,58 @@ class Server:
         # msgpack.packb cost more in Python overhead than the sends themselves.
         pack = self._packer.pack
         pub_send = self.pub.send
-        router_send = self.router.send
         screen = self._screen if self._screen.on else None
         coalesce = self.config.coalesce
         batch = self._batch
-        guard = self.guard
-        sent = guard.ledger.sent if guard is not None else None
         for item in out:
             if isinstance(item, Publish):
                 packed = pack(item.body)
-                if item.topic == ROOM_TOPIC:
+                if item.topic != BROKER_TOPIC:  # a public room's event
                     if screen is not None:
                         screen.add(item.body, item.sender_addr)
                     if coalesce:
-                        batch.append(packed)
-                        if len(batch) >= coalesce:
+                        room = item.body["room"]
+                        events = batch.setdefault(room, [])
+                        events.append(packed)
+                        if len(events) >= coalesce:
                             self._flush_batch()
                 elif batch:
                     self._flush_batch()  # heartbeats must not overtake events
                 pub_send(item.topic, _MORE_NOBLOCK)
                 pub_send(packed, _NOBLOCK)
                 continue
+            if isinstance(item, Deliver):  # a private room's event: members only
+                if screen is not None:
+                    screen.add(item.body, item.sender_addr)
+                packed = pack(item.body)
+                for peer in item.peers:
+                    self._reply(peer, "event", packed)
+                continue
             body = item.body
             if body["type"] == "error" and body["code"] == ErrorCode.RATE_LIMITED:
                 self._throttle.warning("rate", "rate limited %s", self._who(item.peer))
-            try:
-                # With ROUTER_MANDATORY only the first frame can fail; the
-                # second then goes out whole with it.
-                router_send(item.peer, _MORE_NOBLOCK)
-            except zmq.ZMQError as exc:
-                # EHOSTUNREACH: the peer is gone; EAGAIN: it reads too slowly.
-                # Either way only that peer misses this reply.
-                self._throttle.warning(
-                    "unreachable", "reply %s to %s dropped: %s", body["type"],
-                    self._who(item.peer), exc.strerror,
-                )
-                continue
-            packed = pack(body)
-            router_send(packed, _NOBLOCK)
-            if sent is not None and guard is not None:
-                fd = sent(item.peer, len(packed))
-                if fd is not None:
-                    guard.check_sent(fd, time.time())
+            self._reply(item.peer, body["type"], pack(body))
+
+    def _reply(self, peer: bytes, kind: str, packed: bytes) -> None:
+        """One packed frame to one peer's DEALER, never blocking."""
+        try:
+            # With ROUTER_MANDATORY only the first frame can fail; the
+            # second then goes out whole with it.
+            self.router.send(peer, _MORE_NOBLOCK)
+        except zmq.ZMQError as exc:
+            # EHOSTUNREACH: the peer is gone; EAGAIN: it reads too slowly.
+            # Either way only that peer misses this reply.
+            self._throttle.warning(
+                "unreachable", "reply %s to %s dropped: %s", kind, self._who(peer),
+                exc.strerror,
+            )
+            return
+        self.router.send(packed, _NOBLOCK)
+        guard = self.guard
+        if guard is not None:
+            fd = guard.ledger.sent(peer, len(packed))
+            if fd is not None:
+                guard.check_sent(fd, time.time())
 
     def _who(self, peer: bytes) -> str:
         """A peer as the operator knows it: the member's name, else its routing id."""

@@ -359,16 +359,16 @@ def test_broker_screen_shows_time_address_name_text(raw: Raw, broker: RunningBro
     alice, _ = joined(raw, "alice")
     alice.request({"type": "message", "text": "hello\nfake line"})
     alice.send({"type": "leave"})
-    broker.wait_output(r"^\d\d:\d\d:\d\d #1 --> alice joined from 127\.0\.0\.1$")
+    broker.wait_output(r"^\d\d:\d\d:\d\d #lobby 1 --> alice joined from 127\.0\.0\.1$")
     # A newline in a message cannot fake a second line on the operator's screen.
-    broker.wait_output(r"^\d\d:\d\d:\d\d #2 127\.0\.0\.1 <alice> hello\\nfake line$")
+    broker.wait_output(r"^\d\d:\d\d:\d\d #lobby 2 127\.0\.0\.1 <alice> hello\\nfake line$")
     broker.wait_output(r"<-- alice \(127\.0\.0\.1\) left \[leave\]")
 
 
 def test_broker_screen_shows_actions_as_actions(raw: Raw, broker: RunningBroker) -> None:
     carol, _ = joined(raw, "carol")
     carol.request({"type": "message", "text": "/me waves"})
-    broker.wait_output(r"^\d\d:\d\d:\d\d #\d+ 127\.0\.0\.1 \* carol waves$")
+    broker.wait_output(r"^\d\d:\d\d:\d\d #lobby \d+ 127\.0\.0\.1 \* carol waves$")
 
 
 def test_bad_frames_are_logged_without_flooding(raw: Raw, broker: RunningBroker) -> None:

@@ -91,14 +91,18 @@ def test_a_message_event_carries_its_senders_address_for_the_screen() -> None:
 
 
 def test_screen_lines() -> None:
-    event = {"type": "message", "seq": 4, "ts": T0, "from": "carol", "text": "hi\nthere"}
+    # Every line names its room (#room), then the event's seq in it.
+    event = {"type": "message", "room": "dev", "seq": 4, "ts": T0, "from": "carol",
+             "text": "hi\nthere"}
     assert screen_line(event, "12:00:00", "10.0.0.5") == (
-        "12:00:00 #4 10.0.0.5 <carol> hi\\nthere\n")
+        "12:00:00 #dev 4 10.0.0.5 <carol> hi\\nthere\n")
     action = {**event, "text": "/me waves"}
-    assert screen_line(action, "12:00:00", None) == "12:00:00 #4 ? * carol waves\n"
-    left = {"type": "left", "seq": 5, "ts": T0, "name": "bob", "addr": "x",
-            "reason": LeaveReason.KICKED, "detail": "spam"}
-    assert screen_line(left, "t") == "t #5 <-- bob (x) left [kicked]: spam\n"
+    assert screen_line(action, "12:00:00", None) == "12:00:00 #dev 4 ? * carol waves\n"
+    left = {"type": "left", "room": "lobby", "seq": 5, "ts": T0, "name": "bob", "addr": "x",
+            "reason": LeaveReason.KICKED, "detail": "spam", "by": "ann"}
+    assert screen_line(left, "t") == "t #lobby 5 <-- bob (x) left [kicked by ann]: spam\n"
+    topic = {"type": "topic", "room": "ops", "seq": 6, "ts": T0, "name": "ann", "text": "x"}
+    assert screen_line(topic, "t") == "t #ops 6 *** ann set the topic: x\n"
 
 
 def test_a_screen_gathers_lines_and_writes_once() -> None:

@@ -57,7 +57,7 @@ def test_sqlite_keeps_seq_epoch_and_ids_across_reopen(tmp_path: Path) -> None:
     second = SqliteHistory(path)
     assert (second.last_seq, second.epoch) == (2, epoch)
     assert [e["text"] for e in second.after(0, 10)] == ["hi", "yo"]
-    assert second.recent_ids(10) == {"alice": [("m1", 1)]}
+    assert second.recent_ids(10) == {"alice": [("m1", 1, "lobby")]}
     second.close()
 
 
@@ -108,7 +108,8 @@ def test_broker_resumes_seq_and_dedupe_from_a_durable_store(tmp_path: Path) -> N
     # The client rejoins with its token: its lineage, and so its ids, go on.
     again.handle(b"b", Join("ALICE", token=token), 5.0, "10.0.0.1")
     resent = again.handle(b"b", Say("kept", id="m1"), 6.0)
-    assert [o.body for o in resent] == [{"type": "ack", "id": "m1", "seq": seq}]
+    assert [o.body for o in resent] == [{"type": "ack", "id": "m1", "seq": seq,
+                                            "room": "lobby"}]
     assert [e["text"] for e in again.history(0) if e["type"] == "message"] == [
         "kept", "not a resend"]
     again.store.close()
@@ -213,3 +214,72 @@ def test_a_failed_commit_breaks_the_store_and_close_is_quiet(tmp_path: Path) -> 
     again = SqliteHistory(tmp_path / "h.db")
     assert again.last_seq == 1  # what failed was never stored
     again.close()
+
+
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE events (seq INTEGER PRIMARY KEY, ts REAL NOT NULL, sender TEXT, rid TEXT,
+                     body BLOB NOT NULL);
+"""
+
+
+def test_a_version_1_database_becomes_lobby_s(tmp_path: Path) -> None:
+    import sqlite3
+
+    import msgpack
+
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path)
+    db.executescript(V1_SCHEMA)
+    db.execute("INSERT INTO meta VALUES ('epoch', 'old-epoch')")
+    db.execute("INSERT INTO meta VALUES ('last_seq', '9')")  # 8 and 9 were pruned
+    for seq in range(1, 8):
+        db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+                   (seq, 100.0, "alice", f"m{seq}", msgpack.packb(event(seq, text=f"t{seq}"))))
+    db.commit()
+    db.close()
+    store = SqliteHistory(path)
+    assert (store.epoch, store.last_seq, store.seq_of("lobby"), len(store)) == (
+        "old-epoch", 9, 9, 7)
+    assert [e["text"] for e in store.after(5, 10)] == ["t6", "t7"]
+    assert store.recent_ids(2) == {"alice": [("m6", 6, "lobby"), ("m7", 7, "lobby")]}
+    broker = Broker(history=store, now=0.0)
+    broker.handle(b"a", Join("bob"), 1.0, "10.0.0.1")
+    assert broker.seq == 10  # seqs go on from the v1 database's last
+    broker.store.close()
+    again = SqliteHistory(path)  # migrated once: opening again changes nothing
+    assert (again.last_seq, len(again)) == (10, 8)
+    again.close()
+
+
+def test_rooms_have_their_own_logs_and_closed_rooms_keep_their_seq(
+        store: MemoryHistory | SqliteHistory) -> None:
+    for seq in range(1, 8):
+        store.append({**event(seq), "room": "dev"})
+    store.append(event(1))
+    store.save_room("dev", {"topic": "t"})
+    store.commit()
+    store.prune(200.0)
+    assert [e["seq"] for e in store.after(0, 100, room="dev")] == [3, 4, 5, 6, 7]  # keep=5
+    assert [e["seq"] for e in store.after(0, 100)] == [1]
+    assert store.rooms()["dev"] == {"topic": "t"}
+    store.drop_room("dev")
+    store.commit()
+    assert store.after(0, 100, room="dev") == [] and "dev" not in store.rooms()
+    assert store.seq_of("dev") == 7 and len(store) == 1
+    store.close()
+
+
+def test_closed_room_seq_and_settings_survive_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    first = SqliteHistory(path)
+    first.append({**event(1), "room": "gone"})
+    first.save_room("gone", {})
+    first.save_room("kept", {"topic": "x", "bans": {"m": "M"}})
+    first.commit()
+    first.drop_room("gone")
+    first.close()
+    second = SqliteHistory(path)
+    assert second.rooms() == {"kept": {"topic": "x", "bans": {"m": "M"}}}
+    assert (second.seq_of("gone"), second.seq_of("kept")) == (1, 0)
+    second.close()

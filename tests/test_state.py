@@ -95,7 +95,8 @@ def test_seq_starts_at_one_and_rises_by_one_per_event() -> None:
     for i in range(5):
         out = broker.handle(A, Say(f"m{i}", id=str(i)), T0)
         seqs.append(published(out)[0]["seq"])
-        assert replies(out, A) == [{"type": "ack", "id": str(i), "seq": seqs[-1]}]
+        assert replies(out, A) == [{"type": "ack", "id": str(i), "seq": seqs[-1],
+                                        "room": "lobby"}]
     broker.handle(B, Leave(), T0)
     assert seqs == [3, 4, 5, 6, 7]
     assert broker.seq == 8
@@ -132,7 +133,7 @@ def test_duplicate_message_id_is_acked_with_original_seq_not_delivered_twice() -
     seq = replies(first)[0]["seq"]
     again = broker.handle(A, Say("once", id="m1"), T0 + 1)
     assert published(again) == []
-    assert replies(again) == [{"type": "ack", "id": "m1", "seq": seq}]
+    assert replies(again) == [{"type": "ack", "id": "m1", "seq": seq, "room": "lobby"}]
 
 
 def test_dedupe_survives_reconnect_and_takeover() -> None:
@@ -597,7 +598,8 @@ def test_a_store_that_cannot_read_costs_one_request() -> None:
     from zchat.history import MemoryHistory
 
     class Broken(MemoryHistory):
-        def after(self, seq: int, limit: int, max_bytes: int = 0) -> list[dict[str, Any]]:
+        def after(self, seq: int, limit: int, max_bytes: int = 0,
+                  room: str = "lobby") -> list[dict[str, Any]]:
             raise HistoryError("disk image is malformed")
 
         def prune(self, now: float) -> None:

@@ -1,4 +1,4 @@
-"""Where the room's events are kept: in memory, or durably in SQLite.
+"""Where the rooms' events are kept: in memory, or durably in SQLite.
 
 The broker state appends each room event as it makes it and asks for ranges
 to answer ``history``; the broker loop calls ``commit()`` once per pass, and
@@ -6,9 +6,15 @@ publishes and acks nothing of that pass before ``commit()`` returned. So a
 client never sees a seq that a crash could take back, and one fsync-free
 WAL commit covers many events (group commit).
 
-Defines: ``History`` (the interface), ``MemoryHistory`` (a bounded deque, lost
-with the process), ``SqliteHistory`` (WAL, survives the process; seq, epoch
-and recent message ids carry over a restart), ``open_history``.
+Every room has its own log with its own consecutive seqs; ``keep`` bounds
+each room's log. The store also keeps each room's settings (topic, modes,
+bans, operator keys) and its last seq, which outlives the room: a room
+closed and made again goes on from it, so no seq is given twice in an epoch.
+
+Defines: ``History`` (the interface), ``MemoryHistory`` (bounded deques, lost
+with the process), ``SqliteHistory`` (WAL, survives the process; seqs, epoch,
+rooms and recent message ids carry over a restart, and a version 1 database
+is migrated: its events become ``lobby``'s), ``open_history``.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ from collections import deque
 from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import msgpack
 
 from zchat.errors import HistoryError
+from zchat.protocol import ROOM
 
 __all__ = [
     "History",
@@ -44,13 +51,15 @@ REPORT_EVERY = 60.0  # seconds between two log lines about the same store failur
 
 log = logging.getLogger("zchat.history")
 T = TypeVar("T")
+# (request id, seq, room) of a sender's recent messages, oldest first.
+RecentIds: TypeAlias = dict[str, list[tuple[str, int, str]]]
 
 
 class History:
-    """The interface: an ordered log of one room's events with consecutive seqs.
+    """The interface: per room, an ordered log of events with consecutive seqs.
 
     Args:
-        keep: events kept (older ones pruned); 0 keeps all.
+        keep: events kept per room (older ones pruned); 0 keeps all.
         max_age: seconds an event is kept; 0 keeps them regardless of age.
     """
 
@@ -59,16 +68,40 @@ class History:
     def __init__(self, keep: int = 10_000, max_age: float = 0.0) -> None:
         self.keep = keep
         self.max_age = max_age
-        self.last_seq = 0
+        self.last_seqs: dict[str, int] = {}  # every room ever given a seq, closed ones too
         self.epoch = secrets.token_hex(8)
+        self._settings: dict[str, dict[str, Any]] = {}
+
+    @property
+    def last_seq(self) -> int:
+        """``lobby``'s last seq (version 1's one room)."""
+        return self.last_seqs.get(ROOM, 0)
+
+    def seq_of(self, room: str) -> int:
+        """The last seq ``room`` was given (0 if never)."""
+        return self.last_seqs.get(room, 0)
 
     def append(self, event: dict[str, Any], sender: str | None = None,
                rid: str | None = None) -> None:
-        """Keep ``event`` (its ``seq`` is ``last_seq + 1``)."""
+        """Keep ``event`` (its ``seq`` is its room's last seq + 1)."""
         raise NotImplementedError
 
-    def after(self, seq: int, limit: int, max_bytes: int = 0) -> list[dict[str, Any]]:
-        """Kept events with seq above ``seq``, ascending, at most ``limit``.
+    def rooms(self) -> dict[str, dict[str, Any]]:
+        """The settings of every room kept (closed rooms are not)."""
+        return dict(self._settings)
+
+    def save_room(self, room: str, settings: dict[str, Any]) -> None:
+        """Keep ``room``'s settings (with the next commit)."""
+        self._settings[room] = settings
+        self.last_seqs.setdefault(room, 0)
+
+    def drop_room(self, room: str) -> None:
+        """Forget ``room``'s settings and events; its last seq is kept."""
+        self._settings.pop(room, None)
+
+    def after(self, seq: int, limit: int, max_bytes: int = 0,
+              room: str = ROOM) -> list[dict[str, Any]]:
+        """Kept events of ``room`` with seq above ``seq``, ascending, at most ``limit``.
 
         ``max_bytes`` bounds the packed size of the page (0: no bound); the
         first event is returned whatever its size, so paging always moves on.
@@ -84,8 +117,8 @@ class History:
     def prune(self, now: float) -> None:
         """Forget events past the count or age limit."""
 
-    def recent_ids(self, per_sender: int) -> dict[str, list[tuple[str, int]]]:
-        """(id, seq) of the last messages of each sender, oldest first.
+    def recent_ids(self, per_sender: int) -> RecentIds:
+        """(id, seq, room) of the last messages of each sender, oldest first.
 
         A sender is the dedupe lineage the broker stored with each message
         (see ``zchat.state``), never a bare name.
@@ -97,48 +130,86 @@ class History:
 
 
 class MemoryHistory(History):
-    """The last ``keep`` events in a deque; gone when the process ends."""
+    """The last ``keep`` events of each room in a deque; gone when the process ends."""
 
     def __init__(self, keep: int = 10_000, max_age: float = 0.0) -> None:
         super().__init__(keep, max_age)
-        self._events: deque[dict[str, Any]] = deque(maxlen=keep or None)
+        self._logs: dict[str, deque[dict[str, Any]]] = {}
+        self._count = 0
         self._packer = msgpack.Packer(use_bin_type=True)
 
     def append(self, event: dict[str, Any], sender: str | None = None,
                rid: str | None = None) -> None:
-        self._events.append(event)
-        self.last_seq = event["seq"]
+        room = event.get("room", ROOM)
+        log_ = self._logs.get(room)
+        if log_ is None:
+            log_ = self._logs[room] = deque(maxlen=self.keep or None)
+        if log_.maxlen is not None and len(log_) == log_.maxlen:
+            self._count -= 1
+        log_.append(event)
+        self._count += 1
+        self.last_seqs[room] = event["seq"]
 
-    def after(self, seq: int, limit: int, max_bytes: int = 0) -> list[dict[str, Any]]:
-        if not self._events or seq >= self.last_seq:
+    def drop_room(self, room: str) -> None:
+        super().drop_room(room)
+        self._count -= len(self._logs.pop(room, ()))
+
+    def after(self, seq: int, limit: int, max_bytes: int = 0,
+              room: str = ROOM) -> list[dict[str, Any]]:
+        events = self._logs.get(room)
+        if not events or seq >= self.seq_of(room):
             return []
-        skip = max(0, seq - self._events[0]["seq"] + 1)
-        page = islice(self._events, skip, skip + limit)
+        skip = max(0, seq - events[0]["seq"] + 1)
+        page = islice(events, skip, skip + limit)
         if not max_bytes:
             return list(page)
         pack = self._packer.pack
         return [event for event, _ in _within(((e, len(pack(e))) for e in page), max_bytes)]
 
     def __len__(self) -> int:
-        return len(self._events)
+        return self._count
 
     def prune(self, now: float) -> None:
         if self.max_age:
             horizon = now - self.max_age
-            while self._events and self._events[0]["ts"] < horizon:
-                self._events.popleft()
+            for events in self._logs.values():
+                while events and events[0]["ts"] < horizon:
+                    events.popleft()
+                    self._count -= 1
 
 
 _SCHEMA = """
--- meta: 'epoch', and 'last_seq' (kept even when every event is pruned)
+-- meta: 'epoch' and 'schema' ('2'), where version 1 also kept 'last_seq' (lobby's)
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- every room ever given a seq: its last one (kept when every event is pruned,
+-- and when the room is closed), and its settings (NULL once closed)
+CREATE TABLE IF NOT EXISTS rooms (
+    name TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    settings BLOB              -- MessagePack map (see zchat.state), NULL: closed
+);
+"""
+_EVENTS = """
 CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY,   -- consecutive per room; v1 has one room
+    room TEXT NOT NULL,
+    seq INTEGER NOT NULL,      -- consecutive per room
     ts REAL NOT NULL,
     sender TEXT,               -- the sender's dedupe lineage (see zchat.state)
     rid TEXT,                  -- the request id of that message
-    body BLOB NOT NULL         -- the event as published (MessagePack)
-);
+    body BLOB NOT NULL,        -- the event as published (MessagePack)
+    PRIMARY KEY (room, seq)
+) WITHOUT ROWID;
+"""
+# Version 1 kept one room's events keyed by seq alone: they become lobby's.
+_MIGRATE_V1 = """
+ALTER TABLE events RENAME TO events_v1;
+""" + _EVENTS + """
+INSERT INTO events SELECT 'lobby', seq, ts, sender, rid, body FROM events_v1;
+DROP TABLE events_v1;
+INSERT OR IGNORE INTO rooms
+    SELECT 'lobby', coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'last_seq'),
+                             0), NULL;
+DELETE FROM meta WHERE key = 'last_seq';
 """
 
 
@@ -151,9 +222,10 @@ class SqliteHistory(History):
     fsync per commit; without it (``NORMAL``) a killed process loses
     nothing committed, a crashed machine may lose the last commits.
 
-    The last seq is kept in ``meta`` by the same commit as the events, so
-    it survives even when retention has pruned every event: a seq once
-    acked is never given again under the same epoch.
+    Each room's last seq is kept in ``rooms`` by the same commit as its
+    events, so it survives even when retention has pruned every event, or
+    the room was closed: a seq once acked is never given again under the
+    same epoch.
 
     Every failure is a ``HistoryError``. Opening reads the whole events
     table once (its count and the recent ids), so a corrupt database is
@@ -168,7 +240,11 @@ class SqliteHistory(History):
                  max_age: float = 0.0, fsync: bool = False) -> None:
         super().__init__(keep, max_age)
         self.path = str(path)
-        self._pending: list[tuple[int, float, str | None, str | None, bytes]] = []
+        # (room, seq, ts, sender, rid, body) appended and not yet committed
+        self._pending: list[tuple[str, int, float, str | None, str | None, bytes]] = []
+        self._pending_rooms: dict[str, bytes | None] = {}  # settings to write (None: closed)
+        self._dropped: set[str] = set()  # rooms whose events to delete at commit
+        self._touched: set[str] = set()  # rooms appended to since the last prune
         self._packer = msgpack.Packer(use_bin_type=True)
         self._broken: str | None = None
         self._said: dict[str, float] = {}
@@ -184,61 +260,108 @@ class SqliteHistory(History):
             self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
-            self._db.executescript(_SCHEMA)
             # Taking the write lock now makes a second broker fail here, at start.
             self._db.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            columns = [row[1] for row in self._db.execute("PRAGMA table_info(events)")]
+            statements = _EVENTS if not columns else _MIGRATE_V1 if "room" not in columns else ""
+            for statement in statements.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', '2')")
             row = self._db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('epoch', ?)", (self.epoch,))
             else:
                 self.epoch = row[0]
             self._db.execute("COMMIT")
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
-            kept_seq, stored = self._db.execute(
-                "SELECT coalesce(max(seq), 0), count(*) FROM events").fetchone()
+            for name, last, settings in self._db.execute(
+                    "SELECT name, last_seq, settings FROM rooms"):
+                self.last_seqs[name] = int(last)
+                if settings is not None:
+                    self._settings[name] = msgpack.unpackb(settings)
+            stored = 0
+            for name, kept_seq, count in self._db.execute(
+                    "SELECT room, max(seq), count(*) FROM events GROUP BY room"):
+                self.last_seqs[name] = max(self.last_seqs.get(name, 0), int(kept_seq))
+                stored += count
             self._stored: int = stored
-            self.last_seq = max(int(row[0]) if row is not None else 0, kept_seq)
             # Read now, while a failure is still a clean exit 4.
-            self._recent: list[tuple[str, str, int]] = self._db.execute(
-                "SELECT sender, rid, seq FROM events WHERE rid IS NOT NULL "
-                "AND seq > ? ORDER BY seq", (self.last_seq - RECENT_IDS_SCANNED,)
-            ).fetchall()
-        except (sqlite3.Error, ValueError) as exc:
+            recent = self._db.execute(
+                "SELECT sender, rid, seq, room FROM events WHERE rid IS NOT NULL "
+                "ORDER BY ts DESC, seq DESC LIMIT ?", (RECENT_IDS_SCANNED,)).fetchall()
+            recent.reverse()
+            self._recent: list[tuple[str, str, int, str]] = recent
+        except (sqlite3.Error, ValueError, msgpack.ExtraData) as exc:
             self._db.close()
             raise HistoryError(f"cannot open history database {self.path}: {exc}") from exc
 
     def append(self, event: dict[str, Any], sender: str | None = None,
                rid: str | None = None) -> None:
+        room = event.get("room", ROOM)
         self._pending.append(
-            (event["seq"], event["ts"], sender, rid, self._packer.pack(event)))
-        self.last_seq = event["seq"]
+            (room, event["seq"], event["ts"], sender, rid, self._packer.pack(event)))
+        self.last_seqs[room] = event["seq"]
+        self._touched.add(room)
+
+    def save_room(self, room: str, settings: dict[str, Any]) -> None:
+        super().save_room(room, settings)
+        self._pending_rooms[room] = self._packer.pack(settings)
+
+    def drop_room(self, room: str) -> None:
+        super().drop_room(room)
+        self._pending_rooms[room] = None
+        self._dropped.add(room)
+        self._pending = [p for p in self._pending if p[0] != room]
 
     def commit(self) -> None:
         if self._broken is not None:
             raise HistoryError(self._broken)
-        if not self._pending:
+        if not self._pending and not self._pending_rooms:
             return
+        # Every room whose seq moved or whose settings changed: its last seq
+        # goes with its events in the same commit.
+        changed = {p[0] for p in self._pending} | set(self._pending_rooms)
         try:
             with self._db:
                 self._db.execute("BEGIN")
-                self._db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)", self._pending)
-                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)",
-                                 (str(self.last_seq),))
+                deleted = 0
+                for room in self._dropped:
+                    deleted += self._db.execute(
+                        "DELETE FROM events WHERE room = ?", (room,)).rowcount
+                self._db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
+                                     self._pending)
+                for room in changed:
+                    seq = self.last_seqs.get(room, 0)
+                    if room in self._pending_rooms:
+                        self._db.execute("INSERT OR REPLACE INTO rooms VALUES (?, ?, ?)",
+                                         (room, seq, self._pending_rooms[room]))
+                    else:
+                        self._db.execute(
+                            "INSERT INTO rooms VALUES (?, ?, NULL) ON CONFLICT(name) "
+                            "DO UPDATE SET last_seq = excluded.last_seq", (room, seq))
         except sqlite3.Error as exc:
             # What failed to commit was never acked; nothing more is written.
             self._broken = f"cannot write history to {self.path}: {exc}"
             self._pending.clear()
+            self._pending_rooms.clear()
             raise HistoryError(self._broken) from exc
-        self._stored += len(self._pending)
+        self._stored += len(self._pending) - deleted
         self._pending.clear()
+        self._pending_rooms.clear()
+        self._dropped.clear()
 
-    def after(self, seq: int, limit: int, max_bytes: int = 0) -> list[dict[str, Any]]:
+    def after(self, seq: int, limit: int, max_bytes: int = 0,
+              room: str = ROOM) -> list[dict[str, Any]]:
         # Events of this pass not yet committed are served from memory: the
         # reply leaves with the pass, after the commit, like the events.
         try:
             rows = self._db.execute(
-                "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
-            pending = ((p[0], p[4]) for p in self._pending if p[0] > seq)
+                "SELECT seq, body FROM events WHERE room = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (room, seq, limit))
+            pending = ((p[1], p[5]) for p in self._pending if p[0] == room and p[1] > seq)
             # The cursor is read only as far as the budget goes.
             bodies = (body for _, body in heapq.merge(rows, pending))
             page = _within(((body, len(body)) for body in islice(bodies, limit)), max_bytes)
@@ -252,27 +375,32 @@ class SqliteHistory(History):
     def prune(self, now: float) -> None:
         if self._broken is not None:
             return
+        # Only rooms that grew can be over their count: a prune costs the
+        # rooms that spoke, not every room there is.
+        touched, self._touched = self._touched, set()
         try:
             with self._db:
                 self._db.execute("BEGIN")
                 deleted = 0
                 if self.keep:
-                    deleted += self._db.execute(
-                        "DELETE FROM events WHERE seq <= ?", (self.last_seq - self.keep,)
-                    ).rowcount
+                    for room in touched:
+                        deleted += self._db.execute(
+                            "DELETE FROM events WHERE room = ? AND seq <= ?",
+                            (room, self.last_seqs.get(room, 0) - self.keep)).rowcount
                 if self.max_age:
                     deleted += self._db.execute(
                         "DELETE FROM events WHERE ts < ?", (now - self.max_age,)).rowcount
         except sqlite3.Error as exc:
+            self._touched |= touched
             raise self._failure("prune", exc) from exc
         self._stored -= deleted
 
-    def recent_ids(self, per_sender: int) -> dict[str, list[tuple[str, int]]]:
-        ids: dict[str, list[tuple[str, int]]] = {}
-        for sender, rid, seq in self._recent:
-            ids.setdefault(sender, []).append((rid, seq))
+    def recent_ids(self, per_sender: int) -> RecentIds:
+        ids: RecentIds = {}
+        for sender, rid, seq, room in self._recent:
+            ids.setdefault(sender, []).append((rid, seq, room))
         self._recent = []  # needed once, at start
-        return {sender: pairs[-per_sender:] for sender, pairs in ids.items()}
+        return {sender: items[-per_sender:] for sender, items in ids.items()}
 
     def close(self) -> None:
         try:

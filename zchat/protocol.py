@@ -1,4 +1,4 @@
-"""The zchat wire protocol, version 1: frames to typed messages and back.
+"""The zchat wire protocol, versions 1 and 2: frames to typed messages and back.
 
 This module does no I/O and imports no ``zmq``. Every payload on the wire is
 one frame holding one MessagePack map with string keys (see ``PROTOCOL.md``).
@@ -6,21 +6,34 @@ one frame holding one MessagePack map with string keys (see ``PROTOCOL.md``).
 Client -> broker requests (``decode_request``)::
 
     type       fields                                  class
-    join       name, since?, token?                    Join
-    message    text                                    Say
+    join       name, since?, token?, rooms?            Join
+    message    text, room?                             Say
     leave      reason?                                 Leave
     ping       (anything)                              Ping
-    who        -                                       Who
-    history    after, limit?                           GetHistory
+    who        room?, after?, limit?                   Who
+    history    after, room?, limit?                    GetHistory
     dm         to, text                                SendDm
+    enter      room, private?                          Enter        (v2 from here)
+    part       room, reason?                           Part
+    rooms      -                                       ListRooms
+    topic      room, text                              SetTopic
+    mode       room, private?, moderated?, topic_ops?  SetMode
+    op, deop   room, name                              Op, Deop
+    kick       room, name, reason?                     KickFrom
+    ban, unban room, name                              Ban, Unban
+    invite     room, name                              Invite
+
+A request without ``room`` means ``lobby`` (a version 1 client sends none).
 
 Every request may carry ``id`` (str, at most 64 chars), echoed by its reply.
 
 Broker -> client frames (``decode_frame`` on the client side, parsed by
 ``parse_event``)::
 
-    room events (PUB, topic "lobby\\0"): joined, message, left, notice
-    direct (DEALER): welcome, ack, error, pong, members, history, dm, bye
+    room events (PUB, topic "<room>\\0"; a private room's on each member's
+        DEALER instead): joined, message, left, notice, topic, mode
+    direct (DEALER): welcome, ack, error, pong, members, history, dm, bye,
+        entered, parted, rooms, invited
     broker-wide (PUB, topic "\\0"): heartbeat, shutdown
 
 Anything a peer got wrong raises ``ProtocolError`` with one of the protocol's
@@ -29,6 +42,7 @@ error codes, so the broker can answer that peer and carry on.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,62 +62,102 @@ __all__ = [
     "HISTORY_PAGE_MAX",
     "MAX_ID_CHARS",
     "MAX_NAME_CHARS",
+    "MAX_ROOM_CHARS",
+    "MEMBERS_SHOWN",
     "MISSED_HEARTBEATS",
     "PROTOCOL_VERSION",
     "ROOM",
     "ROOM_TOPIC",
+    "WHO_PAGE",
+    "WHO_PAGE_MAX",
     "Ack",
+    "Ban",
     "BrokerReply",
     "Bye",
     "ByeReason",
     "ClientStatus",
+    "Deop",
     "Direct",
+    "Enter",
+    "Entered",
     "ErrorCode",
     "ErrorReply",
     "Event",
     "GetHistory",
     "HistoryPage",
+    "Invite",
+    "Invited",
     "Join",
     "Joined",
+    "KickFrom",
     "Leave",
     "LeaveReason",
     "Left",
+    "ListRooms",
     "Member",
     "Members",
     "Message",
     "Notice",
+    "Op",
     "OtherEvent",
     "OtherReply",
+    "Part",
+    "Parted",
     "Ping",
     "Pong",
+    "Refused",
     "Request",
+    "RoomInfo",
+    "RoomList",
     "Say",
     "SendDm",
+    "SetMode",
+    "SetTopic",
+    "Unban",
     "Welcome",
     "Who",
+    "batch_topic",
     "check_name",
+    "check_room",
     "decode_frame",
     "decode_request",
     "encode",
     "encode_batch",
     "fold_name",
+    "named_room",
     "parse_event",
     "parse_members",
     "parse_reply",
     "parse_request",
     "request_id",
+    "room_topic",
     "with_id",
 ]
 
-PROTOCOL_VERSION: Final = 1
-ROOM: Final = "lobby"
-ROOM_TOPIC: Final = ROOM.encode() + b"\x00"
+PROTOCOL_VERSION: Final = 2
+ROOM: Final = "lobby"  # the room every version 1 client is in
 BROKER_TOPIC: Final = b"\x00"
-# Extension: room events coalesced into one frame under load (see PROTOCOL.md).
-BATCH_TOPIC: Final = b"\x01" + ROOM_TOPIC
+
+
+def room_topic(room: str) -> bytes:
+    """The PUB topic of a public room's events: its folded name and a NUL."""
+    return room.encode() + b"\x00"
+
+
+def batch_topic(room: str) -> bytes:
+    """Extension: the topic of a room's events coalesced into one frame (PROTOCOL.md)."""
+    return b"\x01" + room.encode() + b"\x00"
+
+
+ROOM_TOPIC: Final = room_topic(ROOM)
+BATCH_TOPIC: Final = batch_topic(ROOM)
 
 MAX_ID_CHARS: Final = 64
 MAX_NAME_CHARS: Final = 32
+MAX_ROOM_CHARS: Final = 64  # the protocol's bound; a broker may set a lower one
+MEMBERS_SHOWN: Final = 100  # members listed in `welcome` and `entered` (the rest: `who`)
+WHO_PAGE: Final = 100  # members in a `who` page when no `limit` is asked
+WHO_PAGE_MAX: Final = 1000
 DEFAULT_MAX_FRAME: Final = 64 * 1024
 
 
@@ -130,6 +184,12 @@ class ErrorCode(StrEnum):
     # Additions (a v1 client treats an unknown code as a plain failure):
     TOO_MANY_NAMES = "too_many_names"  # CURVE: this key holds its limit of names
     UNAVAILABLE = "unavailable"  # the broker's store failed this request; retry later
+    # Version 2 (rooms):
+    BAD_ROOM = "bad_room"  # not a valid room name
+    NO_SUCH_ROOM = "no_such_room"
+    NOT_IN_ROOM = "not_in_room"  # a room the client has not entered (or may not see)
+    FORBIDDEN = "forbidden"  # not an operator, banned, invite-only, moderated
+    TOO_MANY_ROOMS = "too_many_rooms"  # rooms per client, or rooms in all
     # Never on the wire: the client library's code for a reply it cannot parse.
     BAD_REPLY = "bad_reply"
 
@@ -139,9 +199,12 @@ class LeaveReason(StrEnum):
 
     LEAVE = "leave"  # it said `leave`
     TIMEOUT = "timeout"  # it fell silent
-    KICKED = "kicked"  # the operator kicked it
+    KICKED = "kicked"  # the operator kicked it, or (v2, with `by`) a room operator
     REPLACED = "replaced"  # another connection took its name with its token
     SHUTDOWN = "shutdown"  # the broker stopped
+    PART = "part"  # v2: it parted the room
+    BANNED = "banned"  # v2: a room operator banned it (with `by`)
+    CLOSED = "closed"  # v2: the broker's operator closed the room
 
 
 class ByeReason(StrEnum):
@@ -198,17 +261,14 @@ def decode_frame(frame: bytes | memoryview, max_size: int = DEFAULT_MAX_FRAME) -
     return body
 
 
-_BATCH_HEAD: Final = b"\x83" + b"".join(
-    msgpack.packb(word) for word in ("type", "batch", "room", ROOM, "events")
-)
-
-
-def encode_batch(packed_events: list[bytes]) -> bytes:
+def encode_batch(packed_events: list[bytes], room: str = ROOM) -> bytes:
     """One ``batch`` frame from already packed room events, without repacking.
 
     ``{type: "batch", room, events: [...]}``: a MessagePack array is its
     header followed by its items, so the events' bytes are joined as they are.
     """
+    head = b"\x83" + b"".join(
+        msgpack.packb(word) for word in ("type", "batch", "room", room, "events"))
     count = len(packed_events)
     if count < 16:
         header = bytes((0x90 | count,))
@@ -216,7 +276,7 @@ def encode_batch(packed_events: list[bytes]) -> bytes:
         header = b"\xdc" + count.to_bytes(2, "big")
     else:
         header = b"\xdd" + count.to_bytes(4, "big")
-    return _BATCH_HEAD + header + b"".join(packed_events)
+    return head + header + b"".join(packed_events)
 
 
 # --------------------------------------------------------------------------
@@ -266,6 +326,48 @@ def check_name(name: object) -> str:
     return shown
 
 
+_ROOM_NAME: Final = re.compile(r"[a-z0-9][a-z0-9._-]*")
+
+
+def check_room(room: object, max_chars: int = MAX_ROOM_CHARS) -> str:
+    """Return ``room`` folded to lower case if it is a valid room name.
+
+    1 to ``max_chars`` characters from ``a-z0-9-_.``, starting with a letter
+    or a digit; upper-case ASCII letters are folded. Anything else (a ``#``,
+    a space, a non-ASCII letter, even one whose lower case is ASCII, like
+    the Kelvin sign) is refused.
+
+    Raises:
+        ProtocolError: ``bad_request`` if ``room`` is not a string, else
+            ``bad_room``.
+    """
+    if not isinstance(room, str):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'room' must be a string")
+    if not 1 <= len(room) <= max_chars or not room.isascii():
+        raise ProtocolError(ErrorCode.BAD_ROOM,
+                            f"a room name is 1 to {max_chars} characters from a-z0-9-_.")
+    folded = room.lower()
+    if _ROOM_NAME.fullmatch(folded) is None:
+        raise ProtocolError(ErrorCode.BAD_ROOM, "a room name is made of a-z, 0-9, '-', '_', "
+                            "'.' and starts with a letter or a digit")
+    return folded
+
+
+def named_room(body: dict[str, Any]) -> str | None:
+    """The room a request map names, folded if valid, as sent if not (None: none).
+
+    Every error about a request that named a room carries that room, even
+    when the request was refused before it was parsed.
+    """
+    raw = body.get("room")
+    if not isinstance(raw, str):
+        return None
+    try:
+        return check_room(raw)
+    except ProtocolError:
+        return raw
+
+
 # --------------------------------------------------------------------------
 # Requests (client -> broker)
 
@@ -275,14 +377,16 @@ class Join:
     name: str
     since: int | None = None
     token: str | None = None
+    rooms: list[Any] | None = None  # v2: rooms to enter (None: lobby); checked one by one
     id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Say:
-    """A ``message`` request: say ``text`` in the room."""
+    """A ``message`` request: say ``text`` in ``room`` (None: lobby)."""
 
     text: str
+    room: str | None = None
     id: str | None = None
 
 
@@ -299,12 +403,16 @@ class Ping:
 
 @dataclass(frozen=True, slots=True)
 class Who:
+    room: str | None = None
+    after: object = None  # a member name (str): the page starts after it
+    limit: int | None = None
     id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class GetHistory:
     after: int
+    room: str | None = None
     limit: int | None = None
     id: str | None = None
 
@@ -316,19 +424,119 @@ class SendDm:
     id: str | None = None
 
 
-Request: TypeAlias = Join | Say | Leave | Ping | Who | GetHistory | SendDm
+@dataclass(frozen=True, slots=True)
+class Enter:
+    room: str
+    private: bool | None = None  # only when it creates the room
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    room: str
+    reason: str | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListRooms:
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetTopic:
+    room: str
+    text: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetMode:
+    room: str
+    private: bool | None = None
+    moderated: bool | None = None
+    topic_ops: bool | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    room: str
+    name: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Deop:
+    room: str
+    name: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KickFrom:
+    """A room operator's ``kick`` (the broker's operator kicks from the console)."""
+
+    room: str
+    name: str
+    reason: str | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ban:
+    room: str
+    name: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unban:
+    room: str
+    name: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Invite:
+    room: str
+    name: str
+    id: str | None = None
+
+
+Request: TypeAlias = (
+    Join | Say | Leave | Ping | Who | GetHistory | SendDm | Enter | Part | ListRooms
+    | SetTopic | SetMode | Op | Deop | KickFrom | Ban | Unban | Invite
+)
 
 # The request table: wire type -> (class, {field: (accepted type, required)}).
-# ``int`` means a true int (a MessagePack bool is refused).
+# ``int`` means a true int (a MessagePack bool is refused); ``object``, anything.
 _FieldSpec: TypeAlias = dict[str, tuple[type, bool]]
+_ROOM_NAMED: Final[_FieldSpec] = {"room": (str, True), "name": (str, True)}
 _REQUESTS: Final[dict[str, tuple[type, _FieldSpec]]] = {
-    "join": (Join, {"name": (str, True), "since": (int, False), "token": (str, False)}),
-    "message": (Say, {"text": (str, True)}),
+    "join": (Join, {"name": (str, True), "since": (int, False), "token": (str, False),
+                    "rooms": (list, False)}),
+    "message": (Say, {"text": (str, True), "room": (str, False)}),
     "leave": (Leave, {"reason": (str, False)}),
     "ping": (Ping, {}),
-    "who": (Who, {}),
-    "history": (GetHistory, {"after": (int, True), "limit": (int, False)}),
+    # `after` is checked by the broker, after `not_joined`: version 1 sent
+    # `who` with any fields, and an int `after` there was never an error.
+    "who": (Who, {"room": (str, False), "after": (object, False), "limit": (int, False)}),
+    "history": (GetHistory, {"after": (int, True), "room": (str, False),
+                             "limit": (int, False)}),
     "dm": (SendDm, {"to": (str, True), "text": (str, True)}),
+    "enter": (Enter, {"room": (str, True), "private": (bool, False)}),
+    "part": (Part, {"room": (str, True), "reason": (str, False)}),
+    "rooms": (ListRooms, {}),
+    "topic": (SetTopic, {"room": (str, True), "text": (str, True)}),
+    "mode": (SetMode, {"room": (str, True), "private": (bool, False),
+                       "moderated": (bool, False), "topic_ops": (bool, False)}),
+    "op": (Op, _ROOM_NAMED),
+    "deop": (Deop, _ROOM_NAMED),
+    "kick": (KickFrom, {**_ROOM_NAMED, "reason": (str, False)}),
+    "ban": (Ban, _ROOM_NAMED),
+    "unban": (Unban, _ROOM_NAMED),
+    "invite": (Invite, _ROOM_NAMED),
 }
 
 
@@ -375,7 +583,7 @@ def parse_request(body: dict[str, Any]) -> Request:
             if required:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, f"{kind!r} needs {field!r}")
             continue
-        if type(value) is not ftype:
+        if ftype is not object and type(value) is not ftype:
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST, f"{kind!r} field {field!r} must be {ftype.__name__}"
             )
@@ -511,12 +719,21 @@ def parse_members(items: object) -> list[Member]:
 #                              heartbeat?, epoch?, rate?, burst?, batch?
 #     ack       Ack            seq? (a message's; a dm's ack has none)
 #     error     ErrorReply     code, detail?
-#     pong      Pong           ts, seq?, joined?
-#     members   Members        members
-#     history   HistoryPage    events
+#     pong      Pong           ts, seq?, joined?, seqs?
+#     members   Members        members, room?, count?, next?
+#     history   HistoryPage    events, room?
 #     dm        Direct         from, text, ts?
 #     bye       Bye            reason, detail?
+#     entered   Entered        room, seq, topic, count, members, ops, private,
+#                              moderated, topic_ops                 (v2 from here)
+#     parted    Parted         room
+#     rooms     RoomList       rooms: [{name, topic, count, private}]
+#     invited   Invited        room, from
 #     (other)   OtherReply     the map as it came
+#
+# Version 2 adds to welcome: rooms, count, refused; to ack and error: room.
+# Its fields come after ``id``, so version 1 code that builds replies by
+# position is unchanged.
 #
 # Every reply but ``dm`` and ``bye`` may carry the ``id`` of its request.
 
@@ -538,12 +755,24 @@ class Welcome:
     burst: int | None = None
     batch: bool = False  # it also publishes room events in batches
     id: str | None = None
+    rooms: tuple[str, ...] = ()  # v2: the rooms entered (v1 brokers: none said)
+    count: int | None = None  # v2: members of `room`
+    refused: tuple[Refused, ...] = ()  # v2: rooms of the join it could not enter
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A room a ``join`` listed and could not enter, and why (an ``ErrorCode``)."""
+
+    room: str
+    code: str
 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
     seq: int | None = None
     id: str | None = None
+    room: str | None = None  # v2: the room the request was about
 
 
 @dataclass(frozen=True, slots=True)
@@ -551,6 +780,7 @@ class ErrorReply:
     code: str  # an ``ErrorCode`` value, or one this version does not know
     detail: str = ""
     id: str | None = None
+    room: str | None = None  # v2: the room the failed request named
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,18 +789,67 @@ class Pong:
     seq: int | None = None  # addition: the room's head seq
     joined: bool | None = None  # addition: False once the broker forgot us
     id: str | None = None
+    seqs: dict[str, int] | None = None  # v2: the last seq of each room we are in
 
 
 @dataclass(frozen=True, slots=True)
 class Members:
     members: list[Member]
     id: str | None = None
+    room: str = ROOM
+    count: int | None = None  # v2: all the room's members, of which this is a page
+    next: str | None = None  # v2: pass as `after` for the next page; None: last page
 
 
 @dataclass(frozen=True, slots=True)
 class HistoryPage:
     events: list[Event]
     id: str | None = None
+    room: str = ROOM
+
+
+@dataclass(frozen=True, slots=True)
+class Entered:
+    """v2: we are in ``room`` (the answer to ``enter``)."""
+
+    room: str
+    seq: int
+    topic: str
+    count: int
+    members: list[Member]  # at most MEMBERS_SHOWN; the rest with `who`
+    ops: list[str]
+    private: bool
+    moderated: bool
+    topic_ops: bool
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Parted:
+    room: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomInfo:
+    name: str
+    topic: str
+    count: int
+    private: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RoomList:
+    rooms: list[RoomInfo]
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Invited:
+    """v2: ``sender`` invites us to ``room`` (on the DEALER, never PUB)."""
+
+    room: str
+    sender: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -590,6 +869,7 @@ class OtherReply:
 
 BrokerReply: TypeAlias = (
     Welcome | Ack | ErrorReply | Pong | Members | HistoryPage | Direct | Bye | OtherReply
+    | Entered | Parted | RoomList | Invited
 )
 
 
@@ -623,7 +903,61 @@ def _parse_welcome(body: dict[str, Any], rid: str | None) -> Welcome:
         burst=int(burst) if burst is not None else None,
         batch=body.get("batch") is True,
         id=rid,
+        rooms=tuple(_strings(body, "rooms")),
+        count=_optional(body, "count", int),
+        refused=tuple(Refused(_field(item, "room", str), _field(item, "code", str))
+                      for item in _maps(body, "refused")),
     )
+
+
+def _maps(body: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """An optional list of maps (absent: empty)."""
+    items = body.get(name)
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ProtocolError(ErrorCode.BAD_REPLY, f"{name!r} must be a list of maps")
+    return items
+
+
+def _strings(body: dict[str, Any], name: str) -> list[str]:
+    """An optional list of strings (absent: empty)."""
+    items = body.get(name)
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ProtocolError(ErrorCode.BAD_REPLY, f"{name!r} must be a list of strings")
+    return items
+
+
+def _parse_entered(body: dict[str, Any], rid: str | None) -> Entered:
+    flags = {}
+    for name in ("private", "moderated", "topic_ops"):
+        if not isinstance(body.get(name), bool):
+            raise ProtocolError(ErrorCode.BAD_REPLY, f"'entered' field {name!r} is bad")
+        flags[name] = body[name]
+    return Entered(
+        room=_field(body, "room", str), seq=_field(body, "seq", int),
+        topic=_field(body, "topic", str), count=_field(body, "count", int),
+        members=parse_members(body.get("members")), ops=_strings(body, "ops"),
+        id=rid, **flags,
+    )
+
+
+def _parse_rooms(body: dict[str, Any], rid: str | None) -> RoomList:
+    rooms = []
+    for item in _maps(body, "rooms"):
+        if not isinstance(item.get("private"), bool):
+            raise ProtocolError(ErrorCode.BAD_REPLY, "a room's 'private' is bad")
+        rooms.append(RoomInfo(_field(item, "name", str), _field(item, "topic", str),
+                              _field(item, "count", int), item["private"]))
+    return RoomList(rooms, rid)
+
+
+def _parse_members(body: dict[str, Any], rid: str | None) -> Members:
+    return Members(parse_members(body.get("members")), rid,
+                   _optional(body, "room", str) or ROOM, _optional(body, "count", int),
+                   _optional(body, "next", str))
 
 
 def _parse_events(body: dict[str, Any], rid: str | None) -> HistoryPage:
@@ -631,26 +965,35 @@ def _parse_events(body: dict[str, Any], rid: str | None) -> HistoryPage:
     if not isinstance(items, list):
         raise ProtocolError(ErrorCode.BAD_REPLY, "'events' must be a list")
     events = [parse_event(item) for item in items if isinstance(item, dict) and "type" in item]
-    return HistoryPage(events, rid)
+    return HistoryPage(events, rid, _optional(body, "room", str) or ROOM)
 
 
 def _parse_pong(body: dict[str, Any], rid: str | None) -> Pong:
     joined = body.get("joined")
+    seqs = body.get("seqs")
+    if seqs is not None and not (isinstance(seqs, dict) and all(
+            isinstance(k, str) and type(v) is int for k, v in seqs.items())):
+        raise ProtocolError(ErrorCode.BAD_REPLY, "'seqs' must map rooms to seqs")
     return Pong(float(_field(body, "ts", (int, float))), _optional(body, "seq", int),
-                joined if isinstance(joined, bool) else None, rid)
+                joined if isinstance(joined, bool) else None, rid, seqs)
 
 
 _REPLIES: Final[dict[str, Callable[[dict[str, Any], str | None], BrokerReply]]] = {
     "welcome": _parse_welcome,
-    "ack": lambda b, rid: Ack(_optional(b, "seq", int), rid),
+    "ack": lambda b, rid: Ack(_optional(b, "seq", int), rid, _optional(b, "room", str)),
     "error": lambda b, rid: ErrorReply(_field(b, "code", str),
-                                       str(b.get("detail") or ""), rid),
+                                       str(b.get("detail") or ""), rid,
+                                       _optional(b, "room", str)),
     "pong": _parse_pong,
-    "members": lambda b, rid: Members(parse_members(b.get("members")), rid),
+    "members": _parse_members,
     "history": _parse_events,
     "dm": lambda b, rid: Direct(_field(b, "from", str), _field(b, "text", str),
                                 float(_optional(b, "ts", (int, float)) or 0.0)),
     "bye": lambda b, rid: Bye(str(b.get("reason") or ""), str(b.get("detail") or "")),
+    "entered": _parse_entered,
+    "parted": lambda b, rid: Parted(_field(b, "room", str), rid),
+    "rooms": _parse_rooms,
+    "invited": lambda b, rid: Invited(_field(b, "room", str), _field(b, "from", str)),
 }
 
 
