@@ -444,8 +444,9 @@ def test_broker_stops_on_sigterm_within_its_grace_time(project: Project) -> None
         run("docker", "rm", "-f", name, check=False)
 
 
-JOINED = re.compile(r"#\d+ --> (\S+) joined from (\S+)")
-SAID = re.compile(r"#\d+ \S+ <(\S+)> (.*)")  # seq, the sender's address, name, text
+# The broker's screen: "HH:MM:SS #room seq ..." (the room and its seq first).
+JOINED = re.compile(r"#\S+ \d+ --> (\S+) joined from (\S+)")
+SAID = re.compile(r"#\S+ \d+ \S+ <(\S+)> (.*)")  # room, seq, the sender's address, name, text
 
 
 def check_ring(project: Project, broker: str) -> dict[str, str]:
