@@ -440,13 +440,14 @@ class Guard:
 
     def __init__(self, limits: ConnectionLimits, capacity: int, now: float) -> None:
         self.ledger = Ledger(limits, capacity)
-        self.limits = limits
         self._monitors: dict[zmq.Socket[Any], Kind] = {}
         self._auto_first = -1  # the ROUTER's first automatic id's counter, once probed
         self._input_accepts = 0
         self._next_scan = now + 1.0
         self._next_memory = now + MEMORY_CHECK
         self._rss_mark = read_rss()
+        # Cuts by reason as they are carried out (not ``ledger.counts``: the
+        # ledger counts a whole expiry before the first of it is logged).
         self._cut_log: dict[str, int] = {}
 
     # ------------------------------------------------------------- sockets

@@ -331,12 +331,10 @@ class Server:
                 # Woken much later than asked: the process did not run (stopped,
                 # a paused machine), and members' pings may still be on their way.
                 overslept = time.monotonic() - asleep - timeout > OVERSLEEP
-                if guard is not None:
+                if any(monitor in ready for monitor in monitors):
                     # Connections first: a closed one must be known before a
                     # newcomer reusing its routing id is read.
-                    for monitor in monitors:
-                        if monitor in ready:
-                            guard.drain(monitor, time.time(), self._connection_gone)
+                    self._drain_monitors()
                 # Not ready: nothing waits (zmq_poll reads the socket's own
                 # state), so a drain that stopped at DRAIN_BATCH exactly
                 # cannot leave expiry switched off, nor the loop spinning.
