@@ -80,7 +80,19 @@ from zchat import (
 from zchat.display import name_colour, printable
 from zchat.protocol import ClientStatus, check_name, fold_name
 
-from .commands import Clear, Help, Invalid, Nick, Private, Quit, Say, Who, complete, parse_line
+from .commands import (
+    Clear,
+    Command,
+    Help,
+    Invalid,
+    Nick,
+    Private,
+    Quit,
+    Say,
+    Who,
+    complete,
+    parse_line,
+)
 from .options import EXIT_CLOSED, EXIT_HANDSHAKE, EXIT_OK, Options, on_signals
 from .outbox import Outbox, Outgoing
 from .render import (
@@ -449,7 +461,7 @@ class Session:
             self._run_command(command)
         return True
 
-    def _run_command(self, command: Say | Private | Who | Help | Clear | Nick | Invalid) -> None:
+    def _run_command(self, command: Command) -> None:
         now = time.time()
         if isinstance(command, Say):
             # Pasted lines go out one message each, as typed ones would.
@@ -467,7 +479,7 @@ class Session:
         elif isinstance(command, Nick):
             self.show([notice(f"a name is kept for the whole session: /quit, then join again "
                               f"with --name {printable(command.name)}", now, self.view)])
-        else:
+        elif isinstance(command, Invalid):
             self.show([notice(command.why, now, self.view)])
         self._outbox_changed.set()
         self._refresh_prompt()

@@ -21,6 +21,7 @@ from zchat.clients.commands import (
     Invalid,
     Nick,
     Private,
+    Query,
     Quit,
     Say,
     Who,
@@ -226,6 +227,7 @@ def test_json_form_of_each_item(item: object, expected: dict[str, object]) -> No
     ("/ME waves hard", Say("/me waves hard")),
     ("/msg bob psst  there", Private("bob", "psst  there")),
     ("/query bob hi", Private("bob", "hi")),
+    ("/query bob", Query("bob")),
     ("/who", Who()),
     ("/names", Who()),
     ("/help", Help()),
@@ -251,8 +253,8 @@ def test_tab_completes_names_and_commands() -> None:
     assert complete("b", names) == (1, ["bob: ", "Bobby: "])  # addressing at line start
     assert complete("hi B", names) == (1, ["bob ", "Bobby "])
     assert complete("/msg al", names) == (2, ["alice "])
-    assert complete("/m", names) == (2, ["/me ", "/msg "])
-    assert complete("/q", names) == (2, ["/quit "])
+    assert complete("/m", names) == (2, ["/me ", "/mode ", "/msg "])
+    assert complete("/qui", names) == (4, ["/quit "])
     assert complete("hi ", names) == (0, [])
     assert complete("zed", names) == (3, [])
 
