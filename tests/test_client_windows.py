@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from zchat import Member
 from zchat.clients.commands import (
     CloseWindow,
     Invalid,
@@ -26,7 +27,16 @@ from zchat.clients.commands import (
     parse_line,
     room_name,
 )
-from zchat.clients.render import to_plain
+from zchat.clients.render import (
+    View,
+    entered_line,
+    invited_line,
+    mode_line,
+    room_lines,
+    to_plain,
+    topic_line,
+    who_line,
+)
 from zchat.clients.windows import Kind, Windows, status_line
 
 
@@ -198,3 +208,43 @@ def test_a_long_topic_is_cut_and_cannot_move_the_cursor() -> None:
     dev.topic = "\x1b[2J" + "x" * 200
     text = to_plain(status_line(windows))
     assert "\x1b" not in text and text.endswith("…") and len(text) < 100
+
+
+# ------------------------------------------------------------ room lines
+
+TS = 1_700_000_000.0
+ME = View("alice")
+
+
+def plain(line_: tuple[tuple[str, str], ...]) -> str:
+    return to_plain(line_).split(" ", 1)[1]  # without the time column
+
+
+def test_topic_and_mode_lines_say_who_did_what() -> None:
+    assert plain(topic_line("dev", "bob", "release on friday", TS, ME, TS)) == \
+        "-!- bob changed the topic of #dev to: release on friday"
+    assert plain(topic_line("dev", "bob", "", TS, ME, TS)) == "-!- bob cleared the topic of #dev"
+    assert plain(mode_line("dev", "bob", {"private": True, "moderated": False}, TS, ME, TS)) == \
+        "-!- mode/#dev [+p -m] by bob (private (invite only), not moderated)"
+    assert plain(mode_line("dev", "*", {"op": "carol"}, TS, ME, TS)) == \
+        "-!- mode/#dev [+o carol] by the broker's operator (operator: carol)"
+    assert plain(mode_line("dev", "bob", {"ban": "eve"}, TS, ME, TS)).startswith(
+        "-!- mode/#dev [+b eve] by bob")
+
+
+def test_invitation_list_and_entering_lines() -> None:
+    assert plain(invited_line("secret", "bob", TS, ME)) == \
+        "-!- bob invites you to #secret: /join #secret"
+    lines = [plain(x) for x in room_lines([("lobby", 3, "", False), ("dev", 2, "hi", True)],
+                                          ME, TS)]
+    assert lines[0] == "-!- 2 rooms:"
+    assert lines[1].split() == ["-!-", "#dev", "2", "private", "hi"]
+    assert lines[2].split() == ["-!-", "#lobby", "3"]
+    assert plain(entered_line("dev", "friday", {"private": True}, TS, ME)) == \
+        "-!- you are in #dev (private (invite only)); topic: friday"
+
+
+def test_who_line_marks_operators_and_names_the_room() -> None:
+    members = [Member("bob", "10.0.0.7"), Member("alice", "10.0.0.8")]
+    assert plain(who_line(members, ME, TS, ops=["Bob"], room="dev", count=5)) == \
+        "-!- 5 in #dev (the first 2): alice (10.0.0.8, you), @bob (10.0.0.7)"
