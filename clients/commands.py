@@ -41,9 +41,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from zchat.errors import ProtocolError
-from zchat.protocol import check_room
-
+from .options import room_name
 from .render import ACTION_PREFIX
 
 __all__ = [
@@ -202,18 +200,6 @@ COMMANDS = ("/ban", "/clear", "/close", "/deop", "/exit", "/help", "/invite", "/
 _ALIASES = {"/names": "/who", "/?": "/help", "/exit": "/quit", "/j": "/join",
             "/leave": "/part", "/win": "/window", "/wc": "/close", "/t": "/topic"}
 _ROOM_ARGUMENT = ("/join", "/j", "/part", "/leave", "/invite")
-
-
-def room_name(text: str) -> str:
-    """The room ``#Dev`` or ``dev`` names, folded as the broker folds it.
-
-    Raises:
-        ValueError: it cannot be a room name (the reason is the message).
-    """
-    try:
-        return check_room(text.removeprefix("#"))
-    except ProtocolError as exc:
-        raise ValueError(exc.detail) from None
 
 
 def parse_line(line: str) -> Command | None:

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import overload
 
+from zchat.errors import ProtocolError
 from zchat.keys import ClientKeys, KeyFileError, load_client_keys
+from zchat.protocol import check_room
 
 __all__ = [
     "DEFAULT_CONNECT",
@@ -37,6 +39,7 @@ __all__ = [
     "env",
     "on_signals",
     "parse_options",
+    "room_name",
 ]
 
 EXIT_OK = 0
@@ -60,9 +63,21 @@ input line is sent as a message and events are printed one per line.
 """
 
 EPILOG = """\
-interactive commands:
-  TEXT                   say TEXT to the room (//TEXT says a text that starts with /)
-  /msg NAME TEXT         a private message, seen by NAME only
+interactive commands (irssi's):
+  TEXT                   say TEXT in the current window's room, or to its person
+                         (//TEXT says a text that starts with /)
+  /msg NAME TEXT         a private message, seen by NAME only (in NAME's window)
+  /query NAME            open a window for private messages with NAME
+  /join #ROOM, /j        enter a room, in a window of its own (made if new;
+                         /join -private #ROOM makes it invite-only)
+  /part [#ROOM] [WHY]    leave this window's room (or #ROOM)
+  /list                  the rooms there are; /topic [TEXT] shows or sets this one's
+  /invite NAME [#ROOM]   invite NAME here (or to #ROOM)
+  /kick NAME [WHY], /ban NAME, /unban NAME, /op NAME, /deop NAME  (room operators)
+  /mode +p|-p +m|-m +t|-t   private, moderated, topic by operators only
+  Alt-1..9, Ctrl-N, Ctrl-P  go to window N, the next, the previous (/window N);
+                         the status line above the input shows every window,
+                         +N for unread lines and ! for a mention; /close closes one
   /me ACTION             an action, shown as "* you ACTION"
   /who, /names           who is here, with addresses
   /clear                 clear the screen
@@ -82,8 +97,9 @@ scriptable mode:
   --commands, input lines may use /msg, /me, /who and /quit as above (any
   other /word is a usage error: exit 2). SIGINT and SIGTERM leave and exit 0.
 
-environment: ZCHAT_NAME, ZCHAT_CONNECT, ZCHAT_TIMEOUT, ZCHAT_SERVER_KEY and
-ZCHAT_KEY set the options of the same names; an option on the command line wins.
+environment: ZCHAT_NAME, ZCHAT_CONNECT, ZCHAT_JOIN, ZCHAT_ROOM, ZCHAT_TIMEOUT,
+ZCHAT_SERVER_KEY and ZCHAT_KEY set the options of the same names; an option on
+the command line wins (--join adds to ZCHAT_JOIN's rooms).
 
 exit codes:
   0  done (or left on /quit, Ctrl-D, Ctrl-C, SIGINT, SIGTERM)
@@ -135,10 +151,32 @@ class Options:
     history: int = 0
     commands: bool = False
     keys: ClientKeys | None = None  # CURVE, for a broker that encrypts
+    join: tuple[str, ...] = ()  # --join: rooms to enter at start (folded, no '#')
+    room: str | None = None  # --room: the room scripted lines go to
+
+    @property
+    def rooms(self) -> tuple[str, ...]:
+        """The rooms to enter when joining: --join's (lobby without it), and --room's."""
+        rooms = self.join or ("lobby",)
+        if self.room is not None and self.room not in rooms:
+            rooms += (self.room,)
+        return rooms
 
     @property
     def join_timeout(self) -> float:
         return self.timeout if self.timeout is not None else JOIN_TIMEOUT
+
+
+def room_name(text: str) -> str:
+    """The room ``#Dev`` or ``dev`` names, folded as the broker folds it.
+
+    Raises:
+        ValueError: it cannot be a room name (the reason is the message).
+    """
+    try:
+        return check_room(text.removeprefix("#"))
+    except ProtocolError as exc:
+        raise ValueError(exc.detail) from None
 
 
 def _positive(raw: str) -> float:
@@ -159,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect", "-c", metavar="EP",
                    default=env("CONNECT", DEFAULT_CONNECT),
                    help="the broker's input endpoint (env ZCHAT_CONNECT; default %(default)s)")
+    p.add_argument("--join", "-j", metavar="ROOMS", action="append",
+                   default=[env("JOIN")] if env("JOIN") else [],
+                   help="enter these rooms at start, comma-separated ('#dev,#ops'; the # may "
+                        "be left out; repeatable; env ZCHAT_JOIN); without it: lobby")
     p.add_argument("--history", metavar="N", type=int, default=None,
                    help="show the last N messages of the room on joining "
                         "(default 20 in a terminal, 0 in scriptable mode)")
@@ -180,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                         default=_env_timeout(),
                         help="give up (exit 1) if joining, sending and --expect take longer; "
                              "joining alone gives up after 10 s without it (env ZCHAT_TIMEOUT)")
+    script.add_argument("--room", "-r", metavar="ROOM", default=env("ROOM"),
+                        help="the room that said lines go to (entered if --join did not "
+                             "list it; default: the first room entered; env ZCHAT_ROOM)")
     script.add_argument("--stay", action="store_true",
                         help="after the input and --expect, keep running and printing events "
                              "until SIGINT/SIGTERM")
@@ -215,6 +260,23 @@ def parse_options(argv: Sequence[str] | None = None, *, tty: bool | None = None)
     if args.history is not None and args.history < 0:
         parser.error("--history must not be negative")
     expect = [name.strip() for item in args.expect for name in item.split(",") if name.strip()]
+    join: list[str] = []
+    for item in args.join:
+        for word in item.split(","):
+            if not word.strip():
+                continue
+            try:
+                entry = room_name(word.strip())
+            except ValueError as exc:
+                parser.error(f"--join: {word.strip()} cannot be a room: {exc}")
+            if entry not in join:
+                join.append(entry)
+    room = None
+    if args.room:
+        try:
+            room = room_name(args.room.strip())
+        except ValueError as exc:
+            parser.error(f"--room: {args.room} cannot be a room: {exc}")
     keys = None
     if (args.server_key is None) != (args.key is None):
         parser.error("--server-key and --key go together")
@@ -235,4 +297,6 @@ def parse_options(argv: Sequence[str] | None = None, *, tty: bool | None = None)
         history=args.history if args.history is not None else (20 if interactive else 0),
         commands=args.commands,
         keys=keys,
+        join=tuple(join),
+        room=room,
     )
