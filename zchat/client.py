@@ -344,6 +344,21 @@ def _kick_body(room: str, name: str, reason: str | None) -> dict[str, Any]:
     return {**body, "reason": reason} if reason else body
 
 
+def _v1_who(room: object, timeout: float | None) -> tuple[str, float | None]:
+    """``who(timeout)`` as version 1 callers wrote it still works (room was not there)."""
+    if room is None or isinstance(room, int | float):
+        return ROOM, room
+    return str(room), timeout
+
+
+def _v1_history(room: object, limit: object,
+                timeout: float | None) -> tuple[str, int | None, float | None]:
+    """``history(after, limit, timeout)``, version 1's order, still works."""
+    if isinstance(room, int):
+        return ROOM, room, limit if isinstance(limit, int | float) else timeout
+    return str(room), limit if isinstance(limit, int) else None, timeout
+
+
 def _arguments(endpoint: str, name: str) -> tuple[str, str]:
     """``(endpoint, name)`` from either order of the first two arguments.
 
@@ -512,6 +527,7 @@ class Client(_SessionView):
 
     def who(self, room: str = ROOM, timeout: float | None = None) -> list[Member]:
         """Everyone in ``room`` (every page of the broker's answer)."""
+        room, timeout = _v1_who(room, timeout)
         members: list[Member] = self._wait(
             self._request(RequestKind.WHO, {"room": room}), timeout)
         return members
@@ -519,6 +535,7 @@ class Client(_SessionView):
     def history(self, after: int = 0, room: str = ROOM, limit: int | None = None,
                 timeout: float | None = None) -> list[Event]:
         """``room``'s events with seq above ``after`` that the broker still keeps (one page)."""
+        room, limit, timeout = _v1_history(room, limit, timeout)
         events: list[Event] = self._wait(
             self._request(RequestKind.HISTORY, _history_body(after, room, limit)), timeout)
         return events
@@ -890,11 +907,13 @@ class AsyncClient(_SessionView):
         await self._request(RequestKind.DM, {"to": to, "text": text}, None)
 
     async def who(self, room: str = ROOM, timeout: float | None = None) -> list[Member]:
+        room, timeout = _v1_who(room, timeout)
         members: list[Member] = await self._request(RequestKind.WHO, {"room": room}, timeout)
         return members
 
     async def history(self, after: int = 0, room: str = ROOM, limit: int | None = None,
                       timeout: float | None = None) -> list[Event]:
+        room, limit, timeout = _v1_history(room, limit, timeout)
         events: list[Event] = await self._request(
             RequestKind.HISTORY, _history_body(after, room, limit), timeout)
         return events
