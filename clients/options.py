@@ -94,8 +94,12 @@ scriptable mode:
   the broker before the next, paced at the broker's rate. At end of input it
   waits until its own messages were printed and for --expect, leaves, and
   exits, unless --stay. Its own joined and left lines are never printed. With
-  --commands, input lines may use /msg, /me, /who and /quit as above (any
-  other /word is a usage error: exit 2). SIGINT and SIGTERM leave and exit 0.
+  --commands, input lines may use /msg, /me, /who, /quit and the room commands
+  (/join #ROOM: the lines after it go to ROOM) as above (any other /word is a
+  usage error: exit 2). SIGINT and SIGTERM leave and exit 0.
+  Lines go to --room (else the first room entered). Entering rooms other than
+  lobby alone (--join, --room), each printed room event says its room after
+  the time (12:00:01 #dev <bob> hi); --json lines always carry "room".
 
 environment: ZCHAT_NAME, ZCHAT_CONNECT, ZCHAT_JOIN, ZCHAT_ROOM, ZCHAT_TIMEOUT,
 ZCHAT_SERVER_KEY and ZCHAT_KEY set the options of the same names; an option on

@@ -36,7 +36,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from zchat import Direct, Joined, Left, Member, Message, Notice, OtherEvent, Status
+from zchat import (
+    Direct,
+    Invited,
+    Joined,
+    Left,
+    Member,
+    Message,
+    ModeChanged,
+    Notice,
+    OtherEvent,
+    Status,
+    TopicChanged,
+)
 from zchat.display import name_colour, printable
 from zchat.protocol import ClientStatus, ErrorCode, LeaveReason, fold_name
 
@@ -49,15 +61,18 @@ __all__ = [
     "View",
     "entered_line",
     "help_lines",
+    "in_room",
     "invited_line",
     "is_action",
     "item_json",
+    "mode_changes",
     "mode_line",
     "notice",
     "pending_line",
     "refusal",
     "render",
     "room_lines",
+    "room_refusal",
     "to_ansi",
     "to_plain",
     "topic_line",
@@ -125,7 +140,8 @@ class SentPrivate:
     ts: float
 
 
-Item: TypeAlias = Message | Joined | Left | Notice | OtherEvent | Direct | Status | SentPrivate
+Item: TypeAlias = (Message | Joined | Left | Notice | TopicChanged | ModeChanged | OtherEvent
+                  | Direct | Invited | Status | SentPrivate)
 
 
 def is_action(text: str) -> bool:
@@ -172,10 +188,10 @@ def render(item: Item, view: View, now: float | None = None) -> Line:
         )
     if isinstance(item, Left):
         verb = LEAVE_VERBS.get(item.reason, f"left [{printable(item.reason)}]")
-        by = getattr(item, "by", "")  # v2: the room operator who kicked or banned
-        if by and item.reason in (LeaveReason.KICKED, "banned"):
+        if item.by and item.reason in (LeaveReason.KICKED, "banned"):
+            # v2: a room operator kicked or banned (v1: the broker's operator).
             verb = f"was {'kicked' if item.reason == LeaveReason.KICKED else 'banned'} by " \
-                   f"{printable(by)}"
+                   f"{printable(item.by)}"
         detail = f": {printable(item.detail)}" if item.detail else ""
         return (
             _stamp(item.ts, view, now), (RED, "<-- "), _name(item.name, view),
@@ -184,6 +200,12 @@ def render(item: Item, view: View, now: float | None = None) -> Line:
     if isinstance(item, Notice):
         return (_stamp(item.ts, view, now), (MAGENTA, "-!- "), ("1;35", "notice: "),
                 (BOLD, printable(item.text)))
+    if isinstance(item, TopicChanged):
+        return topic_line(item.room, item.name, item.text, item.ts, view, now)
+    if isinstance(item, ModeChanged):
+        return mode_line(item.room, item.name, mode_changes(item), item.ts, view, now)
+    if isinstance(item, Invited):
+        return invited_line(item.room, item.from_, now, view)
     if isinstance(item, OtherEvent):
         return (_stamp(item.ts, view, now),
                 (DIM, f"-!- a {printable(item.type)} event (#{item.seq})"))
@@ -227,6 +249,11 @@ def _status(item: Status, view: View, now: float) -> Line:
     else:
         text = printable(item.detail) or item.state
     return (_stamp(now, view), (style, "-!- " + text))
+
+
+def in_room(line: Line, room: str) -> Line:
+    """``line`` with ``#room`` after its time: for output that mixes rooms."""
+    return (*line[:1], (DIM, f"#{room} "), *line[1:])
 
 
 def notice(text: str, now: float, view: View, style: str = YELLOW) -> Line:
@@ -296,6 +323,12 @@ def mode_line(room: str, name: str, changes: dict[str, bool | str], ts: float, v
     return (_stamp(ts, view, now), (MAGENTA, "-!- "), (PLAIN, f"mode/#{room} "),
             (BOLD, f"[{' '.join(flags)}]"), (PLAIN, " by "), _by(name, view),
             (DIM, f" ({', '.join(words)})" if words else ""))
+
+
+def mode_changes(item: ModeChanged) -> dict[str, bool | str]:
+    """What a ``mode`` event changed: only the fields it set."""
+    fields = ("private", "moderated", "topic_ops", "op", "deop", "ban", "unban")
+    return {key: value for key in fields if (value := getattr(item, key)) is not None}
 
 
 def invited_line(room: str, sender: str, now: float, view: View) -> Line:
@@ -437,9 +470,14 @@ def help_lines(view: View, now: float) -> list[Line]:
     ]
 
 
-def refusal(code: str, detail: str, text: str, to: str | None = None) -> str:
+def refusal(code: str, detail: str, text: str, to: str | None = None,
+            room: str | None = None) -> str:
     """Why a line was not sent, in a few words, quoting the start of it."""
     quoted = printable(text if len(text) <= 40 else text[:39] + "…")
+    if code == ErrorCode.FORBIDDEN and room is not None:
+        return f"#{room} is moderated: only its operators speak; not sent: {quoted}"
+    if code == ErrorCode.NOT_IN_ROOM and room is not None:
+        return f"you are not in #{room} (/join #{room}); not sent: {quoted}"
     if code == ErrorCode.RATE_LIMITED:
         return f"slow down: rate limited, not sent: {quoted}"
     if code == ErrorCode.TOO_LARGE:
@@ -447,6 +485,38 @@ def refusal(code: str, detail: str, text: str, to: str | None = None) -> str:
     if code == ErrorCode.NO_SUCH_USER:
         return f"nobody called {printable(to or '?')} is here, not sent: {quoted}"
     return f"not sent ({printable(code)}: {printable(detail)}): {quoted}"
+
+
+ROOM_ACTIONS = {
+    "enter": "enter", "part": "leave", "who": "list the members of", "topic": "set the topic of",
+    "mode": "change the modes of", "op": "make operators in", "deop": "take operators from",
+    "kick": "kick from", "ban": "ban from", "unban": "lift bans in", "invite": "invite to",
+}
+
+
+def room_refusal(action: str, room: str, code: str, name: str | None = None) -> str:
+    """Why a request about a room was refused, in words (``action`` is the
+    request's type, ``name`` the person it was about)."""
+    what = f"cannot {ROOM_ACTIONS.get(action, action)} #{room}"
+    if code == ErrorCode.FORBIDDEN:
+        if action == "enter":
+            return f"{what}: it is invite only, or you are banned from it"
+        return f"{what}: only its operators may"
+    if code == ErrorCode.NOT_IN_ROOM:
+        return f"{what}: you are not in it (/join #{room})"
+    if code == ErrorCode.NO_SUCH_ROOM:
+        return f"{what}: there is no such room (/list shows them)"
+    if code == ErrorCode.NO_SUCH_USER:
+        return f"{what}: nobody called {printable(name or '?')} is there"
+    if code == ErrorCode.TOO_MANY_ROOMS:
+        return f"{what}: you are in as many rooms as the broker allows (/part one)"
+    if code == ErrorCode.BAD_ROOM:
+        return f"{what}: not a room name (a-z, 0-9, '-', '_', '.')"
+    if code == ErrorCode.BAD_NAME:
+        return f"{what}: {printable(name or '?')} cannot be a name"
+    if code == ErrorCode.RATE_LIMITED:
+        return f"{what}: slow down (rate limited)"
+    return f"{what} ({printable(code)})"
 
 
 def to_ansi(line: Line) -> str:
@@ -466,6 +536,8 @@ def item_json(item: Item, me: str) -> dict[str, Any]:
         return {"type": "dm", "from": item.sender, "to": me, "text": item.text, "ts": item.ts}
     if isinstance(item, SentPrivate):
         return {"type": "dm", "from": me, "to": item.to, "text": item.text, "ts": item.ts}
+    if isinstance(item, Invited):
+        return {"type": "invited", "room": item.room, "from": item.from_}
     if isinstance(item, Status):
         body: dict[str, Any] = {"type": "status", "state": item.state}
         if item.detail:
@@ -483,11 +555,14 @@ def item_json(item: Item, me: str) -> dict[str, Any]:
         body.update(type="left", name=item.name, addr=item.addr, reason=item.reason)
         if item.detail:
             body["detail"] = item.detail
-        by = getattr(item, "by", "")  # v2: who kicked or banned
-        if by:
-            body["by"] = by
+        if item.by:
+            body["by"] = item.by
     elif isinstance(item, Notice):
         body.update(type="notice", text=item.text)
+    elif isinstance(item, TopicChanged):
+        body.update(type="topic", name=item.name, text=item.text)
+    elif isinstance(item, ModeChanged):
+        body.update(type="mode", name=item.name, **mode_changes(item))
     else:
         body = {**item.body, **body, "type": item.type}
     return body
