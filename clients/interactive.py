@@ -491,6 +491,8 @@ class Session:
             lines.append(notice("type a message and press Enter; /help lists the commands",
                                 now, self.view, GREEN))
             self.windows.add(window, lines)
+        for window in self.windows.all:
+            window.unread = 0  # the intro is not news
         first = self.windows.find(Kind.ROOM, rooms[0]) if rooms else None
         self.windows.go(first or self.windows.status)
         self.show(list(self.windows.current.lines))
@@ -535,12 +537,13 @@ class Session:
             if not self._note(item):
                 return []
             line = [render(item, self.view, now)]
-            # Connection changes concern every window: the status one keeps
-            # them, and the one being looked at says them too.
-            placed = [(windows.status, line, False)]
-            if windows.current is not windows.status:
-                placed.append((windows.current, line, False))
-            return placed
+            # Connection changes concern every window: the one being looked
+            # at says them, and the status window keeps them (as news only
+            # when it is not already on the screen).
+            if windows.current is windows.status:
+                return [(windows.status, line, False)]
+            windows.status.lines.extend(line)
+            return [(windows.current, line, False)]
         if isinstance(item, Direct):
             return [(windows.query(item.sender), [render(item, self.view, now)], True)]
         if isinstance(item, SentPrivate):
@@ -776,8 +779,10 @@ class Session:
             return
         window = self.windows.find(Kind.ROOM, room)
         if window is not None:
+            was_current = window is self.windows.current
             self.windows.close(window)  # irssi closes a parted room's window
-        self._redraw()
+            if was_current:
+                self._redraw()
         self.say(f"you left #{room}", GREEN)
 
     async def _list_rooms(self) -> None:
@@ -839,8 +844,9 @@ class Session:
             self.outbox.refused(line, time.monotonic())
         except RequestFailed as exc:
             self.outbox.failed(line)
-            window = (self.windows.query(line.to) if line.to is not None
-                      else self._room_window(line.room) or self.windows.current)
+            # Where it was typed (a refused private message opens no window).
+            window = (self.windows.find(Kind.QUERY, line.to) if line.to is not None
+                      else self._room_window(line.room)) or self.windows.current
             self.say(refusal(exc.code, exc.detail, line.text, line.to, line.room), RED, window)
         else:
             self.outbox.acked(line)
@@ -914,7 +920,8 @@ def join(options: Options) -> tuple[Client, Inbox] | None:
             continue
         if client is None:
             inbox = Inbox()
-            client = Client(options.connect, name, on_item=inbox.put, keys=options.keys)
+            client = Client(options.connect, name, on_item=inbox.put, keys=options.keys,
+                            rooms=options.rooms)
         try:
             # The client retries by itself; the timeout only says when to
             # tell the user that it is doing so.
