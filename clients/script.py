@@ -358,7 +358,11 @@ class Script:
                 self.room = command.room
                 self.rooms_shown = True
             elif isinstance(command, PartRoom):
-                client.part(command.room or room, command.reason, timeout=timeout)
+                parted = command.room or room
+                self.wait_echoed()  # what we said there is printed before we go
+                client.part(parted, command.reason, timeout=timeout)
+                if parted == self.room:  # lines go back to the first room we are in
+                    self.room = next(iter(client.entered_rooms), ROOM)
             elif isinstance(command, Topic):
                 client.topic(room, command.text or "")
             elif isinstance(command, Invite):

@@ -300,6 +300,9 @@ def test_demo_script_runs_a_room_and_stops_what_it_started(tmux: Tmux) -> None:
     tmux.wait_prompt("demo", "[erin]")
     tmux.type("demo", "!roll 20")
     tmux.wait("demo", r"<helper> erin rolls \d+ \(1-20\)")
+    # The bots are in #dev too, erin's third window.
+    tmux.keys("demo", "M-3")
+    wait_visible(tmux, "demo", r"<greeter> welcome, erin!(.|\n)*\[3:#dev\] 1:status 2:#lobby\n")
     tmux.type("demo", "/quit")
     assert tmux.exit_status("demo") == 0
     # The bots (started with the endpoint) and the broker (its port) are gone too.
