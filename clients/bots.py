@@ -101,15 +101,16 @@ class Greeter:
     name: str = "greeter"
     # who is in a room, named in the welcome
     members: Callable[[str], list[str]] = field(default=lambda room: [])
-    greeted: dict[str, float] = field(default_factory=dict)  # folded name -> when
+    # (room, folded name) -> when: each room welcomes its own newcomers
+    greeted: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def on_item(self, item: Event | Direct | Status, now: float) -> list[Reply]:
         if isinstance(item, Joined):
             key = fold_name(item.name)
             if key == fold_name(self.name):
                 return []
-            last = self.greeted.get(key)
-            self.greeted[key] = now
+            last = self.greeted.get((item.room, key))
+            self.greeted[item.room, key] = now
             if last is not None and now - last < GREET_AGAIN_AFTER:
                 return []
             others = sorted((n for n in self.members(item.room) if fold_name(n) != key),

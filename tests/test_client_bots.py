@@ -67,6 +67,8 @@ def test_bots_answer_in_the_room_they_were_asked_in() -> None:
     greeter = Greeter("greeter", members=lambda room: rooms[room])
     assert greeter.on_item(Joined(2, 0.0, "cy", "x", "ops"), now=1.0) == [
         Reply("welcome, cy! here now: greeter", room="ops")]
+    assert greeter.on_item(Joined(3, 0.0, "cy", "x", "dev"), now=2.0) == [  # each room greets
+        Reply("welcome, cy! here now: ann, bob, greeter", room="dev")]
     assert greeter.on_item(Message(3, 0.0, "ann", "hi greeter", "dev"), 0.0) == [
         Reply("hello, ann!", room="dev")]
     helper = Helper("helper", members=lambda room: rooms[room])
