@@ -537,6 +537,14 @@ class Session:
             if not self._note(item):
                 return []
             line = [render(item, self.view, now)]
+            room = windows.find(Kind.ROOM, item.room) if item.room else None
+            if room is not None:
+                # About one room (lost events, not entered again after a
+                # reconnect): its window says it, the status window keeps it.
+                if item.state == ClientStatus.REFUSED:
+                    room.joined = False
+                windows.status.lines.extend(line)
+                return [(room, line, False)]
             # Connection changes concern every window: the one being looked
             # at says them, and the status window keeps them (as news only
             # when it is not already on the screen).

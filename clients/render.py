@@ -115,6 +115,7 @@ STATUS_STYLES: dict[str, str] = {
     ClientStatus.HISTORY_LOST: YELLOW,
     ClientStatus.MISSED: YELLOW,
     ClientStatus.CLOSED: RED,
+    ClientStatus.REFUSED: RED,
 }
 
 
@@ -243,7 +244,11 @@ def _status(item: Status, view: View, now: float) -> Line:
     elif item.state == ClientStatus.HISTORY_LOST:
         text = "the broker was restarted: the room's history starts afresh"
     elif item.state == ClientStatus.MISSED:
-        text = f"{item.count} events were lost: the broker no longer keeps them"
+        where = f" in #{item.room}" if item.room else ""
+        text = f"{item.count} events{where} were lost: the broker no longer keeps them"
+    elif item.state == ClientStatus.REFUSED:
+        # A room we were in that a reconnect could not enter again.
+        text = printable(item.detail) or f"could not enter #{item.room} again"
     elif item.state == ClientStatus.CLOSED:
         text = f"disconnected: {printable(item.detail)}" if item.detail else "disconnected"
     else:

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import pytest
 
-from zchat import Member
+from zchat import (
+    ClientStatus,
+    Invited,
+    Left,
+    Member,
+    ModeChanged,
+    Status,
+    TopicChanged,
+)
 from zchat.clients.commands import (
     CloseWindow,
     Invalid,
@@ -31,7 +39,9 @@ from zchat.clients.render import (
     View,
     entered_line,
     invited_line,
+    item_json,
     mode_line,
+    render,
     room_lines,
     to_plain,
     topic_line,
@@ -248,3 +258,27 @@ def test_who_line_marks_operators_and_names_the_room() -> None:
     members = [Member("bob", "10.0.0.7"), Member("alice", "10.0.0.8")]
     assert plain(who_line(members, ME, TS, ops=["Bob"], room="dev", count=5)) == \
         "-!- 5 in #dev (the first 2): alice (10.0.0.8, you), @bob (10.0.0.7)"
+
+
+def test_status_about_one_room_names_it() -> None:
+    lost = Status(ClientStatus.MISSED, "", 3, "dev")
+    assert plain(render(lost, ME, TS)) == \
+        "-!- 3 events in #dev were lost: the broker no longer keeps them"
+    refused = Status(ClientStatus.REFUSED, "cannot enter #dev again: forbidden", 0, "dev")
+    assert plain(render(refused, ME, TS)) == "-!- cannot enter #dev again: forbidden"
+
+
+def test_room_events_render_from_the_library_classes() -> None:
+    assert plain(render(TopicChanged("dev", 4, TS, "bob", "friday"), ME, TS)) == \
+        "-!- bob changed the topic of #dev to: friday"
+    assert plain(render(ModeChanged("dev", 5, TS, "bob", moderated=True), ME, TS)) == \
+        "-!- mode/#dev [+m] by bob (moderated)"
+    assert plain(render(Invited("dev", "bob"), ME, TS)) == \
+        "-!- bob invites you to #dev: /join #dev"
+    kicked = Left(6, TS, "eve", "1.2.3.4", "kicked", "dev", "spam", by="bob")
+    assert plain(render(kicked, ME, TS)) == "<-- eve (1.2.3.4) was kicked by bob: spam"
+    assert item_json(kicked, "alice")["by"] == "bob"
+    assert item_json(ModeChanged("dev", 5, TS, "bob", op="cy"), "alice") == {
+        "type": "mode", "room": "dev", "seq": 5, "ts": TS, "name": "bob", "op": "cy"}
+    assert item_json(Invited("dev", "bob"), "alice") == {
+        "type": "invited", "room": "dev", "from": "bob"}
