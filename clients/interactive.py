@@ -493,7 +493,8 @@ class Session:
             self.windows.add(window, lines)
         for window in self.windows.all:
             window.unread = 0  # the intro is not news
-        first = self.windows.find(Kind.ROOM, rooms[0]) if rooms else None
+        shown = self.options.room or (rooms[0] if rooms else None)  # --room's first
+        first = self.windows.find(Kind.ROOM, shown) if shown else None
         self.windows.go(first or self.windows.status)
         self.show(list(self.windows.current.lines))
 

@@ -85,7 +85,7 @@ interactive commands (irssi's):
   /help                  the commands
   /quit, /exit [REASON]  leave; Ctrl-D leaves too, and Ctrl-C on an empty line
   Ctrl-C clears a half-typed line; Up/Down recall what you typed; Tab completes
-  names and commands; PageUp/PageDown scroll back (tmux's copy mode in tmux,
+  names, #rooms and commands; PageUp/PageDown scroll back (tmux's copy mode in tmux,
   else a pager). Lines wait, marked (pending), until the broker took them:
   they go out at the broker's pace, and while it is away they wait for it.
 
@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--key", metavar="FILE", default=env("KEY"),
                      help="your .key_secret file from zchat-keygen; the broker must list your "
                           ".key among its authorized keys (env ZCHAT_KEY)")
-    script = p.add_argument_group("scriptable mode (any of these but --timeout selects it)")
+    script = p.add_argument_group(
+        "scriptable mode (any of these but --timeout and --room selects it)")
     script.add_argument("--say", metavar="TEXT", action="append", default=[],
                         help="say TEXT after joining (repeatable, in order, before stdin)")
     script.add_argument("--expect", metavar="NAMES", action="append", default=[],
@@ -228,14 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "joining alone gives up after 10 s without it (env ZCHAT_TIMEOUT)")
     script.add_argument("--room", "-r", metavar="ROOM", default=env("ROOM"),
                         help="the room that said lines go to (entered if --join did not "
-                             "list it; default: the first room entered; env ZCHAT_ROOM)")
+                             "list it; default: the first room entered; env ZCHAT_ROOM); "
+                             "in a terminal, the window shown first")
     script.add_argument("--stay", action="store_true",
                         help="after the input and --expect, keep running and printing events "
                              "until SIGINT/SIGTERM")
     script.add_argument("--json", action="store_true",
                         help="print events as JSON lines (one object per line) instead of text")
     script.add_argument("--commands", action="store_true",
-                        help="treat input lines starting with / as commands (/msg, /me, /quit)")
+                        help="treat input lines starting with / as commands (/msg, /me, "
+                             "/join, /part, /quit...)")
     return p
 
 
