@@ -8,6 +8,8 @@ Ctrl-P switch. No sockets, no terminal.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from zchat import (
     ClientStatus,
@@ -282,3 +284,33 @@ def test_room_events_render_from_the_library_classes() -> None:
         "type": "mode", "room": "dev", "seq": 5, "ts": TS, "name": "bob", "op": "cy"}
     assert item_json(Invited("dev", "bob"), "alice") == {
         "type": "invited", "room": "dev", "from": "bob"}
+
+
+@given(st.text(max_size=80), st.sampled_from(["", "/", "/join ", "/mode ", "/part #", "/win "]))
+def test_any_typed_line_is_a_command_or_says_what_to_type(text: str, prefix: str) -> None:
+    command = parse_line(prefix + text)  # never raises
+    if isinstance(command, JoinRoom):
+        assert room_name(command.room) == command.room  # only valid, folded names go out
+
+
+@given(st.lists(st.sampled_from(["room", "query", "go", "step", "close", "add"]), max_size=40),
+       st.lists(st.integers(0, 5), min_size=40, max_size=40))
+def test_windows_stay_consistent(actions: list[str], numbers: list[int]) -> None:
+    windows = Windows()
+    for action, n in zip(actions, numbers, strict=False):
+        if action == "room":
+            windows.room(f"r{n}")
+        elif action == "query":
+            windows.query(f"p{n}")
+        elif action == "go":
+            windows.go_number(n + 1)
+        elif action == "step":
+            windows.step(1 if n % 2 else -1)
+        elif action == "close":
+            windows.close(windows.all[n % len(windows.all)])
+        else:
+            windows.add(windows.all[n % len(windows.all)], [line("x")], mention=n == 0)
+        assert windows.all[0] is windows.status and windows.current in windows.all
+        assert windows.current.unread == 0 and not windows.current.mention
+        keys = [(w.kind, w.key) for w in windows.all]
+        assert len(keys) == len(set(keys))
