@@ -476,15 +476,14 @@ class _Room:
     snapshot_id: str | None = None  # a snapshot `enter` out
     replay: list[Event] = field(default_factory=list)  # delivered while it is out
     ousted_at: int | None = None  # a `left` of ourselves seen while it is out
-    view: RoomState | None = None
 
     def state(self) -> RoomState:
-        if self.view is None:
-            self.view = RoomState(self.name, self.topic, self.count,
-                                  tuple(self.members.values()), tuple(self.ops.values()),
-                                  self.private, self.moderated, self.topic_ops,
-                                  self.last_seq or 0)
-        return self.view
+        # Made afresh on each call, never cached: a shell's user may ask from
+        # another thread, and a cache filled there could outlive the change
+        # that made it stale. Asking is rare; events are not.
+        return RoomState(self.name, self.topic, self.count, tuple(self.members.values()),
+                         tuple(self.ops.values()), self.private, self.moderated,
+                         self.topic_ops, self.last_seq or 0)
 
 
 class Session:
@@ -516,6 +515,7 @@ class Session:
         self.phase = Phase.IDLE
         self.close_reason = ""
         self._wanted = list(dict.fromkeys(room_key(r) for r in rooms))
+        self._entered: tuple[str, ...] = ()  # self.rooms' names, for other threads
         self._primary = ROOM  # the room the v1 fields of `welcome` describe
         self._since = since
         self._broadcast = broadcast
@@ -557,8 +557,8 @@ class Session:
 
     @property
     def entered_rooms(self) -> tuple[str, ...]:
-        """The rooms we are in, in order of entry."""
-        return tuple(self.rooms)
+        """The rooms we are in, in order of entry (a tuple replaced on change)."""
+        return self._entered
 
     def room_state(self, room: str) -> RoomState | None:
         """What we know of ``room``, or None if we are not in it."""
@@ -922,7 +922,7 @@ class Session:
             room.gap = _Gap()
             room.head = room.last_seq or 0
             room.snapshot_id, room.replay, room.ousted_at = None, [], None
-            room.view = None
+        self._entered = tuple(self.rooms)
         topics = (*(self._topic(name) for name in self.rooms), BROKER_TOPIC)
         out.append(OpenSub(self._broadcast or resolve_pub(welcome.pub, self.endpoint), topics))
         if v2:
@@ -1034,6 +1034,7 @@ class Session:
         room = self.rooms.get(name)
         if room is None:
             room = self.rooms[name] = _Room(name, None)
+            self._entered = tuple(self.rooms)
             out.append(Subscribe(self._topic(name)))
         return out + self._apply_snapshot(room, entered, now)
 
@@ -1072,7 +1073,6 @@ class Session:
             if event.seq > entered.seq:
                 self._change(room, event)
         room.replay = []
-        room.view = None
         ousted, room.ousted_at = room.ousted_at, None
         if ousted is not None and ousted > entered.seq:
             return self._drop_room(room.name)
@@ -1093,6 +1093,7 @@ class Session:
 
     def _discard_room(self, name: str) -> None:
         room = self.rooms.pop(name)
+        self._entered = tuple(self.rooms)
         self._forget(room.gap.fill_id)
         self._forget(room.snapshot_id)
 
@@ -1120,7 +1121,6 @@ class Session:
                     room.ops[fold_name(event.op)] = event.op
                 if event.deop is not None:
                     room.ops.pop(fold_name(event.deop), None)
-        room.view = None
 
     # ------------------------------------------------------------ room events
 
