@@ -113,6 +113,7 @@ __all__ = [
     "HANDSHAKE_TRIES",
     "JOIN_ATTEMPT_SECONDS",
     "LEAVE_WAIT_SECONDS",
+    "LOOK_BACK",
     "RETRY_MAX",
     "RETRY_MIN",
     "Action",
@@ -148,6 +149,9 @@ LEAVE_WAIT_SECONDS = 2.0  # at most, for the broker to confirm a leave
 FILL_RETRY_SECONDS = 0.5  # after a history fill failed (rate_limited, unavailable)
 HANDSHAKE_TRIES = 5  # handshakes cut short in a row before a CURVE key is blamed
 REPLAY_KEPT = 1000  # events kept to replay onto a room snapshot still out
+# A room our first join entered (other than the one `welcome` describes) is
+# read back this far before its `entered` seq, to find our own `joined`.
+LOOK_BACK = 100
 
 # A `left` of ourselves for one of these takes the room away; the others
 # (leave, timeout, shutdown, replaced) end a connection, and we rejoin.
@@ -476,6 +480,8 @@ class _Room:
     snapshot_id: str | None = None  # a snapshot `enter` out
     replay: list[Event] = field(default_factory=list)  # delivered while it is out
     ousted_at: int | None = None  # a `left` of ourselves seen while it is out
+    look_back: bool = False  # entered with the join: where we came in is to be found
+    quiet_to: int | None = None  # events to here came before us, unless after our `joined`
 
     def state(self) -> RoomState:
         # Made afresh on each call, never cached: a shell's user may ask from
@@ -916,6 +922,9 @@ class Session:
             if found is None:
                 since = self._since if name == ROOM else None
                 found = self.rooms[name] = _Room(name, since)
+                # Only the room `welcome` describes comes with its seq; see
+                # _apply_snapshot for the others.
+                found.look_back = since is None and name != welcome.room
             room = found
             self._forget(room.gap.fill_id)
             self._forget(room.snapshot_id)
@@ -1064,7 +1073,15 @@ class Session:
         room.private, room.moderated = entered.private, entered.moderated
         room.topic_ops = entered.topic_ops
         room.snapshot_seq = entered.seq
-        if room.last_seq is None:
+        if room.last_seq is None and room.look_back:
+            # Entered with the join, but its seq comes only now: the room may
+            # have moved on since. Where we came in is our own `joined`: read
+            # back to it (events before it are not ours, nor are any up to
+            # this seq if none is found: a big room announces no joins).
+            room.look_back = False
+            room.last_seq = max(0, entered.seq - LOOK_BACK)
+            room.quiet_to = entered.seq
+        elif room.last_seq is None:
             room.last_seq = entered.seq  # a room new to us: from now on
             for seq in [s for s in room.gap.ahead if s <= entered.seq]:
                 del room.gap.ahead[seq]
@@ -1222,6 +1239,13 @@ class Session:
         return out
 
     def _deliver(self, room: _Room, event: Event) -> list[Action]:
+        if room.quiet_to is not None:
+            if event.seq <= room.quiet_to:
+                room.last_seq = event.seq  # from before we came in: passed over
+                if isinstance(event, Joined) and fold_name(event.name) == fold_name(self.name):
+                    room.quiet_to = None  # ours: what follows is for us
+                return []
+            room.quiet_to = None
         out: list[Action] = []
         last = room.last_seq or 0
         # Only history fills deliver past a hole: what it lacks is gone for good.
@@ -1231,7 +1255,8 @@ class Session:
                                    f"{missed} events of #{room.name} are no longer kept",
                                    missed, room.name)))
         room.last_seq = event.seq
-        self._change(room, event)
+        if event.seq > room.snapshot_seq:
+            self._change(room, event)  # (the snapshot has the rest already)
         if room.snapshot_id is not None and len(room.replay) < REPLAY_KEPT:
             room.replay.append(event)
         out.append(Emit(event))
