@@ -182,6 +182,22 @@ def test_topic_mode_kick_ban_through_the_library(broker: RunningBroker,
     assert state is not None and state.topic == "release on friday" and state.count == 2
 
 
+def test_a_room_entered_with_the_join_misses_nothing_said_around_it(
+        broker: RunningBroker, clients: Callable[..., Client]) -> None:
+    bob = clients(broker, "bob", rooms=("dev",))
+    for i in range(40):
+        bob.send_nowait(f"early{i}", room="dev")  # racing alice's join
+    alice = clients(broker, "alice", rooms=("lobby", "dev"))
+    for i in range(40):
+        bob.send_nowait(f"m{i}", room="dev")
+    bob.send("done", room="dev")
+    got = [m.text for m in texts_until(alice, "dev", "done")]
+    history = bob.history(0, room="dev", limit=1000)
+    came = max(i for i, e in enumerate(history) if getattr(e, "name", "") == "alice")
+    # Every message after alice's own joined, none before it, once each.
+    assert got == [e.text for e in history[came:] if isinstance(e, Message)]
+
+
 def test_the_contracts_argument_order_works_too(broker: RunningBroker) -> None:
     with Client("bob", broker.input, timeout=10) as bob:
         assert bob.name == "bob" and bob.entered_rooms == ("lobby",)
