@@ -142,6 +142,11 @@ def test_a_private_room_is_invisible_to_a_third(broker: RunningBroker,
     with pytest.raises(RequestFailed) as caught:
         carol.history(0, room="secret")
     assert caught.value.code == ErrorCode.NOT_IN_ROOM
+    # A kick in a private room reaches the kicked one on its DEALER.
+    alice.kick("secret", "bob")
+    left = until(bob, lambda e: isinstance(e, Left) and e.room == "secret")
+    assert (left.name, left.reason, left.by) == ("bob", "kicked", "alice")
+    assert bob.entered_rooms == ("lobby",)
 
 
 def test_topic_mode_kick_ban_through_the_library(broker: RunningBroker,
@@ -310,6 +315,34 @@ def test_fail_over_to_the_next_endpoint_loses_and_doubles_nothing(
         for room, texts in seen.items():
             assert texts == [f"during {room} {i}" for i in range(3)] + [f"after {room}"]
         assert bob.entered_rooms == ("dev", "lobby") and alice.connected
+    finally:
+        first.release()
+        if second is not None:
+            second.stop()
+            second.release()
+
+
+@pytest.mark.slow
+def test_a_private_room_forgotten_by_a_restart_is_said_refused(
+        tmp_path: Path, clients: Callable[..., Client]) -> None:
+    # Memberships and invitations do not survive a restart: a private room
+    # cannot be entered again, and the library says so instead of hanging on.
+    args = ("--heartbeat", "0.3", "--rate", "0", "--db", str(tmp_path / "rooms.db"))
+    first = launch_broker(*args)
+    second: RunningBroker | None = None
+    try:
+        alice = clients(first, "alice", rooms=("lobby", "dev"))
+        alice.enter("secret", private=True)
+        assert alice.entered_rooms == ("lobby", "dev", "secret")
+        first.stop(sig=9)
+        second = launch_broker("--input", first.input, "--broadcast", first.broadcast,
+                               "--control", "tcp://127.0.0.1:0", *args)
+        refused = until(alice, lambda e: isinstance(e, Status) and e.state == "refused")
+        assert refused.room == "secret" and "forbidden" in refused.detail
+        until(alice, lambda e: isinstance(e, Status) and e.state == "reconnected")
+        assert alice.entered_rooms == ("lobby", "dev")
+        assert alice.room_state("secret") is None
+        alice.send("still here", room="dev")
     finally:
         first.release()
         if second is not None:
