@@ -44,6 +44,9 @@ What it does, so that a bot is a few lines:
   room's seq and state, so a resumed room is filled from where we were and
   a room's state is current; a kick of ourselves seen in the events before
   that seq happened before we came back, one after it takes the room away;
+  a room the first join entered (only the room ``welcome`` describes comes
+  with its seq) is read back to our own ``joined`` (``LOOK_BACK`` events at
+  most), so what was said between the join and that answer is ours too;
 - keeps every request until answered and sends it again after a rejoin (the
   same ``id``: the broker's dedupe makes a message land once);
 - pings when idle, and takes the broker as gone after ``MISSED_HEARTBEATS``
