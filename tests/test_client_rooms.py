@@ -348,3 +348,41 @@ def test_a_private_room_forgotten_by_a_restart_is_said_refused(
         if second is not None:
             second.stop()
             second.release()
+
+
+@pytest.mark.slow
+def test_async_client_fails_over_with_its_rooms(tmp_path: Path) -> None:
+    args = ("--heartbeat", "0.3", "--rate", "0", "--db", str(tmp_path / "rooms.db"),
+            "--control", "tcp://127.0.0.1:0", "--broadcast", "tcp://127.0.0.1:0")
+    one, two = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    brokers = [launch_broker("--input", one, *args)]
+
+    async def next_item(chat: AsyncClient, wanted: Callable[[Any], bool]) -> Any:
+        async for item in chat.events():
+            if wanted(item):
+                return item
+        raise AssertionError("closed before it came")
+
+    async def scenario() -> None:
+        async with AsyncClient(f"{one},{two}", "alice", rooms=("dev",)) as alice, \
+                AsyncClient(f"{one},{two}", "bob", rooms=("dev",)) as bob:
+            await alice.send("before", room="dev")
+            await next_item(bob, lambda e: isinstance(e, Message))
+            brokers[0].stop(sig=9)
+            pending = asyncio.ensure_future(alice.send("during", room="dev"))
+            await next_item(bob, lambda e: isinstance(e, Status) and e.state == "disconnected")
+            brokers.append(launch_broker("--input", two, *args))
+            await pending
+            await alice.send("after", room="dev")
+            got: list[str] = []
+            while got[-1:] != ["after"]:
+                item = await next_item(bob, lambda e: isinstance(e, Message) and e.room == "dev")
+                got.append(item.text)
+            assert got == ["during", "after"]  # once each, nothing lost in the move
+            assert bob.entered_rooms == ("dev",) and bob.endpoint == f"{one},{two}"
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 40))
+    finally:
+        for broker in brokers:
+            broker.release()
