@@ -568,8 +568,10 @@ def test_page_up_outside_tmux_opens_the_session_in_a_pager(broker: RunningBroker
 
 
 def visible(tmux: Tmux, session: str) -> str:
-    """What the session shows now, without its scrollback."""
-    return tmux.run("capture-pane", "-p", "-J", "-t", session)
+    """What the session shows now, without its scrollback (and without the
+    blanks a redraw may leave at the end of a line)."""
+    screen = tmux.run("capture-pane", "-p", "-J", "-t", session)
+    return "\n".join(line.rstrip(" ") for line in screen.split("\n"))
 
 
 def wait_visible(tmux: Tmux, session: str, pattern: str, timeout: float = 10.0) -> str:
