@@ -549,6 +549,8 @@ def item_json(item: Item, me: str) -> dict[str, Any]:
             body["detail"] = item.detail
         if item.count:
             body["count"] = item.count
+        if item.room:  # a status about one room (missed, refused)
+            body["room"] = item.room
         return body
     body = {"type": "", "room": item.room, "seq": item.seq, "ts": item.ts}
     if isinstance(item, Message):

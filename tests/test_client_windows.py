@@ -268,6 +268,8 @@ def test_status_about_one_room_names_it() -> None:
         "-!- 3 events in #dev were lost: the broker no longer keeps them"
     refused = Status(ClientStatus.REFUSED, "cannot enter #dev again: forbidden", 0, "dev")
     assert plain(render(refused, ME, TS)) == "-!- cannot enter #dev again: forbidden"
+    assert item_json(refused, "alice") == {"type": "status", "state": "refused", "room": "dev",
+                                           "detail": "cannot enter #dev again: forbidden"}
 
 
 def test_room_events_render_from_the_library_classes() -> None:
