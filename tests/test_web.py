@@ -369,3 +369,30 @@ def test_closing_a_tab_announces_left_within_a_heartbeat(
     elapsed = time.monotonic() - started
     assert left.reason == "leave"
     assert elapsed <= heartbeat, f"left came {elapsed:.1f}s after the tab closed"
+
+
+def test_a_gateway_restart_shows_offline_and_the_line_typed_meanwhile_goes_out_once(
+        gateway: Gateway, web_broker: RunningBroker, browsers: Callable[[], Any],
+        library: Callable[..., Client]) -> None:
+    carol = library(web_broker.input, "carol")
+    alice = browsers()
+    login(alice, gateway.url, "alice")
+    port = gateway.url.rsplit(":", 1)[1].strip("/")
+    gateway.proc.kill()  # no goodbye: the tab just loses its socket
+    gateway.stop()
+    until(alice, lambda d: state(d) == "offline")
+    say(alice, "typed while offline")
+    until(alice, lambda d: any("(pending)" in line for line in log_lines(d)))
+
+    again = Gateway(web_broker.input, "--listen", f"127.0.0.1:{port}")
+    try:
+        until(alice, lambda d: state(d) == "online")
+        wait_item(carol, lambda i: isinstance(i, Message) and i.text == "typed while offline")
+        wait_line(alice, "<alice> typed while offline")
+        assert not any("(pending)" in line for line in log_lines(alice))
+        say(alice, "and after")
+        wait_item(carol, lambda i: isinstance(i, Message) and i.text == "and after")
+        texts = [e.text for e in carol.history(0) if isinstance(e, Message)]
+        assert texts == ["typed while offline", "and after"]
+    finally:
+        again.stop()
