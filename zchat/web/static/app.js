@@ -20,6 +20,10 @@
     ["/msg NAME TEXT", "a private message to NAME"],
     ["/me ACTION", "say what you are doing: * you ACTION"],
     ["/who, /names", "who is here, with their address"],
+    ["/join ROOM", "enter ROOM (made if new) and switch to it"],
+    ["/part [ROOM]", "leave ROOM (this one by default)"],
+    ["/rooms", "the public rooms"],
+    ["/topic TEXT", "set this room's topic"],
     ["/clear", "clear the screen"],
     ["/quit [REASON]", "leave"],
     ["/help", "this help"],
@@ -42,8 +46,7 @@
   let room = "lobby";
   let outbox = JSON.parse(store.getItem("zchat.outbox") || "[]");
   let counter = 0;
-  const members = new Map(); // folded name -> {name, addr, colour}
-  const rooms = new Map(); // room -> {log element, unread, topic}
+  const rooms = new Map(); // room -> {log element, unread, topic, members}
   const seen = new Set(); // "room/seq" of events shown
 
   // ------------------------------------------------------------ building text
@@ -95,7 +98,8 @@
       log.dataset.room = nameOfRoom;
       log.hidden = nameOfRoom !== room;
       $("log").appendChild(log);
-      entry = { log: log, unread: 0, topic: "" };
+      // members: folded name -> {name, addr, colour}
+      entry = { log: log, unread: 0, topic: "", members: new Map() };
       rooms.set(nameOfRoom, entry);
       drawRooms();
     }
@@ -122,6 +126,7 @@
     $("room-title").textContent = "#" + key;
     $("topic").textContent = entry.topic;
     drawRooms();
+    drawMembers();
     scrollDown(true);
   }
 
@@ -174,12 +179,12 @@
         line.append(el("span", "what", "<"), nick(item.from, item.colour),
                     el("span", "what", "> "), el("span", "text", item.text));
       }
-      addLine(line, item.room, true);
+      addLine(line, item.room, live);
     } else if (type === "joined") {
       line.append(el("span", "what", "--> "), nick(item.name, item.colour),
                   el("span", "text", " (" + item.addr + ") joined"));
       addLine(line, item.room, false);
-      if (live) addMember(item);
+      if (live) addMember(item.room, item);
     } else if (type === "left") {
       const verbs = { leave: "left", timeout: "timed out", kicked: "was kicked",
                       shutdown: "left: the broker shut down", part: "left" };
@@ -188,10 +193,38 @@
                   el("span", "text", " (" + item.addr + ") " + verb +
                      (item.detail ? ": " + item.detail : "")));
       addLine(line, item.room, false);
-      if (live) { members.delete(fold(item.name)); drawMembers(); }
+      if (live) { roomOf(item.room).members.delete(fold(item.name)); drawMembers(); }
+      if (live && fold(item.name) === fold(me) && item.room) forgetRoom(item.room);
     } else if (type === "notice") {
       line.append(el("span", "what", "-!- notice: "), el("span", "text", item.text));
-      addLine(line, item.room, true);
+      addLine(line, item.room, live);
+    } else if (type === "topic") {
+      line.append(el("span", "what", "-!- "), nick(item.name, item.colour),
+                  el("span", "text", " set the topic: " + item.text));
+      addLine(line, item.room, false);
+      setTopic(item.room, item.text);
+    } else if (type === "mode") {
+      line.append(el("span", "what", "-!- "), nick(item.name, item.colour),
+                  el("span", "text", " " + item.text));
+      addLine(line, item.room, false);
+    } else if (type === "entered") {
+      roomOf(item.room);
+      setTopic(item.room, item.topic || "");
+      if (live) {
+        const entry = roomOf(item.room);
+        entry.members.clear();
+        for (const member of item.members || []) entry.members.set(fold(member.name), member);
+        switchRoom(item.room);
+      }
+      line.append(el("span", "text", "-!- you are in #" + item.room + " (" + item.count + " here)" +
+                      (item.topic ? ": " + item.topic : "")));
+      addLine(line, item.room, false);
+    } else if (type === "parted") {
+      forgetRoom(item.room);
+    } else if (type === "invited") {
+      line.append(el("span", "what", "-!- "), nick(item.from, item.colour),
+                  el("span", "text", " invites you to #" + item.room + " (/join " + item.room + ")"));
+      addLine(line);
     } else if (type === "dm") {
       if (item.to !== undefined) {
         line.classList.add("mine");
@@ -219,15 +252,29 @@
     }
   }
 
-  function addMember(member) {
-    members.set(fold(member.name), member);
+  function setTopic(inRoom, text) {
+    roomOf(inRoom).topic = text;
+    if (inRoom === room) $("topic").textContent = text;
+  }
+
+  function forgetRoom(inRoom) {
+    const entry = rooms.get(inRoom);
+    if (!entry || inRoom === "lobby") return;
+    entry.log.remove();
+    rooms.delete(inRoom);
+    if (room === inRoom) switchRoom("lobby");
+    else drawRooms();
+  }
+
+  function addMember(inRoom, member) {
+    roomOf(inRoom || "lobby").members.set(fold(member.name), member);
     drawMembers();
   }
 
   function drawMembers() {
     const list = $("members");
     list.replaceChildren();
-    const sorted = [...members.values()].sort((a, b) => fold(a.name).localeCompare(fold(b.name)));
+    const sorted = [...roomOf(room).members.values()].sort((a, b) => fold(a.name).localeCompare(fold(b.name)));
     for (const member of sorted) {
       const item = el("li");
       item.append(nick(member.name, member.colour), el("span", "addr", " (" + member.addr + ")"));
@@ -323,6 +370,19 @@
       case "/who":
       case "/names":
         return send({ type: "who", room: room });
+      case "/join":
+      case "/enter":
+        if (!rest[0]) return info("/join ROOM");
+        return send({ type: "enter", room: rest[0].replace(/^#/, "").toLowerCase() });
+      case "/part": {
+        const which = rest[0] ? rest[0].replace(/^#/, "").toLowerCase() : room;
+        return send({ type: "part", room: which, reason: rest.slice(1).join(" ") || null });
+      }
+      case "/rooms":
+        return send({ type: "rooms" });
+      case "/topic":
+        if (!args) return info("topic of #" + room + ": " + (roomOf(room).topic || "(none)"));
+        return send({ type: "topic", room: room, text: args });
       case "/clear":
         return roomOf(room).log.replaceChildren();
       case "/quit":
@@ -397,8 +457,12 @@
         store.setItem("zchat.token", token);
         showChat();
         $("me").replaceChildren(nick(me, body.colour), el("span", "addr", " (" + body.addr + ")"));
-        members.clear();
-        for (const member of body.members) members.set(fold(member.name), member);
+        for (const desc of body.rooms || [{ name: "lobby", topic: "", members: body.members }]) {
+          const entry = roomOf(desc.name);
+          entry.members.clear();
+          for (const member of desc.members || []) entry.members.set(fold(member.name), member);
+          setTopic(desc.name, desc.topic || "");
+        }
         drawMembers();
         setState(body.state);
         for (const entry of outbox) send(entry); // the gateway answers a resent id once
@@ -439,6 +503,17 @@
         return info(body.code + ": " + body.detail, "error");
       case "members":
         return whoLine(body.members);
+      case "roomlist": {
+        const line = el("div", "line info rooms");
+        line.append(stamp(Date.now() / 1000),
+                    el("span", "text", "-!- " + body.rooms.length + " rooms: "));
+        body.rooms.forEach((desc, index) => {
+          line.append(el("span", "text", (index ? ", " : "") + "#" + desc.name + " (" + desc.count + ")" +
+                          (desc.topic ? " " + desc.topic : "")));
+        });
+        addLine(line);
+        return;
+      }
     }
   }
 
