@@ -396,3 +396,48 @@ def test_a_gateway_restart_shows_offline_and_the_line_typed_meanwhile_goes_out_o
         assert texts == ["typed while offline", "and after"]
     finally:
         again.stop()
+
+
+def test_rooms_switching_topic_line_and_unread_markers_survive_a_reload(
+        gateway: Gateway, web_broker: RunningBroker, browsers: Callable[[], Any],
+        library: Callable[..., Client]) -> None:
+    carol = library(web_broker.input, "carol")
+    carol.enter("dev")
+    carol.topic("dev", "release on <friday>")
+    alice = browsers()
+    login(alice, gateway.url, "alice")
+    say(alice, "/join #dev")
+    until(alice, lambda d: d.find_element(By.ID, "room-title").text == "#dev")
+    until(alice, lambda d: d.find_element(By.ID, "topic").text == "release on <friday>")
+    until(alice, lambda d: "carol" in d.find_element(By.ID, "members").text)
+
+    say(alice, "hello dev")
+    heard = wait_item(carol, lambda i: isinstance(i, Message) and i.text == "hello dev")
+    assert heard.room == "dev"
+
+    # Back in lobby, a line in #dev marks it unread; opening it clears the mark.
+    alice.find_element(By.CSS_SELECTOR, "#rooms li[data-room='lobby']").click()
+    until(alice, lambda d: d.find_element(By.ID, "room-title").text == "#lobby")
+    carol.send("while you look elsewhere", room="dev")
+    mark = until(alice, lambda d: d.find_elements(
+        By.CSS_SELECTOR, "#rooms li[data-room='dev'] .unread"))
+    assert mark[0].text == "1"
+    carol.topic("dev", "shipped")
+    until(alice, lambda d: "shipped" in " ".join(log_lines(d)))
+    assert alice.find_element(By.ID, "topic").text == ""  # lobby has none
+    alice.find_element(By.CSS_SELECTOR, "#rooms li[data-room='dev']").click()
+    until(alice, lambda d: d.find_element(By.ID, "topic").text == "shipped")
+    assert not alice.find_elements(By.CSS_SELECTOR, "#rooms li .unread")
+    wait_line(alice, "<carol> while you look elsewhere")
+
+    alice.refresh()
+    until(alice, lambda d: state(d) == "online")
+    until(alice, lambda d: d.find_elements(By.CSS_SELECTOR, "#rooms li[data-room='dev']"))
+    alice.find_element(By.CSS_SELECTOR, "#rooms li[data-room='dev']").click()
+    until(alice, lambda d: d.find_element(By.ID, "topic").text == "shipped")
+    wait_line(alice, "<carol> while you look elsewhere")
+    wait_line(alice, "<alice> hello dev")
+
+    say(alice, "/part")
+    wait_item(carol, lambda i: isinstance(i, Left) and i.name == "alice" and i.room == "dev")
+    until(alice, lambda d: not d.find_elements(By.CSS_SELECTOR, "#rooms li[data-room='dev']"))

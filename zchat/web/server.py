@@ -59,11 +59,15 @@ from zchat.protocol import DEFAULT_HEARTBEAT, ClientStatus, fold_name
 from zchat.session import Status
 from zchat.web.wire import (
     Dm,
+    Enter,
     Hello,
     LeavePage,
+    ListRooms,
     PageError,
     PageRequest,
+    Part,
     Say,
+    SetTopic,
     Who,
     colour,
     item_json,
@@ -228,12 +232,22 @@ class WebSession:
             "heartbeat": welcome.heartbeat if welcome else DEFAULT_HEARTBEAT,
             "state": "online" if self.online else "reconnecting", "resumed": resumed,
             "members": [member_json(m) for m in self.client.members.values()],
+            "rooms": self._rooms(),
             "last": self.count,
         })
         for n, body in self.log:
             if n > after:
                 self._send({"type": "item", "n": n, "live": False, "item": body})
         return tab
+
+    def _rooms(self) -> list[dict[str, Any]]:
+        rooms = []
+        for room in self.client.entered_rooms:
+            state = self.client.room_state(room)
+            if state is not None:
+                rooms.append({"name": room, "topic": state.topic, "count": state.count,
+                              "members": [member_json(m) for m in state.members]})
+        return rooms
 
     def detach(self, tab: _Tab, close: tuple[int, str] | None = None) -> None:
         """``tab`` is gone (or is sent away with ``close``); wait ``grace`` for another."""
@@ -281,7 +295,15 @@ class WebSession:
             case Dm(rid, to, text):
                 self._line(rid, self._dm(to, text))
             case Who(room):
-                self.gateway.spawn(self._who(room))
+                self.gateway.spawn(self._ask(self._who(room)))
+            case Enter(room):
+                self.gateway.spawn(self._ask(self._enter(room)))
+            case Part(room, reason):
+                self.gateway.spawn(self._ask(self._part(room, reason)))
+            case ListRooms():
+                self.gateway.spawn(self._ask(self._list_rooms()))
+            case SetTopic(room, text):
+                self.gateway.spawn(self._ask(self.client.topic(room, text)))
             case LeavePage(reason):
                 self.gateway.spawn(self.leave(reason))
             case Hello():
@@ -302,7 +324,7 @@ class WebSession:
         try:
             body: dict[str, Any] = {"type": "ack", "id": rid, **(await work)}
         except RequestFailed as exc:
-            body = {"type": "error", "id": rid, "code": exc.code, "detail": exc.detail}
+            body = {"type": "error", "id": rid, "code": str(exc.code), "detail": exc.detail}
         except ClientClosed:
             return  # the session is over; nobody to answer
         finally:
@@ -313,7 +335,7 @@ class WebSession:
         self._send(body)
 
     async def _say(self, text: str, room: str) -> dict[str, Any]:
-        return {"seq": await self.client.send(text)}
+        return {"seq": await self.client.send(text, room=room)}
 
     async def _dm(self, to: str, text: str) -> dict[str, Any]:
         await self.client.dm(to, text)
@@ -322,14 +344,36 @@ class WebSession:
                      "ts": time.time(), "colour": colour(to)})
         return {}
 
-    async def _who(self, room: str) -> None:
+    async def _ask(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a request that has no line id; a failure is said to the tab."""
         try:
-            members = await self.client.who()
+            await work
+        except RequestFailed as exc:
+            self._send({"type": "error", "code": str(exc.code), "detail": exc.detail})
         except ZchatError as exc:
             self._send({"type": "error", "code": "unavailable", "detail": str(exc)})
-            return
+
+    async def _who(self, room: str) -> None:
+        members = await self.client.who(room)
         self._send({"type": "members", "room": room,
                     "members": [member_json(m) for m in members]})
+
+    async def _enter(self, room: str) -> None:
+        entered = await self.client.enter(room)
+        # Logged, so that a reloaded tab finds its rooms and their lines again.
+        self.record({"type": "entered", "room": entered.room, "topic": entered.topic,
+                     "count": entered.count, "ts": time.time(),
+                     "members": [member_json(m) for m in entered.members]})
+
+    async def _part(self, room: str, reason: str | None) -> None:
+        await self.client.part(room, reason)
+        self.record({"type": "parted", "room": room, "ts": time.time()})
+
+    async def _list_rooms(self) -> None:
+        rooms = await self.client.rooms()
+        self._send({"type": "roomlist", "rooms": [
+            {"name": r.name, "topic": r.topic, "count": r.count, "private": r.private}
+            for r in rooms]})
 
 
 class Gateway:

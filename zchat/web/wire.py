@@ -9,11 +9,16 @@ Page -> gateway (one JSON object per frame; ``id`` is the page's own, at most
     say    id, text, room?        -> ack (id, seq) or error (id, code, detail)
     dm     id, to, text           -> ack (id) or error
     who    room?                  -> members (room, members)
+    enter  room                   -> an ``entered`` item (room, topic, count, members)
+    part   room, reason?          -> a ``parted`` item (room)
+    rooms                         -> roomlist (rooms: name, topic, count, private)
+    topic  room, text             -> a ``topic`` event, or error
     leave  reason?                the user quits: leave now, no grace
 
 Gateway -> page::
 
-    welcome  name, token, addr, heartbeat, state, resumed, members, colour
+    welcome  name, token, addr, heartbeat, state, resumed, members, colour,
+             rooms (each entered room: name, topic, count, members)
     item     n, live, item        one numbered item of the session's log: a
                                   room event, a dm, a status line (see
                                   ``item_json``); live is false in a replay
@@ -39,27 +44,35 @@ from zchat.display import name_colour
 from zchat.protocol import (
     ROOM,
     Direct,
+    Invited,
     Joined,
     Left,
     Member,
     Message,
+    ModeChanged,
     Notice,
     OtherEvent,
+    TopicChanged,
 )
 from zchat.session import Item, Status
 
 __all__ = [
     "MAX_ID",
     "Dm",
+    "Enter",
     "Hello",
     "LeavePage",
+    "ListRooms",
     "PageError",
     "PageRequest",
+    "Part",
     "Say",
+    "SetTopic",
     "Who",
     "colour",
     "item_json",
     "member_json",
+    "mode_text",
     "parse_request",
     "xterm_rgb",
 ]
@@ -104,7 +117,29 @@ class LeavePage:
     reason: str | None = None
 
 
-PageRequest: TypeAlias = Hello | Say | Dm | Who | LeavePage
+@dataclass(frozen=True, slots=True)
+class Enter:
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    room: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListRooms:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class SetTopic:
+    room: str
+    text: str
+
+
+PageRequest: TypeAlias = Hello | Say | Dm | Who | LeavePage | Enter | Part | ListRooms | SetTopic
 
 
 def _str(body: dict[str, Any], key: str, limit: int, *, optional: bool = False) -> Any:
@@ -140,12 +175,28 @@ def _leave(body: dict[str, Any]) -> LeavePage:
     return LeavePage(_str(body, "reason", MAX_TEXT, optional=True))
 
 
+def _enter(body: dict[str, Any]) -> Enter:
+    return Enter(_str(body, "room", 64))
+
+
+def _part(body: dict[str, Any]) -> Part:
+    return Part(_str(body, "room", 64), _str(body, "reason", MAX_TEXT, optional=True))
+
+
+def _topic(body: dict[str, Any]) -> SetTopic:
+    return SetTopic(_str(body, "room", 64), _str(body, "text", MAX_TEXT))
+
+
 _PARSERS: dict[str, Callable[[dict[str, Any]], PageRequest]] = {
     "hello": _hello,
     "say": _say,
     "dm": _dm,
     "who": _who,
     "leave": _leave,
+    "enter": _enter,
+    "part": _part,
+    "rooms": lambda body: ListRooms(),
+    "topic": _topic,
 }
 
 
@@ -201,6 +252,24 @@ def member_json(member: Member) -> dict[str, Any]:
     return {"name": member.name, "addr": member.addr, "colour": colour(member.name)}
 
 
+def mode_text(event: ModeChanged) -> str:
+    """What a ``mode`` event changed, in words (``made the room private, banned eve``)."""
+    said: list[str] = []
+    for flag, on, off in (("private", "made the room private", "made the room public"),
+                          ("moderated", "moderated the room", "unmoderated the room"),
+                          ("topic_ops", "let only operators set the topic",
+                           "let anyone set the topic")):
+        value = getattr(event, flag)
+        if value is not None:
+            said.append(on if value else off)
+    for field, verb in (("op", "gave operator status to"), ("deop", "took operator status from"),
+                        ("ban", "banned"), ("unban", "unbanned")):
+        who = getattr(event, field)
+        if who is not None:
+            said.append(f"{verb} {who}")
+    return ", ".join(said) or "changed the room's settings"
+
+
 def item_json(item: Item, now: float) -> dict[str, Any]:
     """The page's form of a library item; ``now`` stamps items without a time."""
     if isinstance(item, Message):
@@ -212,10 +281,19 @@ def item_json(item: Item, now: float) -> dict[str, Any]:
     if isinstance(item, Left):
         return {"type": "left", "room": item.room, "seq": item.seq, "ts": item.ts,
                 "name": item.name, "addr": item.addr, "reason": item.reason,
-                "detail": item.detail, "colour": colour(item.name)}
+                "detail": item.detail, "by": item.by, "colour": colour(item.name)}
     if isinstance(item, Notice):
         return {"type": "notice", "room": item.room, "seq": item.seq, "ts": item.ts,
                 "text": item.text}
+    if isinstance(item, TopicChanged):
+        return {"type": "topic", "room": item.room, "seq": item.seq, "ts": item.ts,
+                "name": item.name, "text": item.text, "colour": colour(item.name)}
+    if isinstance(item, ModeChanged):
+        return {"type": "mode", "room": item.room, "seq": item.seq, "ts": item.ts,
+                "name": item.name, "text": mode_text(item), "colour": colour(item.name)}
+    if isinstance(item, Invited):
+        return {"type": "invited", "room": item.room, "from": item.from_, "ts": now,
+                "colour": colour(item.from_)}
     if isinstance(item, OtherEvent):
         return {"type": "other", "event": item.type, "room": item.room, "seq": item.seq,
                 "ts": item.ts}
@@ -224,5 +302,5 @@ def item_json(item: Item, now: float) -> dict[str, Any]:
                 "colour": colour(item.sender)}
     if isinstance(item, Status):
         return {"type": "status", "state": str(item.state), "detail": item.detail,
-                "count": item.count, "ts": now}
+                "count": item.count, "room": item.room, "ts": now}
     return {"type": "other", "event": type(item).__name__, "ts": now}  # pragma: no cover

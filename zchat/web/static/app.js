@@ -188,7 +188,10 @@
     } else if (type === "left") {
       const verbs = { leave: "left", timeout: "timed out", kicked: "was kicked",
                       shutdown: "left: the broker shut down", part: "left" };
-      const verb = verbs[item.reason] || "left [" + item.reason + "]";
+      let verb = verbs[item.reason] || "left [" + item.reason + "]";
+      if ((item.reason === "kicked" || item.reason === "banned") && item.by) {
+        verb = "was " + item.reason + " by " + item.by;
+      }
       line.append(el("span", "what", "<-- "), nick(item.name, item.colour),
                   el("span", "text", " (" + item.addr + ") " + verb +
                      (item.detail ? ": " + item.detail : "")));
@@ -243,6 +246,7 @@
         history_lost: "the server was restarted: the room's history starts afresh",
         missed: item.count + " events were lost: the server no longer keeps them",
         closed: "disconnected" + (item.detail ? ": " + item.detail : ""),
+        refused: item.detail,
       };
       line.append(el("span", "text", "-!- " + (says[item.state] || item.state)));
       addLine(line);
