@@ -322,8 +322,8 @@ class RelayLink:
             rid = frames[0].bytes
             link = self._link(rid, _frame_fd(frames[1]), state, queue, now)
             tag = frames[1].bytes
-            if tag == REQUEST and len(frames) == 4:
-                self._request(link, frames[2].bytes, frames[3].bytes, frames[3], state,
+            if tag == REQUEST and len(frames) == 5:
+                self._request(link, frames[2].bytes, frames[3].bytes, frames[4], state,
                               queue, now)
             elif tag == GONE and len(frames) == 3:
                 client = frames[2].bytes

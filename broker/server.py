@@ -255,6 +255,12 @@ class Server:
             history.close()
             self.close()
             raise OSError(f"cannot bind: {exc}") from exc
+        self.endpoints = Endpoints(
+            input=self._last_endpoint(self.router),
+            broadcast=self._last_endpoint(self.pub),
+            control=self._last_endpoint(self.control),
+        )
+        # After the endpoints are read: the PUB's inproc feed is bound last.
         if cfg.relay is not None:
             self.relays = RelayLink(cfg.relay, cfg.heartbeat, max_frame, advertised)
             try:
@@ -263,11 +269,6 @@ class Server:
                 history.close()
                 self.close()
                 raise
-        self.endpoints = Endpoints(
-            input=self._last_endpoint(self.router),
-            broadcast=self._last_endpoint(self.pub),
-            control=self._last_endpoint(self.control),
-        )
         cloak = make_cloak(secrets.token_bytes(16)) if cfg.hide_addresses else None
         self.state = Broker(
             heartbeat=cfg.heartbeat,
