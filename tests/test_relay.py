@@ -28,6 +28,8 @@ from zchat import Client
 from zchat.broker.relay import Relay, RelayConfig
 from zchat.errors import HandshakeFailed, NameTaken
 from zchat.keys import load_client_keys, make_keypair
+from zchat.protocol import ClientStatus
+from zchat.session import Status
 
 RELAY_LISTENING = re.compile(r"zchat-relay listening input=(\S+) broadcast=(\S+)")
 RELAY_LINK = re.compile(r"relay=(\S+) relay-broadcast=(\S+)")
@@ -84,13 +86,14 @@ class RunningRelay:
             if stream is not None:
                 stream.close()
 
-    def wait_log(self, pattern: str, timeout: float = 10.0) -> str:
+    def wait_log(self, pattern: str, timeout: float = 10.0, *, count: int = 1) -> str:
+        """Wait until ``count`` lines of the relay's output match ``pattern``."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if regex.search(line):
-                    return line
+            found = [line for line in list(self.lines) if regex.search(line)]
+            if len(found) >= count:
+                return found[-1]
             time.sleep(0.02)
         raise AssertionError(f"no relay line matched {pattern!r}:\n" + "".join(self.lines))
 
@@ -530,3 +533,90 @@ def test_the_address_hook_is_never_asked_about_a_tcp_client(
     client.send(msgpack.packb({"type": "ping"}))
     meta = fake_upstream.recv()[3]
     assert msgpack.unpackb(meta)["addr"] == "127.0.0.1"
+
+
+# ------------------------------------------------------- losing the broker
+
+
+def free_ports(count: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_broker_restart_behind_relays_is_survived_without_loss(
+        ctx: zmq.Context[Any], start_broker: Callable[..., RunningBroker],
+        start_relay: Callable[..., RunningRelay], keys: Keys, tmp_path: Path) -> None:
+    ports = free_ports(5)
+    fixed = ("--input", f"tcp://127.0.0.1:{ports[0]}", "--broadcast",
+             f"tcp://127.0.0.1:{ports[1]}", "--control", f"tcp://127.0.0.1:{ports[2]}",
+             "--relay-bind", f"tcp://127.0.0.1:{ports[3]}", "--relay-broadcast",
+             f"tcp://127.0.0.1:{ports[4]}", "--relay-keys", str(keys.relays),
+             "--relay-secret-key", keys.secret("broker"), "--rate", "0",
+             "--db", str(tmp_path / "history.db"))
+    broker = start_broker(*fixed)
+    upstream = f"tcp://127.0.0.1:{ports[3]}"
+    relay_a = start_relay(upstream, keys, "relay-a")
+    relay_b = start_relay(upstream, keys, "relay-b")
+    # A raw client sees what the relay says when its broker goes: its
+    # connection closes, as a dead broker's would.
+    raw = RawClient(ctx, relay_a)  # type: ignore[arg-type]
+    monitor = raw.dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    assert raw.request({"type": "ping", "id": "p"})["type"] == "pong"
+    with Client(relay_a.input, "alice", timeout=20) as alice, \
+            Client(relay_b.input, "bob", timeout=20) as bob:
+        alice.connect()
+        bob.connect()
+        before = alice.send("before the restart")
+        wait_item(bob, lambda e: getattr(e, "text", None) == "before the restart")
+        broker.proc.kill()
+        broker.proc.wait(5)
+        assert monitor.poll(10_000), "the relay kept its client's connection"
+        for relay in (relay_a, relay_b):
+            relay.wait_log("lost the broker")
+        wait_item(bob, lambda e: isinstance(e, Status)
+                  and e.state == ClientStatus.DISCONNECTED, timeout=20)
+        start_broker(*fixed)
+        for relay in (relay_a, relay_b):
+            relay.wait_log("connected to the broker", 20, count=2)
+        wait_item(bob, lambda e: isinstance(e, Status)
+                  and e.state == ClientStatus.RECONNECTED, timeout=30)
+        after = alice.send("after the restart")
+        assert after > before
+        got = wait_item(bob, lambda e: getattr(e, "text", None) == "after the restart",
+                        timeout=20)
+        assert got.seq == after
+        # Nothing acked was lost: the history through the new broker has both.
+        texts = [getattr(e, "text", None) for e in bob.history(after=0)]
+        assert texts.count("before the restart") == 1
+        assert texts.count("after the restart") == 1
+
+
+def test_a_dead_relays_clients_time_out_at_the_broker_as_dropped_connections(
+        ctx: zmq.Context[Any], relayed: tuple[RunningBroker, RunningRelay, RunningRelay]) -> None:
+    broker, relay_a, relay_b = relayed
+    doomed = RawClient(ctx, relay_a)  # type: ignore[arg-type]
+    doomed.join("doomed")
+    watcher = RawClient(ctx, relay_b)  # type: ignore[arg-type]
+    watcher.join("watcher")
+    relay_a.proc.kill()
+    # The link's close reaches the broker at once; the member stays resumable
+    # for 3 heartbeats (0.5 s here), then is announced gone, as a direct
+    # client whose connection dropped.
+    deadline = time.monotonic() + 10
+    while True:
+        watcher.send({"type": "ping"})  # keep the watcher alive meanwhile
+        try:
+            left = watcher.wait_event(lambda e: e.get("type") == "left", timeout=0.4)
+            break
+        except AssertionError:
+            assert time.monotonic() < deadline, "the dead relay's client never left"
+    assert left["name"] == "doomed" and left["reason"] == "timeout"
+    broker.wait_output("relay link from fd .* closed: 1 client", stderr=True)
