@@ -1076,7 +1076,14 @@ class Session:
         ousted, room.ousted_at = room.ousted_at, None
         if ousted is not None and ousted > entered.seq:
             return self._drop_room(room.name)
-        return self._known_head(room, entered.seq, now)
+        out: list[Action] = []
+        ahead = room.gap.ahead
+        while room.gap.fill_id is None and room.last_seq + 1 in ahead:
+            # What waited for this answer and follows on from it goes out now.
+            out += self._deliver(room, ahead.pop(room.last_seq + 1))
+            if self.rooms.get(room.name) is not room:
+                return out
+        return out + self._known_head(room, entered.seq, now)
 
     def _drop_room(self, name: str) -> list[Action]:
         if name not in self.rooms:
