@@ -29,6 +29,7 @@ import zmq
 from conftest import RunningBroker, launch_broker, wait_item
 from zchat import Client, Joined, Left, Message
 from zchat.display import name_colour
+from zchat.keys import make_keypair
 from zchat.web.wire import xterm_rgb
 
 pytestmark = pytest.mark.slow
@@ -441,3 +442,42 @@ def test_rooms_switching_topic_line_and_unread_markers_survive_a_reload(
     say(alice, "/part")
     wait_item(carol, lambda i: isinstance(i, Left) and i.name == "alice" and i.room == "dev")
     until(alice, lambda d: not d.find_elements(By.CSS_SELECTOR, "#rooms li[data-room='dev']"))
+
+
+def test_through_the_relay_a_reload_and_a_closed_tab_behave_the_same(
+        start_broker: Callable[..., RunningBroker], tmp_path: Path,
+        browsers: Callable[[], Any], library: Callable[..., Client]) -> None:
+    root = tmp_path / "keys"
+    (root / "relays").mkdir(parents=True)
+    make_keypair(root, "broker")
+    public, _ = make_keypair(root, "web")
+    (root / "relays" / public.name).write_bytes(public.read_bytes())
+    broker = start_broker("--relay-bind", "tcp://127.0.0.1:0", "--relay-broadcast",
+                          "tcp://127.0.0.1:0", "--relay-keys", str(root / "relays"),
+                          "--relay-secret-key", str(root / "broker.key_secret"),
+                          "--rate", "0", "--heartbeat", HEARTBEAT)
+    link = re.search(r" relay=(\S+)", broker.wait_output(r" relay=\S+"))
+    assert link is not None
+    gw = Gateway(link.group(1), "--upstream-key", str(root / "broker.key"),
+                 "--relay-key", str(root / "web.key_secret"))
+    try:
+        carol = library(broker.input, "carol")
+        alice = browsers()
+        login(alice, gw.url, "alice")
+        say(alice, "through the relay")
+        wait_item(carol, lambda i: isinstance(i, Message) and i.text == "through the relay")
+        alice.refresh()
+        until(alice, lambda d: state(d) == "online")
+        wait_line(alice, "<alice> through the relay")
+        say(alice, "after the reload")
+        seen: list[Any] = []
+        wait_item(carol, lambda i: seen.append(i) or (
+            isinstance(i, Message) and i.text == "after the reload"))
+        assert not [i for i in seen if isinstance(i, (Joined, Left)) and i.name == "alice"]
+        started = time.monotonic()
+        alice.quit()
+        left = wait_item(carol, lambda i: isinstance(i, Left) and i.name == "alice")
+        assert left.reason == "leave"
+        assert time.monotonic() - started <= float(HEARTBEAT)
+    finally:
+        gw.stop()

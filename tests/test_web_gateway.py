@@ -27,9 +27,10 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import RunningBroker
-from zchat import Client, Message
+from conftest import RunningBroker, wait_item
+from zchat import Client, Left, Message
 from zchat.display import name_colour
+from zchat.keys import make_keypair
 from zchat.protocol import Direct, Joined
 from zchat.web.server import Config, parse_config
 from zchat.web.wire import (
@@ -111,7 +112,10 @@ class Gateway:
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert self.proc.stdout is not None
         self.first = self.proc.stdout.readline()
-        self.second = self.proc.stdout.readline() if "https" not in self.first else ""
+        self.said = [self.first]
+        while self.first and "relay" not in self.said[-1]:  # the last line at start
+            self.said.append(self.proc.stdout.readline())
+        self.second = "".join(self.said[1:])
         match = SERVING.search(self.first)
         if match is None:
             self.stop()
@@ -152,6 +156,7 @@ async def _until(ws: ClientConnection, kind: str, **match: Any) -> dict[str, Any
 def test_port_zero_is_printed_and_plain_http_is_said(gateway: Gateway) -> None:
     assert re.match(r"http://127\.0\.0\.1:[1-9]\d*/$", gateway.url)
     assert "plain http" in gateway.second
+    assert "the broker sees this gateway's address for every browser" in gateway.second
 
 
 def test_the_page_is_served_with_a_strict_policy(gateway: Gateway) -> None:
@@ -249,6 +254,7 @@ def test_tls_when_given_a_certificate(broker: RunningBroker, tmp_path: Path) -> 
     gw = Gateway(broker.input, "--certfile", str(cert), "--keyfile", str(key))
     try:
         assert gw.url.startswith("https://")
+        assert "plain http" not in gw.second
         context = ssl.create_default_context(cafile=str(cert))
 
         async def scenario() -> dict[str, Any]:
@@ -257,3 +263,68 @@ def test_tls_when_given_a_certificate(broker: RunningBroker, tmp_path: Path) -> 
         assert asyncio.run(scenario())["name"] == "secure"
     finally:
         gw.stop()
+
+
+# ------------------------------------------------------------------ real addresses
+
+
+@pytest.fixture
+def relay_keys(tmp_path: Path) -> Path:
+    """The broker's key pair and the gateway's relay key pair (admitted by the broker)."""
+    root = tmp_path / "keys"
+    (root / "relays").mkdir(parents=True)
+    make_keypair(root, "broker")
+    public, _ = make_keypair(root, "web")
+    (root / "relays" / public.name).write_bytes(public.read_bytes())
+    return root
+
+
+@pytest.fixture
+def relay_broker(start_broker: Any, relay_keys: Path) -> tuple[RunningBroker, str]:
+    broker = start_broker("--relay-bind", "tcp://127.0.0.1:0", "--relay-broadcast",
+                          "tcp://127.0.0.1:0", "--relay-keys", str(relay_keys / "relays"),
+                          "--relay-secret-key", str(relay_keys / "broker.key_secret"),
+                          "--rate", "0", "--heartbeat", "2")
+    line = broker.wait_output(r" relay=\S+")
+    link = re.search(r" relay=(\S+)", line)
+    assert link is not None
+    return broker, link.group(1)
+
+
+def test_through_its_relay_the_broker_sees_each_browsers_own_address(
+        relay_broker: tuple[RunningBroker, str], relay_keys: Path) -> None:
+    broker, link = relay_broker
+    gw = Gateway(link, "--upstream-key", str(relay_keys / "broker.key"),
+                 "--relay-key", str(relay_keys / "web.key_secret"),
+                 "--forwarded-allow", "127.0.0.1")
+    try:
+        assert "the broker sees each browser's address" in gw.second
+        with Client(broker.input, "carol", timeout=10) as carol:
+            async def scenario() -> dict[str, Any]:
+                # A tab behind the trusted proxy (its X-Forwarded-For is believed)...
+                async with connect(gw.ws, additional_headers={
+                        "X-Forwarded-For": "198.51.100.1, 203.0.113.9"}) as ws:
+                    welcome = await _hello(ws, name="alice")
+                    await ws.send(json.dumps({"type": "say", "id": "1", "text": "hi"}))
+                    await _until(ws, "ack", id="1")
+                    await ws.send(json.dumps({"type": "leave"}))
+                    return welcome
+
+            welcome = asyncio.run(scenario())
+            assert welcome["addr"] == "203.0.113.9"
+            joined = wait_item(carol, lambda i: isinstance(i, Joined) and i.name == "alice")
+            said = wait_item(carol, lambda i: isinstance(i, Message) and i.sender == "alice")
+            left = wait_item(carol, lambda i: isinstance(i, Left) and i.name == "alice")
+            assert (joined.addr, said.text, left.addr, left.reason) == \
+                ("203.0.113.9", "hi", "203.0.113.9", "leave")
+            who = {m.name: m.addr for m in carol.who()}
+            assert "alice" not in who
+    finally:
+        gw.stop()
+
+
+def test_forwarded_for_is_ignored_from_a_peer_not_named(gateway: Gateway) -> None:
+    async def scenario() -> dict[str, Any]:
+        async with connect(gateway.ws, additional_headers={"X-Forwarded-For": "6.6.6.6"}) as ws:
+            return await _hello(ws, name="mallory")
+    assert asyncio.run(scenario())["addr"] == "127.0.0.1"

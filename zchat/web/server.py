@@ -24,6 +24,15 @@ sessions at once. A WebSocket's ``Origin`` must be the page's own (or
 listed with ``--origin``), so no other site can open sessions from its
 visitors' browsers.
 
+The broker sees each browser user's own address when the gateway runs an
+embedded relay (``zchat.broker.relay``; ``--upstream`` is then the broker's
+relay link, with ``--upstream-key`` and ``--relay-key``): sessions connect
+to it over ``inproc://``, each DEALER with a routing id the gateway made and
+mapped to the browser's address, which the relay hands to the broker as a
+relay the broker trusts. Behind a reverse proxy, ``--forwarded-allow`` names
+the proxies whose ``X-Forwarded-For`` is believed. Without a relay the
+broker sees the gateway's address for everyone, and says so at start.
+
 Defines ``Config``, ``Gateway``, ``WebSession``, ``build_parser``,
 ``parse_config`` and ``main``.
 """
@@ -35,18 +44,23 @@ import asyncio
 import collections
 import contextlib
 import http
+import ipaddress
+import itertools
 import json
 import logging
 import os
+import secrets
 import signal
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import zmq
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -75,11 +89,17 @@ from zchat.web.wire import (
     parse_request,
 )
 
+if TYPE_CHECKING:  # mypy checks broker/ in place, as `broker` (pyproject's [tool.mypy])
+    from broker.relay import Relay, RelayConfig
+else:
+    from zchat.broker.relay import Relay, RelayConfig
+
 __all__ = ["Config", "Gateway", "WebSession", "build_parser", "main", "parse_config"]
 
 log = logging.getLogger("zchat.web")
 
 ENV_PREFIX = "ZCHAT_"
+_RELAYS = itertools.count(1)  # inproc names of relays in this process
 WS_PATH = "/ws"
 HELLO_SECONDS = 10.0  # a socket that says nothing this long is closed
 SEND_SECONDS = 10.0  # a tab that reads nothing this long is dropped (it may reload)
@@ -126,6 +146,14 @@ class Config:
     backlog: int = 2000  # items one tab may leave unread before it is dropped
     log_items: int = 2000  # items a session keeps to replay to a reloaded tab
     join_timeout: float = 10.0
+    upstream_key: str | None = None  # the broker's public key: --upstream is its relay link
+    relay_key: str | None = None  # this gateway's relay secret key (known to the broker)
+    forwarded_allow: tuple[str, ...] = ()  # proxies whose X-Forwarded-For is believed
+
+    @property
+    def relayed(self) -> bool:
+        """True when sessions go through an embedded relay (browsers' own addresses)."""
+        return self.relay_key is not None
 
     def listen_address(self) -> tuple[str, int]:
         host, sep, port = self.listen.rpartition(":")
@@ -165,10 +193,12 @@ class _Tab:
 class WebSession:
     """One browser session: a zchat client, its log, the tab attached now."""
 
-    def __init__(self, gateway: Gateway, client: AsyncClient, address: str) -> None:
+    def __init__(self, gateway: Gateway, client: AsyncClient, address: str,
+                 routing_ids: list[bytes]) -> None:
         self.gateway = gateway
         self.client = client
         self.address = address
+        self.routing_ids = routing_ids  # the relay's names of our DEALER (the last is live)
         self.token = client.welcome.token if client.welcome else ""
         self.log: collections.deque[tuple[int, dict[str, Any]]] = collections.deque(
             maxlen=gateway.config.log_items)
@@ -271,13 +301,16 @@ class WebSession:
         """Leave the room (announced) and forget the session."""
         if self.ended:
             return
-        self.end(close=(1000, "left"))
+        self.end(close=(1000, "left"), retire=False)
         await self.client.leave(reason)
+        self.gateway.retire(self.routing_ids)  # only now: the leave went through the relay
 
-    def end(self, close: tuple[int, str]) -> None:
+    def end(self, close: tuple[int, str], retire: bool = True) -> None:
         if self.ended:
             return
         self.ended = True
+        if retire:
+            self.gateway.retire(self.routing_ids)
         if self.grace is not None:
             self.grace.cancel()
             self.grace = None
@@ -385,6 +418,13 @@ class Gateway:
         self.per_address: collections.Counter[str] = collections.Counter()
         self.server: Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # The embedded relay (``config.relayed``), its thread and the browsers'
+        # addresses by routing id, which the relay's thread reads.
+        self.context: zmq.Context[Any] | None = None
+        self.relay: Relay | None = None
+        self._relay_thread: threading.Thread | None = None
+        self.endpoint = config.upstream
+        self.addresses: dict[bytes, str] = {}
         self._static = {path: (resources.files("zchat.web").joinpath("static", name)
                                .read_bytes(), ctype)
                         for path, (name, ctype) in STATIC.items()}
@@ -394,6 +434,38 @@ class Gateway:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def retire(self, routing_ids: list[bytes]) -> None:
+        """These DEALERs are closed: the relay tells the broker (inproc reports no close)."""
+        while routing_ids:
+            rid = routing_ids.pop()
+            self.addresses.pop(rid, None)
+            if self.relay is not None:
+                self.relay.forget(rid)
+
+    def _namer(self, address: str) -> tuple[list[bytes], Any]:
+        """A routing-id maker for one session's DEALERs, each mapped to ``address``."""
+        ids: list[bytes] = []
+
+        def routing_id() -> bytes:
+            self.retire(ids)  # the library closed the previous DEALER before this one
+            rid = b"w" + secrets.token_bytes(15)
+            self.addresses[rid] = address
+            ids.append(rid)
+            return rid
+        return ids, routing_id
+
+    def browser_address(self, ws: ServerConnection) -> str:
+        """The browser's IP: the peer's, or what a trusted proxy says it saw."""
+        peer = str(ws.remote_address[0]) if ws.remote_address else "?"
+        forwarded = ws.request.headers.get("X-Forwarded-For") if ws.request else None
+        if forwarded and peer in self.config.forwarded_allow:
+            last = forwarded.rsplit(",", 1)[-1].strip()  # the hop our proxy added
+            try:
+                return str(ipaddress.ip_address(last))
+            except ValueError:
+                log.info("ignored X-Forwarded-For %r from %s", forwarded[:100], peer)
+        return peer
 
     def forget(self, session: WebSession) -> None:
         if self.sessions.get(session.token) is session:
@@ -431,7 +503,7 @@ class Gateway:
 
     async def handle(self, ws: ServerConnection) -> None:
         """One tab's socket: hello, then requests until it closes."""
-        address = str(ws.remote_address[0]) if ws.remote_address else "?"
+        address = self.browser_address(ws)
         try:
             first = await asyncio.wait_for(ws.recv(), HELLO_SECONDS)
             hello = parse_request(first)
@@ -491,20 +563,25 @@ class Gateway:
             await self._refuse(ws, CLOSE_UNREACHABLE, "too_many_sessions",
                                "this gateway holds all the sessions it may")
             return None
-        client = AsyncClient(self.config.upstream, hello.name or "?", token=hello.token or None,
-                             timeout=self.config.join_timeout)
+        ids, routing_id = self._namer(address)
         try:
+            client = AsyncClient(self.endpoint, hello.name or "?", token=hello.token or None,
+                                 timeout=self.config.join_timeout, context=self.context,
+                                 routing_id=routing_id if self.relay is not None else None)
             await client.connect()
         except RequestFailed as exc:
-            await self._refuse(ws, CLOSE_REFUSED, exc.code, exc.detail)
+            self.retire(ids)
+            await self._refuse(ws, CLOSE_REFUSED, str(exc.code), exc.detail)
             return None
         except ZchatError as exc:
+            self.retire(ids)
             await self._refuse(ws, CLOSE_UNREACHABLE, "unreachable", str(exc))
             return None
         except ValueError as exc:
+            self.retire(ids)
             await self._refuse(ws, CLOSE_REFUSED, "bad_name", str(exc))
             return None
-        session = WebSession(self, client, address)
+        session = WebSession(self, client, address, ids)
         self.sessions[session.token] = session
         self.per_address[address] += 1
         if ws.state is not State.OPEN:  # the tab went while we joined
@@ -520,8 +597,26 @@ class Gateway:
 
     # ------------------------------------------------------------- running
 
+    def _start_relay(self) -> None:
+        config = self.config
+        if config.upstream_key is None or config.relay_key is None:
+            raise ValueError("a relay needs --upstream-key and --relay-key")
+        self.context = zmq.Context()
+        name = f"zchat-web-{os.getpid()}-{next(_RELAYS)}"
+        self.relay = Relay(RelayConfig(upstream=config.upstream, upstream_key=config.upstream_key,
+                                       relay_key=config.relay_key, input=f"inproc://{name}-in",
+                                       broadcast=f"inproc://{name}-pub"),
+                           context=self.context, address_of=self.addresses.get)
+        endpoints = self.relay.bind()
+        self.endpoint = endpoints.input
+        self._relay_thread = threading.Thread(target=self.relay.run, name="zchat-web-relay",
+                                              daemon=True)
+        self._relay_thread.start()
+
     async def start(self) -> str:
         """Listen; return the URL the page is served at (the real port for port 0)."""
+        if self.config.relayed:
+            self._start_relay()
         host, port = self.config.listen_address()
         context = None
         if self.config.certfile:
@@ -543,6 +638,11 @@ class Gateway:
                              return_exceptions=True)
         if self.server is not None:
             await self.server.wait_closed()
+        if self.relay is not None and self._relay_thread is not None:
+            self.relay.stop()
+            await asyncio.get_running_loop().run_in_executor(None, self._relay_thread.join, 10)
+        if self.context is not None:
+            self.context.destroy(linger=0)
 
 
 # ----------------------------------------------------------------- the program
@@ -567,6 +667,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="PEM certificate (chain): serve https and wss")
     parser.add_argument("--keyfile", default=_env("KEYFILE"),
                         help="PEM private key of --certfile (if not in it)")
+    parser.add_argument("--upstream-key", default=_env("UPSTREAM_KEY"),
+                        help="the broker's public .key: --upstream is then the broker's relay "
+                             "link (its --relay-bind) and the broker sees each browser's address")
+    parser.add_argument("--relay-key", default=_env("RELAY_KEY"),
+                        help="this gateway's relay .key_secret (its public half in the broker's "
+                             "--relay-keys); with --upstream-key")
+    parser.add_argument("--forwarded-allow", action="append",
+                        default=[o for o in (_env("FORWARDED_ALLOW") or "").split(",") if o],
+                        help="a reverse proxy's IP whose X-Forwarded-For is believed (repeatable)")
     parser.add_argument("--origin", action="append",
                         default=[o for o in (_env("ORIGIN") or "").split(",") if o],
                         help="another page origin allowed to open sessions (repeatable)")
@@ -592,7 +701,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
                     keyfile=args.keyfile, origins=tuple(args.origin), grace=args.grace,
                     max_sessions=args.max_sessions, max_per_address=args.max_per_address,
                     max_frame=args.max_frame, rate=args.rate, burst=args.burst,
-                    log_items=args.log_items)
+                    log_items=args.log_items, upstream_key=args.upstream_key,
+                    relay_key=args.relay_key, forwarded_allow=tuple(args.forwarded_allow))
     try:
         check_endpoint(config.upstream)
         config.listen_address()
@@ -600,17 +710,29 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         build_parser().error(str(exc))
     if bool(config.keyfile) and not config.certfile:
         build_parser().error("--keyfile needs --certfile")
+    if (config.upstream_key is None) != (config.relay_key is None):
+        build_parser().error("--upstream-key and --relay-key go together")
     return config
 
 
 async def _run(config: Config) -> None:
     gateway = Gateway(config)
-    url = await gateway.start()
+    try:
+        url = await gateway.start()
+    except (ZchatError, ValueError) as exc:  # a bad key file, a bad relay setting
+        print(f"zchat-web: {exc}", file=sys.stderr)
+        sys.exit(2)
     print(f"zchat-web: serving {url} (WebSocket {url.replace('http', 'ws', 1)}ws), "
           f"upstream {config.upstream}", flush=True)
     if not config.certfile:
         print("zchat-web: no --certfile/--keyfile: plain http, tokens and chat travel "
               "unencrypted; use it on localhost or behind a TLS proxy", flush=True)
+    if config.relayed:
+        print("zchat-web: through an embedded relay: the broker sees each browser's address",
+              flush=True)
+    else:
+        print("zchat-web: no relay link (--upstream-key, --relay-key): the broker sees this "
+              "gateway's address for every browser", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
