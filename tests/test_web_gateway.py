@@ -138,19 +138,25 @@ def gateway(broker: RunningBroker) -> Iterator[Gateway]:
     gw.stop()
 
 
+async def _next(ws: ClientConnection) -> Iterator[dict[str, Any]]:
+    """The messages of the next frame: one object, or an array of them in order."""
+    body = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    return iter(body if isinstance(body, list) else [body])
+
+
 async def _hello(ws: ClientConnection, **fields: Any) -> dict[str, Any]:
     await ws.send(json.dumps({"type": "hello", **fields}))
     while True:
-        body: dict[str, Any] = json.loads(await ws.recv())
-        if body["type"] in ("welcome", "error"):
-            return body
+        for body in await _next(ws):
+            if body["type"] in ("welcome", "error"):
+                return body
 
 
 async def _until(ws: ClientConnection, kind: str, **match: Any) -> dict[str, Any]:
     while True:
-        body: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 10))
-        if body["type"] == kind and all(body.get(k) == v for k, v in match.items()):
-            return body
+        for body in await _next(ws):
+            if body["type"] == kind and all(body.get(k) == v for k, v in match.items()):
+                return body
 
 
 def test_port_zero_is_printed_and_plain_http_is_said(gateway: Gateway) -> None:

@@ -103,6 +103,7 @@ _RELAYS = itertools.count(1)  # inproc names of relays in this process
 WS_PATH = "/ws"
 HELLO_SECONDS = 10.0  # a socket that says nothing this long is closed
 SEND_SECONDS = 10.0  # a tab that reads nothing this long is dropped (it may reload)
+BATCH = 200  # messages at most in one frame to a tab
 REMEMBERED_IDS = 1000  # the page's line ids per session, to answer a resend
 CLOSE_REPLACED = 4000  # the session was taken by another tab: do not reconnect
 CLOSE_REFUSED = 4001  # the broker refused the join (name taken, bad name)
@@ -542,10 +543,28 @@ class Gateway:
             await writer
 
     async def _write(self, tab: _Tab) -> None:
-        """Send what the session queued for ``tab``, in order; drop a tab that stalls."""
-        while (text := await tab.outbox.get()) is not None:
+        """Send what the session queued for ``tab``, in order; drop a tab that stalls.
+
+        What has queued up meanwhile goes as one frame, a JSON array of the
+        messages (at most ``BATCH``): under load a frame, and a system call,
+        per message would cost the gateway more than the messages themselves.
+        """
+        ending = False
+        while not ending:
+            text = await tab.outbox.get()
+            if text is None:
+                return
+            batch = [text]
+            while len(batch) < BATCH and not tab.outbox.empty():
+                more = tab.outbox.get_nowait()
+                if more is None:
+                    ending = True
+                    break
+                batch.append(more)
+            frame = text if len(batch) == 1 else "[" + ",".join(batch) + "]"
             try:
-                await asyncio.wait_for(tab.ws.send(text), SEND_SECONDS)
+                async with asyncio.timeout(SEND_SECONDS):
+                    await tab.ws.send(frame)
             except (TimeoutError, ConnectionClosed):
                 tab.ws.transport.abort()
                 return

@@ -25,6 +25,9 @@ Gateway -> page::
     ack      id, seq?             error  code, detail, id?
     members  room, members        state  state (online | reconnecting)
 
+A frame to the page may also hold a JSON array of such objects, in order:
+what queued up while the tab's socket was busy goes in one frame.
+
 A name's colour travels with it (``colour``, ``#rrggbb``): it is
 ``zchat.display.name_colour``, the terminal client's, as the RGB of its
 256-colour index, so a name looks the same in both.

@@ -429,7 +429,9 @@
     ws.onmessage = (event) => {
       let body;
       try { body = JSON.parse(event.data); } catch (e) { return; }
-      received(body);
+      // A busy gateway sends what queued up as one array, in order.
+      if (Array.isArray(body)) body.forEach(received);
+      else received(body);
     };
     ws.onclose = (event) => {
       welcomed = false;
