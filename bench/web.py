@@ -85,10 +85,12 @@ async def _drain(ws: ClientConnection) -> None:
 async def gateway_sessions(url: str, pid: int, count: int) -> float:
     """KiB of gateway RSS per WebSocket session, for ``count`` sessions held."""
     before = rss_kib(pid)
-    sockets = [await connect(url) for _ in range(count)]
+    sockets = []
     readers = []
-    for n, ws in enumerate(sockets):
+    for n in range(count):
+        ws = await connect(url)
         await _hello(ws, f"tab{n}")
+        sockets.append(ws)
         readers.append(asyncio.create_task(_drain(ws)))  # joins of later tabs, read
     after = rss_kib(pid)
     for ws in sockets:
