@@ -124,16 +124,26 @@ def browsers(tmp_path: Path) -> Iterator[Callable[[], Any]]:
                     "--disable-dev-shm-usage", "--window-size=1100,700",
                     f"--user-data-dir={profile}"):
             options.add_argument(arg)
+        # The page's own errors (an exception in app.js, a CSP refusal) fail the test.
+        options.set_capability("goog:loggingPrefs", {"browser": "SEVERE"})
         driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
         made.append(driver)
         return driver
 
     yield make
+    errors: list[str] = []
     for driver in made:
+        try:
+            errors += [entry["message"] for entry in driver.get_log("browser")
+                       # A socket to a gateway that is down is what offline tests do.
+                       if "WebSocket connection to" not in entry["message"]]
+        except Exception:
+            pass  # already quit by the test
         try:
             driver.quit()
         except Exception:
             pass  # already quit by the test
+    assert not errors, errors
 
 
 @pytest.fixture
