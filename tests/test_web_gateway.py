@@ -334,3 +334,20 @@ def test_forwarded_for_is_ignored_from_a_peer_not_named(gateway: Gateway) -> Non
         async with connect(gateway.ws, additional_headers={"X-Forwarded-For": "6.6.6.6"}) as ws:
             return await _hello(ws, name="mallory")
     assert asyncio.run(scenario())["addr"] == "127.0.0.1"
+
+
+def test_a_kicked_session_ends_its_tab_for_good(gateway: Gateway, broker: RunningBroker) -> None:
+    async def scenario() -> tuple[list[dict[str, Any]], int | None]:
+        seen: list[dict[str, Any]] = []
+        async with connect(gateway.ws) as ws:
+            await _hello(ws, name="victim")
+            subprocess.run([sys.executable, "-m", "zchat.broker.admin", "--control",
+                            broker.control, "kick", "victim"], check=True, timeout=30,
+                           capture_output=True)
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    seen.extend(await _next(ws))
+            return seen, ws.close_code
+    seen, code = asyncio.run(scenario())
+    assert code == 4002  # the page does not reconnect
+    assert any(m.get("item", {}).get("state") == "closed" for m in seen), seen
