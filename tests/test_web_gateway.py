@@ -19,6 +19,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -138,24 +139,36 @@ def gateway(broker: RunningBroker) -> Iterator[Gateway]:
     gw.stop()
 
 
-async def _next(ws: ClientConnection) -> Iterator[dict[str, Any]]:
-    """The messages of the next frame: one object, or an array of them in order."""
+# What a frame held beyond the message a helper was waiting for, per socket.
+_unread: weakref.WeakKeyDictionary[ClientConnection, list[dict[str, Any]]] = \
+    weakref.WeakKeyDictionary()
+
+
+async def _next(ws: ClientConnection) -> list[dict[str, Any]]:
+    """The messages of the next frame (one object, or an array of them in order)."""
+    left = _unread.pop(ws, [])
+    if left:
+        return left
     body = json.loads(await asyncio.wait_for(ws.recv(), 10))
-    return iter(body if isinstance(body, list) else [body])
+    return body if isinstance(body, list) else [body]
+
+
+async def _until(ws: ClientConnection, kind: str, **match: Any) -> dict[str, Any]:
+    while True:
+        messages = await _next(ws)
+        for at, body in enumerate(messages):
+            if body["type"] == kind and all(body.get(k) == v for k, v in match.items()):
+                _unread[ws] = messages[at + 1:]
+                return body
 
 
 async def _hello(ws: ClientConnection, **fields: Any) -> dict[str, Any]:
     await ws.send(json.dumps({"type": "hello", **fields}))
     while True:
-        for body in await _next(ws):
+        messages = await _next(ws)
+        for at, body in enumerate(messages):
             if body["type"] in ("welcome", "error"):
-                return body
-
-
-async def _until(ws: ClientConnection, kind: str, **match: Any) -> dict[str, Any]:
-    while True:
-        for body in await _next(ws):
-            if body["type"] == kind and all(body.get(k) == v for k, v in match.items()):
+                _unread[ws] = messages[at + 1:]
                 return body
 
 
@@ -351,3 +364,25 @@ def test_a_kicked_session_ends_its_tab_for_good(gateway: Gateway, broker: Runnin
     seen, code = asyncio.run(scenario())
     assert code == 4002  # the page does not reconnect
     assert any(m.get("item", {}).get("state") == "closed" for m in seen), seen
+
+
+def test_a_replay_longer_than_the_backlog_still_reaches_a_returning_tab(
+        broker: RunningBroker) -> None:
+    gw = Gateway(broker.input, "--log-items", "20", "--backlog", "5", "--rate", "0")
+    try:
+        async def scenario() -> list[int]:
+            async with connect(gw.ws) as ws:
+                welcome = await _hello(ws, name="chatty")
+                for n in range(30):  # one at a time: this tab reads all it is sent
+                    await ws.send(json.dumps({"type": "say", "id": str(n), "text": f"m{n}"}))
+                    await _until(ws, "ack", id=str(n))
+            async with connect(gw.ws) as ws:
+                await _hello(ws, name="chatty", token=welcome["token"], after=0)
+                numbers: list[int] = []
+                while len(numbers) < 20:
+                    numbers += [m["n"] for m in await _next(ws) if m["type"] == "item"]
+                return numbers
+        numbers = asyncio.run(scenario())
+        assert numbers == sorted(numbers) and len(numbers) == 20  # the last 20, in order
+    finally:
+        gw.stop()

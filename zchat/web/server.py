@@ -189,6 +189,7 @@ class _Tab:
 
     ws: ServerConnection
     outbox: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
+    replayed: int = 0  # messages the attach queued at once (the welcome and the log)
 
 
 class WebSession:
@@ -220,11 +221,13 @@ class WebSession:
         self.log.append((self.count, body))
         self._send({"type": "item", "n": self.count, "live": True, "item": body})
 
-    def _send(self, body: dict[str, Any]) -> None:
+    def _send(self, body: dict[str, Any], replay: bool = False) -> None:
         tab = self.tab
         if tab is None:
             return
-        if tab.outbox.qsize() >= self.gateway.config.backlog:
+        # A replay is bounded by the log's own size; only what comes after
+        # it counts against the tab's backlog.
+        if not replay and tab.outbox.qsize() >= self.gateway.config.backlog + tab.replayed:
             # The tab reads nothing: drop it; it gets the log when it comes back.
             log.info("tab of %s is not reading: closed", self.client.name)
             self.detach(tab, close=(1008, "not reading"))
@@ -232,6 +235,15 @@ class WebSession:
         tab.outbox.put_nowait(json.dumps(body, ensure_ascii=False))
 
     async def _pump(self) -> None:
+        try:
+            await self._carry()
+        except Exception:  # a bug of ours: end this session, not the gateway
+            log.exception("session of %s failed", self.client.name)
+            await self.client.close()
+        self.end(close=(CLOSE_ENDED, "the session ended"))
+
+    async def _carry(self) -> None:
+        """Every item of the client: logged, and sent to the tab if one is here."""
         async for item in self.client.events():
             now = time.time()
             if isinstance(item, Status):
@@ -243,8 +255,7 @@ class WebSession:
                     self._send({"type": "state", "state": "online"})
             self.record(item_json(item, now))
             if isinstance(item, Status) and item.state == ClientStatus.CLOSED:
-                break
-        self.end(close=(CLOSE_ENDED, "the session ended"))
+                return
 
     # ------------------------------------------------------------- tabs
 
@@ -268,7 +279,8 @@ class WebSession:
         })
         for n, body in self.log:
             if n > after:
-                self._send({"type": "item", "n": n, "live": False, "item": body})
+                self._send({"type": "item", "n": n, "live": False, "item": body}, replay=True)
+        tab.replayed = tab.outbox.qsize()
         return tab
 
     def _rooms(self) -> list[dict[str, Any]]:
@@ -705,7 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("max-frame", int, "bytes of one WebSocket frame from a tab"),
             ("rate", float, "frames per second from one tab, sustained (0: no limit)"),
             ("burst", int, "frames from one tab at once"),
-            ("log-items", int, "items a session keeps to replay to a reloaded tab")):
+            ("log-items", int, "items a session keeps to replay to a reloaded tab"),
+            ("backlog", int, "messages waiting for a tab that reads nothing before it is "
+                             "dropped (a replay not counted)")):
         attr = name.replace("-", "_")
         default = getattr(defaults, attr)
         parser.add_argument(f"--{name}", type=kind,
@@ -720,7 +734,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
                     keyfile=args.keyfile, origins=tuple(args.origin), grace=args.grace,
                     max_sessions=args.max_sessions, max_per_address=args.max_per_address,
                     max_frame=args.max_frame, rate=args.rate, burst=args.burst,
-                    log_items=args.log_items, upstream_key=args.upstream_key,
+                    log_items=args.log_items, backlog=args.backlog,
+                    upstream_key=args.upstream_key,
                     relay_key=args.relay_key, forwarded_allow=tuple(args.forwarded_allow))
     try:
         check_endpoint(config.upstream)
