@@ -349,8 +349,13 @@ def test_hostile_names_and_text_show_as_text_and_run_nothing(
     wait_line(alice, f"--> {HOSTILE_NAME} (127.0.0.1) joined")
     say(alice, "/who")
     wait_line(alice, f"{HOSTILE_NAME} (127.0.0.1)")
+    # A topic is peer text too.
+    mallory.enter("den")
+    mallory.topic("den", HOSTILE_TEXT)
+    say(alice, "/join den")
+    until(alice, lambda d: d.find_element(By.ID, "topic").text == HOSTILE_TEXT)
     assert alice.execute_script("return window.pwned") is None
-    assert alice.find_elements(By.CSS_SELECTOR, "#log img, #log script, #log b, "
+    assert alice.find_elements(By.CSS_SELECTOR, "#log img, #log script, #log b, header img, "
                                                 "#members img, #members script") == []
     # A tab with the hostile name itself: its own name shows as text too.
     mallory.leave()
