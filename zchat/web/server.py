@@ -5,7 +5,8 @@ files (``process_request`` answers plain GETs) and the WebSocket endpoint
 ``/ws``. Each browser session is a ``WebSession``: one ``AsyncClient`` (so
 the library's ordering, gap fill, resume without loss or duplicates and
 heartbeats hold as for any client), a numbered log of what it delivered
-(bounded) so that a reloaded tab gets its conversation back, and the
+(bounded; ``zchat.web.state``, pure) so that a reloaded tab gets its
+conversation back, and the
 WebSocket attached now, if any::
 
     tab  --hello{name}-->  Gateway  --AsyncClient(name)--> broker
@@ -71,6 +72,7 @@ from zchat.client import AsyncClient, check_endpoint
 from zchat.errors import ClientClosed, RequestFailed, ZchatError
 from zchat.protocol import DEFAULT_HEARTBEAT, ClientStatus, fold_name
 from zchat.session import Status
+from zchat.web.state import FrameBudget, SessionLog
 from zchat.web.wire import (
     Dm,
     Enter,
@@ -164,26 +166,6 @@ class Config:
 
 
 @dataclass
-class _Bucket:
-    """Frames a tab may send: ``burst`` at once, then ``rate`` per second."""
-
-    rate: float
-    burst: float
-    tokens: float = 0.0
-    stamp: float = 0.0
-
-    def take(self, now: float) -> bool:
-        if self.rate <= 0:
-            return True
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
-@dataclass
 class _Tab:
     """One attached WebSocket and what waits to be written to it, in order."""
 
@@ -202,11 +184,8 @@ class WebSession:
         self.address = address
         self.routing_ids = routing_ids  # the relay's names of our DEALER (the last is live)
         self.token = client.welcome.token if client.welcome else ""
-        self.log: collections.deque[tuple[int, dict[str, Any]]] = collections.deque(
-            maxlen=gateway.config.log_items)
-        self.count = 0
+        self.log = SessionLog(gateway.config.log_items, REMEMBERED_IDS)
         self.tab: _Tab | None = None
-        self.answers: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.grace: asyncio.TimerHandle | None = None
         self.online = True
@@ -217,9 +196,7 @@ class WebSession:
 
     def record(self, body: dict[str, Any]) -> None:
         """Number ``body``, keep it for replays, and send it to the tab if one is here."""
-        self.count += 1
-        self.log.append((self.count, body))
-        self._send({"type": "item", "n": self.count, "live": True, "item": body})
+        self._send(self.log.record(body))
 
     def _send(self, body: dict[str, Any], replay: bool = False) -> None:
         tab = self.tab
@@ -275,11 +252,10 @@ class WebSession:
             "state": "online" if self.online else "reconnecting", "resumed": resumed,
             "members": [member_json(m) for m in self.client.members.values()],
             "rooms": self._rooms(),
-            "last": self.count,
+            "last": self.log.count,
         })
-        for n, body in self.log:
-            if n > after:
-                self._send({"type": "item", "n": n, "live": False, "item": body}, replay=True)
+        for frame in self.log.replay(after):
+            self._send(frame, replay=True)
         tab.replayed = tab.outbox.qsize()
         return tab
 
@@ -357,9 +333,10 @@ class WebSession:
                             "detail": "already joined"})
 
     def _line(self, rid: str, work: Any) -> None:
-        if rid in self.answers:  # a resend after the tab's socket came back
+        answered = self.log.answered(rid)
+        if answered is not None:  # a resend after the tab's socket came back
             work.close()
-            self._send(self.answers[rid])
+            self._send(answered)
             return
         if rid in self.inflight:  # still going; its answer reaches the tab then
             work.close()
@@ -375,9 +352,7 @@ class WebSession:
             return  # the session is over; nobody to answer
         finally:
             self.inflight.pop(rid, None)
-        self.answers[rid] = body
-        while len(self.answers) > REMEMBERED_IDS:
-            self.answers.popitem(last=False)
+        self.log.answer(rid, body)
         self._send(body)
 
     async def _say(self, text: str, room: str) -> dict[str, Any]:
@@ -533,7 +508,7 @@ class Gateway:
         session, resumed = found
         tab = session.attach(ws, hello.after if resumed else 0, resumed)
         writer = asyncio.get_running_loop().create_task(self._write(tab))
-        bucket = _Bucket(self.config.rate, self.config.burst, self.config.burst, time.monotonic())
+        bucket = FrameBudget.full(self.config.rate, self.config.burst, time.monotonic())
         try:
             async for frame in ws:
                 if not bucket.take(time.monotonic()):
