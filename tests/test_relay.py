@@ -689,3 +689,54 @@ def test_a_killed_relays_clients_carry_on_through_the_other_losing_and_duplicati
                 dms.append(item.text)
         assert dms == ["through B"]
         print(f"relay fail-over: clients resumed {resumed:.2f} s after the kill")
+
+
+# ------------------------------------------------------------ hostile input
+
+
+def test_the_brokers_connection_bounds_hold_on_a_relay(
+        ctx: zmq.Context[Any], start_broker: Callable[..., RunningBroker],
+        start_relay: Callable[..., RunningRelay], keys: Keys) -> None:
+    broker = start_broker(*relay_broker_args(keys))
+    relay = start_relay(relay_endpoint(broker), keys, "relay-a",
+                        "--join-timeout", "3", "--max-per-address", "3")
+
+    def connection(routing_id: bytes | None = None) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 60_000)  # a cut stays cut while we look
+        if routing_id is not None:
+            sock.setsockopt(zmq.ROUTING_ID, routing_id)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        sock.connect(relay.input)
+        return sock, monitor
+
+    def events(monitor: zmq.Socket[Any], timeout: float) -> list[int]:
+        seen = []
+        while monitor.poll(timeout * 1000):
+            seen.append(zmq.utils.monitor.recv_monitor_message(monitor)["event"])
+            if seen[-1] == zmq.EVENT_DISCONNECTED:
+                break
+        return seen
+
+    # A stranger that never joins is cut after --join-timeout, by the relay.
+    _idle, idle_monitor = connection()
+    started = time.monotonic()
+    assert events(idle_monitor, 10)[-1] == zmq.EVENT_DISCONNECTED
+    assert 2 < time.monotonic() - started < 10
+    relay.wait_log("no join within 3 s")
+    # A routing id in libzmq's own form that libzmq did not make: cut, unread.
+    forged, forged_monitor = connection(b"\x00\x00\x00\x00\x07")
+    forged.send(msgpack.packb({"type": "join", "name": "forger"}))
+    assert zmq.EVENT_DISCONNECTED in events(forged_monitor, 5)
+    relay.wait_log("forged an automatic routing id")
+    # A joined client stays; a fourth input connection from one address is cut at once.
+    member = RawClient(ctx, relay)  # type: ignore[arg-type]
+    assert member.join("member")["type"] == "welcome"
+    extra = [connection() for _ in range(3)]
+    # (within a second: before the join timeout could cut them too)
+    cut = [mon for _, mon in extra if zmq.EVENT_DISCONNECTED in events(mon, 1)]
+    assert len(cut) == 1, "three input connections besides the member's: one too many"
+    relay.wait_log("more than 3 connections from one address")
+    assert member.request({"type": "ping", "id": "p"})["type"] == "pong"
+    assert "forger" not in admin(broker, "who").stdout
