@@ -159,6 +159,11 @@ class Relay:
         self.config = config
         self._own_context = context is None
         self.context: zmq.Context[Any] = context or zmq.Context(io_threads=config.io_threads)
+        # The link to the broker has a context (an I/O thread) of its own:
+        # libzmq resolves a host name with a blocking getaddrinfo in the I/O
+        # thread, and while a restarted broker's name does not resolve (a
+        # container being replaced), the clients' sockets must not wait on it.
+        self.upstream_context: zmq.Context[Any] = zmq.Context()
         self._address_of = address_of
         self.endpoints: RelayEndpoints | None = None
         self.up = False  # the upstream link's handshake succeeded and it has not closed
@@ -215,7 +220,7 @@ class Relay:
             sock.setsockopt(zmq.HANDSHAKE_IVL, handshake_ms)
         self._monitors = [guard.watch(self.router, Kind.INPUT, ctx),
                           guard.watch(self.xpub, Kind.BROADCAST, ctx)]
-        self.dealer = ctx.socket(zmq.DEALER)
+        self.dealer = self.upstream_context.socket(zmq.DEALER)
         # Requests are not queued for a broker that is not there: a client
         # retries, and a stale join must not arrive minutes later.
         self.dealer.setsockopt(zmq.IMMEDIATE, 1)
@@ -226,7 +231,7 @@ class Relay:
         self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         self.dealer.setsockopt(zmq.LINGER, 0)
         link_keys.apply(self.dealer)
-        self.xsub = ctx.socket(zmq.XSUB)
+        self.xsub = self.upstream_context.socket(zmq.XSUB)
         self.xsub.setsockopt(zmq.RCVHWM, UPSTREAM_HWM)
         self.xsub.setsockopt(zmq.LINGER, 0)
         self.xsub.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
@@ -589,6 +594,7 @@ class Relay:
                 except OSError:
                     pass
         self._wake_r = self._wake_w = -1
+        self.upstream_context.term()
         if self._own_context:
             self.context.term()
 

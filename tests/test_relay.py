@@ -28,7 +28,7 @@ from zchat import Client
 from zchat.broker.relay import Relay, RelayConfig
 from zchat.errors import HandshakeFailed, NameTaken
 from zchat.keys import load_client_keys, make_keypair
-from zchat.protocol import ClientStatus
+from zchat.protocol import ClientStatus, Direct, Message
 from zchat.session import Status
 
 RELAY_LISTENING = re.compile(r"zchat-relay listening input=(\S+) broadcast=(\S+)")
@@ -620,3 +620,123 @@ def test_a_dead_relays_clients_time_out_at_the_broker_as_dropped_connections(
             assert time.monotonic() < deadline, "the dead relay's client never left"
     assert left["name"] == "doomed" and left["reason"] == "timeout"
     broker.wait_output("relay link from fd .* closed: 1 client", stderr=True)
+
+
+# ------------------------------------------------------------- fail-over
+
+
+def collect(client: Client, last: Callable[[Any], bool], timeout: float = 30.0) -> list[Any]:
+    """Every item ``client`` delivers, up to and including the first that is ``last``."""
+    items: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        item = client.next_event(timeout=left)
+        if item is not None:
+            items.append(item)
+            if last(item):
+                return items
+    raise AssertionError(f"not heard in time; heard {items}")
+
+
+def test_a_killed_relays_clients_carry_on_through_the_other_losing_and_duplicating_nothing(
+        relayed: tuple[RunningBroker, RunningRelay, RunningRelay]) -> None:
+    _, relay_a, relay_b = relayed
+    both = f"{relay_a.input},{relay_b.input}"
+    with Client(both, "alice", timeout=30) as alice, \
+            Client(both, "carol", timeout=30) as carol, \
+            Client(f"{relay_b.input},{relay_a.input}", "bob", timeout=30) as bob:
+        for client in (alice, carol, bob):
+            client.connect()
+        alice.enter("vault", private=True)
+        alice.invite("vault", "carol")
+        carol.enter("vault")
+        sent = [bob.send_nowait(f"pub {i}") for i in range(20)]
+        secret = [carol.send_nowait(f"vault {i}", room="vault") for i in range(5)]
+        for future in (*sent, *secret):
+            future.result(30)
+        killed = time.monotonic()
+        relay_a.proc.kill()  # alice and carol are on it
+        # Sent while relay A is dead: bob's on B go at once; carol's wait in
+        # her session and go out again, with the same ids, through B; her dm too.
+        sent += [bob.send_nowait(f"pub {i}") for i in range(20, 40)]
+        secret += [carol.send_nowait(f"vault {i}", room="vault") for i in range(5, 10)]
+        dm = threading.Thread(target=carol.dm, args=("bob", "through B"), daemon=True)
+        dm.start()
+        # Everything alice hears is kept: the events before the kill count too.
+        heard = collect(alice, lambda e: isinstance(e, Status)
+                        and e.state == ClientStatus.RECONNECTED)
+        wait_item(carol, lambda e: isinstance(e, Status)
+                  and e.state == ClientStatus.RECONNECTED, timeout=30)
+        resumed = time.monotonic() - killed
+        for future in (*sent, *secret):
+            future.result(30)
+        dm.join(30)
+        assert not dm.is_alive()
+        bob.send("the end")
+        heard += collect(alice, lambda e: isinstance(e, Message) and e.text == "the end")
+        texts = [f"{e.room}:{e.text}" if e.room != "lobby" else e.text
+                 for e in heard if isinstance(e, Message)]
+        assert [t for t in texts if t.startswith("pub ")] == [f"pub {i}" for i in range(40)]
+        assert [t for t in texts if t.startswith("vault:")] == [
+            f"vault:vault {i}" for i in range(10)]
+        dms = []
+        bob.send("dm check")
+        while True:
+            item = wait_item(bob, lambda e: isinstance(e, Direct | Message), timeout=30)
+            if isinstance(item, Message) and item.text == "dm check":
+                break
+            if isinstance(item, Direct):
+                dms.append(item.text)
+        assert dms == ["through B"]
+        print(f"relay fail-over: clients resumed {resumed:.2f} s after the kill")
+
+
+# ------------------------------------------------------------ hostile input
+
+
+def test_the_brokers_connection_bounds_hold_on_a_relay(
+        ctx: zmq.Context[Any], start_broker: Callable[..., RunningBroker],
+        start_relay: Callable[..., RunningRelay], keys: Keys) -> None:
+    broker = start_broker(*relay_broker_args(keys))
+    relay = start_relay(relay_endpoint(broker), keys, "relay-a",
+                        "--join-timeout", "3", "--max-per-address", "3")
+
+    def connection(routing_id: bytes | None = None) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 60_000)  # a cut stays cut while we look
+        if routing_id is not None:
+            sock.setsockopt(zmq.ROUTING_ID, routing_id)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        sock.connect(relay.input)
+        return sock, monitor
+
+    def events(monitor: zmq.Socket[Any], timeout: float) -> list[int]:
+        seen = []
+        while monitor.poll(timeout * 1000):
+            seen.append(zmq.utils.monitor.recv_monitor_message(monitor)["event"])
+            if seen[-1] == zmq.EVENT_DISCONNECTED:
+                break
+        return seen
+
+    # A stranger that never joins is cut after --join-timeout, by the relay.
+    _idle, idle_monitor = connection()
+    started = time.monotonic()
+    assert events(idle_monitor, 10)[-1] == zmq.EVENT_DISCONNECTED
+    assert 2 < time.monotonic() - started < 10
+    relay.wait_log("no join within 3 s")
+    # A routing id in libzmq's own form that libzmq did not make: cut, unread.
+    forged, forged_monitor = connection(b"\x00\x00\x00\x00\x07")
+    forged.send(msgpack.packb({"type": "join", "name": "forger"}))
+    assert zmq.EVENT_DISCONNECTED in events(forged_monitor, 5)
+    relay.wait_log("forged an automatic routing id")
+    # A joined client stays; a fourth input connection from one address is cut at once.
+    member = RawClient(ctx, relay)  # type: ignore[arg-type]
+    assert member.join("member")["type"] == "welcome"
+    extra = [connection() for _ in range(3)]
+    # (within a second: before the join timeout could cut them too)
+    cut = [mon for _, mon in extra if zmq.EVENT_DISCONNECTED in events(mon, 1)]
+    assert len(cut) == 1, "three input connections besides the member's: one too many"
+    relay.wait_log("more than 3 connections from one address")
+    assert member.request({"type": "ping", "id": "p"})["type"] == "pong"
+    assert "forger" not in admin(broker, "who").stdout
