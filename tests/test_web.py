@@ -496,3 +496,19 @@ def test_through_the_relay_a_reload_and_a_closed_tab_behave_the_same(
         assert time.monotonic() - started <= float(HEARTBEAT)
     finally:
         gw.stop()
+
+
+def test_a_taken_name_is_said_on_the_login_form(
+        gateway: Gateway, web_broker: RunningBroker, browsers: Callable[[], Any],
+        library: Callable[..., Client]) -> None:
+    library(web_broker.input, "alice")
+    tab = browsers()
+    tab.get(gateway.url)
+    until(tab, lambda d: d.find_element(By.ID, "name")).send_keys("ALICE" + Keys.ENTER)
+    until(tab, lambda d: "taken" in d.find_element(By.ID, "login-error").text)
+    assert tab.find_element(By.ID, "login").is_displayed()
+    box = tab.find_element(By.ID, "name")
+    box.clear()
+    box.send_keys("alicia" + Keys.ENTER)
+    until(tab, lambda d: state(d) == "online")
+    assert tab.find_element(By.ID, "me").text.startswith("alicia")
