@@ -52,8 +52,10 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 SERVING = re.compile(r"serving (\S+) ")
 WAIT = 30.0  # generous: two cores shared with other work
-# Long enough that a reload fits in the gateway's grace (half of it, 2 s).
-HEARTBEAT = "4"
+# Long enough that a reload fits in the gateway's grace (3 s, half of it)
+# even on a loaded machine; a closed tab is still announced within it.
+HEARTBEAT = "6"
+GRACE = "3"
 
 
 class Gateway:
@@ -62,7 +64,7 @@ class Gateway:
     def __init__(self, upstream: str, *args: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "zchat.web.server", "--upstream", upstream,
-             "--listen", "127.0.0.1:0", *args],
+             "--listen", "127.0.0.1:0", "--grace", GRACE, *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert self.proc.stdout is not None and self.proc.stderr is not None
