@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from zchat.state import Limits
 
 from .guard import ConnectionLimits
+from .relaylink import RelayLinkConfig
 
 __all__ = ["Config", "ConfigError", "check_control_endpoint", "check_endpoint"]
 
@@ -41,6 +42,7 @@ class Config:
     authorized_keys: str | None = None  # CURVE: directory of admitted clients' .key files
     coalesce: int = 0  # most events per batch frame on BATCH_TOPIC; 0: no batches
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    relay: RelayLinkConfig | None = None  # --relay-bind: where relays connect, and who may
 
     def __post_init__(self) -> None:
         if not self.heartbeat > 0:

@@ -19,8 +19,10 @@ from .config import (
     DEFAULT_INPUT,
     Config,
     ConfigError,
+    check_endpoint,
 )
 from .guard import ConnectionLimits
+from .relaylink import RelayLinkConfig
 from .server import Server, raise_fd_limit
 
 __all__ = ["build_parser", "config_from_args", "env_default", "main"]
@@ -206,6 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument(f"--{option.flag}", metavar=option.metavar, type=option.kind,
                                default=default,
                                help=f"{option.help} (default: %(default)s)")
+    rel = p.add_argument_group("relays (zchat-relay; the link is always CURVE)")
+    rel.add_argument("--relay-bind", metavar="EP", default=env_default("relay-bind", None),
+                     help="ROUTER that relays send their clients' requests to (default: no "
+                          "relays)")
+    rel.add_argument("--relay-broadcast", metavar="EP",
+                     default=env_default("relay-broadcast", None),
+                     help="XPUB that relays subscribe to (needed with --relay-bind)")
+    rel.add_argument("--relay-keys", metavar="DIR", default=env_default("relay-keys", None),
+                     help="directory of the public .key files of admitted relays; only they "
+                          "may speak for clients")
+    rel.add_argument("--relay-secret-key", metavar="FILE",
+                     default=env_default("relay-secret-key", None),
+                     help="the broker's .key_secret for the relay link (default: --secret-key)")
     p.add_argument("--log-level", metavar="LEVEL",
                    default=env_default("log-level", "INFO", str.upper),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -238,7 +253,25 @@ def config_from_args(args: argparse.Namespace) -> Config:
         db=args.db,
         retention=args.retention,
         fsync=args.fsync,
+        relay=relay_config_from_args(args),
     )
+
+
+def relay_config_from_args(args: argparse.Namespace) -> RelayLinkConfig | None:
+    """The relay link's settings, or None when no relay may connect."""
+    given = (args.relay_bind, args.relay_broadcast, args.relay_keys)
+    if not any(given):
+        return None
+    if not all(given):
+        raise ConfigError("--relay-bind, --relay-broadcast and --relay-keys go together")
+    check_endpoint("relay-bind", args.relay_bind)
+    check_endpoint("relay-broadcast", args.relay_broadcast)
+    secret = args.relay_secret_key or args.secret_key
+    if not secret:
+        raise ConfigError("the relay link is always CURVE: give --secret-key or "
+                          "--relay-secret-key")
+    return RelayLinkConfig(bind=args.relay_bind, broadcast=args.relay_broadcast,
+                           keys=args.relay_keys, secret_key=secret)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -273,9 +306,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         endpoints.input, endpoints.broadcast, endpoints.control, config.heartbeat, fds,
     )
     # One machine-readable line on stdout so scripts and tests learn the ports.
+    relays = server.relays.endpoints if server.relays is not None else None
     print(
         f"zchat-broker listening input={endpoints.input} broadcast={endpoints.broadcast} "
-        f"control={endpoints.control}",
+        f"control={endpoints.control}"
+        + (f" relay={relays[0]} relay-broadcast={relays[1]}" if relays else ""),
         flush=True,
     )
     if config.secret_key:

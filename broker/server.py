@@ -54,6 +54,7 @@ from .auth import CurveGate
 from .config import Config
 from .console import Console
 from .guard import FD_RESERVE, Guard, Kind, seed_routing_ids
+from .relaylink import RelayLink, is_relayed
 from .screen import Screen
 
 __all__ = ["Endpoints", "Server", "raise_fd_limit"]
@@ -184,6 +185,7 @@ class Server:
         os.set_blocking(self._wake_w, False)
         self.guard: Guard | None = None
         self._internal_errors = 0
+        self.relays: RelayLink | None = None  # --relay-bind: relays speak for their clients
 
     # ------------------------------------------------------------------ setup
 
@@ -258,6 +260,15 @@ class Server:
             broadcast=self._last_endpoint(self.pub),
             control=self._last_endpoint(self.control),
         )
+        # After the endpoints are read: the PUB's inproc feed is bound last.
+        if cfg.relay is not None:
+            self.relays = RelayLink(cfg.relay, cfg.heartbeat, max_frame, advertised)
+            try:
+                self.relays.bind(ctx, self.pub)
+            except Exception:
+                history.close()
+                self.close()
+                raise
         cloak = make_cloak(secrets.token_bytes(16)) if cfg.hide_addresses else None
         self.state = Broker(
             heartbeat=cfg.heartbeat,
@@ -315,6 +326,9 @@ class Server:
         zap = self.auth.socket if self.auth is not None else None
         if zap is not None:
             poller.register(zap, zmq.POLLIN)
+        relays = self.relays
+        for sock in relays.sockets if relays is not None else ():
+            poller.register(sock, zmq.POLLIN)
         try:
             self._queue(state.tick(time.time()))
             self._before_sleep(state)
@@ -343,6 +357,8 @@ class Server:
                     self._drain_control(state)
                 if self.auth is not None and zap in ready:
                     self.auth.answer()
+                if relays is not None:
+                    relays.serve(ready, state, self._queue, time.time())
                 now = time.time()
                 if overslept or not self._caught_up:
                     # Liveness never punishes a client for the broker's own
@@ -437,6 +453,7 @@ class Server:
         max_frame = self.config.limits.max_frame
         guard = self.guard
         ledger = guard.ledger if guard is not None else None
+        relays = self.relays
         for count in range(1, DRAIN_BATCH + 1):
             if count % RELEASE_EVERY == 0:
                 self._before_sleep(state)
@@ -445,8 +462,11 @@ class Server:
                 peer = recv(_NOBLOCK)
             except zmq.Again:
                 return True
-            if ledger is not None and ledger.severed and peer in ledger.severed:
-                while more(_RCVMORE):  # queued before its connection was cut: skip it
+            if (ledger is not None and ledger.severed and peer in ledger.severed) or (
+                    relays is not None and is_relayed(peer)):
+                # Queued before its connection was cut; or a direct peer under
+                # a relayed client's id, which only the relay link may speak for.
+                while more(_RCVMORE):
                     recv(_NOBLOCK)
                 continue
             # A member's payload is copied into bytes (cheapest for small
@@ -571,6 +591,10 @@ class Server:
 
     def _reply(self, peer: bytes, kind: str, packed: bytes) -> None:
         """One packed frame to one peer's DEALER, never blocking."""
+        if self.relays is not None and is_relayed(peer):
+            state = self.state
+            self.relays.reply(peer, kind, packed, state is not None and state.is_member(peer))
+            return
         try:
             # With ROUTER_MANDATORY only the first frame can fail; the
             # second then goes out whole with it.
@@ -628,6 +652,8 @@ class Server:
         stats["pid"] = os.getpid()
         if self.guard is not None:
             stats.update(self.guard.ledger.statistics())
+        if self.relays is not None:
+            stats.update(self.relays.statistics())
         return stats
 
     @property
@@ -638,6 +664,9 @@ class Server:
     # ---------------------------------------------------------------- closing
 
     def close(self) -> None:
+        if self.relays is not None:
+            self.relays.close()
+            self.relays = None
         if self.auth is not None:
             self.auth.close()
         if self.guard is not None:

@@ -151,9 +151,11 @@ class _Sockets:
     what the sockets say back into the session with ``drain``.
     """
 
-    def __init__(self, ctx: zmq.Context[Any], keys: ClientKeys | None) -> None:
+    def __init__(self, ctx: zmq.Context[Any], keys: ClientKeys | None,
+                 routing_id: Callable[[], bytes] | None = None) -> None:
         self.ctx = ctx
         self.keys = keys
+        self.routing_id = routing_id
         self.dealer: zmq.Socket[Any] | None = None
         self.monitor: zmq.Socket[Any] | None = None
         self.sub: zmq.Socket[Any] | None = None
@@ -236,7 +238,10 @@ class _Sockets:
         # counter from an unseeded rand(), the same in every broker run, so
         # anyone could predict ours and take over a dropped session. A first
         # byte of 0 is reserved by ZMTP for libzmq's own ids.
-        dealer.setsockopt(zmq.ROUTING_ID, b"z" + secrets.token_bytes(15))
+        # An embedder (zchat-web through its relay) may name each DEALER
+        # itself, to know which connection is whose.
+        dealer.setsockopt(zmq.ROUTING_ID, self.routing_id() if self.routing_id is not None
+                          else b"z" + secrets.token_bytes(15))
         dealer.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_MS)
         dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_TIMEOUT_MS)
         if self.keys is not None:
@@ -400,6 +405,9 @@ class Client(_SessionView):
         keys: CURVE keys (``zchat.keys.load_client_keys``) for a broker that
             encrypts; both sockets use them.
         rooms: the rooms to enter when joining (``#`` optional).
+        routing_id: makes the routing id of each new DEALER (default: 16
+            random bytes); an embedder that runs a relay in-process uses it
+            to tell the relay whose connection is whose.
     """
 
     def __init__(
@@ -415,6 +423,7 @@ class Client(_SessionView):
         on_item: Callable[[Item], None] | None = None,
         keys: ClientKeys | None = None,
         rooms: Iterable[str] = (ROOM,),
+        routing_id: Callable[[], bytes] | None = None,
     ) -> None:
         endpoint, name = _arguments(endpoint, name)
         if not name:
@@ -440,7 +449,7 @@ class Client(_SessionView):
         self._joined_future: concurrent.futures.Future[Welcome] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, name=f"zchat-{name}", daemon=True)
         self._started = False
-        self._sockets = _Sockets(self._ctx, keys)
+        self._sockets = _Sockets(self._ctx, keys, routing_id)
 
     @property
     def _dealer(self) -> zmq.Socket[Any] | None:
@@ -748,8 +757,9 @@ class Client(_SessionView):
 def check_endpoint(endpoint: str) -> tuple[str, int] | None:
     """The host and port of a ``tcp://HOST:PORT`` endpoint to connect to.
 
-    ``ipc://PATH`` (a broker on the same machine) is accepted too: it has
-    no host or port, so the result is None.
+    ``ipc://PATH`` (a broker on the same machine) and ``inproc://NAME`` (a
+    relay in the same process, on the same context) are accepted too: they
+    have no host or port, so the result is None.
 
     Raises:
         ValueError: ``bad endpoint 'X': expected tcp://HOST:PORT`` for
@@ -757,7 +767,7 @@ def check_endpoint(endpoint: str) -> tuple[str, int] | None:
     """
     error = ValueError(f"bad endpoint {endpoint!r}: expected tcp://HOST:PORT")
     scheme, sep, rest = endpoint.partition("://")
-    if scheme == "ipc" and sep and rest:
+    if scheme in ("ipc", "inproc") and sep and rest:
         return None
     host, colon, port = rest.rpartition(":")
     if scheme != "tcp" or not sep or not colon or not port.isascii() or not port.isdigit():
@@ -821,6 +831,7 @@ class AsyncClient(_SessionView):
         context: zmq.Context[Any] | None = None,
         keys: ClientKeys | None = None,
         rooms: Iterable[str] = (ROOM,),
+        routing_id: Callable[[], bytes] | None = None,
     ) -> None:
         endpoint, name = _arguments(endpoint, name)
         if not name:
@@ -833,7 +844,7 @@ class AsyncClient(_SessionView):
                                 encrypted=keys is not None, id_prefix=f"{prefix}-s",
                                 rooms=rooms)
         self._ids = (f"{prefix}-{n}" for n in itertools.count(1))
-        self._sockets = _Sockets(context or zmq.Context.instance(), keys)
+        self._sockets = _Sockets(context or zmq.Context.instance(), keys, routing_id)
         self._items: asyncio.Queue[Item | None] = asyncio.Queue()
         self._futures: dict[str, asyncio.Future[Any]] = {}
         self._joined: asyncio.Future[Welcome] | None = None
