@@ -1,0 +1,791 @@
+"""Conformance of a real broker to the wire contract, from the contract alone.
+
+Written as a third-party client author would, from ROOMS.md (version 2),
+PROTOCOL.md (version 1) and the project's PROTOCOL.md (its choices): a plain
+DEALER, a plain SUB and msgpack, not zchat's client library, against a real
+``zchat-broker`` on ephemeral loopback ports (``start_broker`` from
+conftest).
+
+Nothing here sleeps to let things settle. A broker is one loop with one PUB
+socket, so the frames one subscriber receives keep the order they were
+published in: to show that something was *not* announced, a test makes a
+later event (a marker) and checks what came before it on the SUB, or checks
+that the next event's seq is the one after the last.
+
+Defines ``Peer`` (the raw client) and the tests, one per contract row or
+rule.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from conftest import RunningBroker
+
+Body = dict[str, Any]
+
+# Replies a request may get; anything else arriving on the DEALER (a private
+# room's events, `invited`, `bye`) is unsolicited and kept in the inbox.
+REPLY_TYPES = {"welcome", "entered", "parted", "ack", "error", "pong", "members",
+               "history", "rooms"}
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Frame:
+    """One PUB frame as a subscriber received it."""
+
+    topic: bytes
+    raw: bytes
+    body: Body
+
+
+class Peer:
+    """A raw client: one DEALER for requests, one optional SUB for PUB."""
+
+    def __init__(self, ctx: zmq.Context[Any], broker: RunningBroker) -> None:
+        self.dealer = ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        # The project asks clients to announce a routing id not starting
+        # with a zero byte (those are libzmq's own), or none.
+        self.dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(15))
+        self.dealer.connect(broker.input)
+        self.ctx = ctx
+        self.broker = broker
+        self.sub: zmq.Socket[Any] | None = None
+        self.inbox: list[Body] = []
+        self.pending: list[Frame] = []
+        self.seen: list[Frame] = []
+        self.name = ""
+
+    # -- DEALER ----------------------------------------------------------
+
+    def send(self, body: Body) -> None:
+        self.dealer.send(msgpack.packb(body))
+
+    def _recv(self, deadline: float) -> Body:
+        left = deadline - time.monotonic()
+        if left <= 0 or not self.dealer.poll(int(left * 1000)):
+            raise AssertionError("no frame on the DEALER in time")
+        body: Body = msgpack.unpackb(self.dealer.recv())
+        return body
+
+    def reply(self, rid: str, timeout: float = 5.0) -> Body:
+        """The reply echoing ``rid``; anything else goes to the inbox."""
+        deadline = time.monotonic() + timeout
+        while True:
+            body = self._recv(deadline)
+            if body.get("id") == rid and body.get("type") in REPLY_TYPES:
+                return body
+            self.inbox.append(body)
+
+    def request(self, kind: str, **fields: Any) -> Body:
+        rid = f"c{next(_ids)}"
+        self.send({"type": kind, "id": rid, **fields})
+        return self.reply(rid)
+
+    def ok(self, kind: str, **fields: Any) -> Body:
+        """A request that must not be refused."""
+        reply = self.request(kind, **fields)
+        assert reply["type"] != "error", (kind, fields, reply)
+        return reply
+
+    def error(self, kind: str, **fields: Any) -> Body:
+        """A request that must be refused."""
+        reply = self.request(kind, **fields)
+        assert reply["type"] == "error", (kind, fields, reply)
+        assert isinstance(reply.get("detail"), str)
+        return reply
+
+    def unsolicited(self, match: Callable[[Body], bool], timeout: float = 5.0) -> Body:
+        """The first DEALER map (not a reply) that ``match``es."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, body in enumerate(self.inbox):
+                if match(body):
+                    return self.inbox.pop(i)
+            self.inbox.append(self._recv(deadline))
+
+    def join(self, name: str, **fields: Any) -> Body:
+        welcome = self.ok("join", name=name, **fields)
+        assert welcome["type"] == "welcome"
+        self.name = welcome["name"]
+        return welcome
+
+    # -- SUB -------------------------------------------------------------
+
+    def listen(self, *topics: bytes) -> None:
+        """Connect a SUB (to everything unless topics are named)."""
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, 0)
+        for topic in topics or (b"",):
+            self.sub.setsockopt(zmq.SUBSCRIBE, topic)
+        self.sub.connect(self.broker.broadcast)
+
+    def _frame(self, deadline: float) -> Frame:
+        if self.pending:
+            return self.pending.pop(0)
+        assert self.sub is not None
+        left = deadline - time.monotonic()
+        if left <= 0 or not self.sub.poll(int(left * 1000)):
+            raise AssertionError("no matching frame on the SUB in time")
+        topic, raw = self.sub.recv_multipart()
+        frame = Frame(topic, raw, msgpack.unpackb(raw))
+        self.seen.append(frame)
+        return frame
+
+    def wait_live(self, timeout: float = 5.0) -> None:
+        """Wait until the SUB receives a frame (a heartbeat at the latest).
+
+        PUB/SUB connects asynchronously: before its first frame a SUB may
+        miss events. The frame is kept for ``upto``.
+        """
+        self.pending.append(self._frame(time.monotonic() + timeout))
+
+    def upto(self, match: Callable[[Frame], bool], timeout: float = 5.0) -> list[Frame]:
+        """Every frame received up to and including the first that matches."""
+        deadline = time.monotonic() + timeout
+        got: list[Frame] = []
+        while True:
+            frame = self._frame(deadline)
+            got.append(frame)
+            if match(frame):
+                return got
+
+    def event(self, room: str, **want: Any) -> Body:
+        """The next event of ``room`` on its topic whose fields include ``want``."""
+        frames = self.upto(lambda f: f.topic == room.encode() + b"\x00"
+                           and f.body.get("room") == room
+                           and all(f.body.get(k) == v for k, v in want.items()))
+        return frames[-1].body
+
+    def room_frames_upto(self, room: str, **want: Any) -> list[Body]:
+        """The events of ``room`` up to the first that matches ``want``."""
+        topic = room.encode() + b"\x00"
+        frames = self.upto(lambda f: f.topic == topic and f.body.get("room") == room
+                           and all(f.body.get(k) == v for k, v in want.items()))
+        return [f.body for f in frames if f.topic == topic]
+
+
+Net = Callable[..., Peer]
+
+
+@pytest.fixture
+def zb(start_broker: Callable[..., RunningBroker]) -> RunningBroker:
+    """A broker with its defaults (a short heartbeat, so waits are short)."""
+    return start_broker("--heartbeat", "0.5")
+
+
+@pytest.fixture
+def net(ctx: zmq.Context[Any], zb: RunningBroker) -> Iterator[Net]:
+    """``net(name, listen=False, **join_fields)``: a raw peer, joined if named."""
+    def make(name: str | None = None, *, listen: bool = False, **fields: Any) -> Peer:
+        peer = Peer(ctx, zb)
+        if listen:
+            peer.listen()
+            peer.wait_live()
+        if name is not None:
+            peer.join(name, **fields)
+        return peer
+
+    yield make
+
+
+def names(members: list[Body]) -> list[str]:
+    return [m["name"] for m in members]
+
+
+def admin(broker: RunningBroker, *argv: str) -> None:
+    subprocess.run(["zchat-admin", "--control", broker.control, *argv],
+                   check=True, capture_output=True, timeout=15)
+
+
+# -- version 1 compatibility ------------------------------------------------
+
+
+def test_v1_client_join_message_history_who_mean_lobby(net: Net) -> None:
+    """ROOMS.md Compatibility: a v1 client works unchanged; no `room` means lobby."""
+    v1 = net(listen=True)
+    welcome = v1.join("vera")
+    assert welcome["room"] == "lobby"
+    assert welcome["rooms"] == ["lobby"]
+    assert "vera" in names(welcome["members"])
+    assert welcome["count"] == len(welcome["members"]) == 1
+    assert "refused" not in welcome or welcome["refused"] == []
+
+    ack = v1.ok("message", text="hello")
+    assert ack["type"] == "ack" and ack["room"] == "lobby"
+    assert ack["seq"] == welcome["seq"] + 1
+    event = v1.event("lobby", type="message")
+    assert event == {**event, "room": "lobby", "seq": ack["seq"], "from": "vera",
+                     "text": "hello"}
+    assert isinstance(event["ts"], float)
+
+    history = v1.ok("history", after=0)
+    assert history["type"] == "history" and history["room"] == "lobby"
+    seqs = [e["seq"] for e in history["events"]]
+    assert seqs == list(range(1, ack["seq"] + 1))
+    assert all(e["room"] == "lobby" for e in history["events"])
+
+    who = v1.ok("who")
+    assert who["type"] == "members" and who["room"] == "lobby"
+    assert names(who["members"]) == ["vera"] and who["count"] == 1
+    assert "next" not in who
+
+
+def test_v1_client_counts_seq_of_event_types_it_does_not_know(
+        net: Net, ctx: zmq.Context[Any], zb: RunningBroker) -> None:
+    """v1: clients ignore unknown types but count their seq; v2 adds them to lobby.
+
+    A v1 client subscribed only to ``lobby\\x00`` (and ``\\x00``) must see a
+    gapless run of seqs across `mode` and `topic`, which it does not know.
+    """
+    v1 = Peer(ctx, zb)
+    v1.listen(b"lobby\x00", b"\x00")
+    v1.wait_live()
+    welcome = v1.join("old")
+    alice = net("alice")
+    admin(zb, "op", "lobby", "alice")
+    alice.ok("topic", room="lobby", text="v2 was here")
+    last = alice.ok("message", text="done")["seq"]
+    bodies = [b for b in v1.room_frames_upto("lobby", seq=last) if b["seq"] > welcome["seq"]]
+    assert [b["seq"] for b in bodies] == list(range(welcome["seq"] + 1, last + 1))
+    assert {"mode", "topic"} <= {b["type"] for b in bodies}
+    history = v1.ok("history", after=welcome["seq"])
+    assert [e["seq"] for e in history["events"]] == list(range(welcome["seq"] + 1, last + 1))
+
+
+# -- join with rooms ----------------------------------------------------------
+
+
+def test_join_with_rooms_enters_them_and_names_the_refused(net: Net) -> None:
+    """`join` `rooms`: entered ones in `rooms`, the rest in `refused`; join succeeds."""
+    alice = net()
+    welcome = alice.join("alice", rooms=["Lobby", "Party", "bad room", "party", "-x"])
+    assert welcome["rooms"] == ["lobby", "party"]
+    assert welcome["refused"] == [{"room": "bad room", "code": "bad_room"},
+                                  {"room": "-x", "code": "bad_room"}]
+    assert welcome["room"] == "lobby"          # lobby entered: the v1 fields are lobby's
+    assert welcome["seq"] == alice.ok("ping")["seqs"]["lobby"]
+
+    bob = net()
+    welcome = bob.join("bob", rooms=["party"])
+    assert welcome["rooms"] == ["party"]       # lobby not entered: first room's fields
+    assert welcome["room"] == "party"
+    assert welcome["seq"] == 2                  # alice's joined, then bob's own
+    assert welcome["count"] == 2
+    assert sorted(names(welcome["members"])) == ["alice", "bob"]
+
+
+def test_join_refuses_a_private_room_as_forbidden(net: Net) -> None:
+    alice = net("alice")
+    alice.ok("enter", room="hideout", private=True)
+    carol = net()
+    welcome = carol.join("carol", rooms=["hideout", "lobby"])
+    assert welcome["rooms"] == ["lobby"]
+    assert welcome["refused"] == [{"room": "hideout", "code": "forbidden"}]
+
+
+# -- enter / part ------------------------------------------------------------
+
+
+def test_enter_reports_the_room_and_entering_again_announces_nothing(net: Net) -> None:
+    alice = net("alice", listen=True)
+    entered = alice.ok("enter", room="Den")
+    assert entered["type"] == "entered"
+    assert entered == {**entered, "room": "den", "seq": 1, "topic": "", "count": 1,
+                       "ops": ["alice"], "private": False, "moderated": False,
+                       "topic_ops": True}
+    assert names(entered["members"]) == ["alice"]
+    assert isinstance(entered["members"][0]["addr"], str)
+    joined = alice.event("den", type="joined")
+    assert joined == {**joined, "seq": 1, "name": "alice"}
+
+    bob = net("bob")
+    entered = bob.ok("enter", room="DEN")
+    assert entered == {**entered, "room": "den", "seq": 2, "count": 2, "ops": ["alice"]}
+    assert sorted(names(entered["members"])) == ["alice", "bob"]
+
+    again = alice.ok("enter", room="den")
+    assert again == {**again, "type": "entered", "room": "den", "seq": 2, "count": 2}
+    ack = alice.ok("message", room="den", text="after")
+    assert ack == {**ack, "type": "ack", "room": "den", "seq": 3}
+    bodies = alice.room_frames_upto("den", seq=3)
+    assert [(b["seq"], b["type"]) for b in bodies] == [(2, "joined"), (3, "message")]
+
+
+def test_part_answers_parted_and_announces_left_part_with_detail(net: Net) -> None:
+    alice = net("alice", listen=True)
+    alice.ok("enter", room="den")
+    bob = net("bob")
+    bob.ok("enter", room="den")
+    parted = bob.ok("part", room="DEN", reason="bye now")
+    assert parted["type"] == "parted" and parted["room"] == "den"
+    left = alice.event("den", type="left")
+    assert left == {**left, "name": "bob", "reason": "part", "detail": "bye now", "seq": 3}
+
+    for kind, extra in (("message", {"text": "x"}), ("part", {})):
+        err = bob.error(kind, room="den", **extra)
+        assert (err["code"], err["room"]) == ("not_in_room", "den")
+
+    bob.ok("part", room="lobby")               # lobby may be parted like any room
+    assert "lobby" not in bob.ok("ping")["seqs"]
+
+
+def test_a_message_without_room_after_parting_lobby_is_refused_naming_lobby(
+        net: Net) -> None:
+    """ROOMS.md Compatibility: no `room` means lobby, and every reply that
+    concerns a room carries `room`: the client must learn which room refused."""
+    bob = net("bob")
+    bob.ok("part", room="lobby")
+    err = bob.error("message", text="no room means lobby")
+    assert (err["code"], err.get("room")) == ("not_in_room", "lobby")
+
+
+def test_leave_takes_the_client_out_of_every_room(net: Net) -> None:
+    """ROOMS.md: leaving the broker announces one `left` in each room it is in."""
+    spy = net("spy", listen=True, rooms=["lobby", "a", "b"])
+    alice = net("alice", rooms=["lobby", "a", "b"])
+    alice.send({"type": "leave", "reason": "gone"})
+    for room in ("lobby", "a", "b"):
+        left = spy.event(room, type="left", name="alice")
+        assert left["reason"] == "leave"
+
+
+# -- messages, history, who, rooms -------------------------------------------
+
+
+def test_message_is_acked_with_its_room_and_published_on_the_room_topic(net: Net) -> None:
+    alice = net("alice", listen=True, rooms=["lobby", "chat"])
+    ack = alice.ok("message", room="Chat", text="hi")
+    assert ack == {**ack, "type": "ack", "room": "chat", "seq": 2}
+    event = alice.event("chat", type="message")
+    assert event == {**event, "seq": 2, "from": "alice", "text": "hi"}
+    err = alice.error("message", room="nowhere", text="x")
+    assert (err["code"], err["room"]) == ("no_such_room", "nowhere")
+
+
+def test_history_of_a_room_is_that_rooms_events_and_readable_without_entering(
+        net: Net) -> None:
+    alice = net("alice", rooms=["lobby", "den"])
+    for text in ("one", "two"):
+        alice.ok("message", room="den", text=text)
+    bob = net("bob")                            # not in den: a public room is readable
+    history = bob.ok("history", room="DEN", after=0)
+    assert history["type"] == "history" and history["room"] == "den"
+    assert [(e["seq"], e["type"]) for e in history["events"]] == [
+        (1, "joined"), (2, "message"), (3, "message")]
+    assert all(e["room"] == "den" for e in history["events"])
+    page = bob.ok("history", room="den", after=1, limit=1)
+    assert [e["seq"] for e in page["events"]] == [2]
+    err = bob.error("history", room="nowhere", after=0)
+    assert (err["code"], err["room"]) == ("no_such_room", "nowhere")
+    err = bob.error("history", room="Bad Room", after=0)
+    assert (err["code"], err["room"]) == ("bad_room", "Bad Room")
+
+
+def test_who_pages_by_folded_name_with_after_limit_next_and_count(net: Net) -> None:
+    for name in ("delta", "Bravo", "alpha", "Echo", "charlie"):
+        net(name, rooms=["club"])
+    outsider = net("zulu")                      # public: who without entering
+    pages = []
+    after: str | None = None
+    while True:
+        fields: dict[str, Any] = {"room": "CLUB", "limit": 2}
+        if after is not None:
+            fields["after"] = after
+        page = outsider.ok("who", **fields)
+        assert page["type"] == "members" and page["room"] == "club"
+        assert page["count"] == 5
+        pages.append(names(page["members"]))
+        if "next" not in page:
+            break
+        after = page["next"]
+    assert pages == [["alpha", "Bravo"], ["charlie", "delta"], ["Echo"]]
+    page = outsider.ok("who", room="club", after="c", limit=10)
+    assert names(page["members"]) == ["charlie", "delta", "Echo"] and "next" not in page
+    err = outsider.error("who", room="nowhere")
+    assert (err["code"], err["room"]) == ("no_such_room", "nowhere")
+
+
+def test_rooms_lists_public_rooms_and_only_ones_own_private_rooms(net: Net) -> None:
+    alice = net("alice")
+    alice.ok("enter", room="pub1")
+    alice.ok("topic", room="pub1", text="about pub1")
+    alice.ok("enter", room="priv1", private=True)
+    alice.ok("enter", room="pub2")
+    alice.ok("part", room="pub2")               # empty, but still listed
+    bob = net("bob")
+
+    listed = {r["name"]: r for r in bob.ok("rooms")["rooms"]}
+    assert {"lobby", "pub1", "pub2"} <= set(listed) and "priv1" not in listed
+    assert listed["pub1"] == {"name": "pub1", "topic": "about pub1", "count": 1,
+                              "private": False}
+    assert listed["pub2"]["count"] == 0
+    assert listed["lobby"]["count"] == 2
+    mine = {r["name"]: r for r in alice.ok("rooms")["rooms"]}
+    assert mine["priv1"] == {"name": "priv1", "topic": "", "count": 1, "private": True}
+
+
+# -- operators: topic, mode, op, deop, kick, ban, unban, invite --------------
+
+
+def test_topic_needs_an_op_while_topic_ops_is_on(net: Net) -> None:
+    alice = net("alice", listen=True, rooms=["t"])
+    bob = net("bob", rooms=["t"])
+    err = bob.error("topic", room="t", text="mine")
+    assert (err["code"], err["room"]) == ("forbidden", "t")
+    ack = alice.ok("topic", room="T", text="hello")
+    assert ack["type"] == "ack" and ack["room"] == "t"
+    event = alice.event("t", type="topic")
+    assert event == {**event, "seq": ack["seq"], "name": "alice", "text": "hello"}
+    assert bob.ok("enter", room="t")["topic"] == "hello"
+
+    ack = alice.ok("mode", room="t", topic_ops=False)
+    event = alice.event("t", type="mode")
+    assert event == {**event, "seq": ack["seq"], "name": "alice", "topic_ops": False}
+    ack = bob.ok("topic", room="t", text="anyone may")
+    assert alice.event("t", type="topic")["name"] == "bob"
+
+
+def test_moderated_room_takes_messages_from_ops_only(net: Net) -> None:
+    alice = net("alice", listen=True, rooms=["m"])
+    bob = net("bob", rooms=["m"])
+    ack = alice.ok("mode", room="m", moderated=True)
+    assert ack["room"] == "m"
+    event = alice.event("m", type="mode")
+    assert event == {**event, "seq": ack["seq"], "name": "alice", "moderated": True}
+    err = bob.error("message", room="m", text="may I?")
+    assert (err["code"], err["room"]) == ("forbidden", "m")
+    assert alice.ok("message", room="m", text="ops may")["seq"] == ack["seq"] + 1
+
+
+def test_mode_that_changes_nothing_is_acked_and_announces_nothing(net: Net) -> None:
+    alice = net("alice", listen=True, rooms=["m"])
+    before = alice.ok("message", room="m", text="before")["seq"]
+    for change in ({"topic_ops": True}, {"moderated": False}, {"private": False}):
+        ack = alice.ok("mode", room="m", **change)
+        assert ack["type"] == "ack" and ack["room"] == "m"
+    after = alice.ok("message", room="m", text="after")["seq"]
+    assert after == before + 1
+    bodies = alice.room_frames_upto("m", seq=after)
+    assert [b["type"] for b in bodies if b["seq"] > before] == ["message"]
+
+
+def test_op_and_deop_announce_mode_and_grant_and_remove_operator_rights(net: Net) -> None:
+    alice = net("alice", listen=True, rooms=["o"])
+    bob = net("bob", rooms=["o"])
+    carol = net("carol", rooms=["o"])
+    err = carol.error("op", room="o", name="carol")
+    assert (err["code"], err["room"]) == ("forbidden", "o")
+
+    ack = alice.ok("op", room="o", name="bob")
+    event = alice.event("o", type="mode")
+    assert event == {**event, "seq": ack["seq"], "name": "alice", "op": "bob"}
+    assert sorted(bob.ok("enter", room="o")["ops"]) == ["alice", "bob"]
+    bob.ok("mode", room="o", moderated=True)
+
+    ack = alice.ok("deop", room="o", name="bob")
+    event = alice.event("o", type="mode", deop="bob")
+    assert event == {**event, "seq": ack["seq"], "name": "alice"}
+    err = bob.error("mode", room="o", moderated=False)
+    assert (err["code"], err["room"]) == ("forbidden", "o")
+
+
+def test_kick_announces_left_kicked_with_by_and_detail(net: Net) -> None:
+    alice = net("alice", listen=True, rooms=["k"])
+    bob = net("bob", rooms=["k"])
+    carol = net("carol", rooms=["k"])
+    err = carol.error("kick", room="k", name="bob")
+    assert (err["code"], err["room"]) == ("forbidden", "k")
+    ack = alice.ok("kick", room="k", name="bob", reason="spam")
+    assert ack["type"] == "ack" and ack["room"] == "k"
+    left = alice.event("k", type="left")
+    assert left == {**left, "seq": ack["seq"], "name": "bob", "reason": "kicked",
+                    "by": "alice", "detail": "spam"}
+    err = bob.error("message", room="k", text="still here?")
+    assert (err["code"], err["room"]) == ("not_in_room", "k")
+    bob.ok("enter", room="k")                   # a kick is not a ban
+
+
+def test_ban_removes_and_bars_the_name_until_unban(net: Net) -> None:
+    alice = net("alice", listen=True, rooms=["b"])
+    bob = net("bob", rooms=["b"])
+    ack = alice.ok("ban", room="b", name="bob")
+    assert ack["type"] == "ack" and ack["room"] == "b"
+    # alice's joined is 1, bob's 2; the ban makes a `mode` and a `left`, in either order.
+    bodies = [b for b in alice.room_frames_upto("b", seq=4) if b["seq"] in (3, 4)]
+    assert ack["seq"] in (3, 4)
+    mode = next(b for b in bodies if b["type"] == "mode")
+    left = next(b for b in bodies if b["type"] == "left")
+    assert mode == {**mode, "name": "alice", "ban": "bob"}
+    assert left == {**left, "name": "bob", "reason": "banned", "by": "alice"}
+
+    err = bob.error("enter", room="b")
+    assert (err["code"], err["room"]) == ("forbidden", "b")
+    ack = alice.ok("unban", room="b", name="bob")
+    event = alice.event("b", type="mode", unban="bob")
+    assert event == {**event, "seq": ack["seq"], "name": "alice"}
+    bob.ok("enter", room="b")
+
+    ack = alice.ok("ban", room="b", name="zed")  # a name not present may be banned
+    event = alice.event("b", type="mode", ban="zed")
+    assert event["seq"] == ack["seq"]
+
+
+def test_invite_to_a_public_room_sends_invited_to_the_invitee(net: Net) -> None:
+    alice = net("alice", rooms=["pub"])
+    bob = net("bob", rooms=["pub"])             # any member of a public room may invite
+    carol = net("carol")
+    ack = bob.ok("invite", room="pub", name="carol")
+    assert ack["type"] == "ack" and ack["room"] == "pub"
+    invited = carol.unsolicited(lambda b: b.get("type") == "invited")
+    assert invited == {**invited, "room": "pub", "from": "bob"}
+    err = carol.error("invite", room="pub", name="alice")
+    assert (err["code"], err["room"]) == ("not_in_room", "pub")
+    del alice
+
+
+@pytest.mark.parametrize(("kind", "fields"), [
+    ("topic", {"text": "x"}),
+    ("mode", {"moderated": True}),
+    ("op", {"name": "bob"}),
+    ("deop", {"name": "alice"}),
+    ("kick", {"name": "alice"}),
+    ("ban", {"name": "alice"}),
+    ("unban", {"name": "alice"}),
+])
+def test_room_changes_need_an_operator(net: Net, kind: str, fields: Body) -> None:
+    net("alice", rooms=["r"])
+    bob = net("bob", rooms=["r"])
+    err = bob.error(kind, room="r", **fields)
+    assert (err["code"], err["room"]) == ("forbidden", "r")
+
+
+def test_operator_status_is_lost_on_leaving_the_room(net: Net) -> None:
+    """ROOMS.md: once the op's connection leaves the room, re-entering does not restore it."""
+    alice = net("alice", rooms=["gone"])
+    alice.ok("part", room="gone")
+    assert alice.ok("enter", room="gone")["ops"] == []
+    err = alice.error("mode", room="gone", moderated=True)
+    assert (err["code"], err["room"]) == ("forbidden", "gone")
+
+
+def test_operator_status_survives_a_takeover_with_the_token(net: Net) -> None:
+    old = net()
+    token = old.join("alice", rooms=["lobby", "tk"])["token"]
+    new = net()
+    new.join("alice", token=token, rooms=["lobby", "tk"])
+    bye = old.unsolicited(lambda b: b.get("type") == "bye")
+    assert bye["reason"] == "replaced"
+    assert new.ok("enter", room="tk")["ops"] == ["alice"]
+    new.ok("mode", room="tk", moderated=True)
+
+
+# -- private rooms -----------------------------------------------------------
+
+
+def test_private_room_is_invisible_to_non_members(net: Net) -> None:
+    """A SUB subscribed to everything sees no frame naming it, heartbeats included."""
+    spy = net("spy", listen=True)
+    alice = net("alice")
+    bob = net("bob")
+    entered = alice.ok("enter", room="secretroom", private=True)
+    assert entered["private"] is True
+
+    err = bob.error("enter", room="secretroom")
+    assert (err["code"], err["room"]) == ("forbidden", "secretroom")
+    for kind, extra in (("history", {"after": 0}), ("who", {}),
+                        ("message", {"text": "x"}), ("topic", {"text": "x"}),
+                        ("part", {}), ("mode", {"moderated": True}),
+                        ("invite", {"name": "spy"})):
+        err = bob.error(kind, room="secretroom", **extra)
+        assert (err["code"], err["room"]) == ("not_in_room", "secretroom"), kind
+    assert "secretroom" not in {r["name"] for r in bob.ok("rooms")["rooms"]}
+
+    alice.ok("invite", room="secretroom", name="bob")
+    invited = bob.unsolicited(lambda b: b.get("type") == "invited")
+    assert invited == {**invited, "room": "secretroom", "from": "alice"}
+    entered = bob.ok("enter", room="secretroom")
+    assert entered["private"] is True and entered["count"] == 2
+    err = bob.error("invite", room="secretroom", name="spy")   # only ops, in private
+    assert (err["code"], err["room"]) == ("forbidden", "secretroom")
+
+    # Members get the room's events on their DEALER, as the same maps, in seq order.
+    joined = alice.unsolicited(lambda b: b.get("type") == "joined" and b.get("seq") == 2)
+    assert joined == {**joined, "room": "secretroom", "seq": 2, "name": "bob"}
+    ack = alice.ok("message", room="secretroom", text="psst")
+    got = bob.unsolicited(lambda b: b.get("type") == "message")
+    assert got == {**got, "room": "secretroom", "seq": ack["seq"], "from": "alice",
+                   "text": "psst"}
+    ack = alice.ok("kick", room="secretroom", name="bob")
+    left = bob.unsolicited(lambda b: b.get("type") == "left")   # its own left, on DEALER
+    assert left == {**left, "room": "secretroom", "seq": ack["seq"], "reason": "kicked"}
+
+    # Two heartbeats after a lobby marker: all that was published meanwhile is in.
+    marker = alice.ok("message", text="marker")["seq"]
+    spy.upto(lambda f: f.topic == b"lobby\x00" and f.body.get("seq") == marker)
+    for _ in range(2):
+        beat = spy.upto(lambda f: f.topic == b"\x00" and f.body.get("type") == "heartbeat")
+        assert "lobby" in beat[-1].body["seqs"]
+    leaks = [f for f in spy.seen if b"secretroom" in f.topic + f.raw]
+    assert leaks == []
+
+
+def test_making_a_room_private_tells_members_on_their_dealer_only(net: Net) -> None:
+    spy = net("spy", listen=True)
+    alice = net("alice", rooms=["flip"])
+    bob = net("bob", rooms=["flip"])
+    ack = alice.ok("mode", room="flip", private=True)
+    got = bob.unsolicited(lambda b: b.get("type") == "mode")
+    assert got == {**got, "room": "flip", "seq": ack["seq"], "private": True}
+    marker = spy.ok("message", text="marker")["seq"]
+    frames = spy.upto(lambda f: f.topic == b"lobby\x00" and f.body.get("seq") == marker)
+    assert [f.body for f in frames if f.body.get("room") == "flip"
+            and f.body.get("seq", 0) >= ack["seq"]] == []
+    assert "flip" not in {r["name"] for r in spy.ok("rooms")["rooms"]}
+
+
+# -- names and errors --------------------------------------------------------
+
+
+@pytest.mark.parametrize("room", ["", "-x", "_x", ".x", "has space", "#hash", "caf\u00e9",
+                                  "\u212aelvin", "a" * 65, "tab\t", "slash/"])
+def test_bad_room_names_are_refused_naming_the_room_as_sent(net: Net, room: str) -> None:
+    alice = net("alice")
+    err = alice.error("enter", room=room)
+    assert (err["code"], err["room"]) == ("bad_room", room)
+
+
+def test_room_names_fold_to_lower_case_and_allow_the_whole_alphabet(net: Net) -> None:
+    alice = net("alice")
+    for sent, folded in (("A" * 64, "a" * 64), ("0Day", "0day"), ("a-B_c.9", "a-b_c.9")):
+        assert alice.ok("enter", room=sent)["room"] == folded
+
+
+@pytest.mark.parametrize(("kind", "fields"), [
+    ("part", {}), ("message", {"text": "x"}), ("history", {"after": 0}), ("who", {}),
+    ("topic", {"text": "x"}), ("mode", {"moderated": True}), ("op", {"name": "alice"}),
+    ("deop", {"name": "alice"}), ("kick", {"name": "alice"}), ("ban", {"name": "zed"}),
+    ("unban", {"name": "zed"}), ("invite", {"name": "alice"}),
+])
+def test_errors_name_their_room(net: Net, kind: str, fields: Body) -> None:
+    """no_such_room for a room that does not exist; not_in_room for one not entered."""
+    alice = net("alice", rooms=["lobby", "there"])
+    bob = net("bob")
+    err = bob.error(kind, room="Nowhere", **fields)
+    assert (err["code"], err["room"]) == ("no_such_room", "nowhere")
+    err = bob.error(kind, room="Bad Room", **fields)
+    assert (err["code"], err["room"]) == ("bad_room", "Bad Room")
+    if kind not in ("history", "who"):          # readable without entering
+        err = bob.error(kind, room="THERE", **fields)
+        assert (err["code"], err["room"]) == ("not_in_room", "there")
+    del alice
+
+
+def test_the_51st_room_is_too_many_and_a_part_frees_a_place(net: Net) -> None:
+    fifty = ["lobby"] + [f"r{i}" for i in range(49)]
+    alice = net()
+    assert alice.join("alice", rooms=fifty)["rooms"] == fifty
+    err = alice.error("enter", room="r49")
+    assert (err["code"], err["room"]) == ("too_many_rooms", "r49")
+    alice.ok("part", room="r0")
+    assert alice.ok("enter", room="r49")["room"] == "r49"
+
+    bob = net()
+    welcome = bob.join("bob", rooms=[*fifty, "r49"])
+    assert welcome["rooms"] == fifty
+    assert welcome["refused"] == [{"room": "r49", "code": "too_many_rooms"}]
+
+
+# -- liveness: pong and heartbeat seqs ---------------------------------------
+
+
+def test_pong_carries_the_last_seq_of_each_room_the_client_is_in(net: Net) -> None:
+    alice = net("alice", rooms=["lobby", "p1"])
+    alice.ok("message", room="p1", text="a")
+    last = alice.ok("message", room="p1", text="b")["seq"]
+    lobby = alice.ok("history", after=0)["events"][-1]["seq"]
+    pong = alice.ok("ping")
+    assert pong["type"] == "pong" and pong["seqs"] == {"lobby": lobby, "p1": last}
+    alice.ok("part", room="p1")
+    assert alice.ok("ping")["seqs"] == {"lobby": lobby}
+
+
+def test_heartbeat_carries_every_public_room_whose_seq_moved(net: Net) -> None:
+    alice = net("alice", listen=True, rooms=["lobby", "hb1"])
+    seq = alice.ok("message", room="hb1", text="tick")["seq"]
+    alice.event("hb1", seq=seq)
+    beat = alice.upto(lambda f: f.topic == b"\x00" and f.body.get("type") == "heartbeat")
+    body = beat[-1].body
+    assert body["seqs"]["hb1"] == seq and "lobby" in body["seqs"]
+    assert isinstance(body["epoch"], str) and isinstance(body["ts"], float)
+
+
+# -- concurrency -------------------------------------------------------------
+
+
+def _at_once(peers: list[Peer], bodies: list[Body]) -> list[Body]:
+    """Send one request from each peer at the same instant; return the replies."""
+    for peer in peers:                          # DEALERs connected before the race
+        peer.ok("ping")
+    start = threading.Barrier(len(peers))
+
+    def go(peer: Peer, body: Body) -> None:
+        start.wait()
+        peer.send(body)
+
+    threads = [threading.Thread(target=go, args=(p, b)) for p, b in zip(peers, bodies,
+                                                                       strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [p.reply(b["id"]) for p, b in zip(peers, bodies, strict=True)]
+
+
+def test_two_joins_at_the_same_instant_are_each_announced_once(net: Net) -> None:
+    """Project PROTOCOL.md: each join in a room below --announce-max is one `joined`.
+
+    Whatever order the broker takes them in, each client must be able to
+    build the room from its welcome plus the events after its welcome's seq.
+    """
+    spy = net("spy", listen=True)
+    base = spy.ok("ping")["seqs"]["lobby"]
+    a, b = net(), net()
+    wa, wb = _at_once([a, b], [
+        {"type": "join", "id": "ja", "name": "ann", "rooms": ["lobby", "race"]},
+        {"type": "join", "id": "jb", "name": "ben", "rooms": ["lobby", "race"]}])
+    assert wa["type"] == wb["type"] == "welcome"
+    bodies = spy.room_frames_upto("lobby", type="joined", seq=base + 2)
+    joined = {e["name"]: e["seq"] for e in bodies if e["type"] == "joined" and e["seq"] > base}
+    assert sorted(joined.values()) == [base + 1, base + 2]
+    for me, other, welcome in (("ann", "ben", wa), ("ben", "ann", wb)):
+        assert welcome["seq"] >= joined[me]
+        assert (other in names(welcome["members"])) != (joined[other] > welcome["seq"])
+
+    ops = a.ok("enter", room="race")["ops"]     # the creator of race is its only op
+    assert ops in (["ann"], ["ben"])
+    history = spy.ok("history", room="race", after=0)["events"]
+    assert sorted((e["seq"], e["type"]) for e in history) == [(1, "joined"), (2, "joined")]
+
+
+def test_two_joins_of_one_name_at_the_same_instant_get_one_welcome(net: Net) -> None:
+    a, b = net(), net()
+    replies = _at_once([a, b], [{"type": "join", "id": "j1", "name": "zoe"},
+                                {"type": "join", "id": "j2", "name": "ZOE"}])
+    assert sorted(r["type"] for r in replies) == ["error", "welcome"]
+    assert next(r for r in replies if r["type"] == "error")["code"] == "name_taken"
