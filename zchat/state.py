@@ -380,6 +380,8 @@ class _Room:
 _QUIET_REASONS: Final = frozenset(
     {LeaveReason.LEAVE, LeaveReason.TIMEOUT, LeaveReason.PART, LeaveReason.REPLACED,
      LeaveReason.SHUTDOWN})
+# Refusals by the room itself: with no `room` in the request, they name lobby.
+_ROOM_REFUSALS: Final = frozenset({ErrorCode.NOT_IN_ROOM, ErrorCode.FORBIDDEN})
 # Who a `mode` or `notice` says made the change when it is the broker's operator.
 BROKER_OPERATOR: Final = "*"
 
@@ -582,6 +584,8 @@ class Broker:
             return self._handlers[type(request)](peer, request, now, Origin(addr, key))
         except ProtocolError as exc:
             raw = getattr(request, "room", None)
+            if raw is None and hasattr(request, "room") and exc.code in _ROOM_REFUSALS:
+                raw = ROOM  # no room means lobby (ROOMS.md): say which room refused
             room = named_room({"room": raw}) if isinstance(raw, str) else None
             return [self.error(peer, exc.code, exc.detail, request.id, room)]
 
