@@ -92,7 +92,7 @@ class Peer:
             self.inbox.append(body)
 
     def request(self, kind: str, **fields: Any) -> Body:
-        rid = f"c{next(_ids)}"
+        rid = fields.pop("id", None) or f"c{next(_ids)}"
         self.send({"type": kind, "id": rid, **fields})
         return self.reply(rid)
 
@@ -789,3 +789,155 @@ def test_two_joins_of_one_name_at_the_same_instant_get_one_welcome(net: Net) -> 
                                 {"type": "join", "id": "j2", "name": "ZOE"}])
     assert sorted(r["type"] for r in replies) == ["error", "welcome"]
     assert next(r for r in replies if r["type"] == "error")["code"] == "name_taken"
+
+
+# -- more rows: details a client author relies on ------------------------------
+
+
+def test_part_without_reason_and_kick_without_reason_carry_no_detail(net: Net) -> None:
+    """ROOMS.md: `detail` is the reason given, *if any*."""
+    alice = net("alice", listen=True, rooms=["d"])
+    bob = net("bob", rooms=["d"])
+    bob.ok("part", room="d")
+    assert "detail" not in alice.event("d", type="left", name="bob")
+    bob.ok("enter", room="d")
+    alice.ok("kick", room="d", name="bob")
+    left = alice.event("d", type="left", reason="kicked")
+    assert left["by"] == "alice" and "detail" not in left
+
+
+def test_private_flag_is_used_only_when_creating(net: Net) -> None:
+    alice = net("alice", rooms=["open"])
+    bob = net("bob")
+    assert bob.ok("enter", room="open", private=True)["private"] is False
+    assert bob.ok("enter", room="lobby", private=True)["private"] is False
+    assert "open" in {r["name"] for r in alice.ok("rooms")["rooms"]}
+
+
+def test_mode_event_carries_only_what_changed(net: Net) -> None:
+    alice = net("alice", listen=True, rooms=["mc"])
+    ack = alice.ok("mode", room="mc", moderated=True, topic_ops=True)
+    event = alice.event("mc", type="mode")
+    assert event["seq"] == ack["seq"] and event["moderated"] is True
+    assert "topic_ops" not in event and "private" not in event
+
+
+def test_a_banned_name_listed_in_join_is_refused_as_forbidden(net: Net) -> None:
+    alice = net("alice", rooms=["lobby", "b"])
+    alice.ok("ban", room="b", name="dora")      # not present: a ban by name
+    dora = net()
+    welcome = dora.join("dora", rooms=["lobby", "b"])
+    assert welcome["rooms"] == ["lobby"]
+    assert welcome["refused"] == [{"room": "b", "code": "forbidden"}]
+
+
+def test_the_broker_operator_names_an_operator_of_a_room_left_without_one(
+        net: Net, zb: RunningBroker) -> None:
+    alice = net("alice", listen=True, rooms=["orphan"])
+    bob = net("bob", rooms=["orphan"])
+    alice.ok("part", room="orphan")
+    assert bob.ok("enter", room="orphan")["ops"] == []
+    admin(zb, "op", "orphan", "bob")
+    event = alice.event("orphan", type="mode", op="bob")
+    assert event["name"] == "*"
+    bob.ok("mode", room="orphan", moderated=True)
+
+
+def test_a_resent_message_is_acked_with_its_first_room_and_seq(net: Net) -> None:
+    """v1 dedupe, per room: a message resent with the same id is not delivered twice."""
+    alice = net("alice", listen=True, rooms=["lobby", "dup"])
+    first = alice.ok("message", room="dup", text="once", id="same-id")
+    again = alice.ok("message", room="dup", text="once", id="same-id")
+    assert again == {**again, "type": "ack", "room": "dup", "seq": first["seq"]}
+    after = alice.ok("message", room="dup", text="next")
+    assert after["seq"] == first["seq"] + 1
+    bodies = alice.room_frames_upto("dup", seq=after["seq"])
+    assert [b["text"] for b in bodies if b["type"] == "message"] == ["once", "next"]
+
+
+def test_seqs_are_per_room(net: Net) -> None:
+    alice = net("alice", rooms=["lobby", "s1", "s2"])
+    before = alice.ok("ping")["seqs"]
+    assert alice.ok("message", room="s1", text="x")["seq"] == before["s1"] + 1
+    after = alice.ok("ping")["seqs"]
+    assert after == {**before, "s1": before["s1"] + 1}
+
+
+def test_private_room_members_get_its_events_on_the_dealer_own_included(net: Net) -> None:
+    alice = net("alice", listen=True)
+    alice.ok("enter", room="cellar", private=True)
+    ack = alice.ok("message", room="cellar", text="echo")
+    own = alice.unsolicited(lambda b: b.get("type") == "message")
+    assert own == {**own, "room": "cellar", "seq": ack["seq"], "from": "alice"}
+    assert alice.ok("ping")["seqs"]["cellar"] == ack["seq"]
+    history = alice.ok("history", room="cellar", after=0)
+    assert [e["seq"] for e in history["events"]] == [1, ack["seq"]]
+    who = alice.ok("who", room="cellar")
+    assert names(who["members"]) == ["alice"] and who["count"] == 1
+    alice.ok("part", room="cellar")
+    err = alice.error("history", room="cellar", after=0)
+    assert (err["code"], err["room"]) == ("not_in_room", "cellar")
+
+
+def test_an_invitation_to_a_private_room_lets_the_invitee_in(net: Net) -> None:
+    alice = net("alice")
+    alice.ok("enter", room="vault", private=True)
+    bob = net("bob")
+    carol = net("carol")
+    assert bob.error("enter", room="vault")["code"] == "forbidden"
+    ack = alice.ok("invite", room="vault", name="Bob")
+    assert ack == {**ack, "type": "ack", "room": "vault"}
+    assert bob.ok("enter", room="vault")["room"] == "vault"
+    err = carol.error("enter", room="vault")   # the invitation was bob's alone
+    assert (err["code"], err["room"]) == ("forbidden", "vault")
+
+
+def test_welcome_and_entered_list_at_most_100_members_with_count(net: Net) -> None:
+    """ROOMS.md Scale; who defaults to pages of 100 (capped at 1,000)."""
+    crowd = [net(f"m{i:03d}", rooms=["big"]) for i in range(101)]
+    last = net()
+    welcome = last.join("zz-last", rooms=["big"])
+    assert welcome["count"] == 102 and len(welcome["members"]) == 100
+    entered = crowd[0].ok("enter", room="big")
+    assert entered["count"] == 102 and len(entered["members"]) == 100
+    page = last.ok("who", room="big")
+    assert page["count"] == 102 and len(page["members"]) == 100 and "next" in page
+    rest = last.ok("who", room="big", after=page["next"])
+    assert names(rest["members"]) == ["m100", "zz-last"] and "next" not in rest
+    full = last.ok("who", room="big", limit=5000)
+    assert len(full["members"]) == 102 and "next" not in full
+
+
+def test_two_enters_of_a_new_room_at_the_same_instant_make_one_creator(net: Net) -> None:
+    a, b = net("ann"), net("ben")
+    ea, eb = _at_once([a, b], [{"type": "enter", "id": "ea", "room": "fresh"},
+                               {"type": "enter", "id": "eb", "room": "fresh"}])
+    assert ea["type"] == eb["type"] == "entered"
+    assert sorted([ea["seq"], eb["seq"]]) == [1, 2]
+    first, second = sorted([ea, eb], key=lambda e: e["seq"])
+    assert first["ops"] == names(first["members"]) and len(first["ops"]) == 1
+    assert second["ops"] == first["ops"] and second["count"] == 2
+
+
+def test_two_messages_at_the_same_instant_get_consecutive_seqs(net: Net) -> None:
+    spy = net("spy", listen=True, rooms=["lobby", "busy"])
+    a, b = net("ann", rooms=["busy"]), net("ben", rooms=["busy"])
+    base = spy.ok("ping")["seqs"]["busy"]
+    acks = _at_once([a, b], [{"type": "message", "id": "ma", "room": "busy", "text": "a"},
+                             {"type": "message", "id": "mb", "room": "busy", "text": "b"}])
+    assert sorted(ack["seq"] for ack in acks) == [base + 1, base + 2]
+    bodies = spy.room_frames_upto("busy", seq=base + 2)
+    by_seq = {e["seq"]: e["text"] for e in bodies if e["type"] == "message"}
+    assert by_seq == {acks[0]["seq"]: "a", acks[1]["seq"]: "b"}
+
+
+def test_takeover_announces_joined_in_each_room_of_the_session(net: Net) -> None:
+    spy = net("spy", listen=True, rooms=["lobby", "tk"])
+    old = net()
+    token = old.join("alice", rooms=["lobby", "tk"])["token"]
+    spy.event("tk", type="joined", name="alice")
+    new = net()
+    welcome = new.join("alice", token=token)
+    assert set(welcome["rooms"]) >= {"lobby", "tk"}
+    for room in ("lobby", "tk"):
+        spy.event(room, type="joined", name="alice")
