@@ -941,3 +941,116 @@ def test_takeover_announces_joined_in_each_room_of_the_session(net: Net) -> None
     assert set(welcome["rooms"]) >= {"lobby", "tk"}
     for room in ("lobby", "tk"):
         spy.event(room, type="joined", name="alice")
+
+
+@pytest.mark.parametrize(("kind", "fields", "code"), [
+    ("topic", {}, "bad_request"),                     # text missing
+    ("kick", {"name": 5}, "bad_request"),             # name of the wrong type
+    ("message", {"text": "x" * 4097}, "too_large"),
+    ("topic", {"text": "x" * 4097}, "too_large"),
+])
+def test_errors_from_the_requests_own_checks_name_the_room_too(
+        net: Net, kind: str, fields: Body, code: str) -> None:
+    """ROOMS.md: *every* error answering a request that named a room carries it."""
+    alice = net("alice", rooms=["lobby", "e"])
+    err = alice.error(kind, room="E", **fields)
+    assert err["code"] == code
+    assert err.get("room") == "e"
+
+
+def test_rate_limited_names_the_room(net: Net) -> None:
+    alice = net("alice", rooms=["lobby", "fast"])
+    for i in range(100):
+        reply = alice.request("message", room="fast", text=f"{i}")
+        if reply["type"] == "error":
+            assert (reply["code"], reply.get("room")) == ("rate_limited", "fast")
+            return
+    raise AssertionError("100 messages at once were never rate limited")
+
+
+def test_join_that_enters_no_room_still_succeeds(net: Net) -> None:
+    alice = net()
+    welcome = alice.join("alice", rooms=["bad room"])
+    assert welcome["rooms"] == []
+    assert welcome["refused"] == [{"room": "bad room", "code": "bad_room"}]
+    assert alice.ok("ping")["seqs"] == {}
+    assert alice.ok("enter", room="lobby")["room"] == "lobby"
+
+
+def test_op_kick_ban_invite_find_the_member_case_insensitively(net: Net) -> None:
+    alice = net("alice", listen=True, rooms=["ci"])
+    net("bob", rooms=["ci"])
+    carol = net("carol")
+    alice.ok("op", room="ci", name="BOB")
+    assert alice.event("ci", type="mode")["op"] in ("bob", "BOB")
+    alice.ok("kick", room="ci", name="Bob")
+    assert alice.event("ci", type="left")["name"] == "bob"
+    alice.ok("invite", room="ci", name="CAROL")
+    assert carol.unsolicited(lambda b: b.get("type") == "invited")["room"] == "ci"
+
+
+def test_entering_a_private_room_again_announces_nothing(net: Net) -> None:
+    alice = net("alice")
+    alice.ok("enter", room="den", private=True)
+    bob = net("bob")
+    alice.ok("invite", room="den", name="bob")
+    assert bob.ok("enter", room="den")["seq"] == 2
+    again = bob.ok("enter", room="den")
+    assert again["seq"] == 2 and again["count"] == 2
+    ack = alice.ok("message", room="den", text="next")
+    assert ack["seq"] == 3
+    got = [alice.unsolicited(lambda b: b.get("room") == "den")["seq"] for _ in range(3)]
+    assert got == [1, 2, 3]                     # own joined, bob's, the message
+
+
+def _no_leak(spy: Peer, marker_from: Peer, room: str) -> None:
+    """Two heartbeats after a lobby marker: nothing the spy saw named ``room``."""
+    marker = marker_from.ok("message", text="marker")["seq"]
+    spy.upto(lambda f: f.topic == b"lobby\x00" and f.body.get("seq") == marker)
+    for _ in range(2):
+        spy.upto(lambda f: f.topic == b"\x00" and f.body.get("type") == "heartbeat")
+    assert [f for f in spy.seen if room.encode() in f.topic + f.raw] == []
+
+
+def test_leaving_the_broker_tells_a_private_room_on_the_dealer_only(net: Net) -> None:
+    spy = net("spy", listen=True)
+    alice = net("alice")
+    alice.ok("enter", room="attic", private=True)
+    bob = net("bob")
+    alice.ok("invite", room="attic", name="bob")
+    bob.ok("enter", room="attic")
+    bob.send({"type": "leave", "reason": "off"})
+    left = alice.unsolicited(lambda b: b.get("type") == "left")
+    assert left == {**left, "room": "attic", "name": "bob", "reason": "leave", "seq": 3}
+    _no_leak(spy, alice, "attic")
+
+
+def test_a_takeover_announces_a_private_rooms_joined_on_the_dealer_only(net: Net) -> None:
+    spy = net("spy", listen=True)
+    alice = net("alice")
+    alice.ok("enter", room="crypt", private=True)
+    old = net()
+    token = old.join("bob")["token"]
+    alice.ok("invite", room="crypt", name="bob")
+    old.ok("enter", room="crypt")
+    new = net()
+    new.join("bob", token=token)
+    rejoined = alice.unsolicited(lambda b: b.get("type") == "joined" and b.get("seq") == 3)
+    assert rejoined == {**rejoined, "room": "crypt", "name": "bob"}
+    assert new.ok("enter", room="crypt")["seq"] == 3   # still in it, nothing new
+    _no_leak(spy, alice, "crypt")
+
+
+def test_an_operator_kick_from_the_broker_tells_a_private_room_on_the_dealer_only(
+        net: Net, zb: RunningBroker) -> None:
+    spy = net("spy", listen=True)
+    alice = net("alice")
+    alice.ok("enter", room="bunker", private=True)
+    bob = net("bob")
+    alice.ok("invite", room="bunker", name="bob")
+    bob.ok("enter", room="bunker")
+    admin(zb, "kick", "bob")
+    assert bob.unsolicited(lambda b: b.get("type") == "bye")["reason"] == "kicked"
+    left = alice.unsolicited(lambda b: b.get("type") == "left")
+    assert left == {**left, "room": "bunker", "name": "bob", "reason": "kicked"}
+    _no_leak(spy, alice, "bunker")
