@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -1054,3 +1055,72 @@ def test_an_operator_kick_from_the_broker_tells_a_private_room_on_the_dealer_onl
     left = alice.unsolicited(lambda b: b.get("type") == "left")
     assert left == {**left, "room": "bunker", "name": "bob", "reason": "kicked"}
     _no_leak(spy, alice, "bunker")
+
+
+# -- broker options the contract names -----------------------------------------
+
+
+def test_with_batches_a_private_room_still_never_reaches_pub(
+        ctx: zmq.Context[Any], start_broker: Callable[..., RunningBroker]) -> None:
+    """ROOMS.md: batch topics ``\\x01<room>\\x00`` exist where batches are on."""
+    broker = start_broker("--heartbeat", "0.5", "--coalesce", "8")
+    spy = Peer(ctx, broker)
+    spy.listen()
+    spy.wait_live()
+    spy.join("spy", rooms=["lobby", "open"])
+    alice = Peer(ctx, broker)
+    alice.join("alice", rooms=["lobby", "open"])
+    alice.ok("enter", room="hush", private=True)
+    alice.ok("message", room="hush", text="quiet")
+    seq = alice.ok("message", room="open", text="loud")["seq"]
+    batch = spy.upto(lambda f: f.topic == b"\x01open\x00")[-1].body
+    assert batch["type"] == "batch" and batch["room"] == "open"
+    assert all(e["room"] == "open" for e in batch["events"])
+    spy.upto(lambda f: f.topic == b"open\x00" and f.body.get("seq") == seq)
+    _no_leak(spy, alice, "hush")
+
+
+def test_rooms_topics_and_history_outlive_a_broker_restart(
+        ctx: zmq.Context[Any], start_broker: Callable[..., RunningBroker],
+        tmp_path: Path) -> None:
+    """ROOMS.md: a room and its history outlive its members (durable history, a restart too)."""
+    db = str(tmp_path / "rooms.db")
+    first = start_broker("--heartbeat", "0.5", "--db", db)
+    alice = Peer(ctx, first)
+    alice.join("alice", rooms=["lobby", "keep"])
+    alice.ok("topic", room="keep", text="kept")
+    last = alice.ok("message", room="keep", text="remember me")["seq"]
+    assert first.stop() == 0
+
+    second = start_broker("--heartbeat", "0.5", "--db", db)
+    bob = Peer(ctx, second)
+    bob.join("bob")
+    listed = {r["name"]: r for r in bob.ok("rooms")["rooms"]}
+    assert listed["keep"]["topic"] == "kept"
+    history = bob.ok("history", room="keep", after=0)["events"]
+    assert history[-1]["seq"] >= last
+    assert any(e["type"] == "message" and e["text"] == "remember me" for e in history)
+    entered = bob.ok("enter", room="keep")
+    assert entered["seq"] == history[-1]["seq"] + 1 and entered["topic"] == "kept"
+
+
+def test_a_big_room_announces_no_comings_but_always_kicks(
+        ctx: zmq.Context[Any], start_broker: Callable[..., RunningBroker]) -> None:
+    """Project PROTOCOL.md: above --announce-max no `joined`; announced events keep seqs."""
+    broker = start_broker("--heartbeat", "0.5", "--announce-max", "2")
+    alice = Peer(ctx, broker)
+    alice.listen()
+    alice.wait_live()
+    alice.join("alice", rooms=["lobby", "big"])
+    bob = Peer(ctx, broker)
+    bob.join("bob", rooms=["big"])
+    carol = Peer(ctx, broker)
+    entered = carol.ok("join", name="carol", rooms=["big"])
+    assert entered["count"] == 3
+    ack = alice.ok("kick", room="big", name="carol")
+    bodies = alice.room_frames_upto("big", seq=ack["seq"])
+    assert [(b["type"], b.get("name")) for b in bodies] == [
+        ("joined", "alice"), ("joined", "bob"), ("left", "carol")]
+    assert [b["seq"] for b in bodies] == [1, 2, 3]
+    history = alice.ok("history", room="big", after=0)["events"]
+    assert [e["seq"] for e in history] == [1, 2, 3]
