@@ -1124,3 +1124,112 @@ def test_a_big_room_announces_no_comings_but_always_kicks(
     assert [b["seq"] for b in bodies] == [1, 2, 3]
     history = alice.ok("history", room="big", after=0)["events"]
     assert [e["seq"] for e in history] == [1, 2, 3]
+
+
+def test_a_room_turned_private_leaves_the_heartbeat_at_once(net: Net) -> None:
+    """ROOMS.md: heartbeats included; the project: the heartbeat never lists a private room.
+
+    The room's seq moves and the room turns private within one heartbeat
+    interval: no heartbeat sent after the turn may name it.
+    """
+    spy = net("spy", listen=True)
+    alice = net("alice", rooms=["lobby", "turn"])
+    alice.ok("message", room="turn", text="last public word")
+    ack = alice.ok("mode", room="turn", private=True)
+    mode = alice.unsolicited(lambda b: b.get("type") == "mode" and b.get("seq") == ack["seq"])
+    marker = alice.ok("message", text="marker")["seq"]
+    frames = spy.upto(lambda f: f.topic == b"lobby\x00" and f.body.get("seq") == marker)
+    for _ in range(2):
+        frames += spy.upto(lambda f: f.body.get("type") == "heartbeat")
+    late = [f.body for f in frames if f.body.get("type") == "heartbeat"
+            and f.body["ts"] >= mode["ts"]]
+    assert late and all("turn" not in beat["seqs"] for beat in late)
+
+
+def test_closing_a_room_tells_its_members_and_keeps_its_seq(
+        net: Net, zb: RunningBroker) -> None:
+    """Project PROTOCOL.md: `zchat-admin close`: notice, `left` closed, then gone; seq kept."""
+    alice = net("alice", listen=True, rooms=["lobby", "shut"])
+    last = alice.ok("message", room="shut", text="bye")["seq"]
+    admin(zb, "close", "shut", "done")
+    bodies = alice.room_frames_upto("shut", type="left")
+    assert [b["type"] for b in bodies if b["seq"] > last] == ["notice", "left"]
+    assert bodies[-1]["reason"] == "closed"
+    assert "shut" not in {r["name"] for r in alice.ok("rooms")["rooms"]}
+    err = alice.error("history", room="shut", after=0)
+    assert (err["code"], err["room"]) == ("no_such_room", "shut")
+    assert "shut" not in alice.ok("ping")["seqs"]
+    assert alice.ok("enter", room="shut")["seq"] == last + 3
+
+
+def test_closing_a_private_room_tells_only_its_members(net: Net, zb: RunningBroker) -> None:
+    spy = net("spy", listen=True)
+    alice = net("alice")
+    alice.ok("enter", room="tomb", private=True)
+    admin(zb, "close", "tomb")
+    notice = alice.unsolicited(lambda b: b.get("type") == "notice")
+    assert notice["room"] == "tomb"
+    left = alice.unsolicited(lambda b: b.get("type") == "left")
+    assert left == {**left, "room": "tomb", "name": "alice", "reason": "closed"}
+    _no_leak(spy, alice, "tomb")
+
+
+def test_inviting_a_banned_name_does_not_lift_the_ban(net: Net) -> None:
+    alice = net("alice")
+    alice.ok("enter", room="club", private=True)
+    bob = net("bob")
+    alice.ok("ban", room="club", name="bob")
+    alice.ok("invite", room="club", name="bob")
+    err = bob.error("enter", room="club")
+    assert (err["code"], err["room"]) == ("forbidden", "club")
+
+
+def test_pong_keeps_v1_seq_of_lobby(net: Net) -> None:
+    alice = net("alice", rooms=["lobby", "x"])
+    pong = alice.ok("ping")
+    assert pong["seq"] == pong["seqs"]["lobby"] and pong["joined"] is True
+
+
+@pytest.mark.parametrize(("setup", "kind", "fields", "code"), [
+    # Project PROTOCOL.md: bad_room, no_such_room, not_in_room, forbidden, then
+    # the request's own checks.
+    ("none", "message", {"room": "Bad Room", "text": "x" * 5000}, "bad_room"),
+    ("none", "message", {"room": "absent", "text": "x" * 5000}, "no_such_room"),
+    ("public", "message", {"room": "r", "text": "x" * 5000}, "not_in_room"),
+    ("private", "message", {"room": "r", "text": "x" * 5000}, "not_in_room"),
+    ("private", "enter", {"room": "r"}, "forbidden"),
+    ("member", "topic", {"room": "r", "text": "x" * 5000}, "forbidden"),
+    ("member", "kick", {"room": "r", "name": "nobody-here"}, "forbidden"),
+])
+def test_error_checks_come_in_the_documented_order(
+        net: Net, setup: str, kind: str, fields: Body, code: str) -> None:
+    alice = net("alice")
+    if setup != "none":
+        alice.ok("enter", room="r", private=setup == "private")
+    bob = net("bob")
+    if setup == "member":
+        bob.ok("enter", room="r")
+    assert bob.error(kind, **fields)["code"] == code
+
+
+def test_a_private_room_stays_hidden_after_a_restart(
+        ctx: zmq.Context[Any], start_broker: Callable[..., RunningBroker],
+        tmp_path: Path) -> None:
+    db = str(tmp_path / "rooms.db")
+    first = start_broker("--heartbeat", "0.5", "--db", db)
+    alice = Peer(ctx, first)
+    alice.join("alice")
+    alice.ok("enter", room="vaulted", private=True)
+    alice.ok("message", room="vaulted", text="still secret")
+    assert first.stop() == 0
+
+    second = start_broker("--heartbeat", "0.5", "--db", db)
+    spy = Peer(ctx, second)
+    spy.listen()
+    spy.wait_live()
+    spy.join("spy")
+    assert "vaulted" not in {r["name"] for r in spy.ok("rooms")["rooms"]}
+    err = spy.error("history", room="vaulted", after=0)
+    assert (err["code"], err["room"]) == ("not_in_room", "vaulted")
+    assert spy.error("enter", room="vaulted")["code"] == "forbidden"
+    _no_leak(spy, spy, "vaulted")
