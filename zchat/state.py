@@ -833,7 +833,6 @@ class Broker:
 
     def _say(self, peer: bytes, req: Say, now: float, origin: Origin) -> list[Outgoing]:
         member = self._by_peer[peer]
-        self._check_text(req.text)
         if req.id is not None:
             seen = self._dedupe.get(member.lineage, _MESSAGE + req.id)
             if seen is not None:
@@ -843,6 +842,7 @@ class Broker:
         if room.moderated and member.folded not in room.ops:
             raise ProtocolError(ErrorCode.FORBIDDEN,
                                 f"{room.name!r} is moderated: only its operators speak")
+        self._check_text(req.text)  # after the room's own refusals, as PROTOCOL.md orders them
         self._spend(_MESSAGE, member.folded, self._origin(member), now)
         event = self._room_event(room, now, "message", {"from": member.name, "text": req.text},
                                  dedupe=(member.lineage, req.id), sender_addr=member.shown)
