@@ -1233,3 +1233,72 @@ def test_a_private_room_stays_hidden_after_a_restart(
     assert (err["code"], err["room"]) == ("not_in_room", "vaulted")
     assert spy.error("enter", room="vaulted")["code"] == "forbidden"
     _no_leak(spy, spy, "vaulted")
+
+
+@pytest.mark.parametrize(("kind", "fields"), [
+    ("enter", {"private": "yes"}),
+    ("mode", {"moderated": 1}),
+    ("mode", {"topic_ops": "false"}),
+    ("part", {"reason": 5}),
+    ("who", {"limit": "10"}),
+    ("history", {"after": "0"}),
+    ("kick", {"name": "bob", "reason": 5}),
+    ("invite", {"name": ["bob"]}),
+    ("topic", {"text": None}),
+    ("message", {"text": 7}),
+])
+def test_wrongly_typed_fields_are_bad_request_naming_the_room(
+        net: Net, kind: str, fields: Body) -> None:
+    """v1: a missing or wrongly typed field is `bad_request`; v2: errors name their room."""
+    alice = net("alice", rooms=["lobby", "r"])
+    net("bob", rooms=["r"])
+    err = alice.error(kind, room="r", **fields)
+    assert (err["code"], err.get("room")) == ("bad_request", "r")
+    alice.ok("ping")                            # and the broker goes on
+
+
+def test_join_rooms_must_be_a_list(net: Net) -> None:
+    alice = net()
+    err = alice.error("join", name="alice", rooms="lobby")
+    assert err["code"] == "bad_request"
+
+
+def test_pipelined_requests_are_answered_in_order(net: Net) -> None:
+    """A client may send join, enter, message, part without waiting for each reply."""
+    alice = net()
+    kinds = [("join", {"name": "alice"}), ("enter", {"room": "pipe"}),
+             ("message", {"room": "pipe", "text": "hi"}), ("part", {"room": "pipe"}),
+             ("message", {"room": "pipe", "text": "late"})]
+    for i, (kind, fields) in enumerate(kinds):
+        alice.send({"type": kind, "id": f"p{i}", **fields})
+    replies = [alice.reply(f"p{i}") for i in range(len(kinds))]
+    assert [r["type"] for r in replies] == ["welcome", "entered", "ack", "parted", "error"]
+    assert replies[2]["seq"] == 2 and replies[4]["code"] == "not_in_room"
+
+
+def test_two_private_creations_of_one_name_at_the_same_instant(net: Net) -> None:
+    a, b = net("ann"), net("ben")
+    replies = _at_once([a, b], [
+        {"type": "enter", "id": "pa", "room": "mine", "private": True},
+        {"type": "enter", "id": "pb", "room": "mine", "private": True}])
+    assert sorted(r["type"] for r in replies) == ["entered", "error"]
+    entered = next(r for r in replies if r["type"] == "entered")
+    error = next(r for r in replies if r["type"] == "error")
+    assert entered["private"] is True and entered["count"] == 1
+    assert (error["code"], error["room"]) == ("forbidden", "mine")
+
+
+def test_a_kick_and_a_message_at_the_same_instant_agree(net: Net) -> None:
+    """Either the message is in before the kick, or it is refused: never after the left."""
+    alice = net("alice", listen=True, rooms=["lobby", "ring"])
+    bob = net("bob", rooms=["ring"])
+    kick, said = _at_once([alice, bob], [
+        {"type": "kick", "id": "k", "room": "ring", "name": "bob"},
+        {"type": "message", "id": "m", "room": "ring", "text": "last word"}])
+    assert kick["type"] == "ack"
+    if said["type"] == "ack":
+        assert said["seq"] < kick["seq"]
+    else:
+        assert (said["code"], said["room"]) == ("not_in_room", "ring")
+    bodies = alice.room_frames_upto("ring", seq=kick["seq"])
+    assert bodies[-1]["type"] == "left"
