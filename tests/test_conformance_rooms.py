@@ -31,6 +31,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+import zmq.auth
 
 from conftest import RunningBroker
 
@@ -56,9 +57,12 @@ class Frame:
 class Peer:
     """A raw client: one DEALER for requests, one optional SUB for PUB."""
 
-    def __init__(self, ctx: zmq.Context[Any], broker: RunningBroker) -> None:
+    def __init__(self, ctx: zmq.Context[Any], broker: RunningBroker,
+                 curve: tuple[bytes, bytes, bytes] | None = None) -> None:
+        self.curve = curve  # (broker's public key, own public key, own secret key)
         self.dealer = ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
+        self._secure(self.dealer)
         # The project asks clients to announce a routing id not starting
         # with a zero byte (those are libzmq's own), or none.
         self.dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(15))
@@ -70,6 +74,10 @@ class Peer:
         self.pending: list[Frame] = []
         self.seen: list[Frame] = []
         self.name = ""
+
+    def _secure(self, sock: zmq.Socket[Any]) -> None:
+        if self.curve is not None:
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self.curve
 
     # -- DEALER ----------------------------------------------------------
 
@@ -132,6 +140,7 @@ class Peer:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, 0)
+        self._secure(self.sub)
         for topic in topics or (b"",):
             self.sub.setsockopt(zmq.SUBSCRIBE, topic)
         self.sub.connect(self.broker.broadcast)
@@ -1302,3 +1311,71 @@ def test_a_kick_and_a_message_at_the_same_instant_agree(net: Net) -> None:
         assert (said["code"], said["room"]) == ("not_in_room", "ring")
     bodies = alice.room_frames_upto("ring", seq=kick["seq"])
     assert bodies[-1]["type"] == "left"
+
+
+def test_under_curve_operator_status_belongs_to_the_key(
+        ctx: zmq.Context[Any], start_broker: Callable[..., RunningBroker],
+        tmp_path: Path) -> None:
+    """ROOMS.md: with CURVE, op status survives the key's reconnecting and a restart."""
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    subprocess.run(["zchat-keygen", "--dir", str(keys), "broker", "alice", "bob"],
+                   check=True, capture_output=True, timeout=30)
+    allowed.mkdir()
+    for who in ("alice", "bob"):
+        (allowed / f"{who}.key").write_bytes((keys / f"{who}.key").read_bytes())
+    server, _ = zmq.auth.load_certificate(keys / "broker.key")
+    curve = {who: (server, *zmq.auth.load_certificate(keys / f"{who}.key_secret"))
+             for who in ("alice", "bob")}
+    args = ("--heartbeat", "0.5", "--db", str(tmp_path / "c.db"),
+            "--secret-key", str(keys / "broker.key_secret"),
+            "--authorized-keys", str(allowed))
+
+    first = start_broker(*args)
+    alice = Peer(ctx, first, curve["alice"])  # type: ignore[arg-type]
+    alice.join("alice", rooms=["lobby", "keyed"])
+    alice.ok("part", room="keyed")
+    assert alice.ok("enter", room="keyed")["ops"] == ["alice"]  # the key is the op
+    alice.send({"type": "leave"})
+    again = Peer(ctx, first, curve["alice"])  # type: ignore[arg-type]
+    again.join("alice", rooms=["keyed"])
+    assert again.ok("enter", room="keyed")["ops"] == ["alice"]
+    assert first.stop() == 0
+
+    second = start_broker(*args)
+    bob = Peer(ctx, second, curve["bob"])  # type: ignore[arg-type]
+    bob.join("bob", rooms=["keyed"])
+    err = bob.error("mode", room="keyed", moderated=True)
+    assert (err["code"], err["room"]) == ("forbidden", "keyed")
+    alice = Peer(ctx, second, curve["alice"])  # type: ignore[arg-type]
+    assert alice.join("alice", rooms=["keyed"])["rooms"] == ["keyed"]
+    assert alice.ok("enter", room="keyed")["ops"] == ["alice"]
+    alice.ok("mode", room="keyed", moderated=True)
+
+
+def test_a_silent_client_times_out_of_every_room(net: Net) -> None:
+    """v1 liveness, per room: `left` `timeout` in each room, a private one on the DEALER."""
+    spy = net("spy", listen=True, rooms=["lobby", "t1"])
+    alice = net("alice")
+    alice.ok("enter", room="hideaway", private=True)
+    bob = net("bob", rooms=["lobby", "t1"])
+    alice.ok("invite", room="hideaway", name="bob")
+    bob.ok("enter", room="hideaway")                # from here bob says nothing
+    public: set[str] = set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        spy.ok("ping")                          # the watchers stay alive meanwhile
+        alice.ok("ping")
+        assert spy.sub is not None
+        while spy.sub.poll(100):
+            frame = spy._frame(deadline)
+            body = frame.body
+            if body.get("type") == "left" and body.get("name") == "bob":
+                assert body["reason"] == "timeout"
+                public.add(body["room"])
+        private = [b for b in alice.inbox if b.get("type") == "left"]
+        if public == {"lobby", "t1"} and private:
+            assert private[0] == {**private[0], "room": "hideaway", "name": "bob",
+                                  "reason": "timeout"}
+            assert not [f for f in spy.seen if b"hideaway" in f.topic + f.raw]
+            return
+    raise AssertionError(f"bob timed out of {public} only")
