@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
 import threading
 import time
@@ -43,6 +44,8 @@ REPLY_TYPES = {"welcome", "entered", "parted", "ack", "error", "pong", "members"
                "history", "rooms"}
 
 _ids = itertools.count(1)
+# ROOMS.md: 1 to 64 of a-z 0-9 - _ . starting with a letter or digit, folded.
+ROOM_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 @dataclass
@@ -73,6 +76,8 @@ class Peer:
         self.inbox: list[Body] = []
         self.pending: list[Frame] = []
         self.seen: list[Frame] = []
+        self.pub_seqs: dict[str, int] = {}     # room -> last seq seen on the SUB
+        self.dealer_seqs: dict[str, int] = {}  # room -> last seq of a private room's events
         self.name = ""
 
     def _secure(self, sock: zmq.Socket[Any]) -> None:
@@ -89,7 +94,23 @@ class Peer:
         if left <= 0 or not self.dealer.poll(int(left * 1000)):
             raise AssertionError("no frame on the DEALER in time")
         body: Body = msgpack.unpackb(self.dealer.recv())
+        self._check_dealer(body)
         return body
+
+    def _check_dealer(self, body: Body) -> None:
+        """Every map on the DEALER obeys the contract (private events: seqs +1)."""
+        kind, room = body.get("type"), body.get("room")
+        assert isinstance(kind, str), body
+        if kind in ("entered", "parted") and isinstance(room, str):
+            self.dealer_seqs.pop(room, None)  # a new run starts after (re-)entering
+        elif kind not in REPLY_TYPES and "seq" in body:
+            check_event(body)
+            room = str(room)
+            last = self.dealer_seqs.get(room)
+            assert last is None or body["seq"] == last + 1, ("DEALER seq gap", last, body)
+            self.dealer_seqs[room] = body["seq"]
+            if kind == "left" and body.get("name") == self.name:
+                self.dealer_seqs.pop(room, None)
 
     def reply(self, rid: str, timeout: float = 5.0) -> Body:
         """The reply echoing ``rid``; anything else goes to the inbox."""
@@ -155,7 +176,29 @@ class Peer:
         topic, raw = self.sub.recv_multipart()
         frame = Frame(topic, raw, msgpack.unpackb(raw))
         self.seen.append(frame)
+        self._check_frame(frame)
         return frame
+
+    def _check_frame(self, frame: Frame) -> None:
+        """Every PUB frame obeys the contract: fields, topic, seq +1 per room."""
+        body = frame.body
+        if frame.topic == b"\x00":
+            assert body["type"] in ("heartbeat", "shutdown"), body
+            if body["type"] == "heartbeat":
+                assert isinstance(body["ts"], float) and isinstance(body["epoch"], str)
+                assert all(isinstance(k, str) and isinstance(v, int)
+                           for k, v in body["seqs"].items()), body
+            return
+        if frame.topic.startswith(b"\x01"):       # a batch (--coalesce)
+            assert frame.topic == b"\x01" + body["room"].encode() + b"\x00", frame
+            for event in body["events"]:
+                check_event(event)
+            return
+        check_event(body)
+        assert frame.topic == body["room"].encode() + b"\x00", frame
+        last = self.pub_seqs.get(body["room"])
+        assert last is None or body["seq"] == last + 1, ("PUB seq gap", last, body)
+        self.pub_seqs[body["room"]] = body["seq"]
 
     def wait_live(self, timeout: float = 5.0) -> None:
         """Wait until the SUB receives a frame (a heartbeat at the latest).
@@ -191,6 +234,15 @@ class Peer:
 
 
 Net = Callable[..., Peer]
+
+
+def check_event(body: Body) -> None:
+    """A room event has `type`, `room` (folded, valid), `seq` (from 1) and `ts`."""
+    assert isinstance(body.get("type"), str), body
+    room = body.get("room")
+    assert isinstance(room, str) and ROOM_NAME.fullmatch(room), body
+    assert isinstance(body.get("seq"), int) and body["seq"] >= 1, body
+    assert isinstance(body.get("ts"), float), body
 
 
 @pytest.fixture
