@@ -118,6 +118,7 @@ class Peer:
         while True:
             body = self._recv(deadline)
             if body.get("id") == rid and body.get("type") in REPLY_TYPES:
+                check_reply(body)
                 return body
             self.inbox.append(body)
 
@@ -234,6 +235,58 @@ class Peer:
 
 
 Net = Callable[..., Peer]
+
+
+def _member_list(members: Any) -> None:
+    assert isinstance(members, list) and len(members) <= 1000, members
+    for m in members:
+        assert isinstance(m["name"], str) and isinstance(m["addr"], str), m
+
+
+def check_reply(body: Body) -> None:
+    """A reply has the fields and types its row in the contract gives it."""
+    kind = body["type"]
+    if kind in ("welcome", "entered", "parted", "members", "history", "ack"):
+        assert ROOM_NAME.fullmatch(body["room"]), body
+    if kind == "welcome":
+        for key, typ in (("name", str), ("addr", str), ("seq", int), ("pub", str),
+                         ("token", str), ("count", int), ("rooms", list)):
+            assert isinstance(body[key], typ), (key, body)
+        assert isinstance(body["heartbeat"], int | float)
+        _member_list(body["members"])
+        assert len(body["members"]) <= 100
+        for refused in body.get("refused", []):
+            assert isinstance(refused["room"], str) and isinstance(refused["code"], str)
+    elif kind == "entered":
+        fields: list[tuple[str, type[Any]]] = [
+            ("seq", int), ("topic", str), ("count", int), ("ops", list),
+            ("private", bool), ("moderated", bool), ("topic_ops", bool)]
+        for key, typ in fields:
+            assert isinstance(body[key], typ), (key, body)
+        _member_list(body["members"])
+        assert len(body["members"]) <= 100 and len(body["members"]) <= body["count"]
+    elif kind == "ack":
+        assert "seq" not in body or isinstance(body["seq"], int)
+    elif kind == "error":
+        assert isinstance(body["code"], str) and isinstance(body["detail"], str)
+    elif kind == "pong":
+        assert isinstance(body["ts"], float)
+        if body.get("joined", True):            # a client not joined is in no room
+            assert isinstance(body["seqs"], dict), body
+    elif kind == "members":
+        _member_list(body["members"])
+        assert isinstance(body["count"], int) and len(body["members"]) <= body["count"]
+        assert "next" not in body or isinstance(body["next"], str)
+    elif kind == "history":
+        seqs = [e["seq"] for e in body["events"]]
+        assert seqs == sorted(set(seqs)), seqs
+        for event in body["events"]:
+            check_event(event)
+            assert event["room"] == body["room"], event
+    elif kind == "rooms":
+        for room in body["rooms"]:
+            assert ROOM_NAME.fullmatch(room["name"]) and isinstance(room["topic"], str)
+            assert isinstance(room["count"], int) and isinstance(room["private"], bool)
 
 
 def check_event(body: Body) -> None:
