@@ -1489,3 +1489,71 @@ def test_a_silent_client_times_out_of_every_room(net: Net) -> None:
             assert not [f for f in spy.seen if b"hideaway" in f.topic + f.raw]
             return
     raise AssertionError(f"bob timed out of {public} only")
+
+
+def test_a_private_room_made_public_shows_up_and_publishes(net: Net) -> None:
+    spy = net("spy", listen=True)
+    alice = net("alice")
+    alice.ok("enter", room="opening", private=True)
+    assert "opening" not in {r["name"] for r in spy.ok("rooms")["rooms"]}
+    alice.ok("mode", room="opening", private=False)
+    listed = {r["name"]: r for r in spy.ok("rooms")["rooms"]}
+    assert listed["opening"]["private"] is False
+    ack = alice.ok("message", room="opening", text="now public")
+    assert spy.event("opening", type="message")["seq"] == ack["seq"]
+    assert spy.ok("enter", room="opening")["private"] is False
+
+
+def test_op_of_an_op_and_ban_of_a_banned_name_announce_nothing(net: Net) -> None:
+    """Project PROTOCOL.md: an op or ban that changed nothing is acked without seq."""
+    alice = net("alice", listen=True, rooms=["same"])
+    alice.ok("ban", room="same", name="zed")
+    before = alice.ok("message", room="same", text="before")["seq"]
+    for kind, name in (("op", "alice"), ("ban", "zed")):
+        ack = alice.ok(kind, room="same", name=name)
+        assert ack["room"] == "same" and "seq" not in ack, kind
+    after = alice.ok("message", room="same", text="after")["seq"]
+    assert after == before + 1
+    assert [b["type"] for b in alice.room_frames_upto("same", seq=after)
+            if b["seq"] > before] == ["message"]
+
+
+def test_an_invitation_to_a_private_room_is_used_once(net: Net) -> None:
+    alice = net("alice")
+    alice.ok("enter", room="once", private=True)
+    bob = net("bob")
+    alice.ok("invite", room="once", name="bob")
+    bob.ok("enter", room="once")
+    bob.ok("part", room="once")
+    err = bob.error("enter", room="once")
+    assert (err["code"], err["room"]) == ("forbidden", "once")
+
+
+def test_after_a_takeover_private_events_reach_the_new_connection(net: Net) -> None:
+    alice = net("alice")
+    alice.ok("enter", room="nook", private=True)
+    old = net()
+    token = old.join("bob")["token"]
+    alice.ok("invite", room="nook", name="bob")
+    old.ok("enter", room="nook")
+    new = net()
+    new.join("bob", token=token)
+    ack = alice.ok("message", room="nook", text="to the new bob")
+    got = new.unsolicited(lambda b: b.get("type") == "message")
+    assert got == {**got, "room": "nook", "seq": ack["seq"], "text": "to the new bob"}
+
+
+def test_history_pages_default_to_100_and_cap_at_1000(
+        ctx: zmq.Context[Any], start_broker: Callable[..., RunningBroker]) -> None:
+    broker = start_broker("--heartbeat", "0.5", "--rate", "0")
+    alice = Peer(ctx, broker)
+    alice.join("alice", rooms=["long"])
+    for i in range(1005):                       # pipelined: a client need not wait
+        alice.send({"type": "message", "id": f"h{i}", "room": "long", "text": f"{i}"})
+    last = [alice.reply(f"h{i}")["seq"] for i in range(1005)][-1]
+    assert last == 1006
+    assert len(alice.ok("history", room="long", after=0)["events"]) == 100
+    capped = alice.ok("history", room="long", after=0, limit=5000)["events"]
+    assert 0 < len(capped) <= 1000 and capped[0]["seq"] == 1
+    assert [e["seq"] for e in alice.ok("history", room="long", after=last - 2,
+                                        limit=2)["events"]] == [last - 1, last]
