@@ -1557,3 +1557,48 @@ def test_history_pages_default_to_100_and_cap_at_1000(
     assert 0 < len(capped) <= 1000 and capped[0]["seq"] == 1
     assert [e["seq"] for e in alice.ok("history", room="long", after=last - 2,
                                         limit=2)["events"]] == [last - 1, last]
+
+
+def test_lobby_stays_public(net: Net, zb: RunningBroker) -> None:
+    """ROOMS.md: `lobby` always exists and is public."""
+    alice = net("alice")
+    admin(zb, "op", "lobby", "alice")
+    err = alice.error("mode", room="lobby", private=True)
+    assert (err["code"], err["room"]) == ("forbidden", "lobby")
+    listed = {r["name"]: r for r in alice.ok("rooms")["rooms"]}
+    assert listed["lobby"]["private"] is False
+
+
+def test_the_brokers_limit_of_rooms_in_all_is_too_many_rooms(
+        ctx: zmq.Context[Any], start_broker: Callable[..., RunningBroker]) -> None:
+    broker = start_broker("--heartbeat", "0.5", "--max-rooms", "3")
+    alice = Peer(ctx, broker)
+    alice.join("alice", rooms=["lobby", "two", "three"])
+    err = alice.error("enter", room="four")
+    assert (err["code"], err["room"]) == ("too_many_rooms", "four")
+    alice.ok("enter", room="two")               # existing rooms are still open
+
+
+def test_a_storm_of_joins_gives_every_client_a_consistent_room(net: Net) -> None:
+    """Twelve clients join the same rooms at once; each sees everyone exactly once:
+    in its welcome's members, or in a `joined` after its welcome's seq."""
+    spy = net("spy", listen=True)
+    crowd = [net() for _ in range(12)]
+    welcomes = _at_once(crowd, [{"type": "join", "id": f"s{i}", "name": f"storm{i}",
+                                 "rooms": ["lobby", "eye"]} for i in range(12)])
+    assert all(w["type"] == "welcome" for w in welcomes)
+    last = max(w["seq"] for w in welcomes)
+    bodies = spy.room_frames_upto("lobby", seq=last)
+    joined = {b["name"]: b["seq"] for b in bodies if b["type"] == "joined"}
+    everyone = {f"storm{i}" for i in range(12)}
+    assert everyone <= set(joined)
+    for i, welcome in enumerate(welcomes):
+        assert welcome["seq"] >= joined[f"storm{i}"]
+        seen = set(names(welcome["members"])) | {
+            n for n, seq in joined.items() if seq > welcome["seq"]}
+        assert seen >= everyone and set(names(welcome["members"])) & {
+            n for n, seq in joined.items() if seq > welcome["seq"]} == set()
+    eye = spy.ok("who", room="eye")
+    assert eye["count"] == 12 and set(names(eye["members"])) == everyone
+    ops = crowd[0].ok("enter", room="eye")["ops"]
+    assert len(ops) == 1 and ops[0] in everyone
