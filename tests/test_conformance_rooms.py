@@ -1602,3 +1602,33 @@ def test_a_storm_of_joins_gives_every_client_a_consistent_room(net: Net) -> None
     assert eye["count"] == 12 and set(names(eye["members"])) == everyone
     ops = crowd[0].ok("enter", room="eye")["ops"]
     assert len(ops) == 1 and ops[0] in everyone
+
+
+def test_a_member_banned_from_a_private_room_gets_its_own_left(net: Net) -> None:
+    alice = net("alice")
+    alice.ok("enter", room="keep-out", private=True)
+    bob = net("bob")
+    alice.ok("invite", room="keep-out", name="bob")
+    bob.ok("enter", room="keep-out")
+    alice.ok("ban", room="keep-out", name="bob")
+    left = bob.unsolicited(lambda b: b.get("type") == "left")
+    assert left == {**left, "room": "keep-out", "name": "bob", "reason": "banned",
+                    "by": "alice"}
+    mode = alice.unsolicited(lambda b: b.get("type") == "mode")
+    assert mode == {**mode, "room": "keep-out", "ban": "bob", "name": "alice"}
+
+
+def test_shutdown_announces_left_in_every_room_then_shutdown(
+        ctx: zmq.Context[Any], start_broker: Callable[..., RunningBroker]) -> None:
+    broker = start_broker("--heartbeat", "0.5")
+    spy = Peer(ctx, broker)                     # a subscriber need not join
+    spy.listen()
+    spy.wait_live()
+    alice = Peer(ctx, broker)
+    alice.join("alice", rooms=["lobby", "sd"])
+    assert broker.stop() == 0
+    frames = spy.upto(lambda f: f.topic == b"\x00" and f.body["type"] == "shutdown")
+    lefts = {f.body["room"]: f.body["reason"] for f in frames
+             if f.body.get("type") == "left" and f.body.get("name") == "alice"}
+    assert lefts == {"lobby": "shutdown", "sd": "shutdown"}
+    assert alice.unsolicited(lambda b: b.get("type") == "bye")["reason"] == "shutdown"
