@@ -12,8 +12,11 @@ published in: to show that something was *not* announced, a test makes a
 later event (a marker) and checks what came before it on the SUB, or checks
 that the next event's seq is the one after the last.
 
-Defines ``Peer`` (the raw client) and the tests, one per contract row or
-rule.
+Defines ``Peer`` (the raw client), ``check_reply`` and ``check_event``
+(every reply, event and frame the client receives is checked against its
+contract row, and each room's seq must rise by exactly 1 on the SUB and, for
+a private room, on the DEALER), and the tests, one per contract row or rule.
+``test_conformance_v1`` reuses ``Peer`` for the version 1 rows.
 """
 
 from __future__ import annotations
