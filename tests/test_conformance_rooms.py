@@ -1635,3 +1635,19 @@ def test_shutdown_announces_left_in_every_room_then_shutdown(
              if f.body.get("type") == "left" and f.body.get("name") == "alice"}
     assert lefts == {"lobby": "shutdown", "sd": "shutdown"}
     assert alice.unsolicited(lambda b: b.get("type") == "bye")["reason"] == "shutdown"
+
+
+def test_two_ops_kicking_each_other_at_the_same_instant_one_wins(net: Net) -> None:
+    alice = net("alice", listen=True, rooms=["lobby", "duel"])
+    bob = net("bob", rooms=["duel"])
+    alice.ok("op", room="duel", name="bob")
+    replies = _at_once([alice, bob], [
+        {"type": "kick", "id": "ka", "room": "duel", "name": "bob"},
+        {"type": "kick", "id": "kb", "room": "duel", "name": "alice"}])
+    assert sorted(r["type"] for r in replies) == ["ack", "error"]
+    error = next(r for r in replies if r["type"] == "error")
+    assert (error["code"], error["room"]) == ("not_in_room", "duel")
+    ack = next(r for r in replies if r["type"] == "ack")
+    left = alice.event("duel", type="left", reason="kicked")
+    assert left["seq"] == ack["seq"]
+    assert alice.ok("who", room="duel")["count"] == 1
