@@ -380,6 +380,8 @@ class _Room:
 _QUIET_REASONS: Final = frozenset(
     {LeaveReason.LEAVE, LeaveReason.TIMEOUT, LeaveReason.PART, LeaveReason.REPLACED,
      LeaveReason.SHUTDOWN})
+# Refusals by the room itself: with no `room` in the request, they name lobby.
+_ROOM_REFUSALS: Final = frozenset({ErrorCode.NOT_IN_ROOM, ErrorCode.FORBIDDEN})
 # Who a `mode` or `notice` says made the change when it is the broker's operator.
 BROKER_OPERATOR: Final = "*"
 
@@ -582,6 +584,8 @@ class Broker:
             return self._handlers[type(request)](peer, request, now, Origin(addr, key))
         except ProtocolError as exc:
             raw = getattr(request, "room", None)
+            if raw is None and hasattr(request, "room") and exc.code in _ROOM_REFUSALS:
+                raw = ROOM  # no room means lobby (ROOMS.md): say which room refused
             room = named_room({"room": raw}) if isinstance(raw, str) else None
             return [self.error(peer, exc.code, exc.detail, request.id, room)]
 
@@ -829,7 +833,6 @@ class Broker:
 
     def _say(self, peer: bytes, req: Say, now: float, origin: Origin) -> list[Outgoing]:
         member = self._by_peer[peer]
-        self._check_text(req.text)
         if req.id is not None:
             seen = self._dedupe.get(member.lineage, _MESSAGE + req.id)
             if seen is not None:
@@ -839,6 +842,7 @@ class Broker:
         if room.moderated and member.folded not in room.ops:
             raise ProtocolError(ErrorCode.FORBIDDEN,
                                 f"{room.name!r} is moderated: only its operators speak")
+        self._check_text(req.text)  # after the room's own refusals, as PROTOCOL.md orders them
         self._spend(_MESSAGE, member.folded, self._origin(member), now)
         event = self._room_event(room, now, "message", {"from": member.name, "text": req.text},
                                  dedupe=(member.lineage, req.id), sender_addr=member.shown)
