@@ -239,6 +239,8 @@ def run_storms(results: dict[str, Any], args: argparse.Namespace, say: Callable[
                save: Callable[[], None]) -> None:
     """The join storm at each size: zchat, then the ceiling, in the same run."""
     cfg = StormSettings(hold_seconds=1.0) if args.quick else StormSettings()
+    if args.profile:
+        cfg.profile_dir = str(Path(args.json or args.out_dir)) + "-storm-profiles"
     sizes = args.storm_clients or ([200] if args.quick else [0])
     results["settings"]["storm"] = asdict(cfg)
     for requested in sizes:

@@ -52,11 +52,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import msgpack
 
-from . import systems
+from . import profiler, systems
 from .wire import ZmtpReader, greeting, pack, ready, subscribe, zmtp_frame
 
 __all__ = ["StormSettings", "fitting", "last_seq", "ratios", "run_storm", "source_address", "table"]
@@ -65,6 +66,7 @@ SEQ_MARK: Final = b"\xa3seq"  # the MessagePack key "seq" (a heartbeat's "seqs" 
 ROOM_TOPIC: Final = b"lobby\x00"
 BROKER_TOPIC: Final = b"\x00"
 READ_SIZE: Final = 1 << 18
+CONNECTING: Final = 40  # handshakes in flight per process: libzmq's accept queue is 100
 PACE: Final = 0.01  # once the storm is on, a process reads at most this often
 FD_SPARE: Final = 200  # descriptors a broker keeps for itself (its reserve, files, sockets)
 LOOPBACK: Final = "tcp://127.0.0.1:0"
@@ -84,6 +86,7 @@ class StormSettings:
     connect_timeout: float = 60.0
     storm_timeout: float = 180.0
     systems: tuple[str, ...] = ("zchat", "ceiling")
+    profile_dir: str = ""  # if set, py-spy records the zchat broker during the storm, here
 
 
 def fitting(requested: int) -> int:
@@ -163,6 +166,11 @@ class StormWorker:
         self.fire_at = 0.0
         self.fired = False
         self.pings: deque[tuple[float, _Client]] = deque()
+        # Connections still to open (SUBs first: only a DEALER has a join timeout).
+        self.to_open: deque[tuple[_Client, str]] = deque()
+        self.opening = 0
+        self.addrs: dict[str, tuple[str, int]] = {}
+        self.sources: dict[int, str] = {}
         self.lost = 0
         self.running = True
 
@@ -186,6 +194,7 @@ class StormWorker:
                 if mask & selectors.EVENT_READ:
                     self._read(conn)
             now = time.time()
+            self._open_more()
             if self.fire_at and not self.fired and now >= self.fire_at:
                 self._fire(now)
             self._ping(now)
@@ -220,12 +229,32 @@ class StormWorker:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        self.addrs = {"dealer": input_addr, "sub": broadcast_addr}
         for index, name, source in clients:
             client = _Client(index, name)
             self.clients.append(client)
-            client.dealer = self._connect(client, "dealer", source, input_addr, b"DEALER")
-            client.sub = self._connect(client, "sub", source, broadcast_addr, b"SUB")
+            self.sources[index] = source
+        self.to_open.extend((c, "sub") for c in self.clients)
+        self.to_open.extend((c, "dealer") for c in self.clients)
         return {"clients": len(self.clients)}
+
+    def _open_more(self) -> None:
+        """Open connections while fewer than ``CONNECTING`` handshakes are under way.
+
+        A listener's accept queue is short (libzmq asks for 100): thousands of
+        SYNs at once are dropped and retried 1, 3, 7 s later, which would make
+        the connect phase outlast the broker's join timeout.
+        """
+        while self.to_open and self.opening < CONNECTING:
+            client, kind = self.to_open.popleft()
+            source = self.sources[client.index]
+            zmtp_type = b"DEALER" if kind == "dealer" else b"SUB"
+            conn = self._connect(client, kind, source, self.addrs[kind], zmtp_type)
+            if kind == "dealer":
+                client.dealer = conn
+            else:
+                client.sub = conn
+            self.opening += 1
 
     def _op_status(self, final: int = -1) -> dict[str, Any]:
         clients = self.clients
@@ -235,7 +264,7 @@ class StormWorker:
             "subs": sum(1 for c in clients if c.sub is not None and c.sub.greeted),
             "welcomed": sum(1 for c in clients if c.welcomed_at),
             "failed": sum(1 for c in clients if c.failed),
-            "seen": sum(1 for c in clients if final >= 0 and c.seen >= final),
+            "seen": sum(1 for c in clients if final >= 0 and c.welcomed_at and c.seen >= final),
             "max_welcome_seq": max((c.welcome_seq for c in clients), default=-1),
             "cpu": cpu.user + cpu.system,
         }
@@ -247,7 +276,9 @@ class StormWorker:
     def _op_report(self, t0: float, final: int) -> dict[str, Any]:
         clients = self.clients
         welcomed = [c.welcomed_at - t0 for c in clients if c.welcomed_at]
-        seen = [c.seen_at - t0 for c in clients if c.seen >= final and c.seen_at]
+        # A client has the last seq once it is welcomed too (its SUB may be first).
+        seen = [max(c.seen_at, c.welcomed_at) - t0 for c in clients
+                if c.welcomed_at and c.seen >= final and c.seen_at]
         byes: dict[str, int] = {}
         for c in clients:
             if c.bye:
@@ -310,6 +341,8 @@ class StormWorker:
 
     def _lose(self, conn: _Conn) -> None:
         self.lost += 1
+        if not conn.greeted:
+            self.opening -= 1
         try:
             self.selector.unregister(conn.sock)
         except (KeyError, ValueError):
@@ -347,6 +380,7 @@ class StormWorker:
             return
         if conn.reader.ready and not conn.greeted:
             conn.greeted = True
+            self.opening -= 1
             if conn.kind == "sub":
                 self._write(conn, subscribe(ROOM_TOPIC) + subscribe(BROKER_TOPIC))
                 rest = conn.reader.rest()
@@ -556,6 +590,10 @@ def run_storm(name: str, clients: int, cfg: StormSettings, say: Progress) -> dic
         rss1 = run.rss_bytes()
         cpu0 = [h.call("status")["cpu"] for h in handles]
         sys_cpu0 = run.cpu_seconds()
+        threads0 = systems.thread_cpu(run.pid)
+        recording = None
+        if cfg.profile_dir and name == "zchat":
+            recording = profiler.Recording(run.pid, Path(cfg.profile_dir) / f"storm-{clients}.txt")
         t0 = time.time() + 0.3
         for handle in handles:
             handle.call("fire", at=t0)
@@ -583,6 +621,14 @@ def run_storm(name: str, clients: int, cfg: StormSettings, say: Progress) -> dic
         cpu = [round((h.call("status")["cpu"] - c) / storm_wall * 100, 1)
                for h, c in zip(handles, cpu0, strict=True)]
         system_cpu = round((run.cpu_seconds() - sys_cpu0) / storm_wall * 100, 1)
+        threads: dict[str, float] = {}
+        for tid, (thread, seconds) in systems.thread_cpu(run.pid).items():
+            used = seconds - threads0.get(tid, (thread, 0.0))[1]
+            threads[thread] = round(threads.get(thread, 0.0) + used, 2)
+        result["thread_cpu_s"] = {k: v for k, v in threads.items() if v >= 0.01}
+        if recording is not None:
+            result["profile"] = recording.stop()
+            say(profiler.render(result["profile"]))
         rss2 = run.rss_bytes()
         reports = [h.call("report", t0=t0, final=final) for h in handles]
         welcome_times = sorted(t for r in reports for t in r["welcomed"])
