@@ -131,3 +131,19 @@ def test_a_small_storm_runs_and_everyone_stays(tmp_path: Path) -> None:
     assert zchat["kib_per_client"] > 0
     assert results["storm_ratios"][size]["last_seq_all_x_ceiling"] > 0
     assert "Join storm" in run.stdout
+
+
+def test_the_members_a_welcome_lists_follow_leaves_and_takeovers() -> None:
+    # The list is built once and shared until it may change (a storm's
+    # welcomes cost no 100 dicts each): it must still be right after changes.
+    broker = Broker(now=0.0)
+    for i in range(3):
+        _join(broker, i)
+    broker.handle(b"peer1", parse_request({"type": "leave"}), 1.0)
+    welcome = next(o.body for o in _join(broker, 3) if o.body["type"] == "welcome")
+    assert [m["name"] for m in welcome["members"]] == ["u0", "u2", "u3"]
+    token = welcome["token"]
+    back = broker.handle(b"peer9", parse_request({"type": "join", "name": "u3", "token": token}),
+                         2.0, "10.0.0.9")
+    again = next(o.body for o in back if o.body["type"] == "welcome")
+    assert again["members"][-1] == {"name": "u3", "addr": "10.0.0.9"}
