@@ -70,6 +70,11 @@ OVERSLEEP = 0.5  # seconds a poll may return late before the loop counts as havi
 HANDSHAKE_TIMEOUT = 5.0  # seconds a connection may take to finish its ZMTP handshake
 OWN_FDS = 64  # descriptors the broker itself holds (sockets, pipes, the database, logs)
 FDS_WANTED = 65_536  # two connections per client, for 10,000 clients and more
+# Connections waiting to be accepted (the kernel caps it at net.core.somaxconn).
+# libzmq asks for 100: when thousands of clients connect at once (a join storm,
+# everyone back after a restart) the rest of the SYNs are dropped and retried
+# 1, 3, 7 s later, which the clients see as a slow broker.
+ACCEPT_BACKLOG = 4096
 
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
@@ -241,6 +246,8 @@ class Server:
         for sock in (self.router, self.pub, self.control):
             sock.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
             sock.setsockopt(zmq.HANDSHAKE_IVL, handshake_ms)
+        for sock in (self.router, self.pub):
+            sock.setsockopt(zmq.BACKLOG, ACCEPT_BACKLOG)
         self._monitors = [guard.watch(self.router, Kind.INPUT, ctx),
                           guard.watch(self.pub, Kind.BROADCAST, ctx),
                           guard.watch(self.control, Kind.CONTROL, ctx)]
@@ -277,6 +284,9 @@ class Server:
             cloak=cloak,
             now=now,
             batch=cfg.coalesce > 0,
+            # One event for a pass's joins into a room, not one each: every
+            # event is a send to every subscriber (PROTOCOL.md, big rooms).
+            coalesce_joins=True,
             history=history,
         )
         self.console = Console(self.state, self._stats)
@@ -367,6 +377,8 @@ class Server:
                     # ping may be waiting, so nobody expires until the loop
                     # has caught up and a heartbeat interval has passed.
                     state.lagged(now)
+                    if guard is not None:
+                        guard.ledger.lagged(now)  # a newcomer's join may be queued too
                 if now >= state.next_deadline():
                     self._queue(state.tick(now))
                 if guard is not None and now >= guard.next_deadline():
@@ -403,6 +415,9 @@ class Server:
     def _before_sleep(self, state: Broker) -> None:
         """What must happen before the loop polls again, in this order.
 
+        0. End the pass in the state: the joins it coalesced become one
+           event per room, before the commit that keeps it and the sends
+           whose welcomes count it.
         1. Commit the pass's events (one group commit). Nothing of the pass
            is published or acked before the commit returned, so no client
            ever sees a seq that a crash could take back; a failed commit
@@ -416,6 +431,7 @@ class Server:
         Also run every ``RELEASE_EVERY`` frames of a long drain, so that a
         flood does not hold everyone's replies back. Nothing else commits.
         """
+        self._queue(state.end_pass(time.time()))
         if self._outbox and self.failure is None:
             try:
                 state.store.commit()
