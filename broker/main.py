@@ -99,6 +99,9 @@ PERSON_LIMITS: Final = (
                 "characters of a room name (at most 64, the protocol's bound)"),
     LimitOption("announce-max", "announce_max", int, "N",
                 "a room with more members announces no joins and parts (`who` lists them)"),
+    LimitOption("coalesce-joins-above", "coalesce_above", int, "N",
+                "a room with more members announces the joins of one loop pass in one "
+                "`joins` event (0: any room); smaller rooms get one `joined` each"),
 )
 CONNECTION_LIMITS: Final = (
     LimitOption("max-per-address", "per_address", int, "N",

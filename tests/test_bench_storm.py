@@ -22,7 +22,7 @@ from zchat.bench.storm import last_seq, source_address
 from zchat.bench.wire import pack, zmtp_frame
 from zchat.broker.guard import LAG_GRACE, ConnectionLimits, Kind, Ledger
 from zchat.protocol import parse_request
-from zchat.state import Broker, Outgoing, Publish, Reply
+from zchat.state import Broker, Limits, Outgoing, Publish, Reply
 
 
 def _stream(seqs: range) -> bytes:
@@ -66,7 +66,7 @@ def _join(broker: Broker, i: int) -> list[Outgoing]:
 
 
 def test_joins_of_one_pass_are_one_event_that_their_welcomes_count() -> None:
-    broker = Broker(now=0.0, coalesce_joins=True)
+    broker = Broker(now=0.0, coalesce_joins=True, limits=Limits(coalesce_above=0))
     out = [o for i in range(5) for o in _join(broker, i)]
     out += broker.end_pass(1.0)
     events = [o.body for o in out if isinstance(o, Publish)]
@@ -84,13 +84,27 @@ def test_joins_of_one_pass_are_one_event_that_their_welcomes_count() -> None:
 
 
 def test_a_join_that_leaves_within_its_pass_is_not_announced_at_all() -> None:
-    broker = Broker(now=0.0, coalesce_joins=True)
+    broker = Broker(now=0.0, coalesce_joins=True, limits=Limits(coalesce_above=0))
     _join(broker, 0)
     _join(broker, 1)
     left = broker.handle(b"peer1", parse_request({"type": "leave"}), 1.0)
     assert left == []
     assert broker.end_pass(1.0) == []
     assert [e["type"] for e in broker.history(0)] == ["joined"]
+
+
+def test_a_room_of_at_most_coalesce_above_members_announces_every_join() -> None:
+    # The broker's default: joins of one pass into a small room are each a
+    # `joined`, which a version 1 client shows (it shows nothing for `joins`).
+    broker = Broker(now=0.0, coalesce_joins=True, limits=Limits(coalesce_above=3))
+    out = [o for i in range(5) for o in _join(broker, i)]
+    out += broker.end_pass(1.0)
+    events = [o.body for o in out if isinstance(o, Publish)]
+    # Three members or fewer: one event each; past three, the rest of the
+    # pass (this pass already announced a join there) is one `joins`.
+    assert [(e["type"], e["seq"]) for e in events] == [
+        ("joined", 1), ("joined", 2), ("joined", 3), ("joins", 4)]
+    assert [m["name"] for m in events[3]["members"]] == ["u3", "u4"]
 
 
 def test_without_coalescing_every_join_is_its_own_event() -> None:

@@ -130,6 +130,7 @@ class Limits:
     rooms_total: int = 10_000  # rooms in all (a room outlives its members)
     room_chars: int = MAX_ROOM_CHARS  # characters of a room name (the protocol's most: 64)
     announce_max: int = 1000  # a room this full announces no joins and parts (0: always)
+    coalesce_above: int = 100  # a room this full coalesces one pass's joins (0: any room)
     invites_kept: int = 1000  # pending invitations per private room (oldest forgotten)
 
 
@@ -1021,13 +1022,18 @@ class Broker:
         announced at once, as always; later ones of the same pass wait for
         ``end_pass``, which announces them in one ``joins`` event. Each event
         costs a send to every subscriber, so a storm of N joins costs a few
-        events per pass instead of N; at low load nothing changes.
+        events per pass instead of N; at low load nothing changes. A room of
+        at most ``coalesce_above`` members always gets one ``joined`` per
+        join: in a room that small a `welcome` lists everyone, a broadcast is
+        cheap, and a version 1 client, which shows no line for ``joins``,
+        names everyone who comes (two people back at once after a restart).
         """
         most = self.limits.announce_max
         if most and len(room.members) > most:
             return []
         fields = {"name": member.name, "addr": member.shown}
-        if not self._coalesce or room.name not in self._joined_this_pass:
+        small = len(room.members) <= self.limits.coalesce_above
+        if not self._coalesce or small or room.name not in self._joined_this_pass:
             if self._coalesce:
                 self._joined_this_pass.add(room.name)
             return [self._room_event(room, now, "joined", fields)]
