@@ -444,6 +444,12 @@ class Relay:
             fd = _frame_fd(payload) if payload is not None else -1
             now = time.time()
             member = peer in members
+            if member and fd >= 0 and ledger is not None and ledger.fd_of(peer) != fd:
+                # The member's id on another connection: the close of the one
+                # it joined on is queued on the monitor; tell the broker first,
+                # so that this connection is a stranger there too.
+                self._drain_monitors()
+                member = peer in members
             if guard is not None and ledger is not None:
                 if not member and fd >= 0:
                     if not self._admit_stranger(guard, peer, fd, size, now):
