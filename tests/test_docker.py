@@ -446,6 +446,9 @@ def test_broker_stops_on_sigterm_within_its_grace_time(project: Project) -> None
         run("docker", "rm", "-f", name, check=False)
 
 
+ROOMS = ("lobby", "backstage")  # the ring's rooms (ZCHAT_ROOMS), backstage private
+ROOM_SAID = re.compile(r"#(\S+) \d+ \S+ <\S+> (.*)")  # a message's room and text
+
 # The broker's screen: "HH:MM:SS #room seq ..." (the room and its seq first).
 JOINED = re.compile(r"#\S+ \d+ --> (\S+) joined from (\S+)")
 SAID = re.compile(r"#\S+ \d+ \S+ <(\S+)> (.*)")  # room, seq, the sender's address, name, text
@@ -479,6 +482,12 @@ def check_ring(project: Project, broker: str) -> dict[str, str]:
                 hop = rf"<{other}> @\w+ \d/9 catch! \({other} at {re.escape(joined[other])}\)"
                 assert re.search(hop, peer_logs[name]), peer_logs[name]
         assert f"<-- {name} ({joined[name]}) left [leave]: the ball came round" in screen
+        # Rooms: the ball crossed lobby and the private backstage in turn.
+        for room in ROOMS:
+            assert re.search(rf"#{room} <\w+> @\w+ \d/9 catch!", peer_logs[name]), \
+                peer_logs[name]
+    hops = [room for room, text in ROOM_SAID.findall(screen) if "catch!" in text]
+    assert hops == [ROOMS[n % 2] for n in range(9)], screen
     return joined
 
 
@@ -496,6 +505,17 @@ def join_from_host(project: Project, context: zmq.Context[Any]) -> None:
                 break
         assert heard.get("greeter", "").startswith("welcome, visitor!"), heard
         assert heard.get("helper") == "hello from the host", heard
+        # Rooms: the bots' dev is listed, the ring's private backstage is not,
+        # and the greeter welcomes the visitor in dev too.
+        listed = {room.name for room in visitor.rooms()}
+        assert {"lobby", "dev"} <= listed and "backstage" not in listed, listed
+        visitor.enter("dev")
+        for item in visitor.events(timeout=20):
+            if isinstance(item, Message) and item.room == "dev" and item.sender == "greeter":
+                assert item.text.startswith("welcome, visitor!"), item
+                break
+        else:
+            raise AssertionError("the greeter did not welcome the visitor in #dev")
     finally:
         visitor.leave("seen enough")
 

@@ -44,6 +44,9 @@ What it does, so that a bot is a few lines:
   room's seq and state, so a resumed room is filled from where we were and
   a room's state is current; a kick of ourselves seen in the events before
   that seq happened before we came back, one after it takes the room away;
+  a room the first join entered (only the room ``welcome`` describes comes
+  with its seq) is read back to our own ``joined`` (``LOOK_BACK`` events at
+  most), so what was said between the join and that answer is ours too;
 - keeps every request until answered and sends it again after a rejoin (the
   same ``id``: the broker's dedupe makes a message land once);
 - pings when idle, and takes the broker as gone after ``MISSED_HEARTBEATS``
@@ -113,6 +116,7 @@ __all__ = [
     "HANDSHAKE_TRIES",
     "JOIN_ATTEMPT_SECONDS",
     "LEAVE_WAIT_SECONDS",
+    "LOOK_BACK",
     "RETRY_MAX",
     "RETRY_MIN",
     "Action",
@@ -148,6 +152,9 @@ LEAVE_WAIT_SECONDS = 2.0  # at most, for the broker to confirm a leave
 FILL_RETRY_SECONDS = 0.5  # after a history fill failed (rate_limited, unavailable)
 HANDSHAKE_TRIES = 5  # handshakes cut short in a row before a CURVE key is blamed
 REPLAY_KEPT = 1000  # events kept to replay onto a room snapshot still out
+# A room our first join entered (other than the one `welcome` describes) is
+# read back this far before its `entered` seq, to find our own `joined`.
+LOOK_BACK = 100
 
 # A `left` of ourselves for one of these takes the room away; the others
 # (leave, timeout, shutdown, replaced) end a connection, and we rejoin.
@@ -476,15 +483,16 @@ class _Room:
     snapshot_id: str | None = None  # a snapshot `enter` out
     replay: list[Event] = field(default_factory=list)  # delivered while it is out
     ousted_at: int | None = None  # a `left` of ourselves seen while it is out
-    view: RoomState | None = None
+    look_back: bool = False  # entered with the join: where we came in is to be found
+    quiet_to: int | None = None  # events to here came before us, unless after our `joined`
 
     def state(self) -> RoomState:
-        if self.view is None:
-            self.view = RoomState(self.name, self.topic, self.count,
-                                  tuple(self.members.values()), tuple(self.ops.values()),
-                                  self.private, self.moderated, self.topic_ops,
-                                  self.last_seq or 0)
-        return self.view
+        # Made afresh on each call, never cached: a shell's user may ask from
+        # another thread, and a cache filled there could outlive the change
+        # that made it stale. Asking is rare; events are not.
+        return RoomState(self.name, self.topic, self.count, tuple(self.members.values()),
+                         tuple(self.ops.values()), self.private, self.moderated,
+                         self.topic_ops, self.last_seq or 0)
 
 
 class Session:
@@ -516,6 +524,7 @@ class Session:
         self.phase = Phase.IDLE
         self.close_reason = ""
         self._wanted = list(dict.fromkeys(room_key(r) for r in rooms))
+        self._entered: tuple[str, ...] = ()  # self.rooms' names, for other threads
         self._primary = ROOM  # the room the v1 fields of `welcome` describe
         self._since = since
         self._broadcast = broadcast
@@ -557,8 +566,8 @@ class Session:
 
     @property
     def entered_rooms(self) -> tuple[str, ...]:
-        """The rooms we are in, in order of entry."""
-        return tuple(self.rooms)
+        """The rooms we are in, in order of entry (a tuple replaced on change)."""
+        return self._entered
 
     def room_state(self, room: str) -> RoomState | None:
         """What we know of ``room``, or None if we are not in it."""
@@ -916,13 +925,16 @@ class Session:
             if found is None:
                 since = self._since if name == ROOM else None
                 found = self.rooms[name] = _Room(name, since)
+                # Only the room `welcome` describes comes with its seq; see
+                # _apply_snapshot for the others.
+                found.look_back = since is None and name != welcome.room
             room = found
             self._forget(room.gap.fill_id)
             self._forget(room.snapshot_id)
             room.gap = _Gap()
             room.head = room.last_seq or 0
             room.snapshot_id, room.replay, room.ousted_at = None, [], None
-            room.view = None
+        self._entered = tuple(self.rooms)
         topics = (*(self._topic(name) for name in self.rooms), BROKER_TOPIC)
         out.append(OpenSub(self._broadcast or resolve_pub(welcome.pub, self.endpoint), topics))
         if v2:
@@ -1034,6 +1046,7 @@ class Session:
         room = self.rooms.get(name)
         if room is None:
             room = self.rooms[name] = _Room(name, None)
+            self._entered = tuple(self.rooms)
             out.append(Subscribe(self._topic(name)))
         return out + self._apply_snapshot(room, entered, now)
 
@@ -1063,7 +1076,15 @@ class Session:
         room.private, room.moderated = entered.private, entered.moderated
         room.topic_ops = entered.topic_ops
         room.snapshot_seq = entered.seq
-        if room.last_seq is None:
+        if room.last_seq is None and room.look_back:
+            # Entered with the join, but its seq comes only now: the room may
+            # have moved on since. Where we came in is our own `joined`: read
+            # back to it (events before it are not ours, nor are any up to
+            # this seq if none is found: a big room announces no joins).
+            room.look_back = False
+            room.last_seq = max(0, entered.seq - LOOK_BACK)
+            room.quiet_to = entered.seq
+        elif room.last_seq is None:
             room.last_seq = entered.seq  # a room new to us: from now on
             for seq in [s for s in room.gap.ahead if s <= entered.seq]:
                 del room.gap.ahead[seq]
@@ -1072,7 +1093,6 @@ class Session:
             if event.seq > entered.seq:
                 self._change(room, event)
         room.replay = []
-        room.view = None
         ousted, room.ousted_at = room.ousted_at, None
         if ousted is not None and ousted > entered.seq:
             return self._drop_room(room.name)
@@ -1093,6 +1113,7 @@ class Session:
 
     def _discard_room(self, name: str) -> None:
         room = self.rooms.pop(name)
+        self._entered = tuple(self.rooms)
         self._forget(room.gap.fill_id)
         self._forget(room.snapshot_id)
 
@@ -1120,7 +1141,6 @@ class Session:
                     room.ops[fold_name(event.op)] = event.op
                 if event.deop is not None:
                     room.ops.pop(fold_name(event.deop), None)
-        room.view = None
 
     # ------------------------------------------------------------ room events
 
@@ -1222,6 +1242,13 @@ class Session:
         return out
 
     def _deliver(self, room: _Room, event: Event) -> list[Action]:
+        if room.quiet_to is not None:
+            if event.seq <= room.quiet_to:
+                room.last_seq = event.seq  # from before we came in: passed over
+                if isinstance(event, Joined) and fold_name(event.name) == fold_name(self.name):
+                    room.quiet_to = None  # ours: what follows is for us
+                return []
+            room.quiet_to = None
         out: list[Action] = []
         last = room.last_seq or 0
         # Only history fills deliver past a hole: what it lacks is gone for good.
@@ -1231,7 +1258,8 @@ class Session:
                                    f"{missed} events of #{room.name} are no longer kept",
                                    missed, room.name)))
         room.last_seq = event.seq
-        self._change(room, event)
+        if event.seq > room.snapshot_seq:
+            self._change(room, event)  # (the snapshot has the rest already)
         if room.snapshot_id is not None and len(room.replay) < REPLAY_KEPT:
             room.replay.append(event)
         out.append(Emit(event))
