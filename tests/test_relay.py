@@ -744,3 +744,6 @@ def test_the_brokers_connection_bounds_hold_on_a_relay(
     relay.wait_log("more than 3 connections from one address")
     assert member.request({"type": "ping", "id": "p"})["type"] == "pong"
     assert "forger" not in admin(broker, "who").stdout
+    # SIGTERM stops the relay cleanly (it is PID 1 in a container).
+    assert relay.stop(signal.SIGTERM) == 0
+    relay.wait_log("zchat.relay: stopped")
