@@ -80,8 +80,10 @@ def _reader(pipe: multiprocessing.connection.Connection, endpoints: list[str]) -
     ctx.term()
 
 
-def measure(layout: str, subscribers: int, rate: float, seconds: float, readers: int,
-            keys: Path) -> dict[str, Any]:
+def _systems(layout: str, keys: Path) -> tuple[dict[str, subprocess.Popen[str]], str, str,
+                                               list[tuple[str, str]]]:
+    """Start the broker (and two relays); return them, the broker's input and
+    broadcast, and the (input, broadcast) pairs clients use."""
     py = sys.executable
     broker, (binput, bbroadcast, link) = _start(
         [py, "-m", "zchat.broker.main", "--quiet", "--rate", "0", "--db", ":memory:",
@@ -91,18 +93,32 @@ def measure(layout: str, subscribers: int, rate: float, seconds: float, readers:
          "--relay-broadcast", "tcp://127.0.0.1:0", "--relay-keys", str(keys / "relays"),
          "--relay-secret-key", str(keys / "broker.key_secret")], LISTENING)
     procs = {"broker": broker}
-    targets = [bbroadcast]
+    pairs = [(binput, bbroadcast)]
     if layout == "relays":
-        targets = []
+        pairs = []
         for name in ("relay1", "relay2"):
-            relay, (_, rbroadcast) = _start(
+            relay, (rinput, rbroadcast) = _start(
                 [py, "-m", "zchat.broker.relay_main", "--upstream", link,
                  "--upstream-key", str(keys / "broker.key"),
                  "--relay-key", str(keys / f"{name}.key_secret"),
                  "--input", "tcp://127.0.0.1:0", "--broadcast", "tcp://127.0.0.1:0",
                  "--max-per-address", "0", "--log-level", "WARNING"], RELAY_LISTENING)
             procs[name] = relay
-            targets.append(rbroadcast)
+            pairs.append((rinput, rbroadcast))
+    return procs, binput, bbroadcast, pairs
+
+
+def _stop(procs: dict[str, subprocess.Popen[str]]) -> None:
+    for proc in procs.values():
+        proc.terminate()
+        proc.wait(10)
+
+
+def measure(layout: str, subscribers: int, rate: float, seconds: float, readers: int,
+            keys: Path) -> dict[str, Any]:
+    """Broker and relay CPU per event with ``subscribers`` SUBs on lobby."""
+    procs, binput, _, pairs = _systems(layout, keys)
+    targets = [broadcast for _, broadcast in pairs]
     ctx = zmq.Context()
     try:
         endpoints = [targets[i % len(targets)] for i in range(subscribers)]
@@ -161,9 +177,71 @@ def measure(layout: str, subscribers: int, rate: float, seconds: float, readers:
         }
     finally:
         ctx.term()
-        for proc in procs.values():
-            proc.terminate()
-            proc.wait(10)
+        _stop(procs)
+
+
+def join_cost(layout: str, clients: int, keys: Path) -> dict[str, Any]:
+    """``clients`` really joined (a DEALER and a SUB each): time, memory, one broadcast."""
+    procs, _, _, pairs = _systems(layout, keys)
+    ctx = zmq.Context()
+    socks: list[zmq.Socket[Any]] = []
+    try:
+        rss_before = {name: rss_bytes(p.pid) for name, p in procs.items()}
+        start = time.monotonic()
+        dealers = []
+        subs = []
+        for n in range(clients):
+            input_, broadcast = pairs[n % len(pairs)]
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.connect(input_)
+            dealer.send(msgpack.packb({"type": "join", "name": f"c{n}"}))
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.SUBSCRIBE, b"lobby\x00")
+            sub.connect(broadcast)
+            dealers.append(dealer)
+            subs.append(sub)
+        socks += dealers + subs
+        waiting = set(range(clients))
+        while waiting:
+            for n in list(waiting):
+                while dealers[n].poll(0):
+                    if msgpack.unpackb(dealers[n].recv())["type"] == "welcome":
+                        waiting.discard(n)
+            time.sleep(0.01)
+        joined = time.monotonic() - start
+        # Every SUB connected and subscribed (upstream too): each hears a heartbeat.
+        for sub in subs:
+            sub.setsockopt(zmq.SUBSCRIBE, b"\x00")
+        for sub in subs:
+            if not sub.poll(20_000):
+                raise RuntimeError("a subscriber heard no heartbeat in 20 s")
+            while sub.poll(0):
+                sub.recv_multipart()
+        rss = {name: rss_bytes(p.pid) for name, p in procs.items()}
+        publisher = dealers[0]
+        sent = time.monotonic()
+        publisher.send(msgpack.packb({"type": "message", "text": "to everyone"}))
+        for sub in reversed(subs):
+            while True:
+                if not sub.poll(20_000):
+                    raise RuntimeError("the broadcast did not reach every client")
+                topic, body = sub.recv_multipart()
+                if topic == b"lobby\x00" and b"to everyone" in body:
+                    break
+        to_last = time.monotonic() - sent
+        return {
+            "layout": layout, "clients": clients, "join_all_s": round(joined, 2),
+            "broadcast_to_last_ms": round(1000 * to_last, 1),
+            "rss_kib_per_client": {
+                name: round((rss[name] - rss_before[name]) / 1024 / clients, 2)
+                for name in procs},
+            "rss_mib": {name: round(v / 2**20, 1) for name, v in rss.items()},
+        }
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
+        ctx.term()
+        _stop(procs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=100.0, help="events per second")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--readers", type=int, default=4, help="counting processes")
+    p.add_argument("--joined", type=int, default=0,
+                   help="also join this many clients (DEALER + SUB each) per layout")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         keys = Path(tmp)
@@ -184,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.link(public, keys / "relays" / public.name)
         results = [measure(layout, args.subscribers, args.rate, args.seconds, args.readers,
                            keys) for layout in ("direct", "relays")]
+        if args.joined:
+            results += [join_cost(layout, args.joined, keys) for layout in ("direct", "relays")]
     print(json.dumps({"machine_cpus": os.cpu_count(), "results": results}, indent=1))
     return 0
 
