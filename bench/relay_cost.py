@@ -34,7 +34,7 @@ import zmq
 
 from zchat.keys import make_keypair
 
-from .systems import cpu_seconds, rss_bytes
+from .systems import cpu_seconds, raise_fd_limits, rss_bytes
 
 LISTENING = re.compile(r"input=(\S+) broadcast=(\S+) control=\S+ relay=(\S+)")
 RELAY_LISTENING = re.compile(r"zchat-relay listening input=(\S+) broadcast=(\S+)")
@@ -184,6 +184,7 @@ def join_cost(layout: str, clients: int, keys: Path) -> dict[str, Any]:
     """``clients`` really joined (a DEALER and a SUB each): time, memory, one broadcast."""
     procs, _, _, pairs = _systems(layout, keys)
     ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 4 * clients + 64)  # libzmq's default is 1,023
     socks: list[zmq.Socket[Any]] = []
     try:
         rss_before = {name: rss_bytes(p.pid) for name, p in procs.items()}
@@ -255,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--joined", type=int, default=0,
                    help="also join this many clients (DEALER + SUB each) per layout")
     args = p.parse_args(argv)
+    raise_fd_limits(8 * args.joined + 1024)  # each socket holds a descriptor and a mailbox
     with tempfile.TemporaryDirectory() as tmp:
         keys = Path(tmp)
         make_keypair(keys, "broker")
