@@ -203,11 +203,22 @@ def join_cost(layout: str, clients: int, keys: Path) -> dict[str, Any]:
             subs.append(sub)
         socks += dealers + subs
         waiting = set(range(clients))
+        deadline = start + 120
+        resend = start + 10
         while waiting:
             for n in list(waiting):
                 while dealers[n].poll(0):
                     if msgpack.unpackb(dealers[n].recv())["type"] == "welcome":
                         waiting.discard(n)
+            now = time.monotonic()
+            if now > deadline:
+                raise RuntimeError(f"{len(waiting)} of {clients} clients not joined in 120 s")
+            if now > resend:
+                # A connection cut before its join was read (a full listen
+                # queue, the join timeout) lost it: ask again.
+                resend = now + 10
+                for n in waiting:
+                    dealers[n].send(msgpack.packb({"type": "join", "name": f"c{n}"}))
             time.sleep(0.01)
         joined = time.monotonic() - start
         # Every SUB connected and subscribed (upstream too): each hears a heartbeat.
@@ -264,11 +275,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in ("relay1", "relay2"):
             public, _ = make_keypair(keys, name)
             os.link(public, keys / "relays" / public.name)
-        results = [measure(layout, args.subscribers, args.rate, args.seconds, args.readers,
-                           keys) for layout in ("direct", "relays")]
-        if args.joined:
-            results += [join_cost(layout, args.joined, keys) for layout in ("direct", "relays")]
-    print(json.dumps({"machine_cpus": os.cpu_count(), "results": results}, indent=1))
+        # Each result as soon as it is in: a later step that fails loses nothing.
+        print(json.dumps({"machine_cpus": os.cpu_count()}), flush=True)
+        for layout in ("direct", "relays"):
+            print(json.dumps(measure(layout, args.subscribers, args.rate, args.seconds,
+                                     args.readers, keys)), flush=True)
+        for layout in ("direct", "relays") if args.joined else ():
+            try:
+                print(json.dumps(join_cost(layout, args.joined, keys)), flush=True)
+            except RuntimeError as exc:
+                print(json.dumps({"layout": layout, "clients": args.joined,
+                                  "error": str(exc)}), flush=True)
     return 0
 
 
