@@ -239,7 +239,7 @@ def join_cost(layout: str, clients: int, keys: Path) -> dict[str, Any]:
         for sub in reversed(subs):
             while True:
                 left = deadline - time.monotonic()
-                if left <= 0 or not sub.poll(1000 * left):
+                if left <= 0 or not sub.poll(int(1000 * left) + 1):
                     missed += 1
                     break
                 topic, body = sub.recv_multipart()
