@@ -261,6 +261,63 @@ def join_cost(layout: str, clients: int, keys: Path) -> dict[str, Any]:
         _stop(procs)
 
 
+def failover_cost(clients: int, keys: Path, messages: int = 50) -> dict[str, Any]:
+    """``clients`` zchat clients on relay1 (relay2 their second endpoint); relay1
+    is killed with SIGKILL while a client on relay2 says ``messages`` lines:
+    how long until every one resumed, and did each get every line exactly once."""
+    from zchat import Client, Message, Status
+    from zchat.protocol import ClientStatus
+
+    procs, _, _, pairs = _systems("relays", keys)
+    (input1, _), (input2, _) = pairs
+    heard: list[list[str]] = [[] for _ in range(clients)]
+    resumed: list[float] = [0.0] * clients
+
+    def on_item(n: int) -> Any:
+        def take(item: Any) -> None:
+            if isinstance(item, Message) and item.text.startswith("f"):
+                heard[n].append(item.text)
+            elif isinstance(item, Status) and item.state == ClientStatus.RECONNECTED:
+                resumed[n] = time.monotonic()
+        return take
+
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 8 * clients + 64)
+    people = [Client(f"{input1},{input2}", f"p{n}", context=ctx, timeout=60,
+                     on_item=on_item(n)) for n in range(clients)]
+    sender = Client(input2, "sender", context=ctx, timeout=60)
+    try:
+        for person in people:
+            person.connect()
+        sender.connect()
+        half = messages // 2
+        for n in range(half):
+            sender.send(f"f{n}")
+        killed = time.monotonic()
+        procs["relay1"].kill()
+        for n in range(half, messages):
+            sender.send_nowait(f"f{n}")
+        deadline = killed + 120
+        while (not all(resumed) or any(len(h) < messages for h in heard)) and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        expected = [f"f{n}" for n in range(messages)]
+        times = sorted(t - killed for t in resumed if t)
+        return {
+            "layout": "failover", "clients": clients, "messages": messages,
+            "resumed": len(times),
+            "all_resumed_s": round(times[-1], 2) if len(times) == clients else None,
+            "median_resumed_s": round(times[len(times) // 2], 2) if times else None,
+            "exactly_once": sum(1 for h in heard if h == expected),
+        }
+    finally:
+        for client in (*people, sender):
+            client.close()
+        ctx.term()
+        procs.pop("relay1").wait(5)
+        _stop(procs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m zchat.bench.relay_cost",
                                 description=__doc__,
@@ -270,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--readers", type=int, default=4, help="counting processes")
     p.add_argument("--layouts", default="direct,relays", help="direct, relays or both")
+    p.add_argument("--failover", type=int, default=0,
+                   help="also kill a relay under this many clients and time their resumption")
     p.add_argument("--joined", type=int, default=0,
                    help="also join this many clients (DEALER + SUB each) per layout")
     args = p.parse_args(argv)
@@ -293,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             except RuntimeError as exc:
                 print(json.dumps({"layout": layout, "clients": args.joined,
                                   "error": str(exc)}), flush=True)
+        if args.failover:
+            print(json.dumps(failover_cost(args.failover, keys)), flush=True)
     return 0
 
 
