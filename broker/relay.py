@@ -63,9 +63,10 @@ from zchat.keys import load_client_keys, load_server_keys
 from zchat.protocol import DEFAULT_MAX_FRAME, ErrorCode, decode_frame, encode
 
 from .auth import CurveGate
-from .config import DEFAULT_BROADCAST, DEFAULT_INPUT, check_endpoint
+from .config import DEFAULT_BROADCAST, DEFAULT_INPUT, ConfigError, check_endpoint
 from .guard import FD_RESERVE, ConnectionLimits, Guard, Kind, seed_routing_ids, shutdown_fd
 from .relaylink import GONE, HELLO, LINK_VERSION, REQUEST, pack_meta
+from .server import advertised  # the broker's rule for what `pub` says
 
 __all__ = ["Relay", "RelayConfig", "RelayEndpoints"]
 
@@ -124,8 +125,6 @@ class RelayConfig:
     io_threads: int = 1
 
     def __post_init__(self) -> None:
-        from .config import ConfigError  # one error type for every bad setting
-
         if (self.secret_key is None) != (self.authorized_keys is None):
             raise ConfigError("--secret-key and --authorized-keys go together")
         check_endpoint("upstream", self.upstream)
@@ -253,8 +252,6 @@ class Relay:
             raise OSError(f"cannot bind: {exc}") from exc
         self.dealer.connect(cfg.upstream)
         self.endpoints = RelayEndpoints(_last_endpoint(self.router), _last_endpoint(self.xpub))
-        from .server import advertised  # the broker's rule for what `pub` says
-
         self._pub_told = cfg.advertise or advertised(cfg.broadcast, self.endpoints.broadcast)
         if cfg.upstream_broadcast is not None:
             self._feed_from(cfg.upstream_broadcast)
@@ -444,6 +441,12 @@ class Relay:
             fd = _frame_fd(payload) if payload is not None else -1
             now = time.time()
             member = peer in members
+            if member and fd >= 0 and ledger is not None and ledger.fd_of(peer) != fd:
+                # The member's id on another connection: the close of the one
+                # it joined on is queued on the monitor; tell the broker first,
+                # so that this connection is a stranger there too.
+                self._drain_monitors()
+                member = peer in members
             if guard is not None and ledger is not None:
                 if not member and fd >= 0:
                     if not self._admit_stranger(guard, peer, fd, size, now):

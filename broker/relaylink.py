@@ -75,6 +75,7 @@ __all__ = [
 log = logging.getLogger("zchat.broker.relays")
 
 LINK_VERSION: Final = 1
+DRAIN_BATCH: Final = 4096  # frames taken from the link before the loop looks elsewhere
 HELLO: Final = b"H"
 REQUEST: Final = b"R"
 GONE: Final = b"G"
@@ -261,14 +262,19 @@ class RelayLink:
     # ------------------------------------------------------------------ loop
 
     def serve(self, ready: dict[Any, int], state: Broker,
-              queue: Callable[[list[Outgoing]], None], now: float) -> None:
-        """Take what is ready on the link's sockets (called by the broker's loop)."""
+              queue: Callable[[list[Outgoing]], None], now: float) -> bool:
+        """Take what is ready on the link's sockets (called by the broker's loop).
+
+        Returns False when relayed requests are still queued: a relayed
+        member's ping may wait behind them, so the loop counts as lagging.
+        """
         if self.gate.socket in ready:
             self.gate.answer()
         if self.monitor in ready:
             self._drain_monitor(state, queue, now)
         if self.router in ready:
-            self._drain(state, queue, now)
+            return self._drain(state, queue, now)
+        return True
 
     def _drain_monitor(self, state: Broker, queue: Callable[[list[Outgoing]], None],
                        now: float) -> None:
@@ -310,13 +316,13 @@ class RelayLink:
         return link
 
     def _drain(self, state: Broker, queue: Callable[[list[Outgoing]], None],
-               now: float) -> None:
+               now: float) -> bool:
         router = self.router
-        for _ in range(4096):
+        for _ in range(DRAIN_BATCH):
             try:
                 frames = router.recv_multipart(_NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return True
             if len(frames) < 2:
                 continue
             rid = frames[0].bytes
@@ -334,6 +340,7 @@ class RelayLink:
             else:
                 log.warning("relay sent an unknown frame (tag %r, %d frames)", tag[:8],
                             len(frames))
+        return False
 
     def _request(self, link: _Link, client: bytes, meta: bytes, frame: zmq.Frame,
                  state: Broker, queue: Callable[[list[Outgoing]], None], now: float) -> None:

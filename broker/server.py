@@ -367,10 +367,10 @@ class Server:
                     self._drain_control(state)
                 if self.auth is not None and zap in ready:
                     self.auth.answer()
-                if relays is not None:
-                    relays.serve(ready, state, self._queue, time.time())
+                relayed_all = relays is None or relays.serve(ready, state, self._queue,
+                                                              time.time())
                 now = time.time()
-                if overslept or not self._caught_up:
+                if overslept or not self._caught_up or not relayed_all:
                     # Liveness never punishes a client for the broker's own
                     # backlog: while input is still queued (a join storm), or
                     # after the loop did not run, a silent-looking member's

@@ -386,11 +386,12 @@ def test_a_clients_dropped_connection_reaches_the_broker(
         second.setsockopt(zmq.ROUTING_ID, rid)
         second.connect(relay_a.input)
         second.send(msgpack.packb({"type": "ping", "id": "p"}))
-        assert second.poll(10_000)
-        pong = msgpack.unpackb(second.recv())
-        second.close(linger=0)
-        if pong.get("joined") is False:
+        # libzmq refuses an id still held by a connection it has not seen go:
+        # then this one hears nothing, and the next try comes later.
+        if second.poll(2000) and msgpack.unpackb(second.recv()).get("joined") is False:
+            second.close(linger=0)
             break
+        second.close(linger=0)
     else:
         raise AssertionError("the broker still takes the new connection for the member")
     assert welcome["type"] == "welcome"
@@ -673,7 +674,10 @@ def test_a_killed_relays_clients_carry_on_through_the_other_losing_and_duplicati
         dm.join(30)
         assert not dm.is_alive()
         bob.send("the end")
+        # Rooms have no order between them: read each up to its own last message.
         heard += collect(alice, lambda e: isinstance(e, Message) and e.text == "the end")
+        if not any(isinstance(e, Message) and e.text == "vault 9" for e in heard):
+            heard += collect(alice, lambda e: isinstance(e, Message) and e.text == "vault 9")
         texts = [f"{e.room}:{e.text}" if e.room != "lobby" else e.text
                  for e in heard if isinstance(e, Message)]
         assert [t for t in texts if t.startswith("pub ")] == [f"pub {i}" for i in range(40)]
@@ -740,3 +744,6 @@ def test_the_brokers_connection_bounds_hold_on_a_relay(
     relay.wait_log("more than 3 connections from one address")
     assert member.request({"type": "ping", "id": "p"})["type"] == "pong"
     assert "forger" not in admin(broker, "who").stdout
+    # SIGTERM stops the relay cleanly (it is PID 1 in a container).
+    assert relay.stop(signal.SIGTERM) == 0
+    relay.wait_log("zchat.relay: stopped")
