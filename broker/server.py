@@ -35,7 +35,7 @@ import msgpack
 import zmq
 
 from zchat.errors import ProtocolError
-from zchat.history import HistoryError, open_history
+from zchat.history import History, HistoryError, open_history
 from zchat.keys import load_server_keys
 from zchat.protocol import (
     BROKER_TOPIC,
@@ -173,7 +173,8 @@ class Server:
         self.endpoints: Endpoints | None = None
         self.state: Broker | None = None
         self._packer = msgpack.Packer(use_bin_type=True)
-        self._outbox: list[Outgoing] = []
+        self._outbox: list[Outgoing] = []  # frames of the pass being decoded
+        self._held: list[Outgoing] = []  # frames of the pass being committed
         self.auth: CurveGate | None = None
         self.failure: str | None = None  # why the loop stopped, if not asked to
         self._batch: dict[str, list[bytes]] = {}  # packed events by room, per pass
@@ -315,6 +316,9 @@ class Server:
         zap = self.auth.socket if self.auth is not None else None
         if zap is not None:
             poller.register(zap, zmq.POLLIN)
+        committed = state.store.fileno()  # readable when a commit begun aside returned
+        if committed is not None:
+            poller.register(committed, zmq.POLLIN)
         try:
             self._queue(state.tick(time.time()))
             self._before_sleep(state)
@@ -359,6 +363,7 @@ class Server:
                 self._before_sleep(state)
             self._queue(state.shutdown(time.time()))
             self._before_sleep(state)
+            self._finish_commit(state.store)
         finally:
             self._screen.flush(wait=2.0)
             try:
@@ -387,35 +392,63 @@ class Server:
     def _before_sleep(self, state: Broker) -> None:
         """What must happen before the loop polls again, in this order.
 
-        1. Commit the pass's events (one group commit). Nothing of the pass
-           is published or acked before the commit returned, so no client
-           ever sees a seq that a crash could take back; a failed commit
-           stops the broker, and then only the goodbyes go out.
-        2. Send the queued replies and publish the queued events: only now,
-           for the reason above.
-        3. Publish the coalesced batch: its events are committed now, and a
-           heartbeat of the next pass must not overtake them.
-        4. Write the operator's screen: last, it is for people and may lag.
+        1. Finish the previous pass's commit (begun on the writer thread at
+           the end of that pass; the loop decoded this pass meanwhile), then
+           send that pass's replies and publish its events and its
+           coalesced batches: only now, because nothing of a pass is
+           published or acked before its commit returned, so no client ever
+           sees a seq that a crash could take back. A failed commit stops
+           the broker, and then only the goodbyes go out.
+        2. Begin this pass's commit (one group commit) on the writer thread
+           and hold its frames until it returns (step 1 of the next pass;
+           the poll wakes when it does). A pass that wrote nothing sends at
+           once, still after the previous pass's frames: a pong's seqs must
+           not overtake the events they count.
+        3. Write the operator's screen: last, it is for people and may lag.
 
         Also run every ``RELEASE_EVERY`` frames of a long drain, so that a
         flood does not hold everyone's replies back. Nothing else commits.
         """
-        if self._outbox and self.failure is None:
-            try:
-                state.store.commit()
-            except HistoryError as exc:
-                # Acking what is not stored would be a lie: stop, loudly.
-                log.critical("%s; stopping without acking the last events", exc)
-                self.failure = str(exc)
-                self.stop()
-        if self._outbox and self.failure is not None:
-            # The store failed: nothing naming a seq goes out, only the goodbyes.
-            self._outbox = [o for o in self._outbox if o.body["type"] in ("bye", "shutdown")]
+        store = state.store
+        self._finish_commit(store)
         if self._outbox:
+            if self.failure is None:
+                try:
+                    store.begin_commit()
+                except HistoryError as exc:
+                    self._store_failed(exc)
             out, self._outbox = self._outbox, []
-            self._send_now(out)
-        self._flush_batch()
+            if store.committing:
+                self._held = out
+            else:
+                self._release(out)
         self._screen.flush()
+
+    def _finish_commit(self, store: History) -> None:
+        """Wait for the commit under way, then send the frames it held back."""
+        if store.committing:
+            try:
+                store.finish_commit()
+            except HistoryError as exc:
+                self._store_failed(exc)
+        if self._held:
+            out, self._held = self._held, []
+            self._release(out)
+
+    def _store_failed(self, exc: HistoryError) -> None:
+        # Acking what is not stored would be a lie: stop, loudly.
+        if self.failure is None:
+            log.critical("%s; stopping without acking the last events", exc)
+            self.failure = str(exc)
+        self.stop()
+
+    def _release(self, out: list[Outgoing]) -> None:
+        """Send one pass's frames, its batches after them: its events are durable."""
+        if self.failure is not None:
+            # The store failed: nothing naming a seq goes out, only the goodbyes.
+            out = [o for o in out if o.body["type"] in ("bye", "shutdown")]
+        self._send_now(out)
+        self._flush_batch()
 
     def _flush_batch(self) -> None:
         """Publish each room's events coalesced so far as one frame on its batch topic.
