@@ -48,7 +48,7 @@ from zchat.protocol import (
     parse_request,
     request_id,
 )
-from zchat.state import Broker, Deliver, Outgoing, Publish
+from zchat.state import Broker, Outgoing, Publish, Reply
 
 from .auth import CurveGate
 from .config import Config
@@ -72,7 +72,7 @@ FDS_WANTED = 65_536  # two connections per client, for 10,000 clients and more
 
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)
+_send = zmq.backend.Socket.send  # the compiled send, under pyzmq's Python-level wrapper
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,40 +463,50 @@ class Server:
         self._batch.clear()
 
     def _drain_input(self, state: Broker) -> bool:
-        """Handle what the input holds, up to ``DRAIN_BATCH`` frames; True if emptied."""
+        """Handle what the input holds, up to ``DRAIN_BATCH`` frames; True if emptied.
+
+        The hot path is a member's ``message``: its payload is decoded and
+        handed to ``Broker.message`` as the map it is, without a typed
+        request; anything else takes the general path (``parse_request``,
+        ``Broker.handle``). Frames are received as ``zmq.Frame``s and their
+        ``more`` read from the frame: a ``getsockopt(RCVMORE)`` per frame
+        costs more than the receive itself.
+        """
         router = self.router
         recv = router.recv
-        more = router.get
         max_frame = self.config.limits.max_frame
         guard = self.guard
         ledger = guard.ledger if guard is not None else None
+        is_member = state.is_member
+        message = state.message if self.auth is None else None
+        clock = time.time
         for count in range(1, DRAIN_BATCH + 1):
             if count % RELEASE_EVERY == 0:
                 self._before_sleep(state)
                 self._drain_monitors()
             try:
-                peer = recv(_NOBLOCK)
+                head = recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 return True
+            peer = head.bytes
             if ledger is not None and ledger.severed and peer in ledger.severed:
-                while more(_RCVMORE):  # queued before its connection was cut: skip it
-                    recv(_NOBLOCK)
+                while head.more:  # queued before its connection was cut: skip it
+                    head = recv(_NOBLOCK, copy=False)
                 continue
-            # A member's payload is copied into bytes (cheapest for small
-            # frames); a stranger's stays a Frame so that a join can read the
+            # A stranger's payload stays a Frame so that a join can read the
             # properties libzmq attached to it (address, descriptor, key).
-            stranger = not state.is_member(peer)
-            # Under CURVE every request's key is checked (User-Id of the frame).
-            framed = stranger or self.auth is not None
-            payload = recv(_NOBLOCK, copy=not framed) if more(_RCVMORE) else b""
-            size = len(payload)
+            stranger = not is_member(peer)
+            payload: zmq.Frame | None = recv(_NOBLOCK, copy=False) if head.more else None
+            size = len(payload) if payload is not None else 0
             extra = 0
-            while more(_RCVMORE):
-                size += len(recv(_NOBLOCK))
+            last = payload
+            while last is not None and last.more:
+                last = recv(_NOBLOCK, copy=False)
+                size += len(last)
                 extra += 1
-            now = time.time()
+            now = clock()
             fd = -1
-            if stranger and isinstance(payload, zmq.Frame):
+            if stranger and payload is not None:
                 fd = _frame_fd(payload)
                 if guard is not None and fd >= 0 and not self._admit_stranger(
                         guard, peer, fd, size, now):
@@ -509,9 +519,16 @@ class Server:
                     raise ProtocolError(
                         ErrorCode.BAD_FRAME, f"expected 1 payload frame, got {extra + 1}"
                     )
-                body = decode_frame(
-                    payload.buffer if isinstance(payload, zmq.Frame) else payload, max_frame
-                )
+                body = decode_frame(payload.buffer if payload is not None else b"", max_frame)
+                if message is not None and body["type"] == "message" and not stranger:
+                    try:
+                        said = message(peer, body, now)
+                    except Exception:
+                        self._internal_error(state, peer, body, request_id(body))
+                        continue
+                    if said is not None:
+                        self._outbox += said
+                        continue
                 request = parse_request(body)
             except ProtocolError as exc:
                 # A frame that decoded but is no valid request still gets its
@@ -522,7 +539,7 @@ class Server:
                 self._queue([state.error(peer, exc.code, exc.detail, rid, room)])
                 continue
             addr, key = "", None
-            if isinstance(payload, zmq.Frame):
+            if payload is not None:
                 if stranger and body["type"] == "join":
                     addr = _peer_address(payload)
                 if self.auth is not None:
@@ -531,19 +548,22 @@ class Server:
             try:
                 self._queue(state.handle(peer, request, now, addr, key))
             except Exception:
-                # A bug, not the peer's fault: it costs this request, never the broker.
-                self._internal_errors += 1
-                if self._internal_errors <= 10 or self._internal_errors % 1000 == 0:
-                    log.exception("internal error handling %s from %s (%d so far)",
-                                  body["type"], state.name_of(peer) or "a stranger",
-                                  self._internal_errors)
-                self._queue([state.error(peer, ErrorCode.INTERNAL,
-                                        "the broker failed on this request; see its log",
-                                        request.id)])
+                self._internal_error(state, peer, body, request.id)
                 continue
             if stranger and ledger is not None and fd >= 0 and state.is_member(peer):
                 ledger.bind(fd, peer)
         return False
+
+    def _internal_error(self, state: Broker, peer: bytes, body: dict[str, Any],
+                        rid: str | None) -> None:
+        """A bug, not the peer's fault: it costs this request, never the broker."""
+        self._internal_errors += 1
+        if self._internal_errors <= 10 or self._internal_errors % 1000 == 0:
+            log.exception("internal error handling %s from %s (%d so far)",
+                          body["type"], state.name_of(peer) or "a stranger",
+                          self._internal_errors)
+        self._queue([state.error(peer, ErrorCode.INTERNAL,
+                                "the broker failed on this request; see its log", rid)])
 
     def _admit_stranger(self, guard: Guard, peer: bytes, fd: int, size: int,
                         now: float) -> bool:
@@ -566,57 +586,66 @@ class Server:
         self._throttle.warning(exc.code, "%s sent a bad frame: %s", self._who(peer), exc)
 
     def _send_now(self, out: list[Outgoing]) -> None:
-        # Plain int flags and one reused Packer: pyzmq's send_multipart and
-        # msgpack.packb cost more in Python overhead than the sends themselves.
+        # Plain int flags, the backend's send (pyzmq's Python-level wrapper
+        # only adds draft-socket options) and one reused Packer: per frame,
+        # Python overhead costs more than the sends themselves. An event
+        # comes packed from the state (the bytes the store keeps).
         pack = self._packer.pack
-        pub_send = self.pub.send
+        pub = self.pub
         screen = self._screen if self._screen.on else None
         coalesce = self.config.coalesce
         batch = self._batch
+        reply = self._reply
         for item in out:
-            if isinstance(item, Publish):
+            if isinstance(item, Reply):
+                body = item.body
+                if body["type"] == "error" and body["code"] == ErrorCode.RATE_LIMITED:
+                    self._throttle.warning("rate", "rate limited %s", self._who(item.peer))
+                reply(item.peer, body, pack(body))
+                continue
+            packed = item.packed
+            if packed is None:
                 packed = pack(item.body)
-                if item.topic != BROKER_TOPIC:  # a public room's event
+            if isinstance(item, Publish):
+                topic = item.topic
+                if topic != BROKER_TOPIC:  # a public room's event
                     if screen is not None:
                         screen.add(item.body, item.sender_addr)
                     if coalesce:
                         room = item.body["room"]
-                        events = batch.setdefault(room, [])
+                        events = batch.get(room)
+                        if events is None:
+                            events = batch[room] = []
                         events.append(packed)
                         if len(events) >= coalesce:
                             self._flush_batch()
                 elif batch:
                     self._flush_batch()  # heartbeats must not overtake events
-                pub_send(item.topic, _MORE_NOBLOCK)
-                pub_send(packed, _NOBLOCK)
+                _send(pub, topic, _MORE_NOBLOCK)
+                _send(pub, packed, _NOBLOCK)
                 continue
-            if isinstance(item, Deliver):  # a private room's event: members only
-                if screen is not None:
-                    screen.add(item.body, item.sender_addr)
-                packed = pack(item.body)
-                for peer in item.peers:
-                    self._reply(peer, "event", packed)
-                continue
-            body = item.body
-            if body["type"] == "error" and body["code"] == ErrorCode.RATE_LIMITED:
-                self._throttle.warning("rate", "rate limited %s", self._who(item.peer))
-            self._reply(item.peer, body["type"], pack(body))
+            # Deliver: a private room's event, to its members only
+            if screen is not None:
+                screen.add(item.body, item.sender_addr)
+            for peer in item.peers:
+                reply(peer, item.body, packed)
 
-    def _reply(self, peer: bytes, kind: str, packed: bytes) -> None:
+    def _reply(self, peer: bytes, body: dict[str, Any], packed: bytes) -> None:
         """One packed frame to one peer's DEALER, never blocking."""
+        router = self.router
         try:
             # With ROUTER_MANDATORY only the first frame can fail; the
             # second then goes out whole with it.
-            self.router.send(peer, _MORE_NOBLOCK)
+            _send(router, peer, _MORE_NOBLOCK)
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the peer is gone; EAGAIN: it reads too slowly.
             # Either way only that peer misses this reply.
             self._throttle.warning(
-                "unreachable", "reply %s to %s dropped: %s", kind, self._who(peer),
+                "unreachable", "reply %s to %s dropped: %s", body.get("type"), self._who(peer),
                 exc.strerror,
             )
             return
-        self.router.send(packed, _NOBLOCK)
+        _send(router, packed, _NOBLOCK)
         guard = self.guard
         if guard is not None:
             fd = guard.ledger.sent(peer, len(packed))

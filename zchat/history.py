@@ -30,6 +30,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import queue
 import secrets
 import sqlite3
 import threading
@@ -280,16 +281,16 @@ class _Writer:
     The loop hands a commit over (``submit``) and later collects its
     result (``wait``); ``fileno`` turns readable when the result is in, so
     the loop's poll wakes for it. sqlite3 releases the GIL while SQLite
-    writes, so the loop decodes its next pass meanwhile.
+    writes, so the loop decodes its next pass meanwhile. The hand-over is
+    a ``SimpleQueue`` (a C lock, no Python-level condition variable: it is
+    paid once per pass) and the result comes back over a pipe.
     """
 
     def __init__(self, run: Callable[[_Commit], int]) -> None:
         self._run = run
         self._ready, self._done = os.pipe()
-        self._cond = threading.Condition()
-        self._job: _Commit | None = None
+        self._jobs: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
         self._result: int | BaseException = 0
-        self._stop = False
         self.busy = False
         self._thread = threading.Thread(target=self._serve, name="zchat-history-writer",
                                         daemon=True)
@@ -299,10 +300,8 @@ class _Writer:
         return self._ready
 
     def submit(self, job: _Commit) -> None:
-        with self._cond:
-            self._job = job
-            self.busy = True
-            self._cond.notify()
+        self.busy = True
+        self._jobs.put(job)
 
     def wait(self) -> int | BaseException:
         """The deleted count of the commit handed over last, or what it raised."""
@@ -311,13 +310,7 @@ class _Writer:
         return self._result
 
     def _serve(self) -> None:
-        while True:
-            with self._cond:
-                while self._job is None and not self._stop:
-                    self._cond.wait()
-                job, self._job = self._job, None
-                if job is None:  # told to stop
-                    return
+        while (job := self._jobs.get()) is not None:
             try:
                 self._result = self._run(job)
             except BaseException as exc:  # handed to the loop, which decides
@@ -325,9 +318,7 @@ class _Writer:
             os.write(self._done, b"c")
 
     def close(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify()
+        self._jobs.put(None)
         self._thread.join()
         for fd in (self._ready, self._done):
             os.close(fd)
