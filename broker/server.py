@@ -71,6 +71,7 @@ OWN_FDS = 64  # descriptors the broker itself holds (sockets, pipes, the databas
 FDS_WANTED = 65_536  # two connections per client, for 10,000 clients and more
 
 _NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _send = zmq.backend.Socket.send  # the compiled send, under pyzmq's Python-level wrapper
 
@@ -399,11 +400,12 @@ class Server:
            published or acked before its commit returned, so no client ever
            sees a seq that a crash could take back. A failed commit stops
            the broker, and then only the goodbyes go out.
-        2. Begin this pass's commit (one group commit) on the writer thread
-           and hold its frames until it returns (step 1 of the next pass;
-           the poll wakes when it does). A pass that wrote nothing sends at
-           once, still after the previous pass's frames: a pong's seqs must
-           not overtake the events they count.
+        2. Commit this pass (one group commit). If input is waiting, begin
+           it on the writer thread and hold the pass's frames until it
+           returns (step 1 of the next pass; the poll wakes when it does);
+           if not, commit here and send at once. A pass that wrote nothing
+           sends at once, still after the previous pass's frames: a pong's
+           seqs must not overtake the events they count.
         3. Write the operator's screen: last, it is for people and may lag.
 
         Also run every ``RELEASE_EVERY`` frames of a long drain, so that a
@@ -414,7 +416,14 @@ class Server:
         if self._outbox:
             if self.failure is None:
                 try:
-                    store.begin_commit()
+                    events = self.router.get(zmq.EVENTS)
+                    if isinstance(events, int) and events & _POLLIN:
+                        store.begin_commit()  # input waits: decode it meanwhile
+                    else:
+                        # Nothing to overlap: handing over would only add two
+                        # thread wake-ups (each a scheduler slice on a busy
+                        # machine) to every reply's latency.
+                        store.commit()
                 except HistoryError as exc:
                     self._store_failed(exc)
             out, self._outbox = self._outbox, []

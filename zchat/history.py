@@ -27,6 +27,7 @@ is migrated: its events become ``lobby``'s), ``open_history``.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import os
@@ -59,6 +60,12 @@ __all__ = [
 MEMORY = ":memory:"
 RECENT_IDS_SCANNED = 100_000  # events read at start for the ids of recent messages
 REPORT_EVERY = 60.0  # seconds between two log lines about the same store failure
+# Rows one INSERT statement writes. sqlite3 releases the GIL around each
+# statement step, and on the writer thread each step's release and
+# re-acquisition waits for the loop's thread to let go of the GIL (up to the
+# switch interval): one step per row (executemany) made a commit of 256
+# events wait on the loop 256 times, and put tens of milliseconds into p99.
+ROWS_PER_INSERT = 256
 
 log = logging.getLogger("zchat.history")
 T = TypeVar("T")
@@ -373,7 +380,8 @@ class SqliteHistory(History):
             # error to report at once, not a lock to wait for. Not bound to
             # this thread: the writer thread commits (never at the same time).
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=0.5,
-                                       check_same_thread=False)
+                                       check_same_thread=False,
+                                       cached_statements=ROWS_PER_INSERT + 64)
         except (sqlite3.Error, OSError) as exc:
             raise HistoryError(f"cannot open history database {self.path}: {exc}") from exc
         try:
@@ -518,7 +526,10 @@ class SqliteHistory(History):
             deleted = 0
             for room in job.dropped:
                 deleted += db.execute("DELETE FROM events WHERE room = ?", (room,)).rowcount
-            db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)", job.rows)
+            rows = job.rows
+            for start in range(0, len(rows), ROWS_PER_INSERT):
+                chunk = rows[start:start + ROWS_PER_INSERT]
+                db.execute(_insert_rows(len(chunk)), [value for row in chunk for value in row])
             for room, seq, settings in job.rooms:
                 if settings is _KEEP:
                     db.execute("INSERT INTO rooms VALUES (?, ?, NULL) ON CONFLICT(name) "
@@ -610,6 +621,12 @@ class SqliteHistory(History):
             self._said[what] = now
             log.error("history %s failed in %s: %s (said once a minute)", what, self.path, exc)
         return HistoryError(f"history {what} failed: {exc}")
+
+
+@functools.cache
+def _insert_rows(count: int) -> str:
+    """``INSERT INTO events`` of ``count`` rows in one statement (sqlite3 caches each)."""
+    return "INSERT INTO events VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?)"] * count)
 
 
 def _unique_seqs(rows: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
