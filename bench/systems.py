@@ -1,11 +1,13 @@
 """The systems under test, each a real subprocess on loopback ephemeral ports.
 
     zchat        zchat-broker --quiet --rate 0 (default heartbeat 5 s, durable
-                 history in a fresh SQLite file, as shipped)
+                 history in a fresh SQLite file, batches on, as shipped); its
+                 subscribers take the batch topic when welcome offers it
     zchat-print  zchat-broker --rate 0, printing every chat line (into a pipe
                  that the bench drains), as the product runs by default
     zchat-batch  zchat-broker --quiet --rate 0 --coalesce 64, subscribers
-                 taking the coalesced ``\x01lobby\x00`` topic (PROTOCOL.md)
+                 taking the coalesced ``\x01lobby\x00`` topic (PROTOCOL.md):
+                 now the default, so the same as ``zchat``
     zchat-memory zchat-broker --quiet --rate 0 --db :memory: (history in memory,
                  not durable): beside ``zchat``, the cost of durability
     zchat-io2    zchat-broker --quiet --rate 0 --io-threads 2 (not by default)
