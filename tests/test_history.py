@@ -70,6 +70,7 @@ def test_uncommitted_events_are_not_on_disk(tmp_path: Path) -> None:
     store.commit()
     store.append(event(2))  # never committed: as if the process died now
     store._db.close()
+    store._release_hold()  # a dead process's lock goes with it
     again = SqliteHistory(path)
     assert again.last_seq == 1
     again.close()

@@ -27,6 +27,7 @@ is migrated: its events become ``lobby``'s), ``open_history``.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import heapq
 import logging
@@ -66,6 +67,7 @@ REPORT_EVERY = 60.0  # seconds between two log lines about the same store failur
 # switch interval): one step per row (executemany) made a commit of 256
 # events wait on the loop 256 times, and put tens of milliseconds into p99.
 ROWS_PER_INSERT = 256
+CHECKPOINT_EVERY = 1.0  # seconds between two WAL checkpoints (off the commit path)
 
 log = logging.getLogger("zchat.history")
 T = TypeVar("T")
@@ -331,11 +333,62 @@ class _Writer:
             os.close(fd)
 
 
+def _hold(path: str) -> int:
+    """Lock a file beside the database for this process; its descriptor.
+
+    One broker per database: a second one fails at start instead of
+    interleaving seqs. The lock goes with the process, however it ends.
+    """
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise OSError(f"in use by another broker ({exc.strerror})") from exc
+    return fd
+
+
+class _Checkpointer:
+    """Copies the WAL into the database on its own connection and thread.
+
+    A PASSIVE checkpoint never blocks the writer (WAL lets both run), so its
+    fsyncs no longer sit inside a commit. Every ``CHECKPOINT_EVERY`` seconds;
+    a failure is logged (once a minute) and tried again: the WAL only grows
+    meanwhile, and every commit stays durable in it.
+    """
+
+    def __init__(self, path: str, fsync: bool) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=5.0,
+                                   check_same_thread=False)
+        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        self._path = path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="zchat-history-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        said = -REPORT_EVERY
+        while not self._stop.wait(CHECKPOINT_EVERY):
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                if time.monotonic() - said >= REPORT_EVERY:
+                    said = time.monotonic()
+                    log.error("history checkpoint failed in %s: %s (said once a minute)",
+                              self._path, exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._db.close()
+
+
 class SqliteHistory(History):
     """Events in an SQLite database (WAL); survives the process.
 
-    The broker holds the database exclusively: a second broker on the same
-    file fails at start instead of interleaving seqs. ``fsync`` (SQLite
+    The broker holds the database alone (a lock on ``<db>.lock``): a second
+    broker on the same file fails at start instead of interleaving seqs. ``fsync`` (SQLite
     ``synchronous=FULL``) also survives a power cut, at the price of an
     fsync per commit; without it (``NORMAL``) a killed process loses
     nothing committed, a crashed machine may lose the last commits.
@@ -373,22 +426,30 @@ class SqliteHistory(History):
         self._said: dict[str, float] = {}
         self._lock = threading.Lock()
         self._writer: _Writer | None = None  # started by the first begin_commit
+        self._checkpoints: _Checkpointer | None = None
+        self._hold = -1  # the descriptor whose lock says "this broker's database"
         try:
             if self.path != MEMORY:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            # A short busy timeout: a database held by another broker is an
+                self._hold = _hold(self.path)
+            # A short busy timeout: a database held by another program is an
             # error to report at once, not a lock to wait for. Not bound to
             # this thread: the writer thread commits (never at the same time).
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=0.5,
                                        check_same_thread=False,
                                        cached_statements=ROWS_PER_INSERT + 64)
         except (sqlite3.Error, OSError) as exc:
+            self._release_hold()
             raise HistoryError(f"cannot open history database {self.path}: {exc}") from exc
         try:
-            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
-            # Taking the write lock now makes a second broker fail here, at start.
+            if self.path != MEMORY:
+                # Checkpoints (the only fsyncs under NORMAL) run on their own
+                # connection and thread, never inside a commit: one took up
+                # to 18 ms here, and a commit waiting for it held back every
+                # ack and event of its pass.
+                self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._db.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -424,7 +485,20 @@ class SqliteHistory(History):
             self._recent: list[tuple[str, str, int, str]] = recent
         except (sqlite3.Error, ValueError, msgpack.ExtraData) as exc:
             self._db.close()
+            self._release_hold()
             raise HistoryError(f"cannot open history database {self.path}: {exc}") from exc
+        if self.path != MEMORY:
+            try:
+                self._checkpoints = _Checkpointer(self.path, fsync)
+            except sqlite3.Error as exc:
+                self._db.close()
+                self._release_hold()
+                raise HistoryError(f"cannot open history database {self.path}: {exc}") from exc
+
+    def _release_hold(self) -> None:
+        if self._hold >= 0:
+            os.close(self._hold)  # closing the descriptor drops its lock
+            self._hold = -1
 
     def append(self, event: dict[str, Any], sender: str | None = None,
                rid: str | None = None, packed: bytes | None = None) -> None:
@@ -610,9 +684,13 @@ class SqliteHistory(History):
             try:
                 if self._writer is not None:
                     self._writer.close()
-                self._db.close()
+                if self._checkpoints is not None:
+                    self._checkpoints.close()
+                self._db.close()  # the last connection: it checkpoints the rest
             except sqlite3.Error as exc:
                 raise HistoryError(f"cannot close history database {self.path}: {exc}") from exc
+            finally:
+                self._release_hold()
 
     def _failure(self, what: str, exc: Exception) -> HistoryError:
         """A ``HistoryError``, logged once a minute per kind, not once per request."""
