@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Try zchat on this machine: a broker on loopback, two chatty bots (greeter
-# and helper), and you in the terminal client. Everything it starts is
-# stopped when you leave the chat (/quit, Ctrl-D or Ctrl-C).
+# and helper) in two rooms (lobby and dev), and you in the terminal client,
+# a window for each room. Everything it starts is stopped when you leave the
+# chat (/quit, Ctrl-D or Ctrl-C).
 #
 #   ./demo.sh [NAME]          NAME defaults to $USER
 #   ./demo.sh --check         set up, say which Python and zchat it would run, stop
@@ -161,7 +162,8 @@ main() {
     # helper first, so that the greeter finds it there and greets only you.
     local bot
     for bot in helper greeter; do
-        "$py" -I -m zchat.clients.bots "$bot" --connect "$endpoint" >"$work/$bot.log" 2>&1 &
+        "$py" -I -m zchat.clients.bots "$bot" --connect "$endpoint" --join lobby,dev \
+            >"$work/$bot.log" 2>&1 &
         pids+=($!)
         if ! wait_for "$work/$bot.log" "$bot: joined" "${pids[-1]}"; then
             echo "demo: the $bot bot did not start:" >&2
@@ -173,15 +175,18 @@ main() {
     local connect_hint=""
     if [ "$endpoint" != "tcp://127.0.0.1:5555" ]; then connect_hint=" --connect $endpoint"; fi
     cat <<EOF
-zchat demo: a broker at $endpoint, with two bots in the room:
+zchat demo: a broker at $endpoint, with two bots in the rooms #lobby and #dev:
   greeter  welcomes whoever joins
   helper   answers !help, !time, !echo TEXT, !roll and !who (in private too: /msg helper !time)
+You are in both rooms, a window each: Alt-1..3 or Ctrl-N/Ctrl-P switch (1 is the status
+window); /join #room makes a room, /join -private #room one only your /invite opens.
 From another terminal, join as someone else:  $client_command --name bob$connect_hint
 Leave with /quit, Ctrl-D or Ctrl-C; the broker and the bots stop with you.
 
 EOF
     local status=0
-    "$py" -I -m zchat.clients.terminal --name "$name" --connect "$endpoint" || status=$?
+    "$py" -I -m zchat.clients.terminal --name "$name" --connect "$endpoint" --join lobby,dev \
+        || status=$?
     exit "$status"
 }
 

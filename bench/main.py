@@ -29,6 +29,9 @@ from typing import Any
 import zmq
 
 from . import report, systems
+from .storm import StormSettings, fitting, run_storm
+from .storm import ratios as storm_ratios
+from .storm import table as storm_table
 from .workloads import W1Settings, W2Settings, calibrate, run_w1, run_w2
 
 __all__ = ["build_parser", "main"]
@@ -58,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes and short steps (about 20 s), to check the harness")
-    p.add_argument("--workloads", default="w1,w2", help="w1, w2 or both (default: %(default)s)")
+    p.add_argument("--workloads", default="w1,w2",
+                   help="w1, w2 and/or storm, comma-separated (default: %(default)s)")
     p.add_argument("--systems", type=_names, default=None,
                    help=f"comma-separated, from {', '.join(systems.SYSTEMS)} "
                         f"(default: W1 {','.join(W1_SYSTEMS)}; W2 {','.join(W2_SYSTEMS)})")
@@ -73,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", type=int, default=None,
                    help="W1 bisections between the last pass and the first failure")
     p.add_argument("--idle-seconds", type=float, default=None, help="W2 idle measurement")
+    p.add_argument("--storm-clients", type=_sizes, default=None, metavar="N/N/...",
+                   help="join-storm sizes (default: as many as one broker can hold; "
+                        "--quick: 200)")
     p.add_argument("--profile", action="store_true",
                    help="record the zchat brokers with py-spy during W1 (beside the JSON)")
     p.add_argument("--out-dir", default="bench-results", help="where results go")
@@ -136,8 +143,8 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workloads = {w.strip().lower() for w in args.workloads.split(",")}
-    if not workloads <= {"w1", "w2"}:
-        print("zchat-bench: --workloads takes w1, w2 or w1,w2", file=sys.stderr)
+    if not workloads <= {"w1", "w2", "storm"}:
+        print("zchat-bench: --workloads takes w1, w2, storm or a list of them", file=sys.stderr)
         return 2
     w1, w2 = settings(args)
     # SIGTERM unwinds like Ctrl-C, so the systems and generator processes stop.
@@ -160,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generator": {},
         "w1": {},
         "w2": {},
+        "storm": {},
     }
 
     def say(line: str) -> None:
@@ -181,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     save()
     print(report.tables(results))
+    if results["storm"]:
+        print(storm_table(results["storm"]))
     if not args.no_chart:
         why_not = report.chart(results, str(chart_path))
         print(f"chart: {why_not}" if why_not else f"chart: {chart_path}")
@@ -221,6 +231,31 @@ def run_all(results: dict[str, Any], workloads: set[str], args: argparse.Namespa
                     entry = {"system": name, "clients": size, "error": repr(exc)}
                 results["w2"].setdefault(name, {})[str(size)] = entry
                 save()
+    if "storm" in workloads:
+        run_storms(results, args, say, save)
+
+
+def run_storms(results: dict[str, Any], args: argparse.Namespace, say: Callable[[str], None],
+               save: Callable[[], None]) -> None:
+    """The join storm at each size: zchat, then the ceiling, in the same run."""
+    cfg = StormSettings(hold_seconds=1.0) if args.quick else StormSettings()
+    if args.profile:
+        cfg.profile_dir = str(Path(args.json or args.out_dir)) + "-storm-profiles"
+    sizes = args.storm_clients or ([200] if args.quick else [0])
+    results["settings"]["storm"] = asdict(cfg)
+    for requested in sizes:
+        size = fitting(requested)
+        say(f"join storm, N = {size}: " + ", ".join(cfg.systems))
+        for name in cfg.systems:
+            try:
+                entry = run_storm(name, size, cfg, say)
+            except FAILURES as exc:
+                say(f"  {name} N={size}: {exc!r}")
+                entry = {"system": name, "clients": size, "error": repr(exc)}
+            results["storm"].setdefault(str(size), {})[name] = entry
+            results.setdefault("storm_ratios", {})[str(size)] = storm_ratios(
+                results["storm"][str(size)])
+            save()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from zchat.state import Limits
 
 from .guard import ConnectionLimits
+from .relaylink import RelayLinkConfig
 
 __all__ = ["Config", "ConfigError", "check_control_endpoint", "check_endpoint"]
 
@@ -48,6 +49,7 @@ class Config:
     # per event is what lets the broker outrun per-event forwarding in C.
     coalesce: int = DEFAULT_COALESCE
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    relay: RelayLinkConfig | None = None  # --relay-bind: where relays connect, and who may
 
     def __post_init__(self) -> None:
         if not self.heartbeat > 0:

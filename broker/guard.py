@@ -63,6 +63,9 @@ CONTROL_IDLE: Final = 0.5  # seconds an operator connection may stay silent (zch
 MEMORY_STEP: Final = 64 * MIB  # RSS growth that triggers a scan at once
 MEMORY_CHECK: Final = 0.1  # seconds between RSS readings
 SCAN_PER_SECOND: Final = 5000  # connections measured per second at most, in steady state
+# After the loop last lagged behind its input, seconds before a connection is
+# cut for not joining: its join may have been among the frames still queued.
+LAG_GRACE: Final = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +160,7 @@ class Ledger:
         # Routing ids of members whose connection was cut but not yet reported
         # gone: what libzmq had already queued from them is not worth reading.
         self.severed: set[bytes] = set()
+        self._join_from = 0.0  # no connection is cut for not joining before this
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -294,19 +298,38 @@ class Ledger:
             return conn.deadline
         return None
 
+    def lagged(self, now: float) -> None:
+        """The loop is behind its input: a connection's join may still be queued.
+
+        Like a member's ping (``Broker.lagged``), a newcomer's ``join`` can
+        wait behind thousands of others' frames in a join storm; cutting its
+        connection for the broker's backlog would punish the client for it.
+        Nobody is cut for not joining until ``LAG_GRACE`` after the last pass
+        that lagged (the operator channel's idle limit still holds).
+        """
+        self._join_from = max(self._join_from, now + LAG_GRACE)
+
     def expire(self, now: float, is_member: Callable[[bytes], bool]) -> list[Cut]:
         """Cut connections past their deadline (no member joined, operator idle)."""
         cuts: list[Cut] = []
+        held: list[_Conn] = []
         while self._waiting:
             conn = next(iter(self._waiting.values()))
             if conn.deadline is None or conn.deadline > now:
                 break
+            if conn.kind is Kind.INPUT and now < self._join_from:
+                # Its join may be queued: look again once the loop caught up.
+                del self._waiting[conn.fd]
+                held.append(conn)
+                continue
             del self._waiting[conn.fd]
             conn.deadline = None
             if conn.kind is Kind.CONTROL:
                 cuts.append(self._cut(conn, "operator connection idle"))
             elif conn.peer is None or not is_member(conn.peer):
                 cuts.append(self._cut(conn, f"no join within {self.limits.join_timeout:g} s"))
+        for conn in held:
+            self._wait(conn, self._join_from)
         return cuts
 
     def recheck_members(self, now: float, is_member: Callable[[bytes], bool]) -> None:

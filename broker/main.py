@@ -20,8 +20,10 @@ from .config import (
     DEFAULT_INPUT,
     Config,
     ConfigError,
+    check_endpoint,
 )
 from .guard import ConnectionLimits
+from .relaylink import RelayLinkConfig
 from .server import Server, raise_fd_limit
 
 __all__ = ["build_parser", "config_from_args", "env_default", "main"]
@@ -98,6 +100,9 @@ PERSON_LIMITS: Final = (
                 "characters of a room name (at most 64, the protocol's bound)"),
     LimitOption("announce-max", "announce_max", int, "N",
                 "a room with more members announces no joins and parts (`who` lists them)"),
+    LimitOption("coalesce-joins-above", "coalesce_above", int, "N",
+                "a room with more members announces the joins of one loop pass in one "
+                "`joins` event (0: any room); smaller rooms get one `joined` each"),
 )
 CONNECTION_LIMITS: Final = (
     LimitOption("max-per-address", "per_address", int, "N",
@@ -207,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument(f"--{option.flag}", metavar=option.metavar, type=option.kind,
                                default=default,
                                help=f"{option.help} (default: %(default)s)")
+    rel = p.add_argument_group("relays (zchat-relay; the link is always CURVE)")
+    rel.add_argument("--relay-bind", metavar="EP", default=env_default("relay-bind", None),
+                     help="ROUTER that relays send their clients' requests to (default: no "
+                          "relays)")
+    rel.add_argument("--relay-broadcast", metavar="EP",
+                     default=env_default("relay-broadcast", None),
+                     help="XPUB that relays subscribe to (needed with --relay-bind)")
+    rel.add_argument("--relay-keys", metavar="DIR", default=env_default("relay-keys", None),
+                     help="directory of the public .key files of admitted relays; only they "
+                          "may speak for clients")
+    rel.add_argument("--relay-secret-key", metavar="FILE",
+                     default=env_default("relay-secret-key", None),
+                     help="the broker's .key_secret for the relay link (default: --secret-key)")
     p.add_argument("--log-level", metavar="LEVEL",
                    default=env_default("log-level", "INFO", str.upper),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -239,7 +257,25 @@ def config_from_args(args: argparse.Namespace) -> Config:
         db=args.db,
         retention=args.retention,
         fsync=args.fsync,
+        relay=relay_config_from_args(args),
     )
+
+
+def relay_config_from_args(args: argparse.Namespace) -> RelayLinkConfig | None:
+    """The relay link's settings, or None when no relay may connect."""
+    given = (args.relay_bind, args.relay_broadcast, args.relay_keys)
+    if not any(given):
+        return None
+    if not all(given):
+        raise ConfigError("--relay-bind, --relay-broadcast and --relay-keys go together")
+    check_endpoint("relay-bind", args.relay_bind)
+    check_endpoint("relay-broadcast", args.relay_broadcast)
+    secret = args.relay_secret_key or args.secret_key
+    if not secret:
+        raise ConfigError("the relay link is always CURVE: give --secret-key or "
+                          "--relay-secret-key")
+    return RelayLinkConfig(bind=args.relay_bind, broadcast=args.relay_broadcast,
+                           keys=args.relay_keys, secret_key=secret)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -274,9 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         endpoints.input, endpoints.broadcast, endpoints.control, config.heartbeat, fds,
     )
     # One machine-readable line on stdout so scripts and tests learn the ports.
+    relays = server.relays.endpoints if server.relays is not None else None
     print(
         f"zchat-broker listening input={endpoints.input} broadcast={endpoints.broadcast} "
-        f"control={endpoints.control}",
+        f"control={endpoints.control}"
+        + (f" relay={relays[0]} relay-broadcast={relays[1]}" if relays else ""),
         flush=True,
     )
     if config.secret_key:

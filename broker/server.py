@@ -48,12 +48,13 @@ from zchat.protocol import (
     parse_request,
     request_id,
 )
-from zchat.state import Broker, Outgoing, Publish, Reply
+from zchat.state import Broker, Deliver, Outgoing, Reply
 
 from .auth import CurveGate
 from .config import Config
 from .console import Console
 from .guard import FD_RESERVE, Guard, Kind, seed_routing_ids
+from .relaylink import RelayLink, is_relayed
 from .screen import Screen
 
 __all__ = ["Endpoints", "Server", "raise_fd_limit"]
@@ -69,6 +70,11 @@ OVERSLEEP = 0.5  # seconds a poll may return late before the loop counts as havi
 HANDSHAKE_TIMEOUT = 5.0  # seconds a connection may take to finish its ZMTP handshake
 OWN_FDS = 64  # descriptors the broker itself holds (sockets, pipes, the database, logs)
 FDS_WANTED = 65_536  # two connections per client, for 10,000 clients and more
+# Connections waiting to be accepted (the kernel caps it at net.core.somaxconn).
+# libzmq asks for 100: when thousands of clients connect at once (a join storm,
+# everyone back after a restart) the rest of the SYNs are dropped and retried
+# 1, 3, 7 s later, which the clients see as a slow broker.
+ACCEPT_BACKLOG = 4096
 
 _NOBLOCK = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
@@ -186,6 +192,7 @@ class Server:
         os.set_blocking(self._wake_w, False)
         self.guard: Guard | None = None
         self._internal_errors = 0
+        self.relays: RelayLink | None = None  # --relay-bind: relays speak for their clients
 
     # ------------------------------------------------------------------ setup
 
@@ -241,6 +248,8 @@ class Server:
         for sock in (self.router, self.pub, self.control):
             sock.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
             sock.setsockopt(zmq.HANDSHAKE_IVL, handshake_ms)
+        for sock in (self.router, self.pub):
+            sock.setsockopt(zmq.BACKLOG, ACCEPT_BACKLOG)
         self._monitors = [guard.watch(self.router, Kind.INPUT, ctx),
                           guard.watch(self.pub, Kind.BROADCAST, ctx),
                           guard.watch(self.control, Kind.CONTROL, ctx)]
@@ -260,6 +269,15 @@ class Server:
             broadcast=self._last_endpoint(self.pub),
             control=self._last_endpoint(self.control),
         )
+        # After the endpoints are read: the PUB's inproc feed is bound last.
+        if cfg.relay is not None:
+            self.relays = RelayLink(cfg.relay, cfg.heartbeat, max_frame, advertised)
+            try:
+                self.relays.bind(ctx, self.pub)
+            except Exception:
+                history.close()
+                self.close()
+                raise
         cloak = make_cloak(secrets.token_bytes(16)) if cfg.hide_addresses else None
         self.state = Broker(
             heartbeat=cfg.heartbeat,
@@ -268,6 +286,9 @@ class Server:
             cloak=cloak,
             now=now,
             batch=cfg.coalesce > 0,
+            # One event for a pass's joins into a room, not one each: every
+            # event is a send to every subscriber (PROTOCOL.md, big rooms).
+            coalesce_joins=True,
             history=history,
         )
         self.console = Console(self.state, self._stats)
@@ -320,6 +341,9 @@ class Server:
         committed = state.store.fileno()  # readable when a commit begun aside returned
         if committed is not None:
             poller.register(committed, zmq.POLLIN)
+        relays = self.relays
+        for sock in relays.sockets if relays is not None else ():
+            poller.register(sock, zmq.POLLIN)
         try:
             self._queue(state.tick(time.time()))
             self._before_sleep(state)
@@ -348,6 +372,8 @@ class Server:
                     self._drain_control(state)
                 if self.auth is not None and zap in ready:
                     self.auth.answer()
+                if relays is not None:
+                    relays.serve(ready, state, self._queue, time.time())
                 now = time.time()
                 if overslept or not self._caught_up:
                     # Liveness never punishes a client for the broker's own
@@ -356,6 +382,8 @@ class Server:
                     # ping may be waiting, so nobody expires until the loop
                     # has caught up and a heartbeat interval has passed.
                     state.lagged(now)
+                    if guard is not None:
+                        guard.ledger.lagged(now)  # a newcomer's join may be queued too
                 if now >= state.next_deadline():
                     self._queue(state.tick(now))
                 if guard is not None and now >= guard.next_deadline():
@@ -400,19 +428,23 @@ class Server:
            published or acked before its commit returned, so no client ever
            sees a seq that a crash could take back. A failed commit stops
            the broker, and then only the goodbyes go out.
-        2. Commit this pass (one group commit). If input is waiting, begin
+        2. End the pass in the state: the joins it coalesced become one
+           event per room, before the commit that keeps it and the sends
+           whose welcomes count it.
+        3. Commit this pass (one group commit). If input is waiting, begin
            it on the writer thread and hold the pass's frames until it
            returns (step 1 of the next pass; the poll wakes when it does);
            if not, commit here and send at once. A pass that wrote nothing
            sends at once, still after the previous pass's frames: a pong's
            seqs must not overtake the events they count.
-        3. Write the operator's screen: last, it is for people and may lag.
+        4. Write the operator's screen: last, it is for people and may lag.
 
         Also run every ``RELEASE_EVERY`` frames of a long drain, so that a
         flood does not hold everyone's replies back. Nothing else commits.
         """
         store = state.store
         self._finish_commit(store)
+        self._queue(state.end_pass(time.time()))
         if self._outbox:
             if self.failure is None:
                 try:
@@ -489,6 +521,7 @@ class Server:
         is_member = state.is_member
         message = state.message if self.auth is None else None
         clock = time.time
+        relays = self.relays
         for count in range(1, DRAIN_BATCH + 1):
             if count % RELEASE_EVERY == 0:
                 self._before_sleep(state)
@@ -498,8 +531,11 @@ class Server:
             except zmq.Again:
                 return True
             peer = head.bytes
-            if ledger is not None and ledger.severed and peer in ledger.severed:
-                while head.more:  # queued before its connection was cut: skip it
+            if (ledger is not None and ledger.severed and peer in ledger.severed) or (
+                    relays is not None and is_relayed(peer)):
+                # Queued before its connection was cut; or a direct peer under
+                # a relayed client's id, which only the relay link may speak for.
+                while head.more:
                     head = recv(_NOBLOCK, copy=False)
                 continue
             # A stranger's payload stays a Frame so that a join can read the
@@ -595,6 +631,13 @@ class Server:
         self._throttle.warning(exc.code, "%s sent a bad frame: %s", self._who(peer), exc)
 
     def _send_now(self, out: list[Outgoing]) -> None:
+        """Send one pass's frames: its PUB events and batches first, then its DEALER frames.
+
+        A reply goes out after the events of its pass, batches included, so
+        a client that has an ack, a welcome or an ``entered`` finds the
+        events they imply already sent, whichever topic it takes (with
+        batches on by default, the library takes the batch topic).
+        """
         # Plain int flags, the backend's send (pyzmq's Python-level wrapper
         # only adds draft-socket options) and one reused Packer: per frame,
         # Python overhead costs more than the sends themselves. An event
@@ -604,6 +647,38 @@ class Server:
         screen = self._screen if self._screen.on else None
         coalesce = self.config.coalesce
         batch = self._batch
+        direct = False
+        for item in out:
+            if isinstance(item, Reply):
+                direct = True
+                continue
+            if isinstance(item, Deliver):  # a private room's event: sent below
+                direct = True
+                if screen is not None:
+                    screen.add(item.body, item.sender_addr)
+                continue
+            packed = item.packed
+            if packed is None:
+                packed = pack(item.body)
+            topic = item.topic
+            if topic != BROKER_TOPIC:  # a public room's event
+                if screen is not None:
+                    screen.add(item.body, item.sender_addr)
+                if coalesce:
+                    room = item.body["room"]
+                    events = batch.get(room)
+                    if events is None:
+                        events = batch[room] = []
+                    events.append(packed)
+                    if len(events) >= coalesce:
+                        self._flush_batch()
+            elif batch:
+                self._flush_batch()  # heartbeats must not overtake events
+            _send(pub, topic, _MORE_NOBLOCK)
+            _send(pub, packed, _NOBLOCK)
+        self._flush_batch()
+        if not direct:
+            return
         reply = self._reply
         for item in out:
             if isinstance(item, Reply):
@@ -611,36 +686,18 @@ class Server:
                 if body["type"] == "error" and body["code"] == ErrorCode.RATE_LIMITED:
                     self._throttle.warning("rate", "rate limited %s", self._who(item.peer))
                 reply(item.peer, body, pack(body))
-                continue
-            packed = item.packed
-            if packed is None:
-                packed = pack(item.body)
-            if isinstance(item, Publish):
-                topic = item.topic
-                if topic != BROKER_TOPIC:  # a public room's event
-                    if screen is not None:
-                        screen.add(item.body, item.sender_addr)
-                    if coalesce:
-                        room = item.body["room"]
-                        events = batch.get(room)
-                        if events is None:
-                            events = batch[room] = []
-                        events.append(packed)
-                        if len(events) >= coalesce:
-                            self._flush_batch()
-                elif batch:
-                    self._flush_batch()  # heartbeats must not overtake events
-                _send(pub, topic, _MORE_NOBLOCK)
-                _send(pub, packed, _NOBLOCK)
-                continue
-            # Deliver: a private room's event, to its members only
-            if screen is not None:
-                screen.add(item.body, item.sender_addr)
-            for peer in item.peers:
-                reply(peer, item.body, packed)
+            elif isinstance(item, Deliver):  # a private room's event, members only
+                packed = item.packed if item.packed is not None else pack(item.body)
+                for peer in item.peers:
+                    reply(peer, item.body, packed)
 
     def _reply(self, peer: bytes, body: dict[str, Any], packed: bytes) -> None:
         """One packed frame to one peer's DEALER, never blocking."""
+        if self.relays is not None and is_relayed(peer):
+            state = self.state
+            self.relays.reply(peer, str(body.get("type")), packed,
+                              state is not None and state.is_member(peer))
+            return
         router = self.router
         try:
             # With ROUTER_MANDATORY only the first frame can fail; the
@@ -699,6 +756,8 @@ class Server:
         stats["pid"] = os.getpid()
         if self.guard is not None:
             stats.update(self.guard.ledger.statistics())
+        if self.relays is not None:
+            stats.update(self.relays.statistics())
         return stats
 
     @property
@@ -709,6 +768,9 @@ class Server:
     # ---------------------------------------------------------------- closing
 
     def close(self) -> None:
+        if self.relays is not None:
+            self.relays.close()
+            self.relays = None
         if self.auth is not None:
             self.auth.close()
         if self.guard is not None:

@@ -9,6 +9,11 @@ the bot. The command line runs one or more bots in one process::
 
     python -m zchat.clients.bots greeter helper --connect tcp://127.0.0.1:5555
 
+Bots live in several rooms at once: ``--join '#dev,#ops'`` (or
+``ZCHAT_JOIN``) names the rooms they enter (lobby without it), every reply
+goes to the room its question came from, and a bot invited to a room
+(``/invite helper`` in a private room) enters it.
+
 Bots:
 
 ``greeter``
@@ -40,6 +45,7 @@ from zchat import (
     BrokerUnreachable,
     Client,
     ClientClosed,
+    ClientError,
     Direct,
     Event,
     HandshakeFailed,
@@ -50,7 +56,7 @@ from zchat import (
 )
 from zchat.display import printable
 from zchat.keys import ClientKeys, KeyFileError, keys_from_env
-from zchat.protocol import ClientStatus, fold_name
+from zchat.protocol import ROOM, ClientStatus, Invited, fold_name
 
 from .options import (
     DEFAULT_CONNECT,
@@ -61,6 +67,7 @@ from .options import (
     EXIT_USAGE,
     env,
     on_signals,
+    room_name,
 )
 
 __all__ = ["BOTS", "Greeter", "Helper", "Reply", "main", "run_bot"]
@@ -68,6 +75,7 @@ __all__ = ["BOTS", "Greeter", "Helper", "Reply", "main", "run_bot"]
 
 GREET_AGAIN_AFTER = 600.0  # seconds before the same name is welcomed again
 JOIN_ATTEMPT = 5.0  # seconds per join attempt while waiting for the broker
+ENTER_WAIT = 5.0  # seconds an invited bot waits to enter (its loop waits as long)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +84,12 @@ class Reply:
 
     text: str
     to: str | None = None
+    room: str = ROOM
 
 
 class Bot(Protocol):
     name: str
-    members: Callable[[], list[str]]
+    members: Callable[[str], list[str]]
 
     def on_item(self, item: Event | Direct | Status, now: float) -> list[Reply]: ...
 
@@ -90,25 +99,28 @@ class Greeter:
     """Welcomes newcomers; answers a hello that names it."""
 
     name: str = "greeter"
-    members: Callable[[], list[str]] = list  # who is here, named in the welcome
-    greeted: dict[str, float] = field(default_factory=dict)  # folded name -> when
+    # who is in a room, named in the welcome
+    members: Callable[[str], list[str]] = field(default=lambda room: [])
+    # (room, folded name) -> when: each room welcomes its own newcomers
+    greeted: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def on_item(self, item: Event | Direct | Status, now: float) -> list[Reply]:
         if isinstance(item, Joined):
             key = fold_name(item.name)
             if key == fold_name(self.name):
                 return []
-            last = self.greeted.get(key)
-            self.greeted[key] = now
+            last = self.greeted.get((item.room, key))
+            self.greeted[item.room, key] = now
             if last is not None and now - last < GREET_AGAIN_AFTER:
                 return []
-            others = sorted((n for n in self.members() if fold_name(n) != key), key=str.casefold)
+            others = sorted((n for n in self.members(item.room) if fold_name(n) != key),
+                            key=str.casefold)
             here = f" here now: {', '.join(others)}" if others else " you are the first here"
-            return [Reply(f"welcome, {item.name}!{here}")]
+            return [Reply(f"welcome, {item.name}!{here}", room=item.room)]
         if isinstance(item, Message) and fold_name(item.sender) != fold_name(self.name):
             words = re.findall(r"[\w'-]+", item.text.casefold())
             if self.name.casefold() in words and words[0] in ("hi", "hello", "hey", "hallo"):
-                return [Reply(f"hello, {item.sender}!")]
+                return [Reply(f"hello, {item.sender}!", room=item.room)]
         return []
 
 
@@ -117,7 +129,7 @@ class Helper:
     """Answers ``!`` commands in the room or in private."""
 
     name: str = "helper"
-    members: Callable[[], list[str]] = list  # who is here, for !who
+    members: Callable[[str], list[str]] = field(default=lambda room: [])  # for !who
     roll: Callable[[int], int] = field(default=lambda sides: random.randint(1, sides))
     clock: Callable[[float], str] = field(
         default=lambda now: time.strftime("%H:%M:%S %Z, %A %d %B %Y", time.localtime(now))
@@ -125,8 +137,8 @@ class Helper:
 
     def on_item(self, item: Event | Direct | Status, now: float) -> list[Reply]:
         if isinstance(item, Message) and fold_name(item.sender) != fold_name(self.name):
-            answer = self.answer(item.text, item.sender, now)
-            return [Reply(answer)] if answer else []
+            answer = self.answer(item.text, item.sender, now, item.room)
+            return [Reply(answer, room=item.room)] if answer else []
         if isinstance(item, Direct) and fold_name(item.sender) != fold_name(self.name):
             answer = self.answer(item.text, item.sender, now)
             if answer is None and not item.text.startswith("!"):
@@ -134,8 +146,9 @@ class Helper:
             return [Reply(answer, to=item.sender)] if answer else []
         return []
 
-    def answer(self, text: str, sender: str, now: float) -> str | None:
-        """The answer to one command line, or None if it is not for us."""
+    def answer(self, text: str, sender: str, now: float, room: str = ROOM) -> str | None:
+        """The answer to one command line, or None if it is not for us
+        (``room``: where it was asked, for !who)."""
         command, _, rest = text.strip().partition(" ")
         command = command.casefold()
         rest = rest.strip()
@@ -149,7 +162,7 @@ class Helper:
             sides = int(rest) if rest.isdigit() and 2 <= int(rest) <= 1_000_000 else 6
             return f"{sender} rolls {self.roll(sides)} (1-{sides})"
         if command == "!who":
-            names = sorted(self.members(), key=str.casefold)
+            names = sorted(self.members(room), key=str.casefold)
             return f"{len(names)} here: {', '.join(names)}"
         return None
 
@@ -168,7 +181,8 @@ def _say(line: str) -> None:
 
 
 def join_until(endpoint: str, name: str, stop: threading.Event,
-               give_up: float | None, keys: ClientKeys | None = None) -> Client | None:
+               give_up: float | None, keys: ClientKeys | None = None,
+               rooms: Sequence[str] = (ROOM,)) -> Client | None:
     """Join, waiting while the broker is unreachable; None if stopped.
 
     The client retries by itself (``give_up=False``); each wait is short
@@ -176,7 +190,7 @@ def join_until(endpoint: str, name: str, stop: threading.Event,
     """
     deadline = None if give_up is None else time.monotonic() + give_up
     waiting_said = False
-    client = Client(endpoint, name, keys=keys)
+    client = Client(endpoint, name, keys=keys, rooms=tuple(rooms))
     while not stop.is_set():
         attempt = JOIN_ATTEMPT if deadline is None else max(
             0.1, min(JOIN_ATTEMPT, deadline - time.monotonic()))
@@ -198,9 +212,18 @@ def join_until(endpoint: str, name: str, stop: threading.Event,
 
 def run_bot(bot: Bot, client: Client, stop: threading.Event) -> int:
     """Feed ``bot`` the client's events and send its replies until stopped."""
-    _say(f"{bot.name}: joined {client.endpoint} as {client.name}")
-    # The library keeps the member list up to date from joined/left events.
-    bot.members = lambda: [m.name for m in list(client.members.values())]
+    rooms = ", ".join("#" + room for room in client.entered_rooms)
+    _say(f"{bot.name}: joined {client.endpoint} as {client.name} in {rooms}")
+    welcome = client.welcome
+    for refused in welcome.refused if welcome is not None else ():
+        _say(f"{bot.name}: could not enter #{refused.room}: {refused.code}")
+
+    def members(room: str) -> list[str]:
+        # The library keeps each room's members up to date from its events.
+        state = client.room_state(room)
+        return [m.name for m in list(state.members)] if state is not None else []
+
+    bot.members = members
 
     def report(what: str) -> Callable[[Future[Any]], None]:
         def done(fut: Future[Any]) -> None:
@@ -220,10 +243,18 @@ def run_bot(bot: Bot, client: Client, stop: threading.Event) -> int:
             if item.state == ClientStatus.CLOSED:
                 return EXIT_CLOSED
             continue
+        if isinstance(item, Invited):
+            # Invited to a room (a private one, say): a bot goes where it is asked.
+            _say(f"{bot.name}: {item.from_} invites us to #{item.room}")
+            try:
+                client.enter(item.room, timeout=ENTER_WAIT)
+            except ClientError as exc:
+                _say(f"{bot.name}: could not enter #{item.room}: {exc}")
+            continue
         for reply in bot.on_item(item, time.time()):
             try:
                 if reply.to is None:
-                    fut: Future[Any] = client.send_nowait(reply.text)
+                    fut: Future[Any] = client.send_nowait(reply.text, room=reply.room)
                 else:
                     fut = client.dm_nowait(reply.to, reply.text)
             except ClientClosed:
@@ -250,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the broker's input endpoint (env ZCHAT_CONNECT; default %(default)s)")
     p.add_argument("--name", metavar="NAME", action="append", default=[],
                    help="name of each bot, in order (default: the bot's kind)")
+    p.add_argument("--join", metavar="ROOMS", action="append",
+                   default=[env("JOIN")] if env("JOIN") else [],
+                   help="rooms every bot enters, comma-separated ('#dev,#ops'; repeatable; "
+                        "env ZCHAT_JOIN; default: lobby)")
     p.add_argument("--give-up", metavar="SECONDS", type=float, default=None,
                    help="exit 3 if the broker cannot be reached within this time "
                         "(default: keep waiting)")
@@ -262,6 +297,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bots: more --name options than bots", file=sys.stderr)
         return EXIT_USAGE
     names = args.name + args.bots[len(args.name):]
+    rooms: list[str] = []
+    for word in (w.strip() for item in args.join for w in item.split(",")):
+        if not word:
+            continue
+        try:
+            room = room_name(word)
+        except ValueError as exc:
+            print(f"bots: --join: {word} cannot be a room: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if room not in rooms:
+            rooms.append(room)
     try:
         keys = keys_from_env()  # CURVE, when ZCHAT_SERVER_KEY and ZCHAT_KEY are set
     except KeyFileError as exc:
@@ -272,7 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def one(kind: str, name: str) -> None:
         try:
-            client = join_until(args.connect, name, stop, args.give_up, keys)
+            client = join_until(args.connect, name, stop, args.give_up, keys,
+                                rooms or (ROOM,))
         except BrokerUnreachable:
             print(f"bots: {name}: broker unreachable at {args.connect}", file=sys.stderr)
             results.append(EXIT_UNREACHABLE)

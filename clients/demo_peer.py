@@ -1,11 +1,20 @@
 """A scripted chat peer for the Docker demo: a ball passed round a ring of peers.
 
 Each peer of the docker-compose demo runs in its own container and is told
-the ring, e.g. ``alice,bob,dave``. Once every peer of the ring is in the room,
-the first one says ``@bob 1/9 ...``; whoever is named takes the ball and,
-after ``--pace`` seconds, passes it on to the next (``@dave 2/9 ...``), round
-and round until the last hop. A hop is only taken when the message naming
-its taker has crossed the broker, so a finished ring proves that every
+the ring, e.g. ``alice,bob,dave``, and the rooms, e.g. ``lobby,+backstage``.
+Once every peer of the ring is in every room, the first one says
+``@bob 1/9 ...``; whoever is named takes the ball and, after ``--pace``
+seconds, passes it on to the next (``@dave 2/9 ...``), round and round until
+the last hop. The ball crosses rooms: hop N is said in the N-th room of the
+list, round robin (hop 1 in lobby, hop 2 in backstage, hop 3 in lobby...).
+
+A room written ``+name`` is private (invite only): the first peer of the
+ring creates it as such, and invites each ring peer it sees in the first
+public room; the others enter it when invited. So the demo shows a private
+room across containers, which nobody outside the ring (the bots) can see.
+
+A hop is only taken when the message naming its taker has crossed the
+broker, so a finished ring proves that every
 peer's messages reached the others. Every peer then leaves and exits 0; a
 peer that has not seen the ring finish within ``--timeout`` leaves and exits
 1, naming the peers it never heard from. SIGTERM or SIGINT (``docker compose
@@ -16,9 +25,9 @@ The rules of the game are ``Relay``, a pure object fed with room events
 from the command line or from ``ZCHAT_*`` environment variables::
 
     ZCHAT_CONNECT=tcp://broker:5555 ZCHAT_NAME=alice ZCHAT_RING=alice,bob,dave \\
-        python -m zchat.clients.demo_peer
+        ZCHAT_ROOMS=lobby,+backstage python -m zchat.clients.demo_peer
 
-Defines ``Relay``, ``Pass`` (a hop to say), ``run`` and ``main``.
+Defines ``Relay``, ``Pass`` (a hop to say), ``parse_rooms``, ``run`` and ``main``.
 """
 
 from __future__ import annotations
@@ -35,11 +44,19 @@ from dataclasses import dataclass, field
 from zchat import BrokerUnreachable, Client, ClientError, Joined, Left, Message, Status
 from zchat.display import printable
 from zchat.keys import ClientKeys, KeyFileError, keys_from_env
-from zchat.protocol import ClientStatus, fold_name
+from zchat.protocol import ROOM, ClientStatus, Invited, fold_name
 
-from .options import EXIT_OK, EXIT_TIMEOUT, EXIT_UNREACHABLE, EXIT_USAGE, env, on_signals
+from .options import (
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    env,
+    on_signals,
+    room_name,
+)
 
-__all__ = ["Pass", "Relay", "main", "run"]
+__all__ = ["Pass", "Relay", "main", "parse_rooms", "run"]
 
 EXIT_INCOMPLETE = EXIT_TIMEOUT  # timed out before the ball came round, or was kicked
 
@@ -49,11 +66,12 @@ HOP = re.compile(r"^@(?P<taker>\S+) (?P<hop>\d+)/(?P<total>\d+)\b")
 
 @dataclass(frozen=True, slots=True)
 class Pass:
-    """A hop this peer must say: ``@taker hop/total``."""
+    """A hop this peer must say: ``@taker hop/total``, in ``room``."""
 
     taker: str
     hop: int
     total: int
+    room: str = ROOM
 
     def text(self, sender: str, addr: str) -> str:
         return f"@{self.taker} {self.hop}/{self.total} catch! ({sender} at {addr})"
@@ -69,7 +87,8 @@ class Relay:
     name: str
     ring: list[str]
     rounds: int = 3
-    present: set[str] = field(default_factory=set)
+    rooms: list[str] = field(default_factory=lambda: [ROOM])  # hop N goes in rooms[N-1 % len]
+    present: dict[str, set[str]] = field(default_factory=dict)  # room -> folded names
     heard: set[str] = field(default_factory=set)
     last_hop: int = 0
     started: bool = False
@@ -82,7 +101,10 @@ class Relay:
             raise ValueError("the ring needs two or more distinct names")
         if self.rounds < 1:
             raise ValueError("rounds must be at least 1")
-        self.present.add(fold_name(self.name))
+        if not self.rooms or len(set(self.rooms)) != len(self.rooms):
+            raise ValueError("the rooms must be one or more distinct names")
+        for room in self.rooms:
+            self.present.setdefault(room, set()).add(fold_name(self.name))
 
     @property
     def total(self) -> int:
@@ -94,8 +116,14 @@ class Relay:
 
     @property
     def missing(self) -> list[str]:
-        """Ring peers not in the room (yet)."""
-        return [peer for peer in self.ring if fold_name(peer) not in self.present]
+        """Ring peers not in every room (yet)."""
+        return [peer for peer in self.ring
+                if any(fold_name(peer) not in self.present.get(room, set())
+                       for room in self.rooms)]
+
+    def room_of(self, hop: int) -> str:
+        """The room hop number ``hop`` (from 1) is said in."""
+        return self.rooms[(hop - 1) % len(self.rooms)]
 
     @property
     def unheard(self) -> list[str]:
@@ -110,13 +138,13 @@ class Relay:
         keys = [fold_name(p) for p in self.ring]
         return self.ring[(keys.index(fold_name(peer)) + 1) % len(self.ring)]
 
-    def arrived(self, name: str) -> Pass | None:
-        """``name`` is in the room; the first peer throws once everyone is."""
-        self.present.add(fold_name(name))
+    def arrived(self, name: str, room: str = ROOM) -> Pass | None:
+        """``name`` is in ``room``; the first peer throws once everyone is everywhere."""
+        self.present.setdefault(room, set()).add(fold_name(name))
         return self._maybe_start()
 
-    def departed(self, name: str) -> None:
-        self.present.discard(fold_name(name))
+    def departed(self, name: str, room: str = ROOM) -> None:
+        self.present.get(room, set()).discard(fold_name(name))
 
     def message(self, sender: str, text: str) -> Pass | None:
         """A room message; returns the hop to pass if it threw the ball to us."""
@@ -132,13 +160,13 @@ class Relay:
             self.heard.add(fold_name(sender))
         if fold_name(match["taker"]) != fold_name(self.name) or hop >= self.total:
             return None
-        return Pass(self.next_of(self.name), hop + 1, self.total)
+        return Pass(self.next_of(self.name), hop + 1, self.total, self.room_of(hop + 1))
 
     def _maybe_start(self) -> Pass | None:
         if self.started or self.missing or fold_name(self.ring[0]) != fold_name(self.name):
             return None
         self.started = True
-        return Pass(self.next_of(self.name), 1, self.total)
+        return Pass(self.next_of(self.name), 1, self.total, self.room_of(1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=env("NAME", ""), help="the name to join with")
     p.add_argument("--ring", default=env("RING", ""),
                    help="comma-separated names in passing order; the first one starts")
+    p.add_argument("--rooms", default=env("ROOMS", ROOM),
+                   help="comma-separated rooms the ball goes through, in order; +NAME is a "
+                        "private room the first peer makes and invites the others to "
+                        "(default: %(default)s)")
     p.add_argument("--rounds", type=int, default=int(env("ROUNDS", "3")),
                    help="times the ball goes round (default: %(default)s)")
     p.add_argument("--pace", metavar="SECONDS", type=float, default=float(env("PACE", "1")),
@@ -185,12 +217,33 @@ def say(line: str) -> None:
     print(time.strftime("%H:%M:%S ") + line, flush=True)
 
 
+def parse_rooms(text: str) -> list[tuple[str, bool]]:
+    """``lobby,+backstage`` -> ``[("lobby", False), ("backstage", True)]`` (+: private).
+
+    Raises:
+        ValueError: a name that cannot be a room.
+    """
+    rooms: list[tuple[str, bool]] = []
+    for word in (w.strip() for w in text.split(",")):
+        if word:
+            private = word.startswith("+")
+            rooms.append((room_name(word.removeprefix("+")), private))
+    return rooms or [(ROOM, False)]
+
+
 def run(args: argparse.Namespace, stop: _Stop, keys: ClientKeys | None = None) -> int:
     """Play the ring game against the broker at ``args.connect``."""
     ring = [peer.strip() for peer in args.ring.split(",") if peer.strip()]
-    relay = Relay(args.name, ring, args.rounds)
+    rooms = parse_rooms(args.rooms)
+    names = [room for room, _ in rooms]
+    private = {room for room, hidden in rooms if hidden}
+    relay = Relay(args.name, ring, args.rounds, names)
+    first = fold_name(ring[0]) == fold_name(args.name)
     deadline = time.monotonic() + args.timeout
-    chat = Client(args.connect, args.name, timeout=10.0, keys=keys)
+    public = tuple(room for room in names if room not in private)
+    # Where peers meet before the private rooms: the first peer invites there.
+    meeting = public[0] if public else None
+    chat = Client(args.connect, args.name, timeout=10.0, keys=keys, rooms=public or (ROOM,))
     try:
         welcome = chat.connect(timeout=args.timeout)
     except BrokerUnreachable as exc:
@@ -200,16 +253,40 @@ def run(args: argparse.Namespace, stop: _Stop, keys: ClientKeys | None = None) -
         say(f"{args.name}: the broker refused the join: {exc}")
         return EXIT_INCOMPLETE
     say(f"joined as {welcome.name} from {welcome.addr}; ring {', '.join(ring)}, "
-        f"{relay.total} hops")
+        f"{relay.total} hops through {', '.join('#' + room for room in names)}")
     due: list[tuple[float, Pass]] = []  # hops to say, each at its time
-    first = relay.arrived(args.name)
-    for member in welcome.members:
-        first = relay.arrived(member.name) or first
-    if first is not None:
-        due.append((time.monotonic() + args.pace, first))
-    if relay.missing:
-        say(f"waiting for {', '.join(relay.missing)}")
+    invited: set[str] = set()  # ring peers the first peer invited to the private rooms
+
+    def throw(hop: Pass | None) -> None:
+        if hop is not None:
+            due.append((time.monotonic() + args.pace, hop))
+
+    def invite(peer: str) -> None:
+        # The first peer asks the others into the private rooms, once each.
+        key = fold_name(peer)
+        if not first or key in invited or key == fold_name(args.name) \
+                or key not in {fold_name(p) for p in ring}:
+            return
+        invited.add(key)
+        for room in sorted(private):
+            chat.invite(room, peer)
+            say(f"invited {peer} to #{room}")
+
     try:
+        if first:
+            for room in sorted(private):
+                entered = chat.enter(room, private=True)
+                say(f"made the private room #{room}")
+                for member in entered.members:
+                    throw(relay.arrived(member.name, room))
+        for room in chat.entered_rooms:
+            state = chat.room_state(room)
+            for member in state.members if state is not None else ():
+                throw(relay.arrived(member.name, room))
+                if room == meeting:
+                    invite(member.name)
+        if relay.missing:
+            say(f"waiting for {', '.join(relay.missing)}")
         while not relay.done:
             if stop.event.is_set():
                 say(f"{stop.signal}: leaving before the ball came round")
@@ -218,33 +295,43 @@ def run(args: argparse.Namespace, stop: _Stop, keys: ClientKeys | None = None) -
             now = time.monotonic()
             if now >= deadline:
                 say(f"timed out at hop {relay.last_hop}/{relay.total}; never heard: "
-                    f"{', '.join(relay.unheard) or 'nobody missing'}")
+                    f"{', '.join(relay.unheard) or 'nobody missing'}; missing from a room: "
+                    f"{', '.join(relay.missing) or 'nobody'}")
                 chat.leave("timed out")
                 return EXIT_INCOMPLETE
             while due and due[0][0] <= now:
                 _, hop = due.pop(0)
-                chat.send_nowait(hop.text(args.name, welcome.addr))
+                chat.send_nowait(hop.text(args.name, welcome.addr), room=hop.room)
             item = chat.next_event(POLL_SECONDS)
             if isinstance(item, Status) and item.state == ClientStatus.CLOSED:
                 say(f"closed by the broker: {item.detail}")
                 return EXIT_INCOMPLETE
-            if isinstance(item, Joined):
-                say(f"--> {printable(item.name)} joined from {item.addr}")
-                hop_first = relay.arrived(item.name)
-                if hop_first is not None:
-                    due.append((time.monotonic() + args.pace, hop_first))
+            if isinstance(item, Invited):
+                if item.room in private and item.room not in chat.entered_rooms:
+                    entered = chat.enter(item.room)
+                    say(f"{printable(item.from_)} invited us to #{item.room}: entered")
+                    for member in entered.members:
+                        throw(relay.arrived(member.name, item.room))
+            elif isinstance(item, Joined):
+                say(f"#{item.room} --> {printable(item.name)} joined from {item.addr}")
+                throw(relay.arrived(item.name, item.room))
+                if item.room == meeting:
+                    invite(item.name)
             elif isinstance(item, Left):
-                say(f"<-- {printable(item.name)} left")
-                relay.departed(item.name)
+                say(f"#{item.room} <-- {printable(item.name)} left")
+                relay.departed(item.name, item.room)
             elif isinstance(item, Message):
-                say(f"<{printable(item.sender)}> {printable(item.text)}")
-                hop_next = relay.message(item.sender, item.text)
-                if hop_next is not None:
-                    due.append((time.monotonic() + args.pace, hop_next))
-        say(f"done: the ball went {relay.total}/{relay.total} round {', '.join(ring)}; "
-            f"heard {', '.join(relay.others)}")
+                say(f"#{item.room} <{printable(item.sender)}> {printable(item.text)}")
+                throw(relay.message(item.sender, item.text))
+        say(f"done: the ball went {relay.total}/{relay.total} round {', '.join(ring)} "
+            f"through {', '.join('#' + room for room in names)}; heard "
+            f"{', '.join(relay.others)}")
         chat.leave("the ball came round")
         return EXIT_OK
+    except ClientError as exc:
+        say(f"{args.name}: {exc}")
+        chat.leave("failed")
+        return EXIT_INCOMPLETE
     finally:
         chat.close()
 
@@ -256,7 +343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.name or not args.ring:
             parser.error("--name and --ring (or ZCHAT_NAME and ZCHAT_RING) are needed")
         ring = [peer.strip() for peer in args.ring.split(",") if peer.strip()]
-        Relay(args.name, ring, args.rounds)  # checks the ring before joining
+        # Checks the ring and the rooms before joining.
+        rooms = parse_rooms(args.rooms)
+        Relay(args.name, ring, args.rounds, [room for room, _ in rooms])
+        if all(hidden for _, hidden in rooms):
+            raise ValueError("one room at least must be public: the peers meet there")
         keys = keys_from_env()  # CURVE, when ZCHAT_SERVER_KEY and ZCHAT_KEY are set
     except (ValueError, KeyFileError) as exc:
         print(f"demo_peer: {exc}", file=sys.stderr)

@@ -66,6 +66,7 @@ from zchat import (
     Client,
     ClientClosed,
     ClientError,
+    Direct,
     HandshakeFailed,
     Joined,
     Left,
@@ -78,9 +79,32 @@ from zchat import (
     Status,
 )
 from zchat.display import name_colour, printable
-from zchat.protocol import ClientStatus, check_name, fold_name
+from zchat.protocol import ROOM, ClientStatus, Invited, TopicChanged, check_name, fold_name
 
-from .commands import Clear, Help, Invalid, Nick, Private, Quit, Say, Who, complete, parse_line
+from .commands import (
+    Clear,
+    CloseWindow,
+    Command,
+    Help,
+    Invalid,
+    Invite,
+    JoinRoom,
+    Kick,
+    ListRooms,
+    Mode,
+    Nick,
+    PartRoom,
+    Private,
+    Query,
+    Quit,
+    RoomAction,
+    Say,
+    Topic,
+    Who,
+    complete,
+    parse_line,
+)
+from .commands import Window as GoWindow
 from .options import EXIT_CLOSED, EXIT_HANDSHAKE, EXIT_OK, Options, on_signals
 from .outbox import Outbox, Outgoing
 from .render import (
@@ -93,16 +117,21 @@ from .render import (
     Line,
     SentPrivate,
     View,
+    entered_line,
     help_lines,
+    invited_line,
     notice,
     pending_line,
     refusal,
     render,
+    room_lines,
+    room_refusal,
     to_ansi,
     wants_attention,
     who_line,
     wrap,
 )
+from .windows import Kind, Window, Windows, status_line
 
 __all__ = ["Inbox", "Session", "run_interactive"]
 
@@ -111,6 +140,7 @@ JOIN_ATTEMPT = 3.0  # seconds per join attempt while the broker is unreachable
 CONTEXT_EVENTS = 200  # how far back to look for the last messages on joining
 PENDING_SHOWN = 5  # pending lines drawn above the input line; the rest counted
 SCROLLBACK = 5000  # lines kept for the pager
+PUT_OUT = ("kicked", "banned", "closed")  # our own `left` reasons that keep the window
 
 
 def show(lines: Iterable[Line], kept: collections.deque[str] | None = None) -> None:
@@ -168,18 +198,19 @@ class Inbox:
 
 
 class _NameCompleter(Completer):
-    def __init__(self, names: Callable[[], list[str]]) -> None:
+    def __init__(self, names: Callable[[], list[str]], rooms: Callable[[], list[str]]) -> None:
         self.names = names
+        self.rooms = rooms
 
     def get_completions(self, document: Document,
                         complete_event: CompleteEvent) -> Iterable[Completion]:
-        size, options = complete(document.text_before_cursor, self.names())
+        size, options = complete(document.text_before_cursor, self.names(), self.rooms())
         for option in options:
             yield Completion(option, start_position=-size, display=option.rstrip(": "))
 
 
 class Session:
-    """One joined chat session in the terminal."""
+    """One joined chat session in the terminal, with its windows."""
 
     def __init__(self, options: Options, client: Client, inbox: Inbox) -> None:
         self.options = options
@@ -195,6 +226,8 @@ class Session:
             self.outbox.set_limits(client.welcome.rate, client.welcome.burst)
         self._outbox_changed = asyncio.Event()
         self.kept: collections.deque[str] = collections.deque(maxlen=SCROLLBACK)
+        self.windows = Windows()
+        self.listed: set[str] = set()  # rooms the last /list named, for Tab
         # After a history_lost: the new history's events, up to this seq,
         # are gathered and only the last messages shown.
         self._catchup: list[Item] | None = None
@@ -202,7 +235,7 @@ class Session:
         self.prompt = PromptSession[str](
             message=self._prompt_text,
             history=InMemoryHistory(),
-            completer=_NameCompleter(self._names),
+            completer=_NameCompleter(self._names, self._rooms),
             complete_while_typing=False,
             reserve_space_for_menu=4,
             # The broker's own line shows what we said; the typed one goes.
@@ -250,6 +283,29 @@ class Session:
         def _page_down(event: KeyPressEvent) -> None:
             self._scroll(up=False)
 
+        # irssi's window keys: Alt-1..9 (Alt-0 is window 10), Ctrl-N, Ctrl-P.
+        # They win over prompt_toolkit's own Ctrl-N/Ctrl-P (history, which
+        # Up and Down still do).
+        def go_to(number: int) -> Callable[[KeyPressEvent], None]:
+            def go(event: KeyPressEvent) -> None:
+                window = self.windows.go_number(number)
+                if window is not None:
+                    self._redraw()
+            return go
+
+        for digit in "1234567890":
+            keys.add("escape", digit)(go_to(int(digit) or 10))
+
+        @keys.add("c-n")
+        def _next(event: KeyPressEvent) -> None:
+            self.windows.step(1)
+            self._redraw()
+
+        @keys.add("c-p")
+        def _previous(event: KeyPressEvent) -> None:
+            self.windows.step(-1)
+            self._redraw()
+
         return keys
 
     def _scroll(self, up: bool) -> None:
@@ -266,8 +322,7 @@ class Session:
             return  # the session is always at the bottom
         pager = shutil.which("less")
         if pager is None:
-            self.show([notice("scroll back with your terminal (Shift-PageUp)", time.time(),
-                              self.view)])
+            self.say("scroll back with your terminal (Shift-PageUp)")
             return
         text = "\n".join(self.kept) + "\n"
 
@@ -276,11 +331,63 @@ class Session:
 
         self._keep(asyncio.ensure_future(run_in_terminal(page, in_executor=True)))
 
+    # ------------------------------------------------------------ windows
+
     def show(self, lines: Iterable[Line]) -> None:
+        """Print lines on the screen now (they belong to the current window)."""
         show(lines, self.kept)
 
+    def put(self, window: Window, lines: list[Line], mention: bool = False) -> None:
+        """Keep lines in their window; print them if it is the current one."""
+        if self.windows.add(window, lines, mention):
+            self.show(lines)
+        else:
+            self._refresh_prompt()  # the status line shows the activity
+
+    def say(self, text: str, style: str = YELLOW, window: Window | None = None) -> None:
+        """One line of the client's own, in the current window (or ``window``)."""
+        self.put(window or self.windows.current, [notice(text, time.time(), self.view, style)])
+
+    def _redraw(self) -> None:
+        """Show the current window: a clear screen, then its last lines."""
+        window = self.windows.current
+        if self.prompt.app.is_running:
+            self.prompt.app.renderer.clear()
+        size = shutil.get_terminal_size()
+        header = notice(f"window {self.windows.number(window)}: {window.label}", time.time(),
+                        self.view, DIM)
+        self.show([header, *list(window.lines)[-size.lines:]])
+        self._refresh_prompt()
+
+    def _room_window(self, room: str) -> Window | None:
+        """The window of a room we are (or were) in; opened for a room we are in."""
+        window = self.windows.find(Kind.ROOM, room)
+        if window is None and room in self.client.entered_rooms:
+            window = self.windows.room(room)
+        return window
+
+    def _target(self, room: str | None = None) -> str | None:
+        """The room a command is about: ``room``, else the current window's;
+        None (and a line saying why) when there is none."""
+        if room is not None:
+            return room
+        window = self.windows.current
+        if window.kind == Kind.ROOM:
+            return window.name
+        self.say("this window is not a room: go to one (Alt-2…) or name it (#room)")
+        return None
+
     def _names(self) -> list[str]:
-        return [member.name for member in list(self.client.members.values())]
+        window = self.windows.current
+        if window.kind == Kind.QUERY:
+            return [window.name]
+        state = self.client.room_state(window.name) if window.kind == Kind.ROOM else None
+        if state is None:
+            return []
+        return [member.name for member in list(state.members)]
+
+    def _rooms(self) -> list[str]:
+        return sorted(set(self.windows.rooms) | self.listed)
 
     def _prompt_text(self) -> ANSI:
         colour = f"1;38;5;{name_colour(self.client.name)}"
@@ -296,6 +403,8 @@ class Session:
         if len(pending) > PENDING_SHOWN:
             lines.insert(0, to_ansi(((DIM, f"(pending) … and {len(pending) - PENDING_SHOWN} "
                                            "more before these"),)))
+        # irssi's status bar, just above the input line.
+        lines.append(to_ansi(status_line(self.windows)))
         return ANSI("\n".join([*lines, prompt]))
 
     def _refresh_prompt(self) -> None:
@@ -329,7 +438,7 @@ class Session:
             self.client.close()
             return EXIT_CLOSED
         await asyncio.to_thread(self.client.leave, self.quit_reason)
-        show([notice("you left the room", time.time(), self.view, GREEN)])
+        show([notice("you left the chat", time.time(), self.view, GREEN)])
         return EXIT_OK
 
     def _on_signal(self, sig: int) -> None:
@@ -352,25 +461,55 @@ class Session:
             pass
 
     async def _intro(self) -> None:
+        """The status window, then a window per room entered, the first current."""
         welcome = self.client.welcome
         now = time.time()
         if welcome is None:
             return
-        lines = [notice(f"joined the {printable(welcome.room)} room at {self.client.endpoint} "
-                        f"as {printable(welcome.name)} (your address: {printable(welcome.addr)})",
-                        now, self.view, GREEN)]
-        if self.options.history:
-            after = max(0, welcome.seq - CONTEXT_EVENTS)
-            try:
-                recent = await asyncio.to_thread(self.client.history, after, CONTEXT_EVENTS, 5.0)
-            except ClientError:
-                recent = []
-            lines += last_messages([e for e in recent if e.seq <= welcome.seq],
-                                   self.options.history, self.view, now)
-        lines.append(who_line(welcome.members, self.view, now))
-        lines.append(notice("type a message and press Enter; /help lists the commands",
-                            now, self.view, GREEN))
-        self.show(lines)
+        rooms = list(self.client.entered_rooms)
+        where = (f"the {printable(rooms[0])} room" if len(rooms) == 1 else
+                 f"the rooms {', '.join('#' + r for r in rooms)}" if rooms else "no room")
+        joined = notice(f"joined {where} at {self.client.endpoint} as {printable(welcome.name)} "
+                        f"(your address: {printable(welcome.addr)})", now, self.view, GREEN)
+        self.windows.add(self.windows.status, [joined])
+        for refused in welcome.refused:
+            self.windows.add(self.windows.status, [notice(
+                room_refusal("enter", refused.room, refused.code), now, self.view, RED)])
+        for room in rooms:
+            window = self.windows.room(room)
+            state = self.client.room_state(room)
+            lines = [joined]
+            if state is not None:
+                window.topic = state.topic
+                lines.append(entered_line(room, state.topic, {
+                    "private": state.private, "moderated": state.moderated}, now, self.view))
+            if self.options.history:
+                lines += await self._last_messages(room, now)
+            if state is not None:
+                lines.append(who_line(state.members, self.view, now, ops=state.ops,
+                                      count=state.count))
+            lines.append(notice("type a message and press Enter; /help lists the commands",
+                                now, self.view, GREEN))
+            self.windows.add(window, lines)
+        for window in self.windows.all:
+            window.unread = 0  # the intro is not news
+        shown = self.options.room or (rooms[0] if rooms else None)  # --room's first
+        first = self.windows.find(Kind.ROOM, shown) if shown else None
+        self.windows.go(first or self.windows.status)
+        self.show(list(self.windows.current.lines))
+
+    async def _last_messages(self, room: str, now: float) -> list[Line]:
+        state = self.client.room_state(room)
+        if state is None:
+            return []
+        after = max(0, state.last_seq - CONTEXT_EVENTS)
+        try:
+            recent = await asyncio.to_thread(self.client.history, after, room=room,
+                                             limit=CONTEXT_EVENTS, timeout=5.0)
+        except ClientError:
+            return []
+        return last_messages([e for e in recent if e.seq <= state.last_seq],
+                             self.options.history, self.view, now)
 
     async def _show_items(self, items: asyncio.Queue[Item]) -> None:
         while True:
@@ -378,25 +517,68 @@ class Session:
             while not items.empty():
                 batch.append(items.get_nowait())
             now = time.time()
-            lines: list[Line] = []
+            shown: list[Line] = []
             ring = False
             for item in batch:
-                shown = self._lines_for(item, now)
-                lines += shown
-                ring = ring or bool(shown and wants_attention(item, self.client.name))
-            self.show(lines)
+                for window, lines, mention in self._placed(item, now):
+                    if self.windows.add(window, lines, mention):
+                        shown += lines
+                    ring = ring or (mention and bool(lines))
+            self.show(shown)
+            self._refresh_prompt()  # activity in the status line
             if ring and self.prompt.app.is_running:
                 self.prompt.app.output.bell()
             if self.closed is not None:
                 self._stop_prompt()  # after the line that says why
 
-    def _lines_for(self, item: Item, now: float) -> list[Line]:
-        """What to show for an item, tracking the connection on the way."""
+    def _placed(self, item: Item, now: float) -> list[tuple[Window, list[Line], bool]]:
+        """Which windows an item's lines go to, and whether it is a mention."""
+        windows = self.windows
         if isinstance(item, Status):
-            return [render(item, self.view, now)] if self._note(item) else []
+            if not self._note(item):
+                return []
+            line = [render(item, self.view, now)]
+            room = windows.find(Kind.ROOM, item.room) if item.room else None
+            if room is not None:
+                # About one room (lost events, not entered again after a
+                # reconnect): its window says it, the status window keeps it.
+                if item.state == ClientStatus.REFUSED:
+                    room.joined = False
+                windows.status.lines.extend(line)
+                return [(room, line, False)]
+            # Connection changes concern every window: the one being looked
+            # at says them, and the status window keeps them (as news only
+            # when it is not already on the screen).
+            if windows.current is windows.status:
+                return [(windows.status, line, False)]
+            windows.status.lines.extend(line)
+            return [(windows.current, line, False)]
+        if isinstance(item, Direct):
+            return [(windows.query(item.sender), [render(item, self.view, now)], True)]
+        if isinstance(item, SentPrivate):
+            line = [render(item, self.view, now)]
+            query = windows.query(item.to)
+            placed = [(query, line, False)]
+            if windows.current is not query:  # said here, echoed here too
+                placed.append((windows.current, line, False))
+            return placed
+        if isinstance(item, Invited):
+            line = [invited_line(item.room, item.from_, now, self.view)]
+            placed = [(windows.status, line, True)]
+            if windows.current is not windows.status:
+                placed.append((windows.current, line, True))
+            return placed
+        window = self._room_window(item.room)
+        if window is None:
+            return []  # a room we parted: its last events are of no interest
+        return [(window, self._room_lines(item, window, now), wants_attention(
+            item, self.client.name))]
+
+    def _room_lines(self, item: Item, window: Window, now: float) -> list[Line]:
+        """What to show for a room event, tracking the room on the way."""
         lines: list[Line] = []
         seq = getattr(item, "seq", None)
-        if self._catchup is not None and isinstance(seq, int):
+        if self._catchup is not None and isinstance(seq, int) and window.name == ROOM:
             if seq <= self._catchup_until:
                 self._catchup.append(item)
                 if seq < self._catchup_until:
@@ -406,7 +588,13 @@ class Session:
             self._catchup = None
             if seq <= self._catchup_until:
                 return lines
+        if isinstance(item, TopicChanged):
+            window.topic = item.text
         if isinstance(item, Joined | Left) and fold_name(item.name) == fold_name(self.client.name):
+            if isinstance(item, Left) and item.reason in PUT_OUT:
+                # Put out of the room: the window stays, to say so.
+                window.joined = False
+                return [*lines, render(item, self.view, now)]
             # Our own comings and goings (a reconnect, a broker shutdown) are
             # said by the connection lines; the room's echo of them is noise.
             return lines
@@ -449,28 +637,173 @@ class Session:
             self._run_command(command)
         return True
 
-    def _run_command(self, command: Say | Private | Who | Help | Clear | Nick | Invalid) -> None:
+    def _run_command(self, command: Command) -> None:
         now = time.time()
         if isinstance(command, Say):
-            # Pasted lines go out one message each, as typed ones would.
-            for text in _pieces(command.text):
-                self.outbox.put(Outgoing(text))
+            self._say_here(command.text)
         elif isinstance(command, Private):
             for text in _pieces(command.text):
                 self.outbox.put(Outgoing(text, command.to))
+        elif isinstance(command, Query):
+            self.windows.go(self.windows.query(command.name))
+            self._redraw()
         elif isinstance(command, Who):
-            self._spawn(self._who())
+            if (room := self._target()) is not None:
+                self._spawn(self._who(room))
         elif isinstance(command, Help):
-            self.show(help_lines(self.view, now))
+            self.put(self.windows.current, help_lines(self.view, now))
         elif isinstance(command, Clear):
+            self.windows.current.lines.clear()
             self.prompt.app.renderer.clear()
         elif isinstance(command, Nick):
-            self.show([notice(f"a name is kept for the whole session: /quit, then join again "
-                              f"with --name {printable(command.name)}", now, self.view)])
+            self.say(f"a name is kept for the whole session: /quit, then join again "
+                     f"with --name {printable(command.name)}")
+        elif isinstance(command, GoWindow):
+            self._switch(command)
+        elif isinstance(command, Invalid):
+            self.say(command.why)
         else:
-            self.show([notice(command.why, now, self.view)])
+            self._room_command(command)
         self._outbox_changed.set()
         self._refresh_prompt()
+
+    def _say_here(self, text: str) -> None:
+        """A line typed in the current window: to its room, or its person."""
+        window = self.windows.current
+        if window.kind == Kind.STATUS:
+            self.say("this is the status window: /join #room, or go to a room's window "
+                     "(Alt-2…) to talk")
+            return
+        if window.kind == Kind.ROOM and not window.joined:
+            self.say(f"you are not in #{window.name}: /join #{window.name}")
+            return
+        # Pasted lines go out one message each, as typed ones would.
+        for piece in _pieces(text):
+            if window.kind == Kind.QUERY:
+                self.outbox.put(Outgoing(piece, window.name))
+            else:
+                self.outbox.put(Outgoing(piece, room=window.name))
+
+    def _switch(self, command: GoWindow) -> None:
+        if command.number is not None:
+            if self.windows.go_number(command.number) is None:
+                self.say(f"there is no window {command.number}")
+                return
+        else:
+            self.windows.step(command.step)
+        self._redraw()
+
+    def _room_command(self, command: Command) -> None:
+        """The commands that ask the broker something about a room."""
+        client = self.client
+        if isinstance(command, JoinRoom):
+            self._spawn(self._join_room(command.room, command.private))
+            return
+        if isinstance(command, ListRooms):
+            self._spawn(self._list_rooms())
+            return
+        if isinstance(command, CloseWindow):
+            window = self.windows.current
+            if window.kind == Kind.ROOM and window.joined:
+                self._spawn(self._part_room(window.name, None))
+            else:
+                self.windows.close(window)
+                self._redraw()
+            return
+        named = command.room if isinstance(command, PartRoom | Invite) else None
+        room = self._target(named)
+        if room is None:
+            return
+        if isinstance(command, PartRoom):
+            self._spawn(self._part_room(room, command.reason))
+        elif isinstance(command, Topic) and command.text is None:
+            topic = self.windows.room(room).topic
+            self.say(f"the topic of #{room}: {printable(topic)}" if topic
+                     else f"#{room} has no topic", GREEN)
+        elif isinstance(command, Topic):
+            text = command.text or ""
+            self._ask("topic", room, lambda: client.topic(room, text))
+        elif isinstance(command, Invite):
+            name = command.name
+            self._ask("invite", room, lambda: client.invite(room, name),
+                      f"invited {printable(name)} to #{room}", name)
+        elif isinstance(command, Kick):
+            name, reason = command.name, command.reason
+            self._ask("kick", room, lambda: client.kick(room, name, reason), name=name)
+        elif isinstance(command, RoomAction):
+            act = getattr(client, command.action)  # op, deop, ban, unban
+            name = command.name
+            self._ask(command.action, room, lambda: act(room, name), name=name)
+        elif isinstance(command, Mode):
+            changes = command.changes
+            self._ask("mode", room, lambda: client.mode(room, **changes))
+
+    def _ask(self, what: str, room: str, call: Callable[[], object],
+             done: str | None = None, name: str | None = None) -> None:
+        """Ask the broker in the background; say ``done``, or why not."""
+        window = self.windows.current
+
+        async def ask() -> None:
+            try:
+                await asyncio.to_thread(call)
+            except RequestFailed as exc:
+                self.say(room_refusal(what, room, exc.code, name), RED, window)
+            except ClientError as exc:
+                self.say(f"{what} #{room}: {exc}", RED, window)
+            else:
+                if done:
+                    self.say(done, GREEN, window)
+
+        self._spawn(ask())
+
+    async def _join_room(self, room: str, private: bool) -> None:
+        try:
+            entered = await asyncio.to_thread(self.client.enter, room, private=private)
+        except RequestFailed as exc:
+            self.say(room_refusal("enter", room, exc.code), RED)
+            return
+        except ClientError as exc:
+            self.say(f"could not enter #{room}: {exc}", RED)
+            return
+        now = time.time()
+        window = self.windows.room(room)
+        window.joined = True
+        window.topic = entered.topic
+        self.windows.go(window)
+        self._redraw()
+        self.put(window, [
+            entered_line(room, entered.topic, {"private": entered.private,
+                                               "moderated": entered.moderated}, now, self.view),
+            who_line(entered.members, self.view, now, ops=entered.ops, count=entered.count),
+        ])
+
+    async def _part_room(self, room: str, reason: str | None) -> None:
+        try:
+            await asyncio.to_thread(self.client.part, room, reason)
+        except RequestFailed as exc:
+            self.say(room_refusal("part", room, exc.code), RED)
+            return
+        except ClientError as exc:
+            self.say(f"could not leave #{room}: {exc}", RED)
+            return
+        window = self.windows.find(Kind.ROOM, room)
+        if window is not None:
+            was_current = window is self.windows.current
+            self.windows.close(window)  # irssi closes a parted room's window
+            if was_current:
+                self._redraw()
+        self.say(f"you left #{room}", GREEN)
+
+    async def _list_rooms(self) -> None:
+        window = self.windows.current
+        try:
+            rooms = await asyncio.to_thread(self.client.rooms)
+        except ClientError as exc:
+            self.say(f"/list: {exc}", RED, window)
+            return
+        self.listed = {info.name for info in rooms}
+        self.put(window, room_lines([(r.name, r.count, r.topic, r.private) for r in rooms],
+                                    self.view, time.time()))
 
     async def _send_outbox(self) -> None:
         """Send what the outbox releases, when it releases it."""
@@ -479,7 +812,7 @@ class Session:
             for line in self.outbox.take(now):
                 future: Future[Any]
                 if line.to is None:
-                    future = self.client.send_nowait(line.text)
+                    future = self.client.send_nowait(line.text, room=line.room)
                 else:
                     future = self.client.dm_nowait(line.to, line.text)
                 self._spawn(self._settle(line, future))
@@ -520,23 +853,33 @@ class Session:
             self.outbox.refused(line, time.monotonic())
         except RequestFailed as exc:
             self.outbox.failed(line)
-            self.show([notice(refusal(exc.code, exc.detail, line.text, line.to), time.time(),
-                              self.view, RED)])
+            # Where it was typed (a refused private message opens no window).
+            window = (self.windows.find(Kind.QUERY, line.to) if line.to is not None
+                      else self._room_window(line.room)) or self.windows.current
+            self.say(refusal(exc.code, exc.detail, line.text, line.to, line.room), RED, window)
         else:
             self.outbox.acked(line)
             if line.to is not None:  # the echo of what was delivered, and only that
-                self.show([render(SentPrivate(line.to, line.text, time.time()), self.view)])
+                now = time.time()
+                for window, lines, _ in self._placed(SentPrivate(line.to, line.text, now), now):
+                    self.put(window, lines)
         self._outbox_changed.set()
         self._refresh_prompt()
 
-    async def _who(self) -> None:
+    async def _who(self, room: str) -> None:
         now = time.time()
+        window = self.windows.current
+        state = self.client.room_state(room)
+        ops = state.ops if state is not None else ()
         try:
-            members = await asyncio.to_thread(self.client.who, 3.0)
+            members = await asyncio.to_thread(self.client.who, room=room, timeout=3.0)
+        except RequestFailed as exc:
+            self.say(room_refusal("who", room, exc.code), RED, window)
+            return
         except ClientError:
-            members = list(self.client.members.values())
-            self.show([notice("not connected: the last known members are", now, self.view)])
-        self.show([who_line(members, self.view, now)])
+            members = list(state.members) if state is not None else []
+            self.say("not connected: the last known members are", window=window)
+        self.put(window, [who_line(members, self.view, now, ops=ops)])
 
 
 def _pieces(text: str) -> list[str]:
@@ -586,7 +929,8 @@ def join(options: Options) -> tuple[Client, Inbox] | None:
             continue
         if client is None:
             inbox = Inbox()
-            client = Client(options.connect, name, on_item=inbox.put, keys=options.keys)
+            client = Client(options.connect, name, on_item=inbox.put, keys=options.keys,
+                            rooms=options.rooms)
         try:
             # The client retries by itself; the timeout only says when to
             # tell the user that it is doing so.

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import overload
 
+from zchat.errors import ProtocolError
 from zchat.keys import ClientKeys, KeyFileError, load_client_keys
+from zchat.protocol import check_room
 
 __all__ = [
     "DEFAULT_CONNECT",
@@ -37,6 +39,7 @@ __all__ = [
     "env",
     "on_signals",
     "parse_options",
+    "room_name",
 ]
 
 EXIT_OK = 0
@@ -60,9 +63,21 @@ input line is sent as a message and events are printed one per line.
 """
 
 EPILOG = """\
-interactive commands:
-  TEXT                   say TEXT to the room (//TEXT says a text that starts with /)
-  /msg NAME TEXT         a private message, seen by NAME only
+interactive commands (irssi's):
+  TEXT                   say TEXT in the current window's room, or to its person
+                         (//TEXT says a text that starts with /)
+  /msg NAME TEXT         a private message, seen by NAME only (in NAME's window)
+  /query NAME            open a window for private messages with NAME
+  /join #ROOM, /j        enter a room, in a window of its own (made if new;
+                         /join -private #ROOM makes it invite-only)
+  /part [#ROOM] [WHY]    leave this window's room (or #ROOM)
+  /list                  the rooms there are; /topic [TEXT] shows or sets this one's
+  /invite NAME [#ROOM]   invite NAME here (or to #ROOM)
+  /kick NAME [WHY], /ban NAME, /unban NAME, /op NAME, /deop NAME  (room operators)
+  /mode +p|-p +m|-m +t|-t   private, moderated, topic by operators only
+  Alt-1..9, Ctrl-N, Ctrl-P  go to window N, the next, the previous (/window N);
+                         the status line above the input shows every window,
+                         +N for unread lines and ! for a mention; /close closes one
   /me ACTION             an action, shown as "* you ACTION"
   /who, /names           who is here, with addresses
   /clear                 clear the screen
@@ -70,7 +85,7 @@ interactive commands:
   /help                  the commands
   /quit, /exit [REASON]  leave; Ctrl-D leaves too, and Ctrl-C on an empty line
   Ctrl-C clears a half-typed line; Up/Down recall what you typed; Tab completes
-  names and commands; PageUp/PageDown scroll back (tmux's copy mode in tmux,
+  names, #rooms and commands; PageUp/PageDown scroll back (tmux's copy mode in tmux,
   else a pager). Lines wait, marked (pending), until the broker took them:
   they go out at the broker's pace, and while it is away they wait for it.
 
@@ -79,11 +94,16 @@ scriptable mode:
   the broker before the next, paced at the broker's rate. At end of input it
   waits until its own messages were printed and for --expect, leaves, and
   exits, unless --stay. Its own joined and left lines are never printed. With
-  --commands, input lines may use /msg, /me, /who and /quit as above (any
-  other /word is a usage error: exit 2). SIGINT and SIGTERM leave and exit 0.
+  --commands, input lines may use /msg, /me, /who, /quit and the room commands
+  (/join #ROOM: the lines after it go to ROOM) as above (any other /word is a
+  usage error: exit 2). SIGINT and SIGTERM leave and exit 0.
+  Lines go to --room (else the first room entered). Entering rooms other than
+  lobby alone (--join, --room), each printed room event says its room after
+  the time (12:00:01 #dev <bob> hi); --json lines always carry "room".
 
-environment: ZCHAT_NAME, ZCHAT_CONNECT, ZCHAT_TIMEOUT, ZCHAT_SERVER_KEY and
-ZCHAT_KEY set the options of the same names; an option on the command line wins.
+environment: ZCHAT_NAME, ZCHAT_CONNECT, ZCHAT_JOIN, ZCHAT_ROOM, ZCHAT_TIMEOUT,
+ZCHAT_SERVER_KEY and ZCHAT_KEY set the options of the same names; an option on
+the command line wins (--join adds to ZCHAT_JOIN's rooms).
 
 exit codes:
   0  done (or left on /quit, Ctrl-D, Ctrl-C, SIGINT, SIGTERM)
@@ -135,10 +155,32 @@ class Options:
     history: int = 0
     commands: bool = False
     keys: ClientKeys | None = None  # CURVE, for a broker that encrypts
+    join: tuple[str, ...] = ()  # --join: rooms to enter at start (folded, no '#')
+    room: str | None = None  # --room: the room scripted lines go to
+
+    @property
+    def rooms(self) -> tuple[str, ...]:
+        """The rooms to enter when joining: --join's (lobby without it), and --room's."""
+        rooms = self.join or ("lobby",)
+        if self.room is not None and self.room not in rooms:
+            rooms += (self.room,)
+        return rooms
 
     @property
     def join_timeout(self) -> float:
         return self.timeout if self.timeout is not None else JOIN_TIMEOUT
+
+
+def room_name(text: str) -> str:
+    """The room ``#Dev`` or ``dev`` names, folded as the broker folds it.
+
+    Raises:
+        ValueError: it cannot be a room name (the reason is the message).
+    """
+    try:
+        return check_room(text.removeprefix("#"))
+    except ProtocolError as exc:
+        raise ValueError(exc.detail) from None
 
 
 def _positive(raw: str) -> float:
@@ -159,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect", "-c", metavar="EP",
                    default=env("CONNECT", DEFAULT_CONNECT),
                    help="the broker's input endpoint (env ZCHAT_CONNECT; default %(default)s)")
+    p.add_argument("--join", "-j", metavar="ROOMS", action="append",
+                   default=[env("JOIN")] if env("JOIN") else [],
+                   help="enter these rooms at start, comma-separated ('#dev,#ops'; the # may "
+                        "be left out; repeatable; env ZCHAT_JOIN); without it: lobby")
     p.add_argument("--history", metavar="N", type=int, default=None,
                    help="show the last N messages of the room on joining "
                         "(default 20 in a terminal, 0 in scriptable mode)")
@@ -169,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--key", metavar="FILE", default=env("KEY"),
                      help="your .key_secret file from zchat-keygen; the broker must list your "
                           ".key among its authorized keys (env ZCHAT_KEY)")
-    script = p.add_argument_group("scriptable mode (any of these but --timeout selects it)")
+    script = p.add_argument_group(
+        "scriptable mode (any of these but --timeout and --room selects it)")
     script.add_argument("--say", metavar="TEXT", action="append", default=[],
                         help="say TEXT after joining (repeatable, in order, before stdin)")
     script.add_argument("--expect", metavar="NAMES", action="append", default=[],
@@ -180,13 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
                         default=_env_timeout(),
                         help="give up (exit 1) if joining, sending and --expect take longer; "
                              "joining alone gives up after 10 s without it (env ZCHAT_TIMEOUT)")
+    script.add_argument("--room", "-r", metavar="ROOM", default=env("ROOM"),
+                        help="the room that said lines go to (entered if --join did not "
+                             "list it; default: the first room entered; env ZCHAT_ROOM); "
+                             "in a terminal, the window shown first")
     script.add_argument("--stay", action="store_true",
                         help="after the input and --expect, keep running and printing events "
                              "until SIGINT/SIGTERM")
     script.add_argument("--json", action="store_true",
                         help="print events as JSON lines (one object per line) instead of text")
     script.add_argument("--commands", action="store_true",
-                        help="treat input lines starting with / as commands (/msg, /me, /quit)")
+                        help="treat input lines starting with / as commands (/msg, /me, "
+                             "/join, /part, /quit...)")
     return p
 
 
@@ -215,6 +267,23 @@ def parse_options(argv: Sequence[str] | None = None, *, tty: bool | None = None)
     if args.history is not None and args.history < 0:
         parser.error("--history must not be negative")
     expect = [name.strip() for item in args.expect for name in item.split(",") if name.strip()]
+    join: list[str] = []
+    for item in args.join:
+        for word in item.split(","):
+            if not word.strip():
+                continue
+            try:
+                entry = room_name(word.strip())
+            except ValueError as exc:
+                parser.error(f"--join: {word.strip()} cannot be a room: {exc}")
+            if entry not in join:
+                join.append(entry)
+    room = None
+    if args.room:
+        try:
+            room = room_name(args.room.strip())
+        except ValueError as exc:
+            parser.error(f"--room: {args.room} cannot be a room: {exc}")
     keys = None
     if (args.server_key is None) != (args.key is None):
         parser.error("--server-key and --key go together")
@@ -235,4 +304,6 @@ def parse_options(argv: Sequence[str] | None = None, *, tty: bool | None = None)
         history=args.history if args.history is not None else (20 if interactive else 0),
         commands=args.commands,
         keys=keys,
+        join=tuple(join),
+        room=room,
     )

@@ -77,10 +77,11 @@ _numbers = itertools.count(1)
 
 @dataclass(slots=True)
 class Outgoing:
-    """One line to send: a room message, or a private one when ``to`` is set."""
+    """One line to send: a message to ``room``, or a private one when ``to`` is set."""
 
     text: str
     to: str | None = None
+    room: str = "lobby"
     number: int = field(default_factory=lambda: next(_numbers))  # typing order
     in_flight: bool = False
 

@@ -36,7 +36,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from zchat import Direct, Joined, Left, Member, Message, Notice, OtherEvent, Status
+from zchat import (
+    Direct,
+    Invited,
+    Joined,
+    Left,
+    Member,
+    Message,
+    ModeChanged,
+    Notice,
+    OtherEvent,
+    Status,
+    TopicChanged,
+)
 from zchat.display import name_colour, printable
 from zchat.protocol import ClientStatus, ErrorCode, LeaveReason, fold_name
 
@@ -47,15 +59,23 @@ __all__ = [
     "SentPrivate",
     "Span",
     "View",
+    "entered_line",
     "help_lines",
+    "in_room",
+    "invited_line",
     "is_action",
     "item_json",
+    "mode_changes",
+    "mode_line",
     "notice",
     "pending_line",
     "refusal",
     "render",
+    "room_lines",
+    "room_refusal",
     "to_ansi",
     "to_plain",
+    "topic_line",
     "wants_attention",
     "who_line",
     "width",
@@ -83,6 +103,9 @@ LEAVE_VERBS: dict[str, str] = {
     LeaveReason.TIMEOUT: "timed out",
     LeaveReason.KICKED: "was kicked by the operator",
     LeaveReason.SHUTDOWN: "left: the broker shut down",
+    "part": "left the room",
+    "banned": "was banned",
+    "closed": "left: the room was closed",
 }
 
 STATUS_STYLES: dict[str, str] = {
@@ -92,6 +115,7 @@ STATUS_STYLES: dict[str, str] = {
     ClientStatus.HISTORY_LOST: YELLOW,
     ClientStatus.MISSED: YELLOW,
     ClientStatus.CLOSED: RED,
+    ClientStatus.REFUSED: RED,
 }
 
 
@@ -117,7 +141,8 @@ class SentPrivate:
     ts: float
 
 
-Item: TypeAlias = Message | Joined | Left | Notice | OtherEvent | Direct | Status | SentPrivate
+Item: TypeAlias = (Message | Joined | Left | Notice | TopicChanged | ModeChanged | OtherEvent
+                  | Direct | Invited | Status | SentPrivate)
 
 
 def is_action(text: str) -> bool:
@@ -164,6 +189,10 @@ def render(item: Item, view: View, now: float | None = None) -> Line:
         )
     if isinstance(item, Left):
         verb = LEAVE_VERBS.get(item.reason, f"left [{printable(item.reason)}]")
+        if item.by and item.reason in (LeaveReason.KICKED, "banned"):
+            # v2: a room operator kicked or banned (v1: the broker's operator).
+            verb = f"was {'kicked' if item.reason == LeaveReason.KICKED else 'banned'} by " \
+                   f"{printable(item.by)}"
         detail = f": {printable(item.detail)}" if item.detail else ""
         return (
             _stamp(item.ts, view, now), (RED, "<-- "), _name(item.name, view),
@@ -172,6 +201,12 @@ def render(item: Item, view: View, now: float | None = None) -> Line:
     if isinstance(item, Notice):
         return (_stamp(item.ts, view, now), (MAGENTA, "-!- "), ("1;35", "notice: "),
                 (BOLD, printable(item.text)))
+    if isinstance(item, TopicChanged):
+        return topic_line(item.room, item.name, item.text, item.ts, view, now)
+    if isinstance(item, ModeChanged):
+        return mode_line(item.room, item.name, mode_changes(item), item.ts, view, now)
+    if isinstance(item, Invited):
+        return invited_line(item.room, item.from_, now, view)
     if isinstance(item, OtherEvent):
         return (_stamp(item.ts, view, now),
                 (DIM, f"-!- a {printable(item.type)} event (#{item.seq})"))
@@ -209,7 +244,11 @@ def _status(item: Status, view: View, now: float) -> Line:
     elif item.state == ClientStatus.HISTORY_LOST:
         text = "the broker was restarted: the room's history starts afresh"
     elif item.state == ClientStatus.MISSED:
-        text = f"{item.count} events were lost: the broker no longer keeps them"
+        where = f" in #{item.room}" if item.room else ""
+        text = f"{item.count} events{where} were lost: the broker no longer keeps them"
+    elif item.state == ClientStatus.REFUSED:
+        # A room we were in that a reconnect could not enter again.
+        text = printable(item.detail) or f"could not enter #{item.room} again"
     elif item.state == ClientStatus.CLOSED:
         text = f"disconnected: {printable(item.detail)}" if item.detail else "disconnected"
     else:
@@ -217,29 +256,133 @@ def _status(item: Status, view: View, now: float) -> Line:
     return (_stamp(now, view), (style, "-!- " + text))
 
 
+def in_room(line: Line, room: str) -> Line:
+    """``line`` with ``#room`` after its time: for output that mixes rooms."""
+    return (*line[:1], (DIM, f"#{room} "), *line[1:])
+
+
 def notice(text: str, now: float, view: View, style: str = YELLOW) -> Line:
     """A line of the client's own: help, errors, hints."""
     return (_stamp(now, view), (style, "-!- " + text))
 
 
-def who_line(members: Iterable[Member], view: View, now: float) -> Line:
-    """``-!- 3 here: alice (10.0.0.7), bob (…), carol (you)``."""
+def who_line(members: Iterable[Member], view: View, now: float,
+             ops: Iterable[str] = (), room: str | None = None,
+             count: int | None = None) -> Line:
+    """``-!- 3 here: alice (10.0.0.7), bob (…), carol (you)``; room operators
+    get irssi's ``@``; with ``room``, ``-!- 3 in #dev: …``; ``count`` says
+    how many there are when ``members`` is a first page."""
     people = sorted(members, key=lambda m: m.name.casefold())
-    spans: list[Span] = [_stamp(now, view), (GREEN, f"-!- {len(people)} here: ")]
+    operators = {fold_name(name) for name in ops}
+    where = "here" if room is None else f"in #{room}"
+    total = len(people) if count is None or count < len(people) else count
+    more = f" (the first {len(people)})" if total > len(people) else ""
+    spans: list[Span] = [_stamp(now, view), (GREEN, f"-!- {total} {where}{more}: ")]
     for index, member in enumerate(people):
         if index:
             spans.append((PLAIN, ", "))
+        if fold_name(member.name) in operators:
+            spans.append((BOLD, "@"))
         spans.append(_name(member.name, view))
         mine = fold_name(member.name) == fold_name(view.me)
         spans.append((DIM, f" ({printable(member.addr)}{', you' if mine else ''})"))
     return tuple(spans)
 
 
+MODE_NAMES = {"private": "p", "moderated": "m", "topic_ops": "t"}
+MODE_WORDS = {"private": "private (invite only)", "moderated": "moderated",
+              "topic_ops": "topic by operators only"}
+
+
+def _by(name: str, view: View) -> Span:
+    # "*": the broker's operator (zchat-admin op), not a member.
+    return (BOLD, "the broker's operator") if name == "*" else _name(name, view)
+
+
+def topic_line(room: str, name: str, text: str, ts: float, view: View,
+               now: float | None = None) -> Line:
+    """``-!- alice changed the topic of #dev to: release on friday``."""
+    stamp = _stamp(ts, view, now)
+    if not text:
+        return (stamp, (MAGENTA, "-!- "), _by(name, view),
+                (PLAIN, f" cleared the topic of #{room}"))
+    return (stamp, (MAGENTA, "-!- "), _by(name, view),
+            (PLAIN, f" changed the topic of #{room} to: "), (BOLD, printable(text)))
+
+
+def mode_line(room: str, name: str, changes: dict[str, bool | str], ts: float, view: View,
+              now: float | None = None) -> Line:
+    """``-!- mode/#dev [+p -m +o bob] by alice``, as irssi says it, and in words."""
+    flags: list[str] = []
+    words: list[str] = []
+    for key, value in changes.items():
+        if key in MODE_NAMES and isinstance(value, bool):
+            flags.append(("+" if value else "-") + MODE_NAMES[key])
+            words.append(("" if value else "not ") + MODE_WORDS[key])
+        elif key in ("op", "deop", "ban", "unban") and isinstance(value, str):
+            sign, letter = {"op": ("+", "o"), "deop": ("-", "o"),
+                            "ban": ("+", "b"), "unban": ("-", "b")}[key]
+            flags.append(f"{sign}{letter} {printable(value)}")
+            words.append({"op": "operator", "deop": "no longer operator", "ban": "banned",
+                          "unban": "no longer banned"}[key] + f": {printable(value)}")
+    return (_stamp(ts, view, now), (MAGENTA, "-!- "), (PLAIN, f"mode/#{room} "),
+            (BOLD, f"[{' '.join(flags)}]"), (PLAIN, " by "), _by(name, view),
+            (DIM, f" ({', '.join(words)})" if words else ""))
+
+
+def mode_changes(item: ModeChanged) -> dict[str, bool | str]:
+    """What a ``mode`` event changed: only the fields it set."""
+    fields = ("private", "moderated", "topic_ops", "op", "deop", "ban", "unban")
+    return {key: value for key in fields if (value := getattr(item, key)) is not None}
+
+
+def invited_line(room: str, sender: str, now: float, view: View) -> Line:
+    """``-!- bob invites you to #secret: /join #secret``."""
+    return (_stamp(now, view), (MAGENTA, "-!- "), _name(sender, view),
+            (PLAIN, f" invites you to #{room}: "), (BOLD, f"/join #{room}"))
+
+
+def room_lines(rooms: Iterable[tuple[str, int, str, bool]], view: View, now: float) -> list[Line]:
+    """``/list``: one line per room (name, members, topic, private)."""
+    listed = sorted(rooms)
+    lines = [notice(f"{len(listed)} room{'' if len(listed) == 1 else 's'}"
+                    + (":" if listed else ""), now, view, GREEN)]
+    width = max((len(name) for name, *_ in listed), default=0) + 1
+    for name, count, topic, private in listed:
+        lines.append((_stamp(now, view), (GREEN, "-!-   "), (BOLD, f"#{name}".ljust(width + 1)),
+                      (PLAIN, f" {count:>4}  "), (DIM, "private " if private else ""),
+                      (PLAIN, printable(topic))))
+    return lines
+
+
+def entered_line(room: str, topic: str, flags: dict[str, bool], now: float,
+                 view: View) -> Line:
+    """``-!- you are in #dev (private) - topic: release on friday``."""
+    modes = [MODE_WORDS[key] for key in ("private", "moderated") if flags.get(key)]
+    said = f" ({', '.join(modes)})" if modes else ""
+    spans: tuple[Span, ...] = (_stamp(now, view), (GREEN, f"-!- you are in #{room}{said}"))
+    if topic:
+        spans += ((GREEN, "; topic: "), (BOLD, printable(topic)))
+    return spans
+
+
 HELP = (
-    ("TEXT", "say TEXT to the room; //TEXT if it starts with /"),
-    ("/msg NAME TEXT", "a private message to NAME; only you and NAME see it"),
+    ("TEXT", "say TEXT in this window's room (or to its person); //TEXT if it starts with /"),
+    ("/msg NAME TEXT", "a private message to NAME; only you and NAME see it (in NAME's window)"),
+    ("/query NAME", "a window for private messages with NAME"),
+    ("/join #ROOM, /j", "enter a room (made if new; /join -private #ROOM: invite only)"),
+    ("/part [#ROOM] [WHY]", "leave this room (or #ROOM)"),
+    ("/list", "the rooms there are"),
+    ("/topic [TEXT]", "show or set this room's topic"),
+    ("/invite NAME [#ROOM]", "invite NAME to this room (or #ROOM)"),
+    ("/kick NAME [WHY]", "put NAME out of this room (operators)"),
+    ("/ban, /unban NAME", "keep NAME out of this room, or let back in (operators)"),
+    ("/op, /deop NAME", "make NAME an operator of this room, or not (operators)"),
+    ("/mode +p|-p +m|-m +t|-t", "private, moderated, topic by operators only (operators)"),
+    ("Alt-1..9, Ctrl-N/P", "go to window 1..9, the next, the previous (/window N too)"),
+    ("/close", "close this window (and part its room)"),
     ("/me ACTION", "say what you are doing: * you ACTION"),
-    ("/who, /names", "who is here, with their address"),
+    ("/who, /names", "who is in this room, with their address (@: operators)"),
     ("/clear", "clear the screen"),
     ("/nick NAME", "(names are kept for a session: /quit, join again as NAME)"),
     ("/help", "this help"),
@@ -247,7 +390,7 @@ HELP = (
     ("Ctrl-C", "clear the line you are typing"),
     ("Up / Down", "recall what you typed"),
     ("PageUp / PageDown", "scroll back through the room (in tmux; a pager elsewhere)"),
-    ("Tab", "complete a name or a command"),
+    ("Tab", "complete a name, a #room or a command"),
 )
 
 
@@ -332,9 +475,14 @@ def help_lines(view: View, now: float) -> list[Line]:
     ]
 
 
-def refusal(code: str, detail: str, text: str, to: str | None = None) -> str:
+def refusal(code: str, detail: str, text: str, to: str | None = None,
+            room: str | None = None) -> str:
     """Why a line was not sent, in a few words, quoting the start of it."""
     quoted = printable(text if len(text) <= 40 else text[:39] + "…")
+    if code == ErrorCode.FORBIDDEN and room is not None:
+        return f"#{room} is moderated: only its operators speak; not sent: {quoted}"
+    if code == ErrorCode.NOT_IN_ROOM and room is not None:
+        return f"you are not in #{room} (/join #{room}); not sent: {quoted}"
     if code == ErrorCode.RATE_LIMITED:
         return f"slow down: rate limited, not sent: {quoted}"
     if code == ErrorCode.TOO_LARGE:
@@ -342,6 +490,38 @@ def refusal(code: str, detail: str, text: str, to: str | None = None) -> str:
     if code == ErrorCode.NO_SUCH_USER:
         return f"nobody called {printable(to or '?')} is here, not sent: {quoted}"
     return f"not sent ({printable(code)}: {printable(detail)}): {quoted}"
+
+
+ROOM_ACTIONS = {
+    "enter": "enter", "part": "leave", "who": "list the members of", "topic": "set the topic of",
+    "mode": "change the modes of", "op": "make operators in", "deop": "take operators from",
+    "kick": "kick from", "ban": "ban from", "unban": "lift bans in", "invite": "invite to",
+}
+
+
+def room_refusal(action: str, room: str, code: str, name: str | None = None) -> str:
+    """Why a request about a room was refused, in words (``action`` is the
+    request's type, ``name`` the person it was about)."""
+    what = f"cannot {ROOM_ACTIONS.get(action, action)} #{room}"
+    if code == ErrorCode.FORBIDDEN:
+        if action == "enter":
+            return f"{what}: it is invite only, or you are banned from it"
+        return f"{what}: only its operators may"
+    if code == ErrorCode.NOT_IN_ROOM:
+        return f"{what}: you are not in it (/join #{room})"
+    if code == ErrorCode.NO_SUCH_ROOM:
+        return f"{what}: there is no such room (/list shows them)"
+    if code == ErrorCode.NO_SUCH_USER:
+        return f"{what}: nobody called {printable(name or '?')} is there"
+    if code == ErrorCode.TOO_MANY_ROOMS:
+        return f"{what}: you are in as many rooms as the broker allows (/part one)"
+    if code == ErrorCode.BAD_ROOM:
+        return f"{what}: not a room name (a-z, 0-9, '-', '_', '.')"
+    if code == ErrorCode.BAD_NAME:
+        return f"{what}: {printable(name or '?')} cannot be a name"
+    if code == ErrorCode.RATE_LIMITED:
+        return f"{what}: slow down (rate limited)"
+    return f"{what} ({printable(code)})"
 
 
 def to_ansi(line: Line) -> str:
@@ -355,31 +535,41 @@ def to_plain(line: Line) -> str:
 
 
 def item_json(item: Item, me: str) -> dict[str, Any]:
-    """The ``--json`` form of an item: room events as on the wire, plus
-    ``dm`` (with ``from`` and ``to``) and ``status``."""
-    if isinstance(item, Message):
-        return {"type": "message", "seq": item.seq, "ts": item.ts, "from": item.sender,
-                "text": item.text}
-    if isinstance(item, Joined):
-        return {"type": "joined", "seq": item.seq, "ts": item.ts, "name": item.name,
-                "addr": item.addr}
-    if isinstance(item, Left):
-        body = {"type": "left", "seq": item.seq, "ts": item.ts, "name": item.name,
-                "addr": item.addr, "reason": item.reason}
-        if item.detail:
-            body["detail"] = item.detail
-        return body
-    if isinstance(item, Notice):
-        return {"type": "notice", "seq": item.seq, "ts": item.ts, "text": item.text}
-    if isinstance(item, OtherEvent):
-        return {**item.body, "type": item.type, "seq": item.seq, "ts": item.ts}
+    """The ``--json`` form of an item: room events as on the wire (with their
+    ``room``), plus ``dm`` (with ``from`` and ``to``) and ``status``."""
     if isinstance(item, Direct):
         return {"type": "dm", "from": item.sender, "to": me, "text": item.text, "ts": item.ts}
     if isinstance(item, SentPrivate):
         return {"type": "dm", "from": me, "to": item.to, "text": item.text, "ts": item.ts}
-    body = {"type": "status", "state": item.state}
-    if item.detail:
-        body["detail"] = item.detail
-    if item.count:
-        body["count"] = item.count
+    if isinstance(item, Invited):
+        return {"type": "invited", "room": item.room, "from": item.from_}
+    if isinstance(item, Status):
+        body: dict[str, Any] = {"type": "status", "state": item.state}
+        if item.detail:
+            body["detail"] = item.detail
+        if item.count:
+            body["count"] = item.count
+        if item.room:  # a status about one room (missed, refused)
+            body["room"] = item.room
+        return body
+    body = {"type": "", "room": item.room, "seq": item.seq, "ts": item.ts}
+    if isinstance(item, Message):
+        body.update(type="message", text=item.text)
+        body["from"] = item.sender
+    elif isinstance(item, Joined):
+        body.update(type="joined", name=item.name, addr=item.addr)
+    elif isinstance(item, Left):
+        body.update(type="left", name=item.name, addr=item.addr, reason=item.reason)
+        if item.detail:
+            body["detail"] = item.detail
+        if item.by:
+            body["by"] = item.by
+    elif isinstance(item, Notice):
+        body.update(type="notice", text=item.text)
+    elif isinstance(item, TopicChanged):
+        body.update(type="topic", name=item.name, text=item.text)
+    elif isinstance(item, ModeChanged):
+        body.update(type="mode", name=item.name, **mode_changes(item))
+    else:
+        body = {**item.body, **body, "type": item.type}
     return body

@@ -21,6 +21,12 @@ How a run goes:
    leaves and exits 0, or with ``--stay`` keeps printing until SIGINT or
    SIGTERM (which leave and exit 0 at any time).
 
+Rooms: the client enters ``Options.rooms`` (``--join``'s, lobby without
+it, and ``--room``'s) when it joins; said lines go to ``--room`` (else the
+first room entered), and ``/join #room`` in ``--commands`` mode moves them
+there. When more than lobby alone is in play, each printed room event says
+its room (``12:00:01 #dev <bob> hi``); ``--json`` lines always carry it.
+
 What is printed is the same in every run: every room event and private
 message, but never our own ``joined`` or ``left`` lines (whether our leave
 came back before we closed would be a race; the connection is ours to know),
@@ -64,9 +70,30 @@ from zchat import (
     RequestFailed,
     Status,
 )
-from zchat.protocol import ClientStatus, check_name, fold_name
+from zchat.protocol import ROOM, ClientStatus, check_name, fold_name
 
-from .commands import Clear, Help, Invalid, Nick, Private, Quit, Say, Who, parse_line
+from .commands import (
+    Clear,
+    CloseWindow,
+    Help,
+    Invalid,
+    Invite,
+    JoinRoom,
+    Kick,
+    ListRooms,
+    Mode,
+    Nick,
+    PartRoom,
+    Private,
+    Query,
+    Quit,
+    RoomAction,
+    Say,
+    Topic,
+    Who,
+    Window,
+    parse_line,
+)
 from .options import (
     EXIT_CLOSED,
     EXIT_HANDSHAKE,
@@ -80,7 +107,17 @@ from .options import (
     on_signals,
 )
 from .outbox import DEFAULT_BURST, DEFAULT_RATE, MARGIN, TokenBucket
-from .render import Item, SentPrivate, View, item_json, render, to_plain, who_line
+from .render import (
+    Item,
+    SentPrivate,
+    View,
+    in_room,
+    item_json,
+    render,
+    room_refusal,
+    to_plain,
+    who_line,
+)
 
 __all__ = ["Script", "run_script"]
 
@@ -121,8 +158,14 @@ class Script:
         self.leave_reason: str | None = None
         self._heard: set[str] = set()
         self._closed: str | None = None  # why the broker closed us, once it did
-        self._sent_seq = 0  # the highest seq of our own acked messages
-        self._printed_seq = 0  # the highest room seq printed
+        # Per room: the highest seq of our own acked messages, and printed.
+        self._sent_seq: dict[str, int] = {}
+        self._printed_seq: dict[str, int] = {}
+        entered = client.entered_rooms
+        # Where said lines go: --room, else the first room entered.
+        self.room = options.room or (entered[0] if entered else ROOM)
+        # With rooms other than lobby alone, each room event says its room.
+        self.rooms_shown = options.rooms != (ROOM,)
         welcome = client.welcome
         self._bucket = TokenBucket(
             (welcome.rate if welcome and welcome.rate is not None else DEFAULT_RATE) * MARGIN,
@@ -140,7 +183,11 @@ class Script:
         if self.options.json:
             text = json.dumps(item_json(item, self.me), ensure_ascii=False)
         else:
-            text = to_plain(render(item, self.view))
+            line = render(item, self.view)
+            room = getattr(item, "room", None)
+            if self.rooms_shown and isinstance(room, str):
+                line = in_room(line, room)
+            text = to_plain(line)
         self.write(text)
 
     def write(self, text: str) -> None:
@@ -175,9 +222,10 @@ class Script:
             if not self._mine(item):
                 self.show(item)
             seq = getattr(item, "seq", None)
-            if isinstance(seq, int) and not isinstance(item, Status):
+            room = getattr(item, "room", None)
+            if isinstance(seq, int) and isinstance(room, str):
                 with self._changed:
-                    self._printed_seq = max(self._printed_seq, seq)
+                    self._printed_seq[room] = max(self._printed_seq.get(room, 0), seq)
                     self._changed.notify_all()
         with self._changed:
             self._closed = self._closed or "closed"
@@ -191,18 +239,26 @@ class Script:
         if first is not None:
             self._note(first)
             self.show(first)
-        welcome = self.client.welcome
-        if welcome is not None and (self.options.history or self.options.expect):
-            after = max(0, welcome.seq - CONTEXT_EVENTS)
-            recent = [e for e in self.client.history(after, CONTEXT_EVENTS, self._left(10.0))
-                      if e.seq <= welcome.seq]
-            for event in recent:
-                if isinstance(event, Message):
-                    self._note(event)
-            said = [e for e in recent if isinstance(e, Message | Notice)]
-            for event in said[-self.options.history:] if self.options.history else []:
-                self.show(event)
+        if self.options.history or self.options.expect:
+            for room in self.client.entered_rooms:
+                self._recent(room)
         self._printer.start()
+
+    def _recent(self, room: str) -> None:
+        """The room's recent history: names heard there, and --history's lines."""
+        state = self.client.room_state(room)
+        if state is None:
+            return
+        after = max(0, state.last_seq - CONTEXT_EVENTS)
+        recent = [e for e in self.client.history(after, room=room, limit=CONTEXT_EVENTS,
+                                                 timeout=self._left(10.0))
+                  if e.seq <= state.last_seq]
+        for event in recent:
+            if isinstance(event, Message):
+                self._note(event)
+        said = [e for e in recent if isinstance(e, Message | Notice)]
+        for event in said[-self.options.history:] if self.options.history else []:
+            self.show(event)
 
     def run(self, read_stdin: bool) -> int:
         for text in self.options.say:
@@ -255,31 +311,71 @@ class Script:
         if command is None:
             return True
         if isinstance(command, Say):
-            seq = self._deliver(lambda: self.client.send_nowait(command.text), command.text)
+            room = self.room
+            seq = self._deliver(lambda: self.client.send_nowait(command.text, room=room),
+                                command.text)
             if isinstance(seq, int):
-                self._sent_seq = max(self._sent_seq, seq)
+                self._sent_seq[room] = max(self._sent_seq.get(room, 0), seq)
         elif isinstance(command, Private):
             if self._deliver(lambda: self.client.dm_nowait(command.to, command.text),
                              command.text) is not False:
                 self.show(SentPrivate(command.to, command.text, time.time()))
         elif isinstance(command, Who):
-            members = self.client.who(self._left())
+            members = self.client.who(room=self.room, timeout=self._left())
             self.write(to_plain(who_line(members, self.view, time.time())))
+        elif isinstance(command, JoinRoom | PartRoom | Topic | Invite | Kick | RoomAction
+                        | Mode):
+            self._room_command(command)
         elif isinstance(command, Quit):
             self.leave_reason = command.reason
             return False
         elif isinstance(command, Help):
-            self.warn("in scriptable mode: /msg NAME TEXT, /me ACTION, /who, /quit [REASON]")
+            self.warn("in scriptable mode: /msg NAME TEXT, /me ACTION, /who, /join #ROOM "
+                      "(lines then go there), /part, /topic, /invite, /kick, /ban, /unban, "
+                      "/op, /deop, /mode, /quit [REASON]")
         elif isinstance(command, Clear):
             pass  # there is no screen to clear
         elif isinstance(command, Nick):
             raise Failed(EXIT_USAGE, "/nick: a name is kept for the whole session "
                                      "(use --name)")
-        elif isinstance(command, Invalid):
+        elif isinstance(command, Invalid | ListRooms | Query | Window | CloseWindow):
+            why = command.why if isinstance(command, Invalid) else \
+                f"{line.split()[0]} is for the interactive client"
             # A script with a command we do not know is a wrong script:
             # stop before sending anything that was meant to come after it.
-            raise Failed(EXIT_USAGE, f"{command.why}; stopped at {line[:60]!r}")
+            raise Failed(EXIT_USAGE, f"{why}; stopped at {line[:60]!r}")
         return True
+
+    def _room_command(self, command: JoinRoom | PartRoom | Topic | Invite | Kick | RoomAction
+                      | Mode) -> None:
+        """A room command in --commands mode: /join makes its room the one
+        lines go to, as a window would; a refusal is a line on stderr."""
+        client, timeout = self.client, self._left()
+        room = self.room
+        try:
+            if isinstance(command, JoinRoom):
+                client.enter(command.room, private=command.private, timeout=timeout)
+                self.room = command.room
+                self.rooms_shown = True
+            elif isinstance(command, PartRoom):
+                parted = command.room or room
+                self.wait_echoed()  # what we said there is printed before we go
+                client.part(parted, command.reason, timeout=timeout)
+                if parted == self.room:  # lines go back to the first room we are in
+                    self.room = next(iter(client.entered_rooms), ROOM)
+            elif isinstance(command, Topic):
+                client.topic(room, command.text or "")
+            elif isinstance(command, Invite):
+                client.invite(command.room or room, command.name)
+            elif isinstance(command, Kick):
+                client.kick(room, command.name, command.reason)
+            elif isinstance(command, RoomAction):
+                getattr(client, command.action)(room, command.name)
+            else:
+                client.mode(room, **command.changes)
+        except RequestFailed as exc:
+            self.unsent += 1
+            self.warn(room_refusal(type(command).__name__.lower(), room, exc.code))
 
     def _deliver(self, send: Callable[[], Future[Any]], text: str) -> Any:
         """Send until acked, at the broker's pace; the ack's result (a seq for
@@ -314,7 +410,8 @@ class Script:
         if self.deadline is not None:
             deadline = min(deadline, self.deadline)
         with self._changed:
-            while self._printed_seq < self._sent_seq and self._closed is None:
+            while self._closed is None and any(
+                    self._printed_seq.get(room, 0) < seq for room, seq in self._sent_seq.items()):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return  # not worth failing for: they were delivered
@@ -388,7 +485,7 @@ def run_script(options: Options, out: TextIO | None = None, err: TextIO | None =
     # --timeout counts from the start: joining is part of the run.
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
     on_signals(_raise_stop, signal.SIGTERM, signal.SIGHUP)
-    client = Client(options.connect, name, keys=options.keys)
+    client = Client(options.connect, name, keys=options.keys, rooms=options.rooms)
     script: Script | None = None
     try:
         try:

@@ -19,14 +19,14 @@ from zchat.clients.bots import GREET_AGAIN_AFTER, Greeter, Helper, Reply, join_u
 
 
 def test_greeter_welcomes_newcomers_once_in_a_while() -> None:
-    greeter = Greeter("greeter", members=lambda: ["greeter", "alice", "bob"])
+    greeter = Greeter("greeter", members=lambda room: ["greeter", "alice", "bob"])
     assert greeter.on_item(Joined(2, 0.0, "bob", "1.2.3.4"), now=100.0) == [
         Reply("welcome, bob! here now: alice, greeter")]
     # bob reconnects (a broker restart): no second welcome soon after.
     assert greeter.on_item(Joined(5, 0.0, "Bob", "1.2.3.4"), now=130.0) == []
     assert greeter.on_item(Joined(9, 0.0, "bob", "x"), now=130.0 + GREET_AGAIN_AFTER) != []
     assert greeter.on_item(Joined(3, 0.0, "greeter", "x"), now=100.0) == []  # not itself
-    alone = Greeter("greeter", members=lambda: ["greeter", "zoe"])
+    alone = Greeter("greeter", members=lambda room: ["greeter", "zoe"])
     assert alone.on_item(Joined(2, 0.0, "zoe", "x"), 0.0) == [
         Reply("welcome, zoe! here now: greeter")]
 
@@ -40,7 +40,7 @@ def test_greeter_answers_a_hello_that_names_it() -> None:
 
 
 def test_helper_answers_commands() -> None:
-    helper = Helper("helper", members=lambda: ["bob", "Alice", "helper"],
+    helper = Helper("helper", members=lambda room: ["bob", "Alice", "helper"],
                     roll=lambda sides: sides, clock=lambda now: f"T{now:g}")
     said = [helper.answer(text, "ann", 5.0) for text in
             ("!time", "!echo  hi  there ", "!echo", "!roll", "!roll 20", "!roll x", "!who",
@@ -60,6 +60,22 @@ def test_helper_answers_in_the_room_or_in_private() -> None:
         Reply("I am a bot; try !help", to="ann")]
     assert helper.on_item(Message(1, 0.0, "helper", "!time"), 0.0) == []  # never itself
     assert helper.on_item(Status("reconnected"), 0.0) == []
+
+
+def test_bots_answer_in_the_room_they_were_asked_in() -> None:
+    rooms = {"dev": ["greeter", "ann", "bob"], "ops": ["greeter", "cy"]}
+    greeter = Greeter("greeter", members=lambda room: rooms[room])
+    assert greeter.on_item(Joined(2, 0.0, "cy", "x", "ops"), now=1.0) == [
+        Reply("welcome, cy! here now: greeter", room="ops")]
+    assert greeter.on_item(Joined(3, 0.0, "cy", "x", "dev"), now=2.0) == [  # each room greets
+        Reply("welcome, cy! here now: ann, bob, greeter", room="dev")]
+    assert greeter.on_item(Message(3, 0.0, "ann", "hi greeter", "dev"), 0.0) == [
+        Reply("hello, ann!", room="dev")]
+    helper = Helper("helper", members=lambda room: rooms[room])
+    assert helper.on_item(Message(4, 0.0, "bob", "!who", "dev"), 0.0) == [
+        Reply("3 here: ann, bob, greeter", room="dev")]
+    assert helper.on_item(Message(4, 0.0, "cy", "!who", "ops"), 0.0) == [
+        Reply("2 here: cy, greeter", room="ops")]
 
 
 def test_bots_cli_chats_on_a_real_broker_and_leaves_on_sigterm(

@@ -21,6 +21,7 @@ from zchat.clients.commands import (
     Invalid,
     Nick,
     Private,
+    Query,
     Quit,
     Say,
     Who,
@@ -193,15 +194,18 @@ def test_refusals_are_one_short_line(code: str, to: str | None, words: str) -> N
 
 @pytest.mark.parametrize(("item", "expected"), [
     (Message(5, TS, "bob", "hi"),
-     {"type": "message", "seq": 5, "ts": TS, "from": "bob", "text": "hi"}),
-    (Joined(3, TS, "bob", "10.0.0.7"),
-     {"type": "joined", "seq": 3, "ts": TS, "name": "bob", "addr": "10.0.0.7"}),
+     {"type": "message", "room": "lobby", "seq": 5, "ts": TS, "from": "bob", "text": "hi"}),
+    (Message(5, TS, "bob", "hi", "dev"),
+     {"type": "message", "room": "dev", "seq": 5, "ts": TS, "from": "bob", "text": "hi"}),
+    (Joined(3, TS, "bob", "10.0.0.7", "dev"),
+     {"type": "joined", "room": "dev", "seq": 3, "ts": TS, "name": "bob", "addr": "10.0.0.7"}),
     (Left(4, TS, "bob", "a", "kicked", detail="spam"),
-     {"type": "left", "seq": 4, "ts": TS, "name": "bob", "addr": "a", "reason": "kicked",
-      "detail": "spam"}),
-    (Notice(9, TS, "hey"), {"type": "notice", "seq": 9, "ts": TS, "text": "hey"}),
-    (OtherEvent(10, TS, "topic", {"type": "topic", "topic": "x"}),
-     {"type": "topic", "seq": 10, "ts": TS, "topic": "x"}),
+     {"type": "left", "room": "lobby", "seq": 4, "ts": TS, "name": "bob", "addr": "a",
+      "reason": "kicked", "detail": "spam"}),
+    (Notice(9, TS, "hey"), {"type": "notice", "room": "lobby", "seq": 9, "ts": TS,
+                            "text": "hey"}),
+    (OtherEvent(10, TS, "poll", {"type": "poll", "poll": "x"}, "ops"),
+     {"type": "poll", "room": "ops", "seq": 10, "ts": TS, "poll": "x"}),
     (Direct("bob", "psst", TS),
      {"type": "dm", "from": "bob", "to": "alice", "text": "psst", "ts": TS}),
     (SentPrivate("bob", "psst", TS),
@@ -226,6 +230,7 @@ def test_json_form_of_each_item(item: object, expected: dict[str, object]) -> No
     ("/ME waves hard", Say("/me waves hard")),
     ("/msg bob psst  there", Private("bob", "psst  there")),
     ("/query bob hi", Private("bob", "hi")),
+    ("/query bob", Query("bob")),
     ("/who", Who()),
     ("/names", Who()),
     ("/help", Help()),
@@ -251,8 +256,8 @@ def test_tab_completes_names_and_commands() -> None:
     assert complete("b", names) == (1, ["bob: ", "Bobby: "])  # addressing at line start
     assert complete("hi B", names) == (1, ["bob ", "Bobby "])
     assert complete("/msg al", names) == (2, ["alice "])
-    assert complete("/m", names) == (2, ["/me ", "/msg "])
-    assert complete("/q", names) == (2, ["/quit "])
+    assert complete("/m", names) == (2, ["/me ", "/mode ", "/msg "])
+    assert complete("/qui", names) == (4, ["/quit "])
     assert complete("hi ", names) == (0, [])
     assert complete("zed", names) == (3, [])
 

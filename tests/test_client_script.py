@@ -10,6 +10,7 @@ with their one-line reasons.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -26,7 +27,7 @@ import pytest
 import zmq
 
 from conftest import RunningBroker
-from zchat import Client, Direct, Left, Message
+from zchat import Client, Direct, Joined, Left, Message
 from zchat.client import Item
 
 CLIENT = [sys.executable, "-m", "zchat.clients.terminal"]
@@ -362,3 +363,86 @@ def test_nick_in_a_script_is_a_usage_error(broker: RunningBroker) -> None:
     result = run_client(broker, "--name", "cmd", "--commands", stdin="/nick other\n")
     assert result.returncode == 2
     assert "a name is kept for the whole session" in one_line(result.stderr)
+
+
+# ------------------------------------------------------------------ rooms
+
+
+@pytest.fixture
+def member(ctx: zmq.Context[Any], broker: RunningBroker) -> Iterator[Callable[..., Client]]:
+    """Library clients in the rooms named, closed at teardown."""
+    clients: list[Client] = []
+
+    def join(name: str, *rooms: str) -> Client:
+        client = Client(broker.input, name, context=ctx, timeout=5.0, rooms=rooms)
+        client.connect()
+        clients.append(client)
+        return client
+
+    yield join
+    for client in clients:
+        client.close()
+
+
+def test_room_sends_to_that_room_and_join_enters_the_others(
+        broker: RunningBroker, member: Callable[..., Client]) -> None:
+    dana = member("dana", "dev", "ops")
+    result = run_client(broker, "--name", "pipe", "--join", "#dev,#ops", "--room", "ops",
+                        stdin="for ops only\n")
+    assert result.returncode == 0, result.stderr
+    # Beyond lobby alone, each printed event says its room.
+    assert re.search(r"^\d\d:\d\d:\d\d #ops <pipe> for ops only$", result.stdout, re.M), \
+        result.stdout
+    items = collect(dana, lambda got: sum(isinstance(i, Left) for i in got) == 2)
+    assert [(i.room, i.text) for i in items if isinstance(i, Message)] == [
+        ("ops", "for ops only")]
+    assert sorted(i.room for i in items if isinstance(i, Joined)) == ["dev", "ops"]
+
+
+def test_join_and_room_come_from_the_environment_too(
+        broker: RunningBroker, member: Callable[..., Client]) -> None:
+    erik = member("erik", "dev")
+    result = subprocess.run([*CLIENT, "--connect", broker.input, "--name", "envy"],
+                            input="from the environment\n", capture_output=True, text=True,
+                            timeout=20, env={**os.environ, "ZCHAT_JOIN": "lobby",
+                                             "ZCHAT_ROOM": "#DEV"})
+    assert result.returncode == 0, result.stderr
+    items = collect(erik, lambda got: any(isinstance(i, Message) for i in got))
+    assert [(i.room, i.text) for i in items if isinstance(i, Message)] == [
+        ("dev", "from the environment")]
+
+
+def test_json_lines_carry_the_room(broker: RunningBroker, spawn: Callable[..., Running],
+                                   member: Callable[..., Client]) -> None:
+    bot = spawn(broker, "--name", "jroom", "--json", "--stay", "--join", "lobby,dev")
+    bot.wait_line(lambda line: '"connected"' in line)
+    fay = member("fay", "lobby", "dev")
+    fay.send("in dev", room="dev")
+    fay.send("in lobby")
+    bot.wait_line(lambda line: '"in lobby"' in line)
+    bot.proc.send_signal(signal.SIGTERM)
+    code, stderr = bot.finish()
+    assert (code, stderr) == (0, "")
+    said = [json.loads(line) for line in bot.lines if '"message"' in line]
+    assert [(e["room"], e["text"]) for e in said] == [("dev", "in dev"), ("lobby", "in lobby")]
+
+
+def test_commands_mode_joins_and_parts_rooms(
+        broker: RunningBroker, member: Callable[..., Client]) -> None:
+    gus = member("gus", "lobby")
+    script = "in lobby\n/join #side\nin side\n/topic side talk\n/part #side done\nlobby again\n"
+    result = run_client(broker, "--name", "mover", "--commands", stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"#side <mover> in side", result.stdout), result.stdout
+    items = collect(gus, lambda got: any(isinstance(i, Left) for i in got))
+    assert texts_from(items, "mover") == ["in lobby", "lobby again"]  # side's line stayed there
+    assert {"side"} == {r.name for r in gus.rooms()} - {"lobby"}
+    assert [e.text for e in gus.history(0, room="side") if isinstance(e, Message)] == ["in side"]
+
+
+@pytest.mark.parametrize("option", ["--join=#bad room", "--join=dev,-x", "--room=a/b"])
+def test_a_bad_room_name_is_a_usage_error(option: str) -> None:
+    result = subprocess.run([*CLIENT, "--name", "x", "--say", "hi", option],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2
+    assert "cannot be a room" in result.stderr

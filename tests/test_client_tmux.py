@@ -8,7 +8,9 @@ sleep). What a person would see is what is asserted: join lines with the
 address, messages crossing, a half-typed line surviving incoming messages,
 /who, /msg unseen by a third person, /quit announced, Tab and Up, a taken
 name asked again, a closed terminal still leaving the room, and a broker
-restart with nothing lost or doubled.
+restart with nothing lost or doubled; rooms as irssi has them: windows
+switched with Alt-N and Ctrl-N/Ctrl-P, the status line's activity markers,
+a private room a third person cannot see, a kick seen by the whole room.
 """
 
 from __future__ import annotations
@@ -165,7 +167,11 @@ def test_two_people_chat_and_a_third_joins(broker: RunningBroker, tmux: Tmux) ->
     tmux.wait_prompt("carol", "[carol]")
     tmux.type("alice", "/msg bob just between us")
     tmux.wait("alice", r"\[private to bob\] just between us")
-    tmux.wait("bob", r"\[private from alice\] just between us")
+    # bob's private messages with alice have their own window (irssi's
+    # query): the status line marks it, Alt-3 shows it.
+    tmux.wait("bob", r"\[2:#lobby\] 1:status 3:alice\+1!")
+    tmux.keys("bob", "M-3")
+    tmux.wait("bob", r"\[private from alice\] just between us\n\[3:alice\]")
     tmux.type("alice", "public again")
     screen = tmux.wait("carol", r"<alice> public again")
     assert "just between us" not in screen
@@ -186,7 +192,7 @@ def test_two_people_chat_and_a_third_joins(broker: RunningBroker, tmux: Tmux) ->
     tmux.type("bob", "/quit lunch time")
     tmux.wait("alice", r"<-- bob \(127\.0\.0\.1\) left: lunch time")
     assert tmux.exit_status("bob") == 0
-    assert "you left the room" in tmux.screen("bob")
+    assert "you left the chat" in tmux.screen("bob")
     tmux.wait_prompt("carol", "[carol]")
     tmux.keys("carol", "C-d")
     tmux.wait("alice", r"<-- carol \(127\.0\.0\.1\) left")
@@ -217,7 +223,7 @@ def test_broker_restart_loses_and_doubles_nothing(
     assert time.monotonic() - killed < 3, "offline should show within a few seconds"
     # What is typed meanwhile shows at once, marked as not sent yet.
     tmux.type("ann", "typed while the broker was down")
-    tmux.wait("ann", r"\(pending\) <ann> typed while the broker was down\n\[ann offline\]",
+    tmux.wait("ann", r"\(pending\) <ann> typed while the broker was down\n.*\n\[ann offline\]",
               timeout=2)
 
     start_broker("--heartbeat", "0.5", "--rate", "0",
@@ -294,6 +300,9 @@ def test_demo_script_runs_a_room_and_stops_what_it_started(tmux: Tmux) -> None:
     tmux.wait_prompt("demo", "[erin]")
     tmux.type("demo", "!roll 20")
     tmux.wait("demo", r"<helper> erin rolls \d+ \(1-20\)")
+    # The bots are in #dev too, erin's third window.
+    tmux.keys("demo", "M-3")
+    wait_visible(tmux, "demo", r"<greeter> welcome, erin!(.|\n)*\[3:#dev\] 1:status 2:#lobby\n")
     tmux.type("demo", "/quit")
     assert tmux.exit_status("demo") == 0
     # The bots (started with the endpoint) and the broker (its port) are gone too.
@@ -331,7 +340,7 @@ def test_refused_lines_are_one_notice_each(start_broker: Callable[..., RunningBr
     for text in ("a1", "a2", "a3"):  # a burst of 2, then 1 per 100 s
         tmux.type("rita", text)
     # The third waits its turn, shown as pending; it is not thrown away.
-    screen = tmux.wait("rita", r"<rita> a2(.|\n)*\(pending\) <rita> a3\n\[rita\]")
+    screen = tmux.wait("rita", r"<rita> a2(.|\n)*\(pending\) <rita> a3\n.*\n\[rita\]")
     assert "rate limited" not in screen and "Traceback" not in screen
 
 
@@ -429,6 +438,8 @@ def test_a_private_message_rings_the_bell(broker: RunningBroker, tmux: Tmux,
         tmux.wait("belle", r"<bob> no bell for this")
         assert tmux.run("display", "-p", "-t", "belle", "#{window_bell_flag}").strip() == "0"
         bob.dm("belle", "psst")
+        tmux.wait("belle", r"3:bob\+1!")
+        tmux.keys("belle", "M-3")
         tmux.wait("belle", r"\[private from bob\] psst")
     deadline = time.monotonic() + 5
     while tmux.run("display", "-p", "-t", "belle", "#{window_bell_flag}").strip() != "1":
@@ -551,3 +562,127 @@ def test_page_up_outside_tmux_opens_the_session_in_a_pager(broker: RunningBroker
     tmux.wait_prompt("plain", "[plain]")
     tmux.type("plain", "back in the chat")
     tmux.wait("plain", r"<plain> back in the chat")
+
+
+# ------------------------------------------------------------------ rooms
+
+
+def visible(tmux: Tmux, session: str) -> str:
+    """What the session shows now, without its scrollback (and without the
+    blanks a redraw may leave at the end of a line)."""
+    screen = tmux.run("capture-pane", "-p", "-J", "-t", session)
+    return "\n".join(line.rstrip(" ") for line in screen.split("\n"))
+
+
+def wait_visible(tmux: Tmux, session: str, pattern: str, timeout: float = 10.0) -> str:
+    """Wait until the visible screen matches ``pattern``; return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        screen = visible(tmux, session)
+        if re.search(pattern, screen):
+            return screen
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{session}: no /{pattern}/ on the screen:\n{screen}")
+        time.sleep(0.05)  # polling interval, not a settle delay
+
+
+def test_two_people_in_two_rooms_switch_windows(broker: RunningBroker, tmux: Tmux) -> None:
+    ep = f"--connect {broker.input}"
+    tmux.client("alice", "--name alice", "--join '#dev,#ops'", ep)
+    wait_visible(tmux, "alice", r"\[2:#dev\] 1:status 3:#ops\n\[alice\]")
+    tmux.client("bob", "--name bob", "--join dev,ops", ep)  # the # is optional
+    wait_visible(tmux, "bob", r"\[2:#dev\] 1:status 3:#ops\n\[bob\]")
+    tmux.wait("alice", r"--> bob \(127\.0\.0\.1\) joined")
+
+    # Each line goes to the room of the window it was typed in.
+    tmux.type("bob", "this is about dev")
+    wait_visible(tmux, "alice", r"<bob> this is about dev")
+    tmux.keys("bob", "M-3")
+    wait_visible(tmux, "bob", r"\[3:#ops\] 1:status 2:#dev\n\[bob\]")
+    tmux.type("bob", "and this about ops")
+    # alice, in #dev, sees only that #ops has news; Alt-3 shows it.
+    screen = wait_visible(tmux, "alice", r"\[2:#dev\] 1:status 3:#ops\+1\n")
+    assert "about ops" not in screen
+    tmux.keys("alice", "M-3")
+    screen = wait_visible(tmux, "alice",
+                          r"<bob> and this about ops(.|\n)*\[3:#ops\] 1:status 2:#dev\n")
+    assert "about dev" not in screen  # the screen is #ops's alone
+    # Ctrl-P goes back to #dev, with its lines.
+    tmux.keys("alice", "C-p")
+    wait_visible(tmux, "alice", r"<bob> this is about dev(.|\n)*\[2:#dev\] 1:status 3:#ops\n")
+
+    # A line naming bob in a room he is not looking at is a mention (!).
+    tmux.type("alice", "bob: are you there?")
+    wait_visible(tmux, "bob", r"\[3:#ops\] 1:status 2:#dev\+1!\n")
+    tmux.keys("bob", "C-n")  # from the last window round to the first
+    wait_visible(tmux, "bob", r"\[1:status\] 2:#dev\+1! 3:#ops\n")
+    tmux.keys("bob", "C-n")
+    wait_visible(tmux, "bob", r"<alice> bob: are you there\?(.|\n)*\[2:#dev\] 1:status 3:#ops\n")
+
+    # Tab completes room names; /part closes the window.
+    tmux.type("bob", "/part #o", enter=False)
+    tmux.keys("bob", "Tab")
+    tmux.wait_prompt("bob", "[bob] /part #ops")
+    tmux.keys("bob", "Enter")
+    wait_visible(tmux, "bob", r"you left #ops(.|\n)*\[2:#dev\] 1:status\n")
+    wait_visible(tmux, "alice", r"\[2:#dev\] 1:status 3:#ops\+1\n")  # in #ops, not here
+    tmux.keys("alice", "M-3")
+    wait_visible(tmux, "alice", r"<-- bob \(127\.0\.0\.1\) left the room")
+    tmux.keys("alice", "C-c")
+    assert tmux.exit_status("alice") == 0
+
+
+def test_a_private_room_is_unseen_by_a_third_person(broker: RunningBroker, tmux: Tmux) -> None:
+    ep = f"--connect {broker.input}"
+    for name in ("alice", "bob", "carol"):
+        tmux.client(name, f"--name {name}", ep)
+        tmux.wait_prompt(name, f"[{name}]")
+    tmux.wait("alice", r"--> carol \(127\.0\.0\.1\) joined")
+    tmux.type("alice", "/join -private #secret")
+    wait_visible(tmux, "alice", r"you are in #secret \(private \(invite only\)\)")
+    wait_visible(tmux, "alice", r"\[3:#secret\] 1:status 2:#lobby\n")
+    tmux.type("alice", "/invite bob")
+    wait_visible(tmux, "alice", r"invited bob to #secret")
+    wait_visible(tmux, "bob", r"alice invites you to #secret: /join #secret")
+    tmux.type("bob", "/join #secret")
+    wait_visible(tmux, "bob", r"2 here: @alice \(127\.0\.0\.1\), bob \(127\.0\.0\.1, you\)")
+    tmux.type("alice", "the plan is in the cake")
+    wait_visible(tmux, "bob", r"<alice> the plan is in the cake")
+
+    # carol: no #secret in /list, and no way in without an invitation.
+    tmux.type("carol", "/list")
+    screen = wait_visible(tmux, "carol", r"-!- 1 room:\n.*#lobby +3")
+    tmux.type("carol", "/join #secret")
+    wait_visible(tmux, "carol", r"cannot enter #secret: it is invite only, or you are banned")
+    screen = tmux.screen("carol")
+    assert "the plan" not in screen and "#secret" not in screen.replace("/join #secret", "") \
+        .replace("cannot enter #secret", "")
+    wait_visible(tmux, "carol", r"\[2:#lobby\] 1:status\n")  # no window for #secret
+
+
+def test_a_kick_is_seen_by_everyone_in_the_room(broker: RunningBroker, tmux: Tmux) -> None:
+    ep = f"--connect {broker.input}"
+    tmux.client("alice", "--name alice", "--join '#dev'", ep)  # makes #dev: its operator
+    wait_visible(tmux, "alice", r"1 here: @alice")
+    for name in ("bob", "carol"):
+        tmux.client(name, f"--name {name}", "--join '#dev'", ep)
+        wait_visible(tmux, name, r"\[2:#dev\] 1:status\n")
+    tmux.wait("alice", r"--> carol \(127\.0\.0\.1\) joined")
+    # Only an operator kicks.
+    tmux.type("carol", "/kick bob")
+    wait_visible(tmux, "carol", r"cannot kick from #dev: only its operators may")
+    tmux.type("alice", "/kick bob too noisy")
+    for name in ("alice", "bob", "carol"):
+        wait_visible(tmux, name, r"<-- bob \(127\.0\.0\.1\) was kicked by alice: too noisy")
+    # bob's window stays, to say so; what he types there goes nowhere.
+    wait_visible(tmux, "bob", r"\[2:#dev\] 1:status  \(not in #dev: /join #dev\)\n")
+    tmux.type("bob", "hello?")
+    wait_visible(tmux, "bob", r"you are not in #dev: /join #dev")
+    # Operators: alice gives carol the op, everyone sees it.
+    tmux.type("alice", "/op carol")
+    for name in ("alice", "carol"):
+        wait_visible(tmux, name, r"mode/#dev \[\+o carol\] by alice")
+    tmux.type("carol", "/topic release on friday")
+    wait_visible(tmux, "alice", r"carol changed the topic of #dev to: release on friday")
+    wait_visible(tmux, "alice", r"\[2:#dev\] 1:status  #dev: release on friday\n")
+    assert "hello?" not in tmux.screen("alice")

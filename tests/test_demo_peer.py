@@ -12,11 +12,21 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+import zmq
 
-from conftest import RunningBroker
-from zchat.clients.demo_peer import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, Pass, Relay
+from conftest import RunningBroker, wait_item
+from zchat import Client, Message
+from zchat.clients.demo_peer import (
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    EXIT_USAGE,
+    Pass,
+    Relay,
+    parse_rooms,
+)
 
 RING = ["alice", "bob", "dave"]
 
@@ -81,6 +91,28 @@ def test_bad_rings_are_refused(name: str, ring: list[str], rounds: int) -> None:
         Relay(name, ring, rounds)
 
 
+def test_the_ball_crosses_rooms_and_starts_when_everyone_is_everywhere() -> None:
+    alice = Relay("alice", RING, rounds=1, rooms=["lobby", "backstage"])
+    for name in ("bob", "dave"):
+        assert alice.arrived(name, "lobby") is None
+    assert alice.missing == ["bob", "dave"]  # not in backstage yet
+    assert alice.arrived("bob", "backstage") is None
+    assert alice.arrived("dave", "backstage") == Pass("bob", 1, 3, "lobby")
+    bob = Relay("bob", RING, rounds=1, rooms=["lobby", "backstage"])
+    assert bob.message("alice", "@bob 1/3") == Pass("dave", 2, 3, "backstage")
+    dave = Relay("dave", RING, rounds=1, rooms=["lobby", "backstage"])
+    assert dave.message("bob", "@dave 2/3") == Pass("alice", 3, 3, "lobby")
+    alice.departed("bob", "backstage")
+    assert alice.missing == ["bob"]
+
+
+def test_rooms_parse_with_private_ones_marked() -> None:
+    assert parse_rooms("lobby, +Backstage") == [("lobby", False), ("backstage", True)]
+    assert parse_rooms("") == [("lobby", False)]
+    with pytest.raises(ValueError):
+        parse_rooms("lobby,+no room")
+
+
 def test_a_hop_reads_as_chat() -> None:
     assert Pass("bob", 4, 9).text("alice", "172.28.0.5") == "@bob 4/9 catch! (alice at 172.28.0.5)"
 
@@ -120,12 +152,43 @@ def test_three_peers_pass_the_ball_round_through_a_real_broker(
         outputs[name] = out
     for name, out in outputs.items():
         others = [other for other in RING if other != name]
-        assert f"done: the ball went 6/6 round alice, bob, dave; heard {', '.join(others)}" in out
+        assert f"done: the ball went 6/6 round alice, bob, dave through #lobby; heard " \
+               f"{', '.join(others)}" in out
         for other in others:
-            assert re.search(rf"<{other}> @\w+ \d/6 catch!", out), out
+            assert re.search(rf"#lobby <{other}> @\w+ \d/6 catch!", out), out
     hops = [line for line in broker.stdout_lines if " catch! " in line]
     assert [re.search(r"(\d)/6", line)[1] for line in hops] == [str(n) for n in range(1, 7)]
     broker.wait_output(r"<-- alice \(127\.0\.0\.1\) left \[leave\]: the ball came round")
+
+
+def test_the_ball_goes_through_a_private_room_nobody_else_sees(
+    start_broker: Callable[..., RunningBroker], peers: list[subprocess.Popen[str]],
+    ctx: zmq.Context[Any],
+) -> None:
+    broker = start_broker("--rate", "0")
+    with Client(broker.input, "eve", context=ctx, timeout=5.0) as eve:  # lobby only
+        peers.extend(peer(broker, name, "--rounds", "2", "--rooms", "lobby,+backstage")
+                     for name in ("dave", "bob", "alice"))
+        for name, proc in zip(("dave", "bob", "alice"), peers, strict=True):
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == EXIT_OK, out
+            assert "through #lobby, #backstage" in out
+            if name != "alice":
+                assert "alice invited us to #backstage: entered" in out
+            for hop in (1, 3, 5):
+                assert re.search(rf"#lobby <\w+> @\w+ {hop}/6 catch!", out), out
+            for hop in (2, 4, 6):
+                assert re.search(rf"#backstage <\w+> @\w+ {hop}/6 catch!", out), out
+        hops = [line for line in broker.stdout_lines if " catch! " in line]
+        # The broker's screen: "HH:MM:SS #room seq ..."
+        assert [line.split()[1] for line in hops] == ["#lobby", "#backstage"] * 3
+        # eve, in lobby, heard the lobby's hops and nothing of backstage.
+        said = []
+        while not said or said[-1] != ("lobby", "5/6"):
+            item = wait_item(eve, lambda i: isinstance(i, Message))
+            said.append((item.room, item.text.split()[1]))
+        assert said == [("lobby", "1/6"), ("lobby", "3/6"), ("lobby", "5/6")]
+        assert "backstage" not in {room.name for room in eve.rooms()}
 
 
 def test_a_peer_whose_ring_never_completes_exits_1_and_names_who_is_missing(

@@ -61,6 +61,7 @@ from zchat import BrokerUnreachable, Client, Message
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SECURE_FILE = ROOT / "docker-compose.secure.yml"
+RELAY_FILE = ROOT / "docker-compose.relay.yml"
 BASE_IMAGE = "python:3.11-slim"
 DEBIAN_IMAGE = "zchat-test-debian:bookworm"  # kept as a cache, like BASE_IMAGE
 TOOLS = {"docker": "docker.io", "dockerd": "docker.io", "docker-compose": "docker-compose",
@@ -337,11 +338,15 @@ class Project:
     build_ids: list[str] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)
     files: tuple[Path, ...] = (COMPOSE_FILE,)
+    # The web service publishes a host port (8080 by default): a free one
+    # here, so that whatever holds 8080 on the machine cannot fail the demo.
+    web_port: int = field(default_factory=lambda: free_ports(1)[0])
 
     @property
     def env(self) -> dict[str, str]:
         return {**os.environ, "ZCHAT_IMAGE": self.image, "ZCHAT_SUBNET": self.subnet,
-                "ZCHAT_PORT": str(self.port), "ZCHAT_BROADCAST_PORT": str(self.broadcast_port)}
+                "ZCHAT_PORT": str(self.port), "ZCHAT_BROADCAST_PORT": str(self.broadcast_port),
+                "ZCHAT_WEB_PORT": str(self.web_port)}
 
     def compose(self, *args: str, timeout: float = 120,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -407,6 +412,7 @@ def test_compose_file_is_valid() -> None:
     compose = compose_command()
     run(*compose, "-f", COMPOSE_FILE, "config", "-q", timeout=60)
     run(*compose, "-f", COMPOSE_FILE, "-f", SECURE_FILE, "config", "-q", timeout=60)
+    run(*compose, "-f", COMPOSE_FILE, "-f", RELAY_FILE, "config", "-q", timeout=60)
     services = run(*compose, "-f", COMPOSE_FILE, "config", "--services").stdout.split()
     assert {"broker", "bots", *RING} <= set(services)
 
@@ -444,6 +450,9 @@ def test_broker_stops_on_sigterm_within_its_grace_time(project: Project) -> None
         run("docker", "rm", "-f", name, check=False)
 
 
+ROOMS = ("lobby", "backstage")  # the ring's rooms (ZCHAT_ROOMS), backstage private
+ROOM_SAID = re.compile(r"#(\S+) \d+ \S+ <\S+> (.*)")  # a message's room and text
+
 # The broker's screen: "HH:MM:SS #room seq ..." (the room and its seq first).
 JOINED = re.compile(r"#\S+ \d+ --> (\S+) joined from (\S+)")
 SAID = re.compile(r"#\S+ \d+ \S+ <(\S+)> (.*)")  # room, seq, the sender's address, name, text
@@ -477,6 +486,12 @@ def check_ring(project: Project, broker: str) -> dict[str, str]:
                 hop = rf"<{other}> @\w+ \d/9 catch! \({other} at {re.escape(joined[other])}\)"
                 assert re.search(hop, peer_logs[name]), peer_logs[name]
         assert f"<-- {name} ({joined[name]}) left [leave]: the ball came round" in screen
+        # Rooms: the ball crossed lobby and the private backstage in turn.
+        for room in ROOMS:
+            assert re.search(rf"#{room} <\w+> @\w+ \d/9 catch!", peer_logs[name]), \
+                peer_logs[name]
+    hops = [room for room, text in ROOM_SAID.findall(screen) if "catch!" in text]
+    assert hops == [ROOMS[n % 2] for n in range(9)], screen
     return joined
 
 
@@ -494,6 +509,17 @@ def join_from_host(project: Project, context: zmq.Context[Any]) -> None:
                 break
         assert heard.get("greeter", "").startswith("welcome, visitor!"), heard
         assert heard.get("helper") == "hello from the host", heard
+        # Rooms: the bots' dev is listed, the ring's private backstage is not,
+        # and the greeter welcomes the visitor in dev too.
+        listed = {room.name for room in visitor.rooms()}
+        assert {"lobby", "dev"} <= listed and "backstage" not in listed, listed
+        visitor.enter("dev")
+        for item in visitor.events(timeout=20):
+            if isinstance(item, Message) and item.room == "dev" and item.sender == "greeter":
+                assert item.text.startswith("welcome, visitor!"), item
+                break
+        else:
+            raise AssertionError("the greeter did not welcome the visitor in #dev")
     finally:
         visitor.leave("seen enough")
 
@@ -594,6 +620,50 @@ def test_secure_variant_chats_encrypted_and_refuses_plaintext(
     finally:
         secure.compose("down", "-v", "--remove-orphans", timeout=120, check=False)
     assert secure.leftovers() == []
+
+
+def container_address(container: str) -> str:
+    return run("docker", "inspect", "-f",
+               "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", container).stdout.strip()
+
+
+def test_relay_variant_crosses_relays_and_survives_a_relay_kill(
+    project: Project, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two relays before the broker (issue 13): the ball crosses from one to
+    the other, the broker sees each client's own address, and when relay1 is
+    killed mid-game its clients finish the game through relay2."""
+    relayed = Project(project.name, project.image, project.subnet, project.port,
+                      project.broadcast_port, files=(COMPOSE_FILE, RELAY_FILE))
+    subnet = ipaddress.ip_network(project.subnet)
+    monkeypatch.setenv("ZCHAT_RELAY1_ADDRESS", str(subnet.network_address + 201))
+    monkeypatch.setenv("ZCHAT_RELAY2_ADDRESS", str(subnet.network_address + 202))
+    try:
+        relayed.timed("up (relays)", "up", "-d", "--no-build", timeout=300)
+        broker = relayed.container("broker")
+        relays = {name: relayed.container(name) for name in ("relay1", "relay2")}
+        relay_addresses = {container_address(cid) for cid in relays.values()}
+        wait_until("the ball's first hop", lambda: re.search(r"<\w+> @\w+ 2/9 catch!",
+                                                             logs(broker)), 120)
+        start = time.monotonic()
+        run("docker", "kill", relays["relay1"])
+        # The peers exit 0 only if the ring came round: every hop crossed.
+        joined = check_ring(relayed, broker)
+        relayed.times["ring after the kill"] = time.monotonic() - start
+        # Addresses are the clients' own, passed on by the relays, never theirs.
+        assert not relay_addresses & {joined[name] for name in RING}, joined
+        screen = logs(broker)
+        for hop in range(1, 10):  # each hop said once, failed over or not
+            assert len(re.findall(rf"@\w+ {hop}/9 catch!", screen)) == 1, screen
+        # alice and dave came back through relay2: they joined twice.
+        for name in ("alice", "dave"):
+            assert len(re.findall(rf"--> {name} joined", screen)) >= 2, screen
+        assert "lost" not in logs(relays["relay2"]), logs(relays["relay2"])
+    finally:
+        relayed.compose("down", "-v", "--remove-orphans", timeout=120, check=False)
+    assert relayed.leftovers() == []
+    print("\ndocker relay demo times: " + ", ".join(
+        f"{what} {seconds:.1f}s" for what, seconds in relayed.times.items()))
 
 
 # The README's two quick-start commands on Debian's own python3 (issue 10).

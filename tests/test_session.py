@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -13,15 +14,22 @@ from zchat.protocol import (
     BATCH_TOPIC,
     BROKER_TOPIC,
     HISTORY_PAGE_MAX,
+    ROOM,
     ROOM_TOPIC,
+    WHO_PAGE_MAX,
     ClientStatus,
     Direct,
     ErrorCode,
+    Invited,
     Joined,
     Left,
     Member,
     Message,
+    ModeChanged,
+    TopicChanged,
+    batch_topic,
     encode,
+    room_topic,
 )
 from zchat.session import (
     EARLY_PING_SECONDS,
@@ -29,6 +37,7 @@ from zchat.session import (
     HANDSHAKE_TRIES,
     JOIN_ATTEMPT_SECONDS,
     LEAVE_WAIT_SECONDS,
+    LOOK_BACK,
     RETRY_MIN,
     Action,
     Closed,
@@ -44,6 +53,8 @@ from zchat.session import (
     Send,
     Session,
     Status,
+    Subscribe,
+    Unsubscribe,
     Welcomed,
 )
 
@@ -618,3 +629,507 @@ def test_against_a_lossy_broker_every_event_arrives_once_in_order(data: st.DataO
         else:
             break
     assert got == list(range(1, total + 1))
+
+
+# ------------------------------------------------------------------ rooms (v2)
+
+
+def welcome2(rid: str, rooms: list[str], seq: int = 0, epoch: str = "e1",
+             **extra: Any) -> list[bytes]:
+    """A version 2 broker's welcome: it says which rooms we are in."""
+    return welcome(rid, seq, epoch, rooms=rooms, count=1, **extra)
+
+
+def entered(rid: str, name: str, seq: int, **extra: Any) -> list[bytes]:
+    body: dict[str, Any] = {"type": "entered", "room": name, "seq": seq, "topic": "",
+                            "count": 1, "members": [{"name": "alice", "addr": "127.0.0.1"}],
+                            "ops": [], "private": False, "moderated": False,
+                            "topic_ops": True, "id": rid, **extra}
+    return [encode(body)]
+
+
+def in_room(seq: int, name: str, text: str = "", sender: str = "bob") -> dict[str, Any]:
+    return {**message(seq, text or f"{name}{seq}", sender), "room": name}
+
+
+def on_topic(event: dict[str, Any]) -> list[bytes]:
+    return [room_topic(event["room"]), encode(event)]
+
+
+def snapshots(actions: list[Action]) -> dict[str, str]:
+    """The `enter`s a welcome sends: room -> request id."""
+    return {b["room"]: b["id"] for b in sent(actions) if b["type"] == "enter"}
+
+
+def joined2(rooms: list[str], seqs: dict[str, int] | None = None, now: float = T0,
+            **kw: Any) -> Session:
+    """A session in ``rooms`` whose snapshots were answered (each room at ``seqs``)."""
+    seqs = seqs or {}
+    session = Session("alice", "tcp://127.0.0.1:5555", id_prefix="s", rooms=rooms, **kw)
+    out = session.start(now)
+    assert join_id(out) and sent(out)[0]["rooms"] == rooms
+    out = session.reply_received(welcome2(join_id(out), rooms, seqs.get(ROOM, 0)), now)
+    answer_snapshots(session, out, seqs, now)
+    assert session.entered_rooms == tuple(rooms)
+    assert all(session.room_state(name).last_seq == seqs.get(name, 0)  # type: ignore[union-attr]
+               for name in rooms)
+    return session
+
+
+def answer_snapshots(session: Session, out: list[Action], seqs: dict[str, int],
+                     now: float) -> None:
+    """Answer a welcome's `enter`s, each room at ``seqs``, and the look back they cause."""
+    for name, rid in snapshots(out).items():
+        seq = seqs.get(name, 0)
+        out = session.reply_received(entered(rid, name, seq), now)
+        for fill in fills(out).values():
+            # The look back to our own `joined` (see test_a_v2_welcome_...).
+            ours = {"type": "joined", "room": name, "seq": seq, "ts": 1.0, "name": "alice",
+                    "addr": "x"}
+            assert room_seqs(session.reply_received(
+                reply(type="history", room=name, events=[ours], id=fill["id"]), now)) == []
+
+
+def room_seqs(actions: list[Action]) -> list[tuple[str, int]]:
+    return [(i.room, i.seq) for i in items(actions)
+            if isinstance(i, Message | Joined | Left | TopicChanged | ModeChanged)]
+
+
+def fills(actions: list[Action]) -> dict[str, dict[str, Any]]:
+    return {b["room"]: b for b in sent(actions) if b["type"] == "history"}
+
+
+def test_a_v2_welcome_subscribes_every_room_and_asks_each_where_it_is() -> None:
+    session = Session("alice", "tcp://h:5555", rooms=["lobby", "#Dev"])
+    out = session.start(T0)
+    assert sent(out)[0]["rooms"] == ["lobby", "dev"]
+    out = session.reply_received(welcome2(join_id(out), ["lobby", "dev"], 3, batch=True), T0)
+    (sub,) = [a for a in out if isinstance(a, OpenSub)]
+    assert sub.topics == (batch_topic("lobby"), batch_topic("dev"), BROKER_TOPIC)
+    asked = snapshots(out)
+    assert list(asked) == ["lobby", "dev"]
+    # Events of dev before we know where we start in it wait for `entered`.
+    assert session.broadcast_received(
+        [batch_topic("dev"), encode({"type": "batch", "room": "dev",
+                                     "events": [in_room(8, "dev"), in_room(9, "dev")]})],
+        T0) == []
+    out = session.reply_received(entered(asked["dev"], "dev", 7, topic="t", ops=["bob"]), T0)
+    # Only lobby's seq came with the welcome: dev may have moved on between
+    # our join and this answer. Read back to our own `joined` there.
+    assert room_seqs(out) == []
+    fill = fills(out)["dev"]
+    assert fill["after"] == max(0, 7 - LOOK_BACK)
+    ours = {"type": "joined", "room": "dev", "seq": 6, "ts": 1.0, "name": "alice",
+            "addr": "x"}
+    page = [*(in_room(n, "dev") for n in range(1, 6)), ours, in_room(7, "dev")]
+    out = session.reply_received(reply(type="history", room="dev", events=page,
+                                       id=fill["id"]), T0)
+    assert room_seqs(out) == [("dev", 7), ("dev", 8), ("dev", 9)]
+    assert statuses(out) == []  # nothing missed: what came before us is not ours
+    state = session.room_state("DEV")
+    assert state is not None and (state.topic, state.ops, state.last_seq) == ("t", ("bob",), 9)
+    assert session.room_state("ops") is None
+
+
+def test_each_room_fills_its_own_gap_page_by_page() -> None:
+    session = joined2(["lobby", "dev"], {"lobby": 2, "dev": 5})
+    out = session.reply_received(reply(type="pong", ts=1.0, seqs={"lobby": 2, "dev": 9}), T0)
+    (fill,) = fills(out).values()
+    assert (fill["room"], fill["after"], fill["limit"]) == ("dev", 5, HISTORY_PAGE_MAX)
+    # A lobby event in order meanwhile goes out at once: rooms do not wait for each other.
+    out = session.broadcast_received(on_topic(in_room(3, "lobby")), T0)
+    assert room_seqs(out) == [("lobby", 3)]
+    out = session.reply_received(
+        reply(type="history", room="dev", events=[in_room(6, "dev"), in_room(7, "dev")],
+              id=fill["id"]), T0)
+    assert room_seqs(out) == [("dev", 6), ("dev", 7)]
+    fill = fills(out)["dev"]
+    assert fill["after"] == 7  # a short page is not the end
+    out = session.reply_received(
+        reply(type="history", room="dev", events=[in_room(8, "dev"), in_room(9, "dev")],
+              id=fill["id"]), T0)
+    assert room_seqs(out) == [("dev", 8), ("dev", 9)] and fills(out) == {}
+    # The heartbeat names only rooms that moved; each fills alone.
+    out = session.broadcast_received(
+        [BROKER_TOPIC, encode({"type": "heartbeat", "seqs": {"lobby": 3, "dev": 10,
+                                                             "elsewhere": 99}})], T0)
+    assert list(fills(out)) == ["dev"]
+
+
+def test_a_failed_fill_of_one_room_is_asked_again_for_that_room() -> None:
+    session = joined2(["lobby", "dev"])
+    fill = fills(session.broadcast_received(on_topic(in_room(2, "dev")), T0))["dev"]
+    assert session.reply_received(
+        reply(type="error", code="unavailable", detail="", id=fill["id"], room="dev"), T0) == []
+    again = fills(session.tick(T0 + FILL_RETRY_SECONDS))
+    assert list(again) == ["dev"] and again["dev"]["after"] == 0
+
+
+def test_a_private_rooms_events_on_the_dealer_are_delivered_in_order() -> None:
+    session = joined2(["lobby", "secret"], {"secret": 4})
+    assert room_seqs(session.reply_received(reply(**in_room(5, "secret")), T0)) == [
+        ("secret", 5)]
+    # One lost (say, in a reconnect of the DEALER): a gap, filled from history.
+    out = session.reply_received(reply(**in_room(7, "secret")), T0)
+    assert room_seqs(out) == []
+    fill = fills(out)["secret"]
+    assert fill["after"] == 5
+    out = session.reply_received(
+        reply(type="history", room="secret", events=[in_room(6, "secret")], id=fill["id"]), T0)
+    assert room_seqs(out) == [("secret", 6), ("secret", 7)]
+    assert session.reply_received(reply(**in_room(7, "secret")), T0) == []  # seen
+    # A room event for a room we are not in is nobody's.
+    assert session.reply_received(reply(**in_room(1, "other")), T0) == []
+
+
+def test_an_invitation_is_an_item() -> None:
+    session = joined2(["lobby"])
+    out = session.reply_received(reply(type="invited", room="secret", **{"from": "bob"}), T0)
+    assert items(out) == [Invited("secret", "bob")]
+
+
+def test_topic_and_mode_events_keep_the_room_state_current() -> None:
+    session = joined2(["dev"])
+    events = [
+        {"type": "topic", "room": "dev", "seq": 1, "ts": 1.0, "name": "bob", "text": "hi"},
+        {"type": "mode", "room": "dev", "seq": 2, "ts": 1.0, "name": "bob", "moderated": True,
+         "op": "carol"},
+        {"type": "joined", "room": "dev", "seq": 3, "ts": 1.0, "name": "carol", "addr": "x"},
+        {"type": "mode", "room": "dev", "seq": 4, "ts": 1.0, "name": "bob", "deop": "alice"},
+        {"type": "left", "room": "dev", "seq": 5, "ts": 1.0, "name": "carol", "addr": "x",
+         "reason": "part"},
+    ]
+    for event in events:
+        session.broadcast_received(on_topic(event), T0)
+    state = session.room_state("dev")
+    assert state is not None
+    assert (state.topic, state.moderated, state.ops, state.count, state.last_seq) == (
+        "hi", True, (), 1, 5)
+
+
+def test_entering_and_parting_subscribe_and_unsubscribe() -> None:
+    session = joined2(["lobby"])
+    session.submit("u1", RequestKind.ENTER, {"room": "#Ops"}, T0)
+    out = session.reply_received(entered("u1", "ops", 3, count=2), T0)
+    assert Subscribe(room_topic("ops")) in out
+    (resolved,) = [a for a in out if isinstance(a, Resolve)]
+    assert resolved.value.room == "ops" and resolved.value.count == 2
+    assert session.entered_rooms == ("lobby", "ops")
+    assert room_seqs(session.broadcast_received(on_topic(in_room(4, "ops")), T0)) == [
+        ("ops", 4)]
+    session.submit("u2", RequestKind.PART, {"room": "ops"}, T0)
+    out = session.reply_received(reply(type="parted", room="ops", id="u2"), T0)
+    assert Unsubscribe(room_topic("ops")) in out and Resolve("u2", None) in out
+    assert session.entered_rooms == ("lobby",)
+    assert session.broadcast_received(on_topic(in_room(5, "ops")), T0) == []
+
+
+def test_who_gathers_every_page() -> None:
+    session = joined2(["lobby"])
+    (body,) = sent(session.submit("u1", RequestKind.WHO, {"room": "dev"}, T0))
+    assert (body["room"], body["limit"]) == ("dev", WHO_PAGE_MAX)
+    out = session.reply_received(reply(type="members", room="dev", count=3, next="b",
+                                       members=[{"name": "a", "addr": "x"},
+                                                {"name": "b", "addr": "x"}], id="u1"), T0)
+    (again,) = sent(out)
+    assert (again["after"], again["id"]) == ("b", "u1")
+    out = session.reply_received(reply(type="members", room="dev", count=3,
+                                       members=[{"name": "c", "addr": "x"}], id="u1"), T0)
+    assert out == [Resolve("u1", [Member("a", "x"), Member("b", "x"), Member("c", "x")])]
+
+
+def test_a_kick_of_ourselves_takes_the_room_away() -> None:
+    session = joined2(["lobby", "dev"], {"dev": 3})
+    kicked = {"type": "left", "room": "dev", "seq": 4, "ts": 1.0, "name": "ALICE",
+              "addr": "x", "reason": "kicked", "by": "bob", "detail": "flood"}
+    out = session.broadcast_received(on_topic(kicked), T0)
+    (left,) = items(out)
+    assert isinstance(left, Left) and (left.by, left.detail) == ("bob", "flood")
+    assert Unsubscribe(room_topic("dev")) in out
+    assert session.entered_rooms == ("lobby",)
+    # Another's kick is just an event.
+    out = session.broadcast_received(on_topic({**kicked, "room": "lobby", "seq": 1,
+                                                "name": "bob"}), T0)
+    assert session.entered_rooms == ("lobby",) and room_seqs(out) == [("lobby", 1)]
+
+
+def test_after_a_reconnect_every_room_is_entered_again_and_filled_once() -> None:
+    session = joined2(["lobby", "dev", "ops"], {"lobby": 1, "dev": 10, "ops": 20})
+    session.broadcast_received(on_topic(in_room(11, "dev")), T0)
+    session.handshake_succeeded()
+    session.disconnected(T0 + 1)
+    out = session.tick(session.deadline())
+    join = next(b for b in sent(out) if b["type"] == "join")
+    assert (join["rooms"], join["since"], join["token"]) == (["lobby", "dev", "ops"], 1, "tok")
+    out = session.reply_received(welcome2(join["id"], ["lobby", "dev", "ops"], 1), T0 + 2)
+    (sub,) = [a for a in out if isinstance(a, OpenSub)]
+    assert sub.topics == (room_topic("lobby"), room_topic("dev"), room_topic("ops"),
+                          BROKER_TOPIC)
+    asked = snapshots(out)
+    assert list(asked) == ["lobby", "dev", "ops"]
+    # dev moved on while we were away (our kick there then, and our return);
+    # a live dev event races the answers on the SUB.
+    out = session.broadcast_received(on_topic(in_room(15, "dev")), T0 + 2)
+    fill = fills(out)["dev"]
+    assert fill["after"] == 11  # from where we were, not from where the room is
+    got: list[tuple[str, int]] = []
+    assert session.reply_received(entered(asked["dev"], "dev", 14), T0 + 2) == []  # asked
+    assert session.reply_received(entered(asked["ops"], "ops", 20), T0 + 2) == []
+    events = [in_room(12, "dev"),
+              {"type": "left", "room": "dev", "seq": 13, "ts": 1.0, "name": "alice",
+               "addr": "x", "reason": "kicked", "by": "bob"},
+              {"type": "joined", "room": "dev", "seq": 14, "ts": 1.0, "name": "alice",
+               "addr": "x"}]
+    out = session.reply_received(reply(type="history", room="dev", events=events,
+                                       id=fill["id"]), T0 + 2)
+    got += room_seqs(out)
+    assert got == [("dev", 12), ("dev", 13), ("dev", 14), ("dev", 15)]
+    # The kick came before the answer that we are in: the room stays.
+    assert session.entered_rooms == ("lobby", "dev", "ops")
+    assert session.broadcast_received(on_topic(in_room(15, "dev")), T0 + 2) == []
+
+
+def test_a_kick_while_the_answer_is_out_counts_if_it_came_after() -> None:
+    session = joined2(["lobby", "dev"], {"dev": 3})
+    session.handshake_succeeded()
+    session.disconnected(T0 + 1)
+    join = join_id(session.tick(session.deadline()))
+    asked = snapshots(session.reply_received(welcome2(join, ["lobby", "dev"]), T0 + 2))
+    kicked = {"type": "left", "room": "dev", "seq": 5, "ts": 1.0, "name": "alice",
+              "addr": "x", "reason": "banned", "by": "bob"}
+    session.broadcast_received(on_topic(in_room(4, "dev")), T0 + 2)
+    session.broadcast_received(on_topic(kicked), T0 + 2)
+    assert session.entered_rooms == ("lobby", "dev")  # until the answer says when we came
+    out = session.reply_received(entered(asked["dev"], "dev", 4), T0 + 2)
+    assert Unsubscribe(room_topic("dev")) in out
+    assert session.entered_rooms == ("lobby",)
+
+
+def test_a_room_refused_on_rejoin_is_said_and_dropped() -> None:
+    session = joined2(["lobby", "secret"])
+    session.handshake_succeeded()
+    session.disconnected(T0 + 1)
+    join = join_id(session.tick(session.deadline()))
+    out = session.reply_received(
+        welcome2(join, ["lobby"], refused=[{"room": "secret", "code": "forbidden"}]), T0 + 2)
+    (refused,) = [s for s in statuses(out) if s.state == ClientStatus.REFUSED]
+    assert refused.room == "secret" and "forbidden" in refused.detail
+    assert session.entered_rooms == ("lobby",)
+    assert list(snapshots(out)) == ["lobby"]
+
+
+def test_fail_over_moves_to_the_next_endpoint_and_resumes() -> None:
+    session = Session("alice", "tcp://one:5555, tcp://two:6666", id_prefix="s",
+                      rooms=["lobby", "dev"])
+    out = session.start(T0)
+    assert out[0] == OpenDealer("tcp://one:5555")
+    out = session.reply_received(welcome2(join_id(out), ["lobby", "dev"], 2), T0)
+    (sub,) = [a for a in out if isinstance(a, OpenSub)]
+    assert sub.endpoint == "tcp://one:5556"
+    answer_snapshots(session, out, {"lobby": 2, "dev": 7}, T0)
+    session.handshake_succeeded()
+    session.disconnected(T0 + 1)
+    out = session.tick(session.deadline())
+    assert out[0] == OpenDealer("tcp://two:6666")
+    join = next(b for b in sent(out) if b["type"] == "join")
+    assert (join["token"], join["rooms"], join["since"]) == ("tok", ["lobby", "dev"], 2)
+    out = session.reply_received(welcome2(join["id"], ["lobby", "dev"], 2, pub="7777"), T0 + 2)
+    (sub,) = [a for a in out if isinstance(a, OpenSub)]
+    assert sub.endpoint == "tcp://two:7777"  # the new broker's port, on its host
+    asked = snapshots(out)
+    out = session.reply_received(entered(asked["dev"], "dev", 9), T0 + 2)
+    assert fills(out)["dev"]["after"] == 7  # the same history: resume where we were
+    # A join nobody answers moves on too, round robin.
+    session.handshake_succeeded()
+    session.disconnected(T0 + 3)
+    assert session.tick(session.deadline())[0] == OpenDealer("tcp://one:5555")
+    session.tick(session.deadline())  # no welcome within the attempt's time
+    assert session.tick(session.deadline())[0] == OpenDealer("tcp://two:6666")
+
+
+# ------------------------------------------------------------------ property, rooms
+
+_ROOMS = ["lobby", "dev", "secret"]
+_room_event = st.builds(in_room, st.integers(-2, 30), st.sampled_from([*_ROOMS, "other"]))
+_room_bodies = st.one_of(
+    _room_event,
+    st.builds(lambda r, s, n: {"type": "left", "room": r, "seq": s, "ts": 1.0, "name": n,
+                               "addr": "x", "reason": "kicked", "by": "bob"},
+              st.sampled_from(_ROOMS), st.integers(1, 30), st.sampled_from(["alice", "bob"])),
+    st.builds(lambda r, s: {"type": "mode", "room": r, "seq": s, "ts": 1.0, "name": "b",
+                            "private": True, "op": "x"},
+              st.sampled_from(_ROOMS), st.integers(1, 30)),
+    st.builds(lambda seqs: {"type": "pong", "ts": 1.0, "seqs": seqs},
+              st.dictionaries(st.sampled_from(_ROOMS), st.integers(-1, 30))),
+    st.builds(lambda r, evs: {"type": "history", "room": r, "events": evs},
+              st.sampled_from(_ROOMS), st.lists(_room_event, max_size=5)),
+    st.builds(lambda r, s: {"type": "entered", "room": r, "seq": s, "topic": "", "count": 1,
+                            "members": [], "ops": [], "private": False, "moderated": False,
+                            "topic_ops": True}, st.sampled_from(_ROOMS), st.integers(0, 30)),
+    st.builds(lambda rooms, s, e: {"type": "welcome", "name": "alice", "seq": s, "pub": "1",
+                                   "token": "t", "epoch": e, "rooms": rooms, "count": 1,
+                                   "refused": [{"room": "secret", "code": "forbidden"}]},
+              st.lists(st.sampled_from(_ROOMS), max_size=3, unique=True),
+              st.integers(0, 30), st.sampled_from(["e1", "e2"])),
+    st.builds(lambda seqs: {"type": "heartbeat", "seqs": seqs},
+              st.dictionaries(st.sampled_from([*_ROOMS, 7]), st.integers(-1, 30))),
+    st.builds(lambda c, r: {"type": "error", "code": c, "detail": "", "room": r},
+              st.sampled_from(["rate_limited", "not_in_room", "forbidden", "unavailable"]),
+              st.sampled_from(_ROOMS)),
+    st.just({"type": "invited", "room": "secret", "from": "bob"}),
+    st.just({"type": "parted", "room": "dev"}),
+    st.just({"type": "bye", "reason": "shutdown"}),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(
+    st.sampled_from(["reply", "room", "batch", "broker", "tick", "drop", "user"]),
+    _room_bodies, st.integers(0, 8), st.floats(0, 3)), max_size=50))
+def test_any_frames_in_any_rooms_never_raise_and_each_rooms_seqs_only_increase(
+        steps: list[tuple[str, dict[str, Any], int, float]]) -> None:
+    session = Session("alice", "tcp://h:5555,tcp://g:5555", id_prefix="s", rooms=_ROOMS)
+    now = T0
+    out = session.start(now)
+    last: dict[str, int] = {}
+    ids: list[str] = []
+    users = itertools.count()
+    for where, body, pick, dt in steps:
+        now += dt
+        ids += [b["id"] for b in sent(out) if "id" in b]
+        if where == "reply" and pick and ids:
+            # Answer one of the requests the session sent, whatever it was.
+            body = {**body, "id": ids[-min(pick, len(ids))]}
+        match where:
+            case "reply":
+                out = session.reply_received([encode(body)], now)
+            case "room":
+                out = session.broadcast_received(
+                    [room_topic(str(body.get("room", ""))), encode(body)], now)
+            case "batch":
+                out = session.broadcast_received(
+                    [batch_topic("dev"), encode({"type": "batch", "events": [body, body]})],
+                    now)
+            case "broker":
+                out = session.broadcast_received([BROKER_TOPIC, encode(body)], now)
+            case "drop":
+                session.handshake_succeeded()
+                out = session.disconnected(now)
+            case "user":
+                kind = [RequestKind.ENTER, RequestKind.PART, RequestKind.WHO][pick % 3]
+                out = session.submit(f"u{next(users)}", kind, {"room": _ROOMS[pick % 3]}, now)
+            case _:
+                out = session.tick(now)
+        for item in items(out):
+            if isinstance(item, Status) and item.state == ClientStatus.HISTORY_LOST:
+                last = {}  # a new epoch: its seqs start over
+            elif isinstance(item, Message | Left | ModeChanged):
+                assert item.seq > last.get(item.room, -1), (item, last)
+                last[item.room] = item.seq
+        assert set(session.entered_rooms) <= set(_ROOMS)
+        for name in session.entered_rooms:
+            state = session.room_state(name)
+            assert state is not None and state.last_seq >= 0
+        if session.closed:
+            break
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_against_a_lossy_broker_with_reconnects_every_rooms_events_arrive_once_in_order(
+        data: st.DataObject) -> None:
+    """Three rooms (one private, on the DEALER), lost frames, short and failed pages,
+    answers that come late, and reconnects: each room still gets every message said
+    after we came in, once, in order."""
+    total = {room: data.draw(st.integers(1, 25), label=room) for room in _ROOMS}
+    session = Session("alice", "tcp://h:5555", id_prefix="s", rooms=_ROOMS)
+    now = T0
+    said: dict[str, list[dict[str, Any]]] = {room: [] for room in _ROOMS}  # each room's events
+    ours: dict[str, list[int]] = {room: [] for room in _ROOMS}  # messages after we came in
+    asked: list[dict[str, Any]] = []  # requests out on the DEALER, answered in order
+    got: dict[str, list[int]] = {room: [] for room in _ROOMS}
+
+    def take(actions: list[Action]) -> None:
+        for item in items(actions):
+            if isinstance(item, Message):
+                got[item.room].append(item.seq)
+            elif isinstance(item, Status):
+                assert item.state in (ClientStatus.CONNECTED, ClientStatus.RECONNECTED,
+                                      ClientStatus.DISCONNECTED), item
+        asked.extend(b for b in sent(actions) if b["type"] in ("history", "enter"))
+
+    def publish(room: str, event: dict[str, Any], lost: bool) -> None:
+        said[room].append(event)
+        if not lost and session.joined:
+            take(session.reply_received(reply(**event), now) if room == "secret"
+                 else session.broadcast_received(on_topic(event), now))
+
+    def come_in(rid: str) -> None:
+        # The broker enters us (again: a takeover re-announces us) in every room.
+        for room in _ROOMS:
+            said[room].append({"type": "joined", "room": room, "seq": len(said[room]) + 1,
+                               "ts": 1.0, "name": "alice", "addr": "x"})
+        take(session.reply_received(welcome2(rid, _ROOMS, len(said[ROOM])), now))
+
+    def rejoin() -> None:
+        nonlocal now
+        asked.clear()  # the old DEALER's answers never come
+        session.handshake_succeeded()
+        take(session.disconnected(now))
+        now = session.deadline()
+        come_in(join_id(session.tick(now)))
+
+    def answer(page: int, fail: bool) -> None:
+        body = asked.pop(0)
+        room = body["room"]
+        if body["type"] == "enter":
+            take(session.reply_received(entered(body["id"], room, len(said[room])), now))
+        elif fail:
+            take(session.reply_received(reply(type="error", code="rate_limited", detail="",
+                                              id=body["id"], room=room), now))
+        else:
+            events = said[room][body["after"]:][:page]
+            take(session.reply_received(reply(type="history", room=room, events=events,
+                                              id=body["id"]), now))
+
+    def pong() -> None:
+        seqs = {room: len(events) for room, events in said.items()}
+        take(session.reply_received(reply(type="pong", ts=1.0, seqs=seqs), now))
+
+    come_in(join_id(session.start(now)))
+    for _ in range(data.draw(st.integers(0, 150), label="steps")):
+        step = data.draw(st.sampled_from(["say", "say", "answer", "pong", "tick", "reconnect"]))
+        if step == "say":
+            room = data.draw(st.sampled_from(_ROOMS))
+            if len(ours[room]) < total[room]:
+                ours[room].append(len(said[room]) + 1)
+                publish(room, in_room(len(said[room]) + 1, room),
+                        data.draw(st.booleans(), label="lost"))
+        elif step == "answer" and asked:
+            answer(data.draw(st.integers(1, 4)), data.draw(st.booleans()))
+        elif step == "pong" and session.phase is Phase.JOINED:
+            pong()
+        elif step == "reconnect" and session.phase is Phase.JOINED:
+            rejoin()
+        else:
+            now += data.draw(st.sampled_from([0.1, FILL_RETRY_SECONDS, 1.0]))
+            session.reply_received(reply(type="pong", ts=1.0), now)  # the broker is alive
+            take(session.tick(now))
+    # Everything said (unheard); then the broker behaves: the client must catch up.
+    for room in _ROOMS:
+        while len(ours[room]) < total[room]:
+            ours[room].append(len(said[room]) + 1)
+            publish(room, in_room(len(said[room]) + 1, room), True)
+    if session.phase is not Phase.JOINED:
+        rejoin()
+    pong()
+    for _ in range(2000):
+        if asked:
+            answer(HISTORY_PAGE_MAX, False)
+        elif got != ours:
+            now += FILL_RETRY_SECONDS
+            take(session.tick(now))
+            pong()
+        else:
+            break
+    assert got == ours

@@ -27,18 +27,24 @@ from zchat.protocol import (
     ROOM,
     ClientStatus,
     Direct,
+    Entered,
+    ErrorCode,
     Event,
+    Invited,
     Joined,
     Left,
     Member,
     Message,
+    ModeChanged,
     Notice,
     OtherEvent,
+    RoomInfo,
+    TopicChanged,
     Welcome,
 )
 
 if typing.TYPE_CHECKING:
-    from zchat.client import AsyncClient, Client, Status
+    from zchat.client import AsyncClient, Client, RoomState, Status
 
 __version__ = "0.1.0"
 
@@ -52,12 +58,16 @@ __all__ = [
     "ClientError",
     "ClientStatus",
     "Direct",
+    "Entered",
+    "ErrorCode",
     "Event",
     "HandshakeFailed",
+    "Invited",
     "Joined",
     "Left",
     "Member",
     "Message",
+    "ModeChanged",
     "NameTaken",
     "NoSuchUser",
     "Notice",
@@ -65,13 +75,16 @@ __all__ = [
     "ProtocolError",
     "RateLimited",
     "RequestFailed",
+    "RoomInfo",
+    "RoomState",
     "Status",
+    "TopicChanged",
     "Welcome",
     "ZchatError",
     "__version__",
 ]
 
-_FROM_CLIENT = ("AsyncClient", "Client", "Status")
+_FROM_CLIENT = ("AsyncClient", "Client", "RoomState", "Status")
 
 
 def __getattr__(name: str) -> typing.Any:

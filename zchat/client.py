@@ -22,15 +22,23 @@ is a few lines:
   broker: ``HandshakeFailed`` at once instead of ``BrokerUnreachable``
   after the timeout;
 - keeps every ``message`` and ``dm`` until acked, sending it again with the
-  same ``id`` after a reconnect: the broker's dedupe makes that at most once.
+  same ``id`` after a reconnect: the broker's dedupe makes that at most once;
+- lives in several rooms (``enter``, ``part``, ``rooms=`` at start): every
+  event carries its room, each room's events come in order and gap-filled,
+  and after a reconnect the client is in the same rooms again;
+- fails over: ``endpoint`` may list several brokers, comma-separated; a
+  lost connection moves on to the next one, resuming with the token.
+
+Both shells share the session-backed read-only API (``_SessionView``) and
+the request bodies (``_enter_body`` and the like); what differs is only how they wait.
 
 Typical use::
 
-    with Client("tcp://127.0.0.1:5555", "bot") as chat:
-        chat.send("hello")
+    with Client("tcp://127.0.0.1:5555", "bot", rooms=("lobby", "dev")) as chat:
+        chat.send("hello", room="dev")
         for event in chat.events():
             if isinstance(event, Message) and event.text == "!ping":
-                chat.send("pong")
+                chat.send("pong", room=event.room)
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Container, Iterator
+from collections.abc import AsyncIterator, Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
@@ -55,7 +63,16 @@ from zmq.utils.monitor import parse_monitor_message
 
 from zchat.errors import BrokerUnreachable, ClientClosed
 from zchat.keys import ClientKeys
-from zchat.protocol import ClientStatus, Event, Member, Welcome, encode
+from zchat.protocol import (
+    ROOM,
+    ClientStatus,
+    Entered,
+    Event,
+    Member,
+    RoomInfo,
+    Welcome,
+    encode,
+)
 from zchat.session import (
     Action,
     Closed,
@@ -68,15 +85,21 @@ from zchat.session import (
     Reject,
     RequestKind,
     Resolve,
+    RoomState,
     Send,
     Session,
     Status,
+    Subscribe,
+    Unsubscribe,
     Welcomed,
     resolve_pub,
+    split_endpoints,
 )
 
-__all__ = ["AsyncClient", "Client", "Item", "Status", "Welcome", "check_endpoint",
-           "resolve_endpoint", "resolve_pub"]
+__all__ = ["DEFAULT_ENDPOINT", "AsyncClient", "Client", "Item", "RoomState", "Status",
+           "Welcome", "check_endpoint", "resolve_endpoint", "resolve_pub"]
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
 log = logging.getLogger("zchat.client")
 
@@ -128,10 +151,11 @@ class _Sockets:
     what the sockets say back into the session with ``drain``.
     """
 
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str, keys: ClientKeys | None) -> None:
+    def __init__(self, ctx: zmq.Context[Any], keys: ClientKeys | None,
+                 routing_id: Callable[[], bytes] | None = None) -> None:
         self.ctx = ctx
-        self.endpoint = endpoint
         self.keys = keys
+        self.routing_id = routing_id
         self.dealer: zmq.Socket[Any] | None = None
         self.monitor: zmq.Socket[Any] | None = None
         self.sub: zmq.Socket[Any] | None = None
@@ -145,12 +169,18 @@ class _Sockets:
                         self.dealer.send(encode(body), zmq.NOBLOCK)
                     except zmq.Again:
                         pass  # the broker is not there; resent after the next welcome
-            case OpenDealer():
-                self.open_dealer()
+            case OpenDealer(endpoint):
+                self.open_dealer(endpoint)
             case CloseDealer():
                 self.close_dealer()
             case OpenSub(endpoint, topics):
                 self.open_sub(endpoint, topics)
+            case Subscribe(topic):
+                if self.sub is not None:
+                    self.sub.setsockopt(zmq.SUBSCRIBE, topic)
+            case Unsubscribe(topic):
+                if self.sub is not None:
+                    self.sub.setsockopt(zmq.UNSUBSCRIBE, topic)
             case _:
                 return False
         return True
@@ -200,7 +230,7 @@ class _Sockets:
             elif kind == zmq.EVENT_DISCONNECTED:
                 apply(session.disconnected(clock()))
 
-    def open_dealer(self) -> None:
+    def open_dealer(self, endpoint: str) -> None:
         self.close_dealer()
         self.dealer = dealer = self.ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
@@ -208,13 +238,16 @@ class _Sockets:
         # counter from an unseeded rand(), the same in every broker run, so
         # anyone could predict ours and take over a dropped session. A first
         # byte of 0 is reserved by ZMTP for libzmq's own ids.
-        dealer.setsockopt(zmq.ROUTING_ID, b"z" + secrets.token_bytes(15))
+        # An embedder (zchat-web through its relay) may name each DEALER
+        # itself, to know which connection is whose.
+        dealer.setsockopt(zmq.ROUTING_ID, self.routing_id() if self.routing_id is not None
+                          else b"z" + secrets.token_bytes(15))
         dealer.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_MS)
         dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_TIMEOUT_MS)
         if self.keys is not None:
             self.keys.apply(dealer)
         self.monitor = dealer.get_monitor_socket(_MONITORED)
-        dealer.connect(self.endpoint)
+        dealer.connect(endpoint)
 
     def close_dealer(self) -> None:
         if self.monitor is not None:
@@ -247,27 +280,139 @@ class _Sockets:
             self.sub = None
 
 
-class Client:
+class _SessionView:
+    """What both shells tell of their session: read-only, safe from any thread.
+
+    The session replaces (never mutates) what these return, except
+    ``members``, which is its own dict: copy it before iterating from
+    another thread.
+    """
+
+    _session: Session
+
+    @property
+    def name(self) -> str:
+        """Our name, as the broker's last ``welcome`` spelled it."""
+        return self._session.name
+
+    @property
+    def welcome(self) -> Welcome | None:
+        """The current join's ``welcome``; None while (re)connecting."""
+        return self._session.welcome
+
+    @property
+    def members(self) -> dict[str, Member]:
+        """Who is in the room ``welcome`` describes (lobby), keyed by ``fold_name``."""
+        return self._session.members
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last event delivered of the room ``welcome`` describes (lobby)."""
+        return self._session.last_seq
+
+    @property
+    def entered_rooms(self) -> tuple[str, ...]:
+        """The rooms this client is in, in order of entry."""
+        return self._session.entered_rooms
+
+    def room_state(self, room: str) -> RoomState | None:
+        """What we know of ``room`` (topic, members, ops, modes, last seq); None if not in it."""
+        return self._session.room_state(room)
+
+
+# The request bodies both shells send (the session adds ``type`` and ``id``).
+
+
+def _enter_body(room: str, private: bool) -> dict[str, Any]:
+    return {"room": room, "private": True} if private else {"room": room}
+
+
+def _part_body(room: str, reason: str | None) -> dict[str, Any]:
+    return {"room": room, "reason": reason} if reason else {"room": room}
+
+
+def _history_body(after: int, room: str, limit: int | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"after": after, "room": room}
+    if limit is not None:
+        body["limit"] = limit
+    return body
+
+
+def _mode_body(room: str, private: bool | None, moderated: bool | None,
+               topic_ops: bool | None) -> dict[str, Any]:
+    flags = {"private": private, "moderated": moderated, "topic_ops": topic_ops}
+    return {"room": room, **{k: v for k, v in flags.items() if v is not None}}
+
+
+def _kick_body(room: str, name: str, reason: str | None) -> dict[str, Any]:
+    body = {"room": room, "name": name}
+    return {**body, "reason": reason} if reason else body
+
+
+def _v1_who(room: object, timeout: float | None) -> tuple[str, float | None]:
+    """``who(timeout)`` as version 1 callers wrote it still works (room was not there)."""
+    if room is None or isinstance(room, int | float):
+        return ROOM, room
+    return str(room), timeout
+
+
+def _v1_history(room: object, limit: object,
+                timeout: float | None) -> tuple[str, int | None, float | None]:
+    """``history(after, limit, timeout)``, version 1's order, still works."""
+    if isinstance(room, int):
+        return ROOM, room, limit if isinstance(limit, int | float) else timeout
+    return str(room), limit if isinstance(limit, int) else None, timeout
+
+
+def _arguments(endpoint: str, name: str) -> tuple[str, str]:
+    """``(endpoint, name)`` from either order of the first two arguments.
+
+    Version 1 code calls ``Client(endpoint, name)``; the rooms API reads
+    ``Client(name, endpoint=...)``. An endpoint has a scheme (``tcp://``),
+    a name cannot look like one to us here, so both orders work.
+    """
+    if "://" not in endpoint and ("://" in name or not name):
+        return name or DEFAULT_ENDPOINT, endpoint
+    return endpoint, name
+
+
+def _check_endpoints(endpoint: str) -> None:
+    for each in split_endpoints(endpoint) or [endpoint]:
+        check_endpoint(each)
+
+
+def _resolve_endpoints(endpoint: str) -> None:
+    for each in split_endpoints(endpoint):
+        resolve_endpoint(each)
+
+
+class Client(_SessionView):
     """A zchat client for bots, tests and tools (thread-safe).
 
     Args:
-        endpoint: the broker's input endpoint (``tcp://host:5555``).
-        name: the name to join with.
+        endpoint: the broker's input endpoint (``tcp://host:5555``), or
+            several, comma-separated, to fail over between.
+        name: the name to join with (the two may also come in the order
+            ``Client(name, endpoint)``).
         broadcast: the broadcast endpoint, if known; by default taken from
             ``welcome`` (a bare port means the host of ``endpoint``).
         timeout: default seconds for calls that wait on the broker.
         token: a token from an earlier ``welcome``, to take the name over.
-        since: the last seq already seen (events after it are delivered).
+        since: the last seq of lobby already seen (events after it are delivered).
         context: a ``zmq.Context``; by default the process-wide one.
         on_item: called in the I/O thread with every event instead of
             queueing it for ``events()`` (used by ``AsyncClient``).
         keys: CURVE keys (``zchat.keys.load_client_keys``) for a broker that
             encrypts; both sockets use them.
+        rooms: the rooms to enter when joining (``#`` optional).
+        routing_id: makes the routing id of each new DEALER (default: 16
+            random bytes); an embedder that runs a relay in-process uses it
+            to tell the relay whose connection is whose.
     """
 
     def __init__(
         self,
-        endpoint: str = "tcp://127.0.0.1:5555",
+        endpoint: str = DEFAULT_ENDPOINT,
         name: str = "",
         *,
         broadcast: str | None = None,
@@ -277,15 +422,19 @@ class Client:
         context: zmq.Context[Any] | None = None,
         on_item: Callable[[Item], None] | None = None,
         keys: ClientKeys | None = None,
+        rooms: Iterable[str] = (ROOM,),
+        routing_id: Callable[[], bytes] | None = None,
     ) -> None:
+        endpoint, name = _arguments(endpoint, name)
         if not name:
             raise ValueError("a name is needed to join")
-        check_endpoint(endpoint)
+        _check_endpoints(endpoint)
         self.endpoint = endpoint
         self.timeout = timeout
         prefix = secrets.token_hex(4)
         self._session = Session(name, endpoint, broadcast=broadcast, token=token, since=since,
-                                encrypted=keys is not None, id_prefix=f"{prefix}-s")
+                                encrypted=keys is not None, id_prefix=f"{prefix}-s",
+                                rooms=rooms)
         self._ctx = context or zmq.Context.instance()
         self._items: queue.Queue[Item | None] = queue.Queue()
         self._on_item = on_item
@@ -300,29 +449,7 @@ class Client:
         self._joined_future: concurrent.futures.Future[Welcome] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, name=f"zchat-{name}", daemon=True)
         self._started = False
-        self._sockets = _Sockets(self._ctx, endpoint, keys)
-
-    # ------------------------------------------------------------ the session's state
-
-    @property
-    def name(self) -> str:
-        """Our name, as the broker's last ``welcome`` spelled it."""
-        return self._session.name
-
-    @property
-    def welcome(self) -> Welcome | None:
-        """The current join's ``welcome``; None while (re)connecting."""
-        return self._session.welcome
-
-    @property
-    def members(self) -> dict[str, Member]:
-        """Who is in the room, keyed by ``fold_name``."""
-        return self._session.members
-
-    @property
-    def last_seq(self) -> int:
-        """The seq of the last room event delivered."""
-        return self._session.last_seq
+        self._sockets = _Sockets(self._ctx, keys, routing_id)
 
     @property
     def _dealer(self) -> zmq.Socket[Any] | None:
@@ -333,10 +460,11 @@ class Client:
     def connect(self, timeout: float | None = None, *, give_up: bool = True) -> Welcome:
         """Start the I/O thread and join; return the ``welcome``.
 
-        With ``give_up=False`` a timeout raises ``BrokerUnreachable`` but the
-        client goes on trying (with backoff): call ``connect`` again to wait
-        more, ``close()`` to stop. A program that waits for a broker to come
-        up needs no retry loop of its own.
+        ``welcome.rooms`` are the rooms entered, ``welcome.refused`` those
+        that could not be. With ``give_up=False`` a timeout raises
+        ``BrokerUnreachable`` but the client goes on trying (with backoff):
+        call ``connect`` again to wait more, ``close()`` to stop. A program
+        that waits for a broker to come up needs no retry loop of its own.
 
         Raises:
             NameTaken, RequestFailed: the broker refused the join.
@@ -347,7 +475,7 @@ class Client:
         """
         if not self._started:
             try:
-                resolve_endpoint(self.endpoint)
+                _resolve_endpoints(self.endpoint)
             except OSError as exc:
                 self._closed.set()  # no thread ran: nothing else to stop
                 self._wake_r.close()
@@ -369,20 +497,34 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def send_nowait(self, text: str) -> concurrent.futures.Future[int]:
-        """Queue ``text`` for the room; the future gives its seq once acked.
+    def enter(self, room: str, private: bool = False, timeout: float | None = None) -> Entered:
+        """Enter ``room`` (created if new: then ``private`` makes it invite-only).
+
+        Its events follow from the ``entered`` seq on. Raises
+        ``RequestFailed`` (``bad_room``, ``forbidden``, ``too_many_rooms``).
+        """
+        entered: Entered = self._wait(
+            self._request(RequestKind.ENTER, _enter_body(room, private)), timeout)
+        return entered
+
+    def part(self, room: str, reason: str | None = None, timeout: float | None = None) -> None:
+        """Leave ``room`` (the others see ``left`` with reason ``part``)."""
+        self._wait(self._request(RequestKind.PART, _part_body(room, reason)), timeout)
+
+    def send_nowait(self, text: str, room: str = ROOM) -> concurrent.futures.Future[int]:
+        """Queue ``text`` for ``room``; the future gives its seq once acked.
 
         The message is kept, across reconnects, until the broker acks it.
         """
-        return self._request(RequestKind.MESSAGE, {"text": text})
+        return self._request(RequestKind.MESSAGE, {"text": text, "room": room})
 
-    def send(self, text: str, timeout: float | None = None) -> int:
-        """Say ``text`` in the room and return its seq once the broker acked it.
+    def send(self, text: str, room: str = ROOM, timeout: float | None = None) -> int:
+        """Say ``text`` in ``room`` and return its seq once the broker acked it.
 
         On timeout ``BrokerUnreachable`` is raised, but the message stays
         queued and is still delivered (once) if the broker comes back.
         """
-        return self._wait(self.send_nowait(text), timeout)
+        return self._wait(self.send_nowait(text, room), timeout)
 
     def dm_nowait(self, to: str, text: str) -> concurrent.futures.Future[None]:
         """Queue a private message to ``to``."""
@@ -392,20 +534,60 @@ class Client:
         """Send a private message; ``NoSuchUser`` if nobody is called ``to``."""
         self._wait(self.dm_nowait(to, text), timeout)
 
-    def who(self, timeout: float | None = None) -> list[Member]:
-        """Ask the broker who is in the room."""
-        members: list[Member] = self._wait(self._request(RequestKind.WHO, {}), timeout)
+    def who(self, room: str = ROOM, timeout: float | None = None) -> list[Member]:
+        """Everyone in ``room`` (every page of the broker's answer)."""
+        room, timeout = _v1_who(room, timeout)
+        members: list[Member] = self._wait(
+            self._request(RequestKind.WHO, {"room": room}), timeout)
         return members
 
-    def history(
-        self, after: int = 0, limit: int | None = None, timeout: float | None = None
-    ) -> list[Event]:
-        """Room events with seq above ``after`` that the broker still keeps."""
-        body: dict[str, Any] = {"after": after}
-        if limit is not None:
-            body["limit"] = limit
-        events: list[Event] = self._wait(self._request(RequestKind.HISTORY, body), timeout)
+    def history(self, after: int = 0, room: str = ROOM, limit: int | None = None,
+                timeout: float | None = None) -> list[Event]:
+        """``room``'s events with seq above ``after`` that the broker still keeps (one page)."""
+        room, limit, timeout = _v1_history(room, limit, timeout)
+        events: list[Event] = self._wait(
+            self._request(RequestKind.HISTORY, _history_body(after, room, limit)), timeout)
         return events
+
+    def rooms(self, timeout: float | None = None) -> list[RoomInfo]:
+        """The public rooms, and the private ones this client is in."""
+        rooms: list[RoomInfo] = self._wait(self._request(RequestKind.ROOMS, {}), timeout)
+        return rooms
+
+    def topic(self, room: str, text: str, timeout: float | None = None) -> None:
+        """Set ``room``'s topic (an operator's right unless the room says otherwise)."""
+        self._wait(self._request(RequestKind.TOPIC, {"room": room, "text": text}), timeout)
+
+    def mode(self, room: str, *, private: bool | None = None, moderated: bool | None = None,
+             topic_ops: bool | None = None, timeout: float | None = None) -> None:
+        """Change ``room``'s settings (None: leave as is); operators only."""
+        body = _mode_body(room, private, moderated, topic_ops)
+        self._wait(self._request(RequestKind.MODE, body), timeout)
+
+    def op(self, room: str, name: str, timeout: float | None = None) -> None:
+        """Make ``name`` an operator of ``room``."""
+        self._wait(self._request(RequestKind.OP, {"room": room, "name": name}), timeout)
+
+    def deop(self, room: str, name: str, timeout: float | None = None) -> None:
+        """Take ``name``'s operator status in ``room`` away."""
+        self._wait(self._request(RequestKind.DEOP, {"room": room, "name": name}), timeout)
+
+    def kick(self, room: str, name: str, reason: str | None = None,
+             timeout: float | None = None) -> None:
+        """Put ``name`` out of ``room`` (it may enter again)."""
+        self._wait(self._request(RequestKind.KICK, _kick_body(room, name, reason)), timeout)
+
+    def ban(self, room: str, name: str, timeout: float | None = None) -> None:
+        """Keep ``name`` out of ``room`` (put out if in it)."""
+        self._wait(self._request(RequestKind.BAN, {"room": room, "name": name}), timeout)
+
+    def unban(self, room: str, name: str, timeout: float | None = None) -> None:
+        """Let ``name`` into ``room`` again."""
+        self._wait(self._request(RequestKind.UNBAN, {"room": room, "name": name}), timeout)
+
+    def invite(self, room: str, name: str, timeout: float | None = None) -> None:
+        """Invite ``name`` (it gets ``Invited``; into a private room, once)."""
+        self._wait(self._request(RequestKind.INVITE, {"room": room, "name": name}), timeout)
 
     def ping(self, timeout: float | None = None) -> float:
         """Round trip to the broker; return the broker's clock."""
@@ -431,7 +613,7 @@ class Client:
         return self.welcome is not None and not self._closed.is_set()
 
     def leave(self, reason: str | None = None) -> None:
-        """Leave the room (announced to everyone) and close.
+        """Leave the broker (announced in every room) and close.
 
         Returns once the broker has taken the leave (2 s at most), so a
         program may exit right after it.
@@ -575,8 +757,9 @@ class Client:
 def check_endpoint(endpoint: str) -> tuple[str, int] | None:
     """The host and port of a ``tcp://HOST:PORT`` endpoint to connect to.
 
-    ``ipc://PATH`` (a broker on the same machine) is accepted too: it has
-    no host or port, so the result is None.
+    ``ipc://PATH`` (a broker on the same machine) and ``inproc://NAME`` (a
+    relay in the same process, on the same context) are accepted too: they
+    have no host or port, so the result is None.
 
     Raises:
         ValueError: ``bad endpoint 'X': expected tcp://HOST:PORT`` for
@@ -584,7 +767,7 @@ def check_endpoint(endpoint: str) -> tuple[str, int] | None:
     """
     error = ValueError(f"bad endpoint {endpoint!r}: expected tcp://HOST:PORT")
     scheme, sep, rest = endpoint.partition("://")
-    if scheme == "ipc" and sep and rest:
+    if scheme in ("ipc", "inproc") and sep and rest:
         return None
     host, colon, port = rest.rpartition(":")
     if scheme != "tcp" or not sep or not colon or not port.isascii() or not port.isdigit():
@@ -619,13 +802,14 @@ def resolve_endpoint(endpoint: str) -> None:
 
 
 
-class AsyncClient:
+class AsyncClient(_SessionView):
     """The asyncio shell over the same ``Session``: the same behaviour, awaitable.
 
     One task of the running loop owns the sockets (polled with
     ``zmq.asyncio.Poller``) and the loop's clock; the coroutines below hand
     their commands straight to the session (one thread: no queue needed) and
-    wake the task so that it sees new deadlines. Options are ``Client``'s.
+    wake the task so that it sees new deadlines. Options and method names
+    are ``Client``'s.
 
     ::
 
@@ -637,7 +821,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        endpoint: str = "tcp://127.0.0.1:5555",
+        endpoint: str = DEFAULT_ENDPOINT,
         name: str = "",
         *,
         broadcast: str | None = None,
@@ -646,17 +830,21 @@ class AsyncClient:
         since: int | None = None,
         context: zmq.Context[Any] | None = None,
         keys: ClientKeys | None = None,
+        rooms: Iterable[str] = (ROOM,),
+        routing_id: Callable[[], bytes] | None = None,
     ) -> None:
+        endpoint, name = _arguments(endpoint, name)
         if not name:
             raise ValueError("a name is needed to join")
-        check_endpoint(endpoint)
+        _check_endpoints(endpoint)
         self.endpoint = endpoint
         self.timeout = timeout
         prefix = secrets.token_hex(4)
         self._session = Session(name, endpoint, broadcast=broadcast, token=token, since=since,
-                                encrypted=keys is not None, id_prefix=f"{prefix}-s")
+                                encrypted=keys is not None, id_prefix=f"{prefix}-s",
+                                rooms=rooms)
         self._ids = (f"{prefix}-{n}" for n in itertools.count(1))
-        self._sockets = _Sockets(context or zmq.Context.instance(), endpoint, keys)
+        self._sockets = _Sockets(context or zmq.Context.instance(), keys, routing_id)
         self._items: asyncio.Queue[Item | None] = asyncio.Queue()
         self._futures: dict[str, asyncio.Future[Any]] = {}
         self._joined: asyncio.Future[Welcome] | None = None
@@ -665,22 +853,6 @@ class AsyncClient:
         # never cancelled, so no readiness of a socket is lost with it.
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
-
-    @property
-    def name(self) -> str:
-        return self._session.name
-
-    @property
-    def welcome(self) -> Welcome | None:
-        return self._session.welcome
-
-    @property
-    def members(self) -> dict[str, Member]:
-        return self._session.members
-
-    @property
-    def last_seq(self) -> int:
-        return self._session.last_seq
 
     @property
     def connected(self) -> bool:
@@ -692,7 +864,7 @@ class AsyncClient:
         if self._task is None:
             try:
                 # getaddrinfo blocks: not on the loop.
-                await loop.run_in_executor(None, resolve_endpoint, self.endpoint)
+                await loop.run_in_executor(None, _resolve_endpoints, self.endpoint)
             except OSError as exc:
                 self._session.close()
                 raise BrokerUnreachable(str(exc)) from None
@@ -722,25 +894,72 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def send(self, text: str) -> int:
-        """Say ``text``; its seq once acked (kept across reconnects until then)."""
-        seq: int = await self._request(RequestKind.MESSAGE, {"text": text}, None)
+    async def enter(self, room: str, private: bool = False,
+                    timeout: float | None = None) -> Entered:
+        """Enter ``room``; see ``Client.enter``."""
+        entered: Entered = await self._request(RequestKind.ENTER, _enter_body(room, private),
+                                               timeout)
+        return entered
+
+    async def part(self, room: str, reason: str | None = None,
+                   timeout: float | None = None) -> None:
+        await self._request(RequestKind.PART, _part_body(room, reason), timeout)
+
+    async def send(self, text: str, room: str = ROOM, timeout: float | None = None) -> int:
+        """Say ``text`` in ``room``; its seq once acked (kept across reconnects until then).
+
+        Without ``timeout`` it waits for the ack however long it takes.
+        """
+        seq: int = await self._request(RequestKind.MESSAGE, {"text": text, "room": room},
+                                       timeout)
         return seq
 
     async def dm(self, to: str, text: str) -> None:
         await self._request(RequestKind.DM, {"to": to, "text": text}, None)
 
-    async def who(self, timeout: float | None = None) -> list[Member]:
-        members: list[Member] = await self._request(RequestKind.WHO, {}, timeout)
+    async def who(self, room: str = ROOM, timeout: float | None = None) -> list[Member]:
+        room, timeout = _v1_who(room, timeout)
+        members: list[Member] = await self._request(RequestKind.WHO, {"room": room}, timeout)
         return members
 
-    async def history(self, after: int = 0, limit: int | None = None,
+    async def history(self, after: int = 0, room: str = ROOM, limit: int | None = None,
                       timeout: float | None = None) -> list[Event]:
-        body: dict[str, Any] = {"after": after}
-        if limit is not None:
-            body["limit"] = limit
-        events: list[Event] = await self._request(RequestKind.HISTORY, body, timeout)
+        room, limit, timeout = _v1_history(room, limit, timeout)
+        events: list[Event] = await self._request(
+            RequestKind.HISTORY, _history_body(after, room, limit), timeout)
         return events
+
+    async def rooms(self, timeout: float | None = None) -> list[RoomInfo]:
+        rooms: list[RoomInfo] = await self._request(RequestKind.ROOMS, {}, timeout)
+        return rooms
+
+    async def topic(self, room: str, text: str, timeout: float | None = None) -> None:
+        await self._request(RequestKind.TOPIC, {"room": room, "text": text}, timeout)
+
+    async def mode(self, room: str, *, private: bool | None = None,
+                   moderated: bool | None = None, topic_ops: bool | None = None,
+                   timeout: float | None = None) -> None:
+        await self._request(RequestKind.MODE, _mode_body(room, private, moderated, topic_ops),
+                            timeout)
+
+    async def op(self, room: str, name: str, timeout: float | None = None) -> None:
+        await self._request(RequestKind.OP, {"room": room, "name": name}, timeout)
+
+    async def deop(self, room: str, name: str, timeout: float | None = None) -> None:
+        await self._request(RequestKind.DEOP, {"room": room, "name": name}, timeout)
+
+    async def kick(self, room: str, name: str, reason: str | None = None,
+                   timeout: float | None = None) -> None:
+        await self._request(RequestKind.KICK, _kick_body(room, name, reason), timeout)
+
+    async def ban(self, room: str, name: str, timeout: float | None = None) -> None:
+        await self._request(RequestKind.BAN, {"room": room, "name": name}, timeout)
+
+    async def unban(self, room: str, name: str, timeout: float | None = None) -> None:
+        await self._request(RequestKind.UNBAN, {"room": room, "name": name}, timeout)
+
+    async def invite(self, room: str, name: str, timeout: float | None = None) -> None:
+        await self._request(RequestKind.INVITE, {"room": room, "name": name}, timeout)
 
     async def ping(self, timeout: float | None = None) -> float:
         ts: float = await self._request(RequestKind.PING, {}, timeout)
@@ -790,11 +1009,12 @@ class AsyncClient:
         self._futures[rid] = future
         self._apply(self._session.submit(rid, kind, body, loop.time()))
         self._wake()  # a new deadline: its resend
-        if kind in (RequestKind.MESSAGE, RequestKind.DM):
+        if kind in (RequestKind.MESSAGE, RequestKind.DM) and timeout is None:
             return await future  # kept until acked, however long
         seconds = self.timeout if timeout is None else timeout
         try:
-            return await asyncio.wait_for(future, seconds)
+            # Shielded: a message that timed out stays queued, as Client's does.
+            return await asyncio.wait_for(asyncio.shield(future), seconds)
         except TimeoutError:
             raise BrokerUnreachable(
                 f"no answer from {self.endpoint} within {seconds:g}s") from None

@@ -81,9 +81,17 @@ class RequestFailed(ClientError):
 
     @staticmethod
     def from_reply(code: str, detail: str) -> RequestFailed:
-        """The most specific subclass for an error code."""
+        """The most specific subclass for an error code.
+
+        ``code`` becomes an ``ErrorCode`` when this version knows it (it
+        still compares equal to the plain string), so callers match on the
+        enum; a code from a newer broker stays a plain ``str``.
+        """
+        from zchat.protocol import ErrorCode
+
+        known = ErrorCode._value2member_map_.get(code)
         cls = _by_code().get(code, RequestFailed)
-        return cls(code, detail)
+        return cls(known if isinstance(known, ErrorCode) else code, detail)
 
 
 class NameTaken(RequestFailed):

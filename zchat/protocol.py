@@ -58,6 +58,7 @@ __all__ = [
     "BATCH_TOPIC",
     "BROKER_TOPIC",
     "DEFAULT_HEARTBEAT",
+    "EVENT_TYPES",
     "HISTORY_PAGE",
     "HISTORY_PAGE_MAX",
     "MAX_ID_CHARS",
@@ -97,6 +98,7 @@ __all__ = [
     "Member",
     "Members",
     "Message",
+    "ModeChanged",
     "Notice",
     "Op",
     "OtherEvent",
@@ -113,6 +115,7 @@ __all__ = [
     "SendDm",
     "SetMode",
     "SetTopic",
+    "TopicChanged",
     "Unban",
     "Welcome",
     "Who",
@@ -224,6 +227,9 @@ class ClientStatus(StrEnum):
     HISTORY_LOST = "history_lost"
     MISSED = "missed"
     CLOSED = "closed"
+    # v2: a room we were in could not be entered again after a reconnect
+    # (the broker restarted and it is private, or we were banned meanwhile).
+    REFUSED = "refused"
 
 
 # --------------------------------------------------------------------------
@@ -633,6 +639,7 @@ class Left:
     reason: str
     room: str = ROOM
     detail: str = ""  # the client's free-text `leave` reason, or the operator's for a kick
+    by: str = ""  # v2: the room operator who kicked or banned
 
 
 @dataclass(frozen=True, slots=True)
@@ -641,6 +648,38 @@ class Notice:
     ts: float
     text: str
     room: str = ROOM
+
+
+@dataclass(frozen=True, slots=True)
+class TopicChanged:
+    """v2: ``name`` set ``room``'s topic to ``text``."""
+
+    room: str
+    seq: int
+    ts: float
+    name: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModeChanged:
+    """v2: ``name`` (``"*"``: the broker's operator) changed ``room``'s settings.
+
+    Only the fields that changed are set: the flags to their new value,
+    ``op``/``deop``/``ban``/``unban`` to the name concerned.
+    """
+
+    room: str
+    seq: int
+    ts: float
+    name: str
+    private: bool | None = None
+    moderated: bool | None = None
+    topic_ops: bool | None = None
+    op: str | None = None
+    deop: str | None = None
+    ban: str | None = None
+    unban: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -663,7 +702,11 @@ class Direct:
     ts: float
 
 
-Event: TypeAlias = Joined | Message | Left | Notice | OtherEvent
+Event: TypeAlias = Joined | Message | Left | Notice | TopicChanged | ModeChanged | OtherEvent
+
+# Room event types (an unknown type is an ``OtherEvent``): a frame of one of
+# these on the DEALER is a private room's event, not a reply.
+EVENT_TYPES: Final = frozenset({"joined", "message", "left", "notice", "topic", "mode"})
 
 
 def _field(body: dict[str, Any], name: str, ftype: type | tuple[type, ...]) -> Any:
@@ -682,7 +725,7 @@ def parse_event(body: dict[str, Any]) -> Event:
     """
     seq = _field(body, "seq", int)
     ts = float(_field(body, "ts", (int, float)))
-    room = body.get("room", ROOM)
+    room = _optional(body, "room", str) or ROOM
     kind = body["type"]
     if kind == "message":
         return Message(seq, ts, _field(body, "from", str), _field(body, "text", str), room)
@@ -693,9 +736,18 @@ def parse_event(body: dict[str, Any]) -> Event:
             seq, ts, _field(body, "name", str), _field(body, "addr", str),
             _field(body, "reason", str), room,
             body["detail"] if isinstance(body.get("detail"), str) else "",
+            body["by"] if isinstance(body.get("by"), str) else "",
         )
     if kind == "notice":
         return Notice(seq, ts, _field(body, "text", str), room)
+    if kind == "topic":
+        return TopicChanged(room, seq, ts, _field(body, "name", str), _field(body, "text", str))
+    if kind == "mode":
+        flags = {k: body[k] for k in ("private", "moderated", "topic_ops")
+                 if isinstance(body.get(k), bool)}
+        names = {k: body[k] for k in ("op", "deop", "ban", "unban")
+                 if isinstance(body.get(k), str)}
+        return ModeChanged(room, seq, ts, _field(body, "name", str), **flags, **names)
     return OtherEvent(seq, ts, kind, body, room)
 
 
@@ -846,10 +898,10 @@ class RoomList:
 
 @dataclass(frozen=True, slots=True)
 class Invited:
-    """v2: ``sender`` invites us to ``room`` (on the DEALER, never PUB)."""
+    """v2: ``from_`` invites us to ``room`` (on the DEALER, never PUB)."""
 
     room: str
-    sender: str
+    from_: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,20 +15,38 @@ returns, in order::
                                         leave(reason, now), close(reason)
     the poll timed out               -> tick(now); the next is at deadline()
 
-    actions: OpenDealer, CloseDealer, Send(body), OpenSub(endpoint, topics),
-             Emit(item), Resolve(rid, value), Reject(rid, error),
-             Welcomed(welcome), Closed(reason, error)
+    actions: OpenDealer(endpoint), CloseDealer, Send(body), OpenSub(endpoint,
+             topics), Subscribe(topic), Unsubscribe(topic), Emit(item),
+             Resolve(rid, value), Reject(rid, error), Welcomed(welcome),
+             Closed(reason, error)
 
 What it does, so that a bot is a few lines:
 
-- joins (and rejoins with ``token`` and ``since``), retrying with backoff
-  when the broker does not answer or says ``rate_limited``;
-- delivers room events exactly once and in ``seq`` order, filling every gap
-  from ``history`` page by page until it reaches the head seq it knows of (a
-  page may be short: the broker caps a page's bytes); a failed fill is asked
-  again a moment later;
-- sees an epoch change (the broker lost its history) and events that fell out
-  of the history (``missed``);
+- joins (and rejoins with ``token``, ``since`` and the ``rooms`` it is in),
+  retrying with backoff when the broker does not answer or says
+  ``rate_limited``; with several endpoints, a lost connection or an
+  unanswered join moves on to the next one (round robin);
+- keeps one ``_Room`` per room it is in: its last delivered seq, the head
+  seq it knows of, its gap, and its state (topic, members, operators, modes)
+  from ``entered`` and then from the room's events; subscribes to the topic
+  of every room it is in (a private room's carries nothing, and staying
+  subscribed means a room made public is heard from its first event);
+- delivers each room's events exactly once and in ``seq`` order, whether
+  they come on the SUB (public rooms) or on the DEALER (private rooms),
+  filling every gap from ``history`` page by page until it reaches the head
+  seq it knows of (a page may be short: the broker caps a page's bytes); a
+  failed fill is asked again a moment later;
+- learns heads from ``pong`` ``seqs``, the heartbeat's ``seqs`` and the
+  events themselves; sees an epoch change (the broker lost its history) and
+  events that fell out of the history (``missed``);
+- after every ``welcome``, asks ``enter`` again for each room it is in (free
+  for a member, and it announces nothing): the ``entered`` replies give each
+  room's seq and state, so a resumed room is filled from where we were and
+  a room's state is current; a kick of ourselves seen in the events before
+  that seq happened before we came back, one after it takes the room away;
+  a room the first join entered (only the room ``welcome`` describes comes
+  with its seq) is read back to our own ``joined`` (``LOOK_BACK`` events at
+  most), so what was said between the join and that answer is ours too;
 - keeps every request until answered and sends it again after a rejoin (the
   same ``id``: the broker's dedupe makes a message land once);
 - pings when idle, and takes the broker as gone after ``MISSED_HEARTBEATS``
@@ -36,8 +54,9 @@ What it does, so that a bot is a few lines:
 
 Its phase is one ``Phase``; ``_TRANSITIONS`` says which phase may follow
 which. Replies are routed by request id alone: the session's own requests
-(the join, the history fill, the leave's closing ping) get ids from the same
-counter as the user's, and ``_purpose`` says what each is for.
+(the join, the history fills, the room snapshots, the leave's closing ping)
+get ids from the same counter as the user's, and ``_purpose`` says what each
+is for (and ``_about`` which room it concerns).
 """
 
 from __future__ import annotations
@@ -45,40 +64,50 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum, auto
 from typing import Any, TypeAlias
 
 from zchat.errors import ClientClosed, HandshakeFailed, ProtocolError, RequestFailed
 from zchat.protocol import (
-    BATCH_TOPIC,
     BROKER_TOPIC,
     DEFAULT_HEARTBEAT,
+    EVENT_TYPES,
     HISTORY_PAGE_MAX,
     MISSED_HEARTBEATS,
     ROOM,
-    ROOM_TOPIC,
+    WHO_PAGE_MAX,
     Ack,
     BrokerReply,
     Bye,
     ByeReason,
     ClientStatus,
     Direct,
+    Entered,
     ErrorCode,
     ErrorReply,
     Event,
     HistoryPage,
+    Invited,
     Joined,
+    LeaveReason,
     Left,
     Member,
     Members,
+    ModeChanged,
+    Parted,
     Pong,
+    RoomInfo,
+    RoomList,
+    TopicChanged,
     Welcome,
+    batch_topic,
     decode_frame,
     fold_name,
     parse_event,
     parse_reply,
+    room_topic,
 )
 
 __all__ = [
@@ -87,6 +116,7 @@ __all__ = [
     "HANDSHAKE_TRIES",
     "JOIN_ATTEMPT_SECONDS",
     "LEAVE_WAIT_SECONDS",
+    "LOOK_BACK",
     "RETRY_MAX",
     "RETRY_MIN",
     "Action",
@@ -101,11 +131,16 @@ __all__ = [
     "Reject",
     "RequestKind",
     "Resolve",
+    "RoomState",
     "Send",
     "Session",
     "Status",
+    "Subscribe",
+    "Unsubscribe",
     "Welcomed",
     "resolve_pub",
+    "room_key",
+    "split_endpoints",
 ]
 
 log = logging.getLogger("zchat.client")
@@ -116,6 +151,18 @@ EARLY_PING_SECONDS = 0.3  # after a welcome: time enough for the SUB to connect
 LEAVE_WAIT_SECONDS = 2.0  # at most, for the broker to confirm a leave
 FILL_RETRY_SECONDS = 0.5  # after a history fill failed (rate_limited, unavailable)
 HANDSHAKE_TRIES = 5  # handshakes cut short in a row before a CURVE key is blamed
+REPLAY_KEPT = 1000  # events kept to replay onto a room snapshot still out
+# A room our first join entered (other than the one `welcome` describes) is
+# read back this far before its `entered` seq, to find our own `joined`.
+LOOK_BACK = 100
+
+# A `left` of ourselves for one of these takes the room away; the others
+# (leave, timeout, shutdown, replaced) end a connection, and we rejoin.
+_OUSTED = frozenset({LeaveReason.KICKED, LeaveReason.BANNED, LeaveReason.CLOSED,
+                     LeaveReason.PART})
+# A snapshot `enter` refused for one of these: we are not in that room.
+_NOT_IN = frozenset({ErrorCode.FORBIDDEN, ErrorCode.NOT_IN_ROOM, ErrorCode.NO_SUCH_ROOM,
+                     ErrorCode.BAD_ROOM, ErrorCode.TOO_MANY_ROOMS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,17 +174,40 @@ class Status:
     ``reconnected``, ``history_lost`` (the broker restarted without its
     history: events from before may be missing; ``count`` is the room's seq
     when we rejoined, so the events up to it that follow are the new history,
-    said while we were away or long before), ``missed`` (``count`` events fell
-    out of the broker's history before they could be fetched), ``closed``
-    (kicked, replaced by another connection with our token, or ``close()``).
+    said while we were away or long before), ``missed`` (``count`` events of
+    ``room`` fell out of the broker's history before they could be fetched),
+    ``refused`` (``room`` could not be entered again after a reconnect;
+    ``detail`` says why), ``closed`` (kicked, replaced by another connection
+    with our token, or ``close()``).
     """
 
     state: ClientStatus
     detail: str = ""
     count: int = 0
+    room: str = ""  # the room it is about, if any
 
 
-Item: TypeAlias = Event | Direct | Status
+@dataclass(frozen=True, slots=True)
+class RoomState:
+    """What we know of a room we are in, as of ``last_seq`` (a frozen snapshot).
+
+    ``members`` lists at most the first 100 that ``entered`` named plus
+    those seen joining since (``who`` has them all); ``count`` is the
+    room's size.
+    """
+
+    room: str
+    topic: str = ""
+    count: int = 0
+    members: tuple[Member, ...] = ()
+    ops: tuple[str, ...] = ()
+    private: bool = False
+    moderated: bool = False
+    topic_ops: bool = True
+    last_seq: int = 0
+
+
+Item: TypeAlias = Event | Direct | Invited | Status
 
 
 class Phase(Enum):
@@ -170,20 +240,32 @@ class HandshakeFault(StrEnum):
 
 
 class RequestKind(Enum):
-    """A user's request, and so how its reply is read."""
+    """A user's request (the wire type), and so how its reply is read."""
 
     MESSAGE = "message"  # -> the seq the broker gave it
     DM = "dm"  # -> None
-    WHO = "who"  # -> list[Member]
+    WHO = "who"  # -> list[Member], every page
     HISTORY = "history"  # -> list[Event]
     PING = "ping"  # -> the broker's clock
+    ENTER = "enter"  # -> Entered
+    PART = "part"  # -> None
+    ROOMS = "rooms"  # -> list[RoomInfo]
+    TOPIC = "topic"  # these -> None, once acked
+    MODE = "mode"
+    OP = "op"
+    DEOP = "deop"
+    KICK = "kick"
+    BAN = "ban"
+    UNBAN = "unban"
+    INVITE = "invite"
 
 
 class _Purpose(Enum):
     """What the session's own requests are for."""
 
     JOIN = auto()
-    FILL = auto()
+    FILL = auto()  # a history page for one room's gap
+    SNAPSHOT = auto()  # `enter` again after a welcome: the room's seq and state
     LEAVE_ACK = auto()  # answered after the broker took our `leave`
 
 
@@ -192,7 +274,9 @@ class _Purpose(Enum):
 
 @dataclass(frozen=True, slots=True)
 class OpenDealer:
-    """Close the DEALER (and its monitor) if any; open and connect a new one."""
+    """Close the DEALER (and its monitor) if any; open one connected to ``endpoint``."""
+
+    endpoint: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +297,20 @@ class OpenSub:
 
     endpoint: str
     topics: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Add ``topic`` to the SUB's subscriptions (a room entered)."""
+
+    topic: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """Drop ``topic`` from the SUB's subscriptions (a room left)."""
+
+    topic: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +352,8 @@ class Closed:
 
 
 Action: TypeAlias = (
-    OpenDealer | CloseDealer | Send | OpenSub | Emit | Resolve | Reject | Welcomed | Closed
+    OpenDealer | CloseDealer | Send | OpenSub | Subscribe | Unsubscribe | Emit | Resolve
+    | Reject | Welcomed | Closed
 )
 
 
@@ -263,6 +362,7 @@ class _Pending:
     kind: RequestKind
     body: dict[str, Any]
     sent_at: float = -math.inf
+    gathered: list[Any] = field(default_factory=list)  # `who` pages so far
 
 
 def _ack_seq(reply: BrokerReply) -> int:
@@ -294,6 +394,23 @@ def _pong_ts(reply: BrokerReply) -> float:
     return reply.ts
 
 
+def _entered(reply: BrokerReply) -> Entered:
+    if not isinstance(reply, Entered):
+        raise ProtocolError(ErrorCode.BAD_REPLY, "expected entered")
+    return reply
+
+
+def _parted(reply: BrokerReply) -> None:
+    if not isinstance(reply, Parted):
+        raise ProtocolError(ErrorCode.BAD_REPLY, "expected parted")
+
+
+def _room_list(reply: BrokerReply) -> list[RoomInfo]:
+    if not isinstance(reply, RoomList):
+        raise ProtocolError(ErrorCode.BAD_REPLY, "expected rooms")
+    return reply.rooms
+
+
 # How a user's request reads its reply.
 _RESULTS: dict[RequestKind, Callable[[BrokerReply], Any]] = {
     RequestKind.MESSAGE: _ack_seq,
@@ -301,6 +418,12 @@ _RESULTS: dict[RequestKind, Callable[[BrokerReply], Any]] = {
     RequestKind.WHO: _members,
     RequestKind.HISTORY: _events,
     RequestKind.PING: _pong_ts,
+    RequestKind.ENTER: _entered,
+    RequestKind.PART: _parted,
+    RequestKind.ROOMS: _room_list,
+    **{kind: _ack for kind in (RequestKind.TOPIC, RequestKind.MODE, RequestKind.OP,
+                               RequestKind.DEOP, RequestKind.KICK, RequestKind.BAN,
+                               RequestKind.UNBAN, RequestKind.INVITE)},
 }
 
 _BYE_TEXT: dict[str, str] = {
@@ -317,6 +440,21 @@ def resolve_pub(pub: str, endpoint: str) -> str:
     return pub
 
 
+def split_endpoints(endpoint: str) -> list[str]:
+    """The endpoints of a comma-separated list (fail-over, tried in turn)."""
+    return [part.strip() for part in endpoint.split(",") if part.strip()]
+
+
+def room_key(room: str) -> str:
+    """A room name as the broker folds it: ``#Dev`` and ``dev`` are ``dev``.
+
+    Users write rooms as ``#name``; the wire has no ``#``. Only ASCII is
+    folded (the broker refuses any other name as ``bad_room`` anyway).
+    """
+    name = room[1:] if room.startswith("#") else room
+    return name.lower() if name.isascii() else name
+
+
 @dataclass(slots=True)
 class _Gap:
     """Room events received ahead of a hole in seq, while history fills it."""
@@ -326,40 +464,78 @@ class _Gap:
     retry_at: float = math.inf  # when to ask again after a failed fill
 
 
+@dataclass(slots=True)
+class _Room:
+    """One room we are in: where its events are, and what we know of it."""
+
+    name: str
+    last_seq: int | None  # the last event delivered; None: not known where to start yet
+    head: int = 0  # the highest seq we know the room has
+    gap: _Gap = field(default_factory=_Gap)
+    topic: str = ""
+    count: int = 0
+    members: dict[str, Member] = field(default_factory=dict)  # by fold_name
+    ops: dict[str, str] = field(default_factory=dict)  # fold_name -> name
+    private: bool = False
+    moderated: bool = False
+    topic_ops: bool = True
+    snapshot_seq: int = 0  # the seq of the last `entered`: its state counts events to it
+    snapshot_id: str | None = None  # a snapshot `enter` out
+    replay: list[Event] = field(default_factory=list)  # delivered while it is out
+    ousted_at: int | None = None  # a `left` of ourselves seen while it is out
+    look_back: bool = False  # entered with the join: where we came in is to be found
+    quiet_to: int | None = None  # events to here came before us, unless after our `joined`
+
+    def state(self) -> RoomState:
+        # Made afresh on each call, never cached: a shell's user may ask from
+        # another thread, and a cache filled there could outlive the change
+        # that made it stale. Asking is rare; events are not.
+        return RoomState(self.name, self.topic, self.count, tuple(self.members.values()),
+                         tuple(self.ops.values()), self.private, self.moderated,
+                         self.topic_ops, self.last_seq or 0)
+
+
 class Session:
-    """One client's protocol state: a join, a room, the requests in flight.
+    """One client's protocol state: a join, its rooms, the requests in flight.
 
     Args:
         name: the name to join with.
-        endpoint: the broker's input endpoint (for a ``pub`` given as a port).
+        endpoint: the broker's input endpoint, or several separated by
+            commas (fail-over: tried in turn when one is lost).
         broadcast: the broadcast endpoint, if known (else from ``welcome``).
         token: a token from an earlier ``welcome``, to take the name over.
-        since: the last seq already seen (events after it are delivered).
+        since: the last seq of ``lobby`` already seen (events after it are
+            delivered).
         encrypted: the sockets use CURVE keys (a handshake failure then
             blames a key; without keys, a broker that encrypts).
         id_prefix: makes this session's request ids its own.
+        rooms: the rooms to enter with the first join.
     """
 
     def __init__(self, name: str, endpoint: str, *, broadcast: str | None = None,
                  token: str | None = None, since: int | None = None,
-                 encrypted: bool = False, id_prefix: str = "") -> None:
+                 encrypted: bool = False, id_prefix: str = "",
+                 rooms: Iterable[str] = (ROOM,)) -> None:
         self.name = name
-        self.endpoint = endpoint
+        self.endpoints = split_endpoints(endpoint) or [endpoint]
+        self.endpoint = self.endpoints[0]  # the one tried now
         self.welcome: Welcome | None = None  # the current join's, while joined
-        self.members: dict[str, Member] = {}  # by fold_name
-        self.last_seq = since or 0  # the last room event delivered
+        self.rooms: dict[str, _Room] = {}  # the rooms we are in, in order of entry
         self.phase = Phase.IDLE
         self.close_reason = ""
+        self._wanted = list(dict.fromkeys(room_key(r) for r in rooms))
+        self._entered: tuple[str, ...] = ()  # self.rooms' names, for other threads
+        self._primary = ROOM  # the room the v1 fields of `welcome` describe
+        self._since = since
         self._broadcast = broadcast
+        self._batch = False
         self._token = token
-        self._has_seq = since is not None
         self._encrypted = encrypted
         self._ids = (f"{id_prefix}{n}" for n in itertools.count(1))
         self._purpose: dict[str, _Purpose] = {}
+        self._about: dict[str, str] = {}  # a fill's or snapshot's room
         self._join_id = ""
         self._pending: dict[str, _Pending] = {}
-        self._gap = _Gap()
-        self._head = self.last_seq  # the highest seq we know the room has
         self._epoch: str | None = None
         self._was_joined = False
         self._heartbeat = DEFAULT_HEARTBEAT
@@ -371,6 +547,32 @@ class Session:
         self._last_sent = 0.0
         self._handshaken = False  # on the current DEALER connection
         self._handshake_failures = 0  # cut short since the last one that worked
+
+    # ------------------------------------------------------------ what we know
+
+    @property
+    def members(self) -> dict[str, Member]:
+        """Who is in the room ``welcome`` describes (lobby), keyed by ``fold_name``."""
+        room = self.rooms.get(self._primary)
+        return room.members if room is not None else {}
+
+    @property
+    def last_seq(self) -> int:
+        """The last event delivered of the room ``welcome`` describes (lobby)."""
+        room = self.rooms.get(self._primary)
+        if room is None or room.last_seq is None:
+            return (self._since or 0) if self._primary == ROOM else 0
+        return room.last_seq
+
+    @property
+    def entered_rooms(self) -> tuple[str, ...]:
+        """The rooms we are in, in order of entry (a tuple replaced on change)."""
+        return self._entered
+
+    def room_state(self, room: str) -> RoomState | None:
+        """What we know of ``room``, or None if we are not in it."""
+        found = self.rooms.get(room_key(room))
+        return found.state() if found is not None else None
 
     # ------------------------------------------------------------ phases
 
@@ -400,7 +602,9 @@ class Session:
             case Phase.JOINED:
                 hb = self._heartbeat
                 soonest = min(self._last_sent + hb, self._last_heard + MISSED_HEARTBEATS * hb,
-                              self._early_ping, self._gap.retry_at)
+                              self._early_ping)
+                for room in self.rooms.values():
+                    soonest = min(soonest, room.gap.retry_at)
                 for pending in self._pending.values():
                     soonest = min(soonest, pending.sent_at + 2 * hb)
                 return soonest
@@ -417,7 +621,7 @@ class Session:
         return self._join(now)
 
     def tick(self, now: float) -> list[Action]:
-        """The timers: join attempts, pings, silence, resends, leave."""
+        """The timers: join attempts, pings, silence, resends, fills, leave."""
         out: list[Action] = []
         match self.phase:
             case Phase.LEAVING:
@@ -425,6 +629,8 @@ class Session:
                     out += self._close("left")  # the broker will time us out instead
             case Phase.JOINING:
                 if now - self._attempt_at >= JOIN_ATTEMPT_SECONDS:
+                    # No answer: with several endpoints, the next one may.
+                    self._next_endpoint()
                     self._wait_to_join(now)
             case Phase.WAITING:
                 if now >= self._attempt_at:
@@ -440,9 +646,10 @@ class Session:
                     # heartbeat would tell.
                     self._early_ping = math.inf
                     out += self._send({"type": "ping"}, now)
-                if now >= self._gap.retry_at:
-                    self._gap.retry_at = math.inf
-                    out += self._fill(now)
+                for room in list(self.rooms.values()):
+                    if now >= room.gap.retry_at:
+                        room.gap.retry_at = math.inf
+                        out += self._fill(room, now)
                 for pending in self._pending.values():
                     # Unacked after two intervals: it may have been lost in a
                     # reconnect of the DEALER; the same id makes resending
@@ -457,7 +664,12 @@ class Session:
         """A user's request (``body`` without its ``id``), answered by ``rid``."""
         if self.closed:
             return [Reject(rid, ClientClosed(self.close_reason))]
-        pending = _Pending(kind, {**body, "type": kind.value, "id": rid})
+        body = {**body, "type": kind.value, "id": rid}
+        if isinstance(body.get("room"), str):
+            body["room"] = room_key(body["room"])
+        if kind is RequestKind.WHO:
+            body.setdefault("limit", WHO_PAGE_MAX)  # all pages are wanted: few of them
+        pending = _Pending(kind, body)
         self._pending[rid] = pending
         if self.phase is Phase.JOINED:
             pending.sent_at = now
@@ -465,7 +677,7 @@ class Session:
         return []  # it goes out after the welcome
 
     def leave(self, reason: str | None, now: float) -> list[Action]:
-        """Leave the room; ``Closed`` follows once the broker took it (or soon)."""
+        """Leave the broker; ``Closed`` follows once the broker took it (or soon)."""
         if self.phase is not Phase.JOINED:
             return self._close("left")
         # `leave` has no reply, and a program that exits right after leave()
@@ -531,6 +743,9 @@ class Session:
             log.warning("ignoring a bad frame from the broker: %s", exc)
             return []
         rid = body.get("id") if isinstance(body.get("id"), str) else None
+        if rid is None and body["type"] in EVENT_TYPES:
+            # A private room's event: it comes to its members' DEALERs.
+            return self._events_received([body], now)
         purpose = self._purpose.get(rid) if rid is not None else None
         try:
             reply = parse_reply(body)
@@ -544,7 +759,7 @@ class Session:
                         rid is None or rid == self._join_id):
                     return self._welcomed(reply, now)
                 return []
-            case Direct():
+            case Direct() | Invited():
                 return [Emit(reply)]
             case Bye():
                 return self._bye(reply, now)
@@ -555,10 +770,12 @@ class Session:
             case Pong() if reply.joined is False:
                 return self._forgotten(now)
         if purpose is _Purpose.FILL:
-            return self._filled(reply, now)
+            return self._filled(reply, self._about.get(rid or "", ""), now)
+        if purpose is _Purpose.SNAPSHOT:
+            return self._snapshot(reply, self._about.get(rid or "", ""), now)
         out: list[Action] = []
-        if isinstance(reply, Pong) and reply.seq is not None and self.phase is Phase.JOINED:
-            out += self._known_head(reply.seq, now)
+        if isinstance(reply, Pong) and self.phase is Phase.JOINED:
+            out += self._pong_heads(reply, now)
         pending = self._pending.pop(rid, None) if rid is not None else None
         if rid is None or pending is None:
             return out  # a pong, or a late duplicate answer
@@ -568,6 +785,19 @@ class Session:
             value = _RESULTS[pending.kind](reply)
         except ProtocolError as exc:
             return [*out, Reject(rid, RequestFailed(ErrorCode.BAD_REPLY, exc.detail))]
+        if isinstance(reply, Members) and reply.next is not None:
+            # `who` pages: ask for the next, answer once all are in.
+            pending.gathered += value
+            pending.body = {**pending.body, "after": reply.next}
+            pending.sent_at = now
+            self._pending[rid] = pending
+            return [*out, *self._send(pending.body, now)]
+        if pending.gathered:
+            value = [*pending.gathered, *value]
+        if isinstance(reply, Entered):
+            out += self._took_room(reply, now)
+        elif isinstance(reply, Parted):
+            out += self._drop_room(room_key(reply.room))
         return [*out, Resolve(rid, value)]
 
     def broadcast_received(self, frames: list[bytes], now: float) -> list[Action]:
@@ -583,18 +813,19 @@ class Session:
         if topic == BROKER_TOPIC:
             if body["type"] == "heartbeat" and self.phase is Phase.JOINED:
                 seqs = body.get("seqs")
-                room = self.welcome.room if self.welcome is not None else ROOM
-                head = seqs.get(room) if isinstance(seqs, dict) else None
-                if type(head) is int:
-                    return self._known_head(head, now)
+                if isinstance(seqs, dict):
+                    return self._heads(seqs, now)
             elif body["type"] == "shutdown" and self.phase is Phase.JOINED:
                 return self._lost("broker shut down, retrying…", now)
             return []
-        if not self.joined:
-            return []  # resumed after the next welcome, from history
-        items = body.get("events") if topic == BATCH_TOPIC else [body]
+        items = body.get("events") if topic.startswith(b"\x01") else [body]
         if not isinstance(items, list):
             return []
+        return self._events_received(items, now)
+
+    def _events_received(self, items: list[Any], now: float) -> list[Action]:
+        if not self.joined:
+            return []  # resumed after the next welcome, from history
         out: list[Action] = []
         for item in items:
             try:
@@ -607,14 +838,21 @@ class Session:
 
     # ------------------------------------------------------------ joining
 
-    def _new_id(self, purpose: _Purpose) -> str:
+    def _new_id(self, purpose: _Purpose, room: str | None = None) -> str:
         rid = next(self._ids)
         self._purpose[rid] = purpose
+        if room is not None:
+            self._about[rid] = room
         return rid
 
     def _forget(self, rid: str | None) -> None:
         if rid is not None:
             self._purpose.pop(rid, None)
+            self._about.pop(rid, None)
+
+    def _next_endpoint(self) -> None:
+        index = self.endpoints.index(self.endpoint) if self.endpoint in self.endpoints else -1
+        self.endpoint = self.endpoints[(index + 1) % len(self.endpoints)]
 
     def _join(self, now: float) -> list[Action]:
         self._goto(Phase.JOINING)
@@ -622,17 +860,26 @@ class Session:
         self._join_id = self._new_id(_Purpose.JOIN)
         self._handshaken = False
         self._attempt_at = now
-        body: dict[str, Any] = {"type": "join", "name": self.name, "id": self._join_id}
+        body: dict[str, Any] = {"type": "join", "name": self.name, "id": self._join_id,
+                                "rooms": list(self.rooms) if self._was_joined else self._wanted}
         if self._token:
             body["token"] = self._token
-        if self._has_seq:
-            body["since"] = self.last_seq
-        return [OpenDealer(), *self._send(body, now)]
+        lobby = self.rooms.get(ROOM)
+        since = lobby.last_seq if lobby is not None else (
+            None if self._was_joined else self._since)
+        if since is not None:
+            body["since"] = since  # version 1's resume point; rooms resume by their own seq
+        return [OpenDealer(self.endpoint), *self._send(body, now)]
 
     def _wait_to_join(self, now: float) -> None:
         self._goto(Phase.WAITING)
         self._attempt_at = now + self._retry
         self._retry = min(self._retry * 2, RETRY_MAX)
+
+    def _topic(self, room: str) -> bytes:
+        # A broker that coalesces events offers them as batches too: fewer
+        # frames for it to send, and for us to receive.
+        return batch_topic(room) if self._batch else room_topic(room)
 
     def _welcomed(self, welcome: Welcome, now: float) -> list[Action]:
         self._goto(Phase.JOINED)
@@ -645,26 +892,65 @@ class Session:
         self._retry = RETRY_MIN
         self._last_heard = now
         self._early_ping = now + EARLY_PING_SECONDS
-        self.members = {fold_name(m.name): m for m in welcome.members}
-        # A broker that coalesces events offers them as batches too: fewer
-        # frames for it to send, and for us to receive.
-        topics = (BATCH_TOPIC if welcome.batch else ROOM_TOPIC, BROKER_TOPIC)
-        out: list[Action] = [
-            OpenSub(self._broadcast or resolve_pub(welcome.pub, self.endpoint), topics)]
+        self._batch = welcome.batch
+        self._primary = welcome.room
+        # A version 1 broker says nothing of rooms: it put us in its one room.
+        v2 = welcome.count is not None
+        names = [room_key(r) for r in welcome.rooms] if v2 else [welcome.room]
+        out: list[Action] = []
+        primary = self.rooms.get(welcome.room)
+        known = primary.last_seq if primary is not None else (
+            self._since if welcome.room == ROOM else None)
         restarted = welcome.epoch != self._epoch and self._epoch is not None
-        if restarted or (self._has_seq and welcome.seq < self.last_seq):
+        if restarted or (known is not None and welcome.seq < known):
             # The broker lost its history: old seqs mean nothing now.
             out.append(Emit(Status(ClientStatus.HISTORY_LOST,
                                    "the broker restarted without its history", welcome.seq)))
-            self.last_seq = 0
-        elif not self._has_seq:
-            self.last_seq = welcome.seq
-        self._has_seq = True
+            for room in self.rooms.values():
+                if room.last_seq is not None:
+                    room.last_seq = 0
+            if self._since is not None:
+                self._since = 0
         self._epoch = welcome.epoch
-        self._forget(self._gap.fill_id)
-        self._gap = _Gap()
-        self._head = self.last_seq
-        out += self._known_head(welcome.seq, now)
+        refused = {room_key(r.room): r.code for r in welcome.refused}
+        for name in [n for n in self.rooms if n not in names]:
+            # Listed in our join and not entered: the broker restarted and the
+            # room is private, or we were banned while away.
+            code = refused.get(name, "")
+            out.append(Emit(Status(ClientStatus.REFUSED, f"cannot enter #{name} again: {code}",
+                                   room=name)))
+            self._discard_room(name)
+        for name in names:
+            found = self.rooms.get(name)
+            if found is None:
+                since = self._since if name == ROOM else None
+                found = self.rooms[name] = _Room(name, since)
+                # Only the room `welcome` describes comes with its seq; see
+                # _apply_snapshot for the others.
+                found.look_back = since is None and name != welcome.room
+            room = found
+            self._forget(room.gap.fill_id)
+            self._forget(room.snapshot_id)
+            room.gap = _Gap()
+            room.head = room.last_seq or 0
+            room.snapshot_id, room.replay, room.ousted_at = None, [], None
+        self._entered = tuple(self.rooms)
+        topics = (*(self._topic(name) for name in self.rooms), BROKER_TOPIC)
+        out.append(OpenSub(self._broadcast or resolve_pub(welcome.pub, self.endpoint), topics))
+        if v2:
+            for name in self.rooms:
+                # Free for a member and announcing nothing: the answer tells
+                # where the room is and what it is like now.
+                rid = self._new_id(_Purpose.SNAPSHOT, name)
+                self.rooms[name].snapshot_id = rid
+                out += self._send({"type": "enter", "room": name, "id": rid}, now)
+        primary = self.rooms.get(welcome.room)  # None: we are in none of them
+        if primary is not None:
+            primary.members = {fold_name(m.name): m for m in welcome.members}
+            primary.count = welcome.count if welcome.count is not None else len(welcome.members)
+            if primary.last_seq is None:
+                primary.last_seq = welcome.seq
+            out += self._known_head(primary, welcome.seq, now)
         self._was_joined = True
         out.append(Emit(Status(ClientStatus.CONNECTED if first else ClientStatus.RECONNECTED,
                                welcome.addr)))
@@ -698,7 +984,11 @@ class Session:
                 return self._close(str(error), error)
             return [Emit(Status(ClientStatus.CLOSED, str(error))), *self._close(str(error))]
         if purpose is _Purpose.FILL:
-            return self._fill_failed(now)
+            room = self.rooms.get(self._about.get(rid or "", ""))
+            self._forget(rid)
+            return self._fill_failed(room, now) if room is not None else []
+        if purpose is _Purpose.SNAPSHOT:
+            return self._snapshot(None, self._about.get(rid or "", ""), now)
         if rid is not None and self._pending.pop(rid, None) is not None:
             return [Reject(rid, error)]
         return []
@@ -713,18 +1003,21 @@ class Session:
 
     def _forgotten(self, now: float) -> list[Action]:
         # The broker does not know us: it restarted and our DEALER reconnected
-        # to it by itself. Keep the requests, join again, and they go out
-        # after the welcome (their ids keep them from doubling).
+        # to it by itself. Keep the requests, join again (the same endpoint:
+        # it answers), and they go out after the welcome (their ids keep
+        # them from doubling).
         if self.phase is not Phase.JOINED:
             return []
-        out = self._lost("the broker restarted, rejoining…", now)
+        out = self._lost("the broker restarted, rejoining…", now, move_on=False)
         self._attempt_at = now
         return out
 
-    def _lost(self, why: str, now: float) -> list[Action]:
+    def _lost(self, why: str, now: float, *, move_on: bool = True) -> list[Action]:
         out: list[Action] = [Emit(Status(ClientStatus.DISCONNECTED, why)), CloseDealer()]
         self.welcome = None
         self._early_ping = math.inf
+        if move_on:
+            self._next_endpoint()  # fail-over: the next broker may be there
         self._goto(Phase.WAITING)
         self._attempt_at = now + self._retry
         return out
@@ -737,92 +1030,243 @@ class Session:
         out: list[Action] = [Reject(rid, ClientClosed(reason)) for rid in self._pending]
         self._pending.clear()
         self._purpose.clear()
+        self._about.clear()
         return [*out, CloseDealer(), Closed(reason, error or ClientClosed(reason))]
 
     def _send(self, body: dict[str, Any], now: float) -> list[Action]:
         self._last_sent = now
         return [Send(body)]
 
+    # ------------------------------------------------------------ rooms
+
+    def _took_room(self, entered: Entered, now: float) -> list[Action]:
+        """We are in ``entered.room`` (a user's ``enter``): keep it and hear it."""
+        name = room_key(entered.room)
+        out: list[Action] = []
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = _Room(name, None)
+            self._entered = tuple(self.rooms)
+            out.append(Subscribe(self._topic(name)))
+        return out + self._apply_snapshot(room, entered, now)
+
+    def _snapshot(self, reply: BrokerReply | None, name: str, now: float) -> list[Action]:
+        room = self.rooms.get(name)
+        if room is None or room.snapshot_id is None:
+            return []
+        self._forget(room.snapshot_id)
+        room.snapshot_id = None
+        if isinstance(reply, Entered):
+            return self._apply_snapshot(room, reply, now)
+        if isinstance(reply, ErrorReply) and reply.code in _NOT_IN:
+            # Ousted between the welcome and this answer (or the room closed).
+            return [Emit(Status(ClientStatus.REFUSED, f"not in #{name}: {reply.code}",
+                                room=name)), *self._drop_room(name)]
+        # Anything else (a store failure, a bad reply): the state waits for
+        # the events; the seqs still come from pongs and heartbeats.
+        room.replay, room.ousted_at = [], None
+        if room.last_seq is None:
+            room.last_seq = room.head
+        return self._known_head(room, room.head, now)
+
+    def _apply_snapshot(self, room: _Room, entered: Entered, now: float) -> list[Action]:
+        room.topic, room.count = entered.topic, entered.count
+        room.members = {fold_name(m.name): m for m in entered.members}
+        room.ops = {fold_name(n): n for n in entered.ops}
+        room.private, room.moderated = entered.private, entered.moderated
+        room.topic_ops = entered.topic_ops
+        room.snapshot_seq = entered.seq
+        if room.last_seq is None and room.look_back:
+            # Entered with the join, but its seq comes only now: the room may
+            # have moved on since. Where we came in is our own `joined`: read
+            # back to it (events before it are not ours, nor are any up to
+            # this seq if none is found: a big room announces no joins).
+            room.look_back = False
+            room.last_seq = max(0, entered.seq - LOOK_BACK)
+            room.quiet_to = entered.seq
+        elif room.last_seq is None:
+            room.last_seq = entered.seq  # a room new to us: from now on
+            for seq in [s for s in room.gap.ahead if s <= entered.seq]:
+                del room.gap.ahead[seq]
+        # Events delivered while the answer was on its way, newer than it.
+        for event in room.replay:
+            if event.seq > entered.seq:
+                self._change(room, event)
+        room.replay = []
+        ousted, room.ousted_at = room.ousted_at, None
+        if ousted is not None and ousted > entered.seq:
+            return self._drop_room(room.name)
+        out: list[Action] = []
+        ahead = room.gap.ahead
+        while room.gap.fill_id is None and room.last_seq + 1 in ahead:
+            # What waited for this answer and follows on from it goes out now.
+            out += self._deliver(room, ahead.pop(room.last_seq + 1))
+            if self.rooms.get(room.name) is not room:
+                return out
+        return out + self._known_head(room, entered.seq, now)
+
+    def _drop_room(self, name: str) -> list[Action]:
+        if name not in self.rooms:
+            return []
+        self._discard_room(name)
+        return [Unsubscribe(self._topic(name))]
+
+    def _discard_room(self, name: str) -> None:
+        room = self.rooms.pop(name)
+        self._entered = tuple(self.rooms)
+        self._forget(room.gap.fill_id)
+        self._forget(room.snapshot_id)
+
+    def _change(self, room: _Room, event: Event) -> None:
+        """What ``event`` changes in what we know of ``room``."""
+        match event:
+            case Joined(name=name, addr=addr):
+                key = fold_name(name)
+                if key not in room.members:
+                    room.count += 1
+                room.members[key] = Member(name, addr)
+            case Left(name=name):
+                key = fold_name(name)
+                room.members.pop(key, None)
+                room.ops.pop(key, None)  # operator status ends with the stay
+                room.count = max(0, room.count - 1)
+            case TopicChanged(text=text):
+                room.topic = text
+            case ModeChanged():
+                for flag in ("private", "moderated", "topic_ops"):
+                    value = getattr(event, flag)
+                    if value is not None:
+                        setattr(room, flag, value)
+                if event.op is not None:
+                    room.ops[fold_name(event.op)] = event.op
+                if event.deop is not None:
+                    room.ops.pop(fold_name(event.deop), None)
+
     # ------------------------------------------------------------ room events
 
     def _accept(self, event: Event, now: float) -> list[Action]:
-        if event.seq <= self.last_seq:
+        room = self.rooms.get(room_key(event.room))
+        if room is None:
+            return []  # a room we are not in (any more)
+        if room.last_seq is None:
+            room.gap.ahead[event.seq] = event  # kept until `entered` says where we start
+            room.head = max(room.head, event.seq)
             return []
-        if event.seq == self.last_seq + 1 and not self._gap.ahead:
-            self._head = max(self._head, event.seq)
-            return self._deliver(event)
-        self._gap.ahead[event.seq] = event
-        return self._known_head(event.seq, now)
+        if event.seq <= room.last_seq:
+            return []
+        if event.seq == room.last_seq + 1 and not room.gap.ahead:
+            room.head = max(room.head, event.seq)
+            return self._deliver(room, event)
+        room.gap.ahead[event.seq] = event
+        return self._known_head(room, event.seq, now)
 
-    def _known_head(self, seq: int, now: float) -> list[Action]:
-        """The room has events up to ``seq``: fetch what we lack."""
-        self._head = max(self._head, seq)
-        if self._head > self.last_seq:
-            return self._fill(now)
+    def _pong_heads(self, pong: Pong, now: float) -> list[Action]:
+        if pong.seqs is not None:
+            return self._heads(pong.seqs, now)
+        room = self.rooms.get(self._primary)
+        if pong.seq is not None and room is not None:
+            return self._known_head(room, pong.seq, now)  # a version 1 broker
         return []
 
-    def _fill(self, now: float) -> list[Action]:
-        gap = self._gap
+    def _heads(self, seqs: dict[Any, Any], now: float) -> list[Action]:
+        out: list[Action] = []
+        for name, seq in seqs.items():
+            room = self.rooms.get(name) if isinstance(name, str) else None
+            if room is not None and type(seq) is int:
+                out += self._known_head(room, seq, now)
+        return out
+
+    def _known_head(self, room: _Room, seq: int, now: float) -> list[Action]:
+        """``room`` has events up to ``seq``: fetch what we lack."""
+        room.head = max(room.head, seq)
+        if room.last_seq is not None and room.head > room.last_seq:
+            return self._fill(room, now)
+        return []
+
+    def _fill(self, room: _Room, now: float) -> list[Action]:
+        gap = room.gap
         if gap.fill_id is not None or gap.retry_at < math.inf or not self.joined:
             return []
-        if self._head <= self.last_seq and not gap.ahead:
+        if room.last_seq is None or (room.head <= room.last_seq and not gap.ahead):
             return []
-        gap.fill_id = self._new_id(_Purpose.FILL)
-        return self._send({"type": "history", "after": self.last_seq,
+        gap.fill_id = self._new_id(_Purpose.FILL, room.name)
+        return self._send({"type": "history", "room": room.name, "after": room.last_seq,
                            "limit": HISTORY_PAGE_MAX, "id": gap.fill_id}, now)
 
-    def _fill_failed(self, now: float) -> list[Action]:
+    def _fill_failed(self, room: _Room, now: float) -> list[Action]:
         # Re-armed, not dropped: the gap is still there. Not at once: the
         # broker may be refusing queries (rate_limited) or its store may be
         # failing (unavailable).
-        self._forget(self._gap.fill_id)
-        self._gap.fill_id = None
-        self._gap.retry_at = now + FILL_RETRY_SECONDS
+        self._forget(room.gap.fill_id)
+        room.gap.fill_id = None
+        room.gap.retry_at = now + FILL_RETRY_SECONDS
         return []
 
-    def _filled(self, reply: BrokerReply, now: float) -> list[Action]:
+    def _filled(self, reply: BrokerReply, name: str, now: float) -> list[Action]:
+        room = self.rooms.get(name)
+        if room is None or room.last_seq is None:
+            return []  # parted or ousted meanwhile
         if not isinstance(reply, HistoryPage):
-            return self._fill_failed(now)
-        gap = self._gap
+            return self._fill_failed(room, now)
+        gap = room.gap
         self._forget(gap.fill_id)
         gap.fill_id = None
-        before = self.last_seq
+        before = room.last_seq
         out: list[Action] = []
         for event in reply.events:
-            if event.seq > self.last_seq:
-                out += self._deliver(event)
-        progressed = self.last_seq > before
+            if self.rooms.get(name) is not room:
+                return out  # a kick of ourselves among them took the room away
+            if event.seq > room.last_seq and room_key(event.room) == name:
+                out += self._deliver(room, event)
+        progressed = room.last_seq > before
         if not progressed:
             # Nothing past what we have: what is not there is gone for good,
             # so what waits beyond the hole goes out now.
-            self._head = self.last_seq
+            room.head = room.last_seq
         ahead = gap.ahead
-        while ahead:
+        while ahead and self.rooms.get(name) is room:
             first = min(ahead)
-            if first <= self.last_seq:
+            if first <= room.last_seq:
                 del ahead[first]
-            elif first == self.last_seq + 1 or not progressed:
-                out += self._deliver(ahead.pop(first))
+            elif first == room.last_seq + 1 or not progressed:
+                out += self._deliver(room, ahead.pop(first))
             else:
                 break
-        self._head = max(self._head, self.last_seq)
-        if progressed and (ahead or self.last_seq < self._head):
+        if self.rooms.get(name) is not room:
+            return out
+        room.head = max(room.head, room.last_seq)
+        if progressed and (ahead or room.last_seq < room.head):
             # A page may be short (the broker caps its bytes): page on until
             # we reach the head.
-            out += self._fill(now)
+            out += self._fill(room, now)
         return out
 
-    def _deliver(self, event: Event) -> list[Action]:
+    def _deliver(self, room: _Room, event: Event) -> list[Action]:
+        if room.quiet_to is not None:
+            if event.seq <= room.quiet_to:
+                room.last_seq = event.seq  # from before we came in: passed over
+                if isinstance(event, Joined) and fold_name(event.name) == fold_name(self.name):
+                    room.quiet_to = None  # ours: what follows is for us
+                return []
+            room.quiet_to = None
         out: list[Action] = []
+        last = room.last_seq or 0
         # Only history fills deliver past a hole: what it lacks is gone for good.
-        missed = event.seq - self.last_seq - 1
+        missed = event.seq - last - 1
         if missed > 0:
             out.append(Emit(Status(ClientStatus.MISSED,
-                                   f"{missed} events are no longer kept", missed)))
-        self.last_seq = event.seq
-        if isinstance(event, Joined):
-            self.members[fold_name(event.name)] = Member(event.name, event.addr)
-        elif isinstance(event, Left):
-            self.members.pop(fold_name(event.name), None)
+                                   f"{missed} events of #{room.name} are no longer kept",
+                                   missed, room.name)))
+        room.last_seq = event.seq
+        if event.seq > room.snapshot_seq:
+            self._change(room, event)  # (the snapshot has the rest already)
+        if room.snapshot_id is not None and len(room.replay) < REPLAY_KEPT:
+            room.replay.append(event)
         out.append(Emit(event))
+        if (isinstance(event, Left) and event.reason in _OUSTED
+                and fold_name(event.name) == fold_name(self.name)):
+            if room.snapshot_id is not None:
+                room.ousted_at = event.seq  # before or after our return: its answer says
+            elif event.seq > room.snapshot_seq:
+                out += self._drop_room(room.name)
         return out

@@ -133,6 +133,7 @@ class Limits:
     rooms_total: int = 10_000  # rooms in all (a room outlives its members)
     room_chars: int = MAX_ROOM_CHARS  # characters of a room name (the protocol's most: 64)
     announce_max: int = 1000  # a room this full announces no joins and parts (0: always)
+    coalesce_above: int = 100  # a room this full coalesces one pass's joins (0: any room)
     invites_kept: int = 1000  # pending invitations per private room (oldest forgotten)
 
 
@@ -366,6 +367,10 @@ class _Room:
     bans: dict[str, str] = field(default_factory=dict)  # folded name -> name as banned
     invites: dict[str, None] = field(default_factory=dict)  # folded names, oldest first
     pub_topic: bytes = b""
+    # The first members as `welcome` and `entered` list them, built once and
+    # shared until one of them may have changed: a join storm then costs no
+    # 100 dicts per welcome.
+    shown: list[dict[str, str]] | None = None
 
     def settings(self) -> dict[str, Any]:
         """What the store keeps of the room (members, ops by name, invites are not)."""
@@ -389,6 +394,8 @@ class _Room:
 _QUIET_REASONS: Final = frozenset(
     {LeaveReason.LEAVE, LeaveReason.TIMEOUT, LeaveReason.PART, LeaveReason.REPLACED,
      LeaveReason.SHUTDOWN})
+# Refusals by the room itself: with no `room` in the request, they name lobby.
+_ROOM_REFUSALS: Final = frozenset({ErrorCode.NOT_IN_ROOM, ErrorCode.FORBIDDEN})
 # Who a `mode` or `notice` says made the change when it is the broker's operator.
 BROKER_OPERATOR: Final = "*"
 
@@ -418,6 +425,7 @@ class Broker:
         epoch: str | None = None,
         batch: bool = False,
         history: History | None = None,
+        coalesce_joins: bool = False,
     ) -> None:
         self.heartbeat = heartbeat
         self.limits = limits or Limits()
@@ -460,6 +468,13 @@ class Broker:
                 self._dedupe.put(lineage, _MESSAGE + rid, (room, seq))
         # Public rooms whose seq moved since the last heartbeat (it lists them).
         self._changed: set[str] = set()
+        # Joins coalesced per pass of the loop (see ``end_pass``): rooms that
+        # announced a join this pass, the joins waiting for the pass's end, and
+        # the welcome/entered bodies whose seq must count them.
+        self._coalesce = coalesce_joins
+        self._joined_this_pass: set[str] = set()
+        self._pending_joins: dict[str, dict[str, dict[str, str]]] = {}
+        self._awaiting_seq: list[tuple[_Room, dict[str, Any]]] = []
         self._next_heartbeat = now
         self._expiry_from = now  # nobody is expired before this (see ``lagged``)
         self._counts = dict.fromkeys(
@@ -592,6 +607,8 @@ class Broker:
             return self._handlers[type(request)](peer, request, now, Origin(addr, key))
         except ProtocolError as exc:
             raw = getattr(request, "room", None)
+            if raw is None and hasattr(request, "room") and exc.code in _ROOM_REFUSALS:
+                raw = ROOM  # no room means lobby (ROOMS.md): say which room refused
             room = named_room({"room": raw}) if isinstance(raw, str) else None
             return [self.error(peer, exc.code, exc.detail, request.id, room)]
 
@@ -669,6 +686,7 @@ class Broker:
         self._counts["joins"] += 1
         for room in inherited.values():
             room.members[folded] = member
+            room.shown = None  # its address may have changed
             # As version 1 did for a takeover: the room sees the name come back.
             out += self._announce(room, now, "joined", {"name": name, "addr": member.shown})
         refused: list[dict[str, str]] = []
@@ -790,6 +808,7 @@ class Broker:
             body["refused"] = refused
         if self.batch:
             body["batch"] = True
+        self._await_seq(shown, body)
         return with_id(body, rid)
 
     def _check_text(self, text: str) -> None:
@@ -861,7 +880,9 @@ class Broker:
         try:
             return self._message(peer, member, text, room, rid, now)
         except ProtocolError as exc:
-            named = named_room({"room": room}) if room is not None else None
+            # As ``handle`` answers: no room means lobby, and says so when refused.
+            raw = ROOM if room is None and exc.code in _ROOM_REFUSALS else room
+            named = named_room({"room": raw}) if raw is not None else None
             return [self.error(peer, exc.code, exc.detail, rid, named)]
 
     def _say(self, peer: bytes, req: Say, now: float, origin: Origin) -> list[Outgoing]:
@@ -869,7 +890,6 @@ class Broker:
 
     def _message(self, peer: bytes, member: _Member, text: str, raw_room: str | None,
                  rid: str | None, now: float) -> list[Outgoing]:
-        self._check_text(text)
         if rid is not None:
             seen = self._dedupe.get(member.lineage, _MESSAGE + rid)
             if seen is not None:
@@ -879,6 +899,7 @@ class Broker:
         if room.moderated and member.folded not in room.ops:
             raise ProtocolError(ErrorCode.FORBIDDEN,
                                 f"{room.name!r} is moderated: only its operators speak")
+        self._check_text(text)  # after the room's own refusals, as PROTOCOL.md orders them
         self._spend(_MESSAGE, member.folded, self._origin(member), now)
         event = self._room_event(room, now, "message", {"from": member.name, "text": text},
                                  dedupe=(member.lineage, rid), sender_addr=member.shown)
@@ -1034,17 +1055,71 @@ class Broker:
             if member.key is not None and member.key in room.op_keys:
                 room.ops.add(member.folded)
         room.members[member.folded] = member
+        if len(room.members) <= MEMBERS_SHOWN:
+            room.shown = None
         member.rooms[name] = room
-        return self._announce(room, now, "joined", {"name": member.name, "addr": member.shown})
+        return self._announce_join(room, member, now)
+
+    def _announce_join(self, room: _Room, member: _Member, now: float) -> list[Outgoing]:
+        """A member's ``joined`` event now, or coalesced with the pass's others.
+
+        With ``coalesce_joins`` the first join of a loop pass into a room is
+        announced at once, as always; later ones of the same pass wait for
+        ``end_pass``, which announces them in one ``joins`` event. Each event
+        costs a send to every subscriber, so a storm of N joins costs a few
+        events per pass instead of N; at low load nothing changes. A room of
+        at most ``coalesce_above`` members always gets one ``joined`` per
+        join: in a room that small a `welcome` lists everyone, a broadcast is
+        cheap, and a version 1 client, which shows no line for ``joins``,
+        names everyone who comes (two people back at once after a restart).
+        """
+        most = self.limits.announce_max
+        if most and len(room.members) > most:
+            return []
+        fields = {"name": member.name, "addr": member.shown}
+        small = len(room.members) <= self.limits.coalesce_above
+        if not self._coalesce or small or room.name not in self._joined_this_pass:
+            if self._coalesce:
+                self._joined_this_pass.add(room.name)
+            return [self._room_event(room, now, "joined", fields)]
+        self._pending_joins.setdefault(room.name, {})[member.folded] = fields
+        return []
+
+    def _await_seq(self, room: _Room, body: dict[str, Any]) -> None:
+        """``body`` tells ``room``'s seq: if joins wait, it must count their event."""
+        if room.name in self._pending_joins:
+            self._awaiting_seq.append((room, body))
+
+    def end_pass(self, now: float) -> list[Outgoing]:
+        """The loop's pass ends: announce the joins it coalesced, one event per room.
+
+        The shell calls it before it commits and sends, so the welcomes of
+        this pass (still unsent) get the seq of the event that names them.
+        """
+        out: list[Outgoing] = []
+        for name, joined in self._pending_joins.items():
+            room = self._rooms.get(name)
+            if room is not None and joined:
+                members = list(joined.values())
+                out.append(self._room_event(room, now, "joins",
+                                            {"members": members, "count": len(members)}))
+        for room, body in self._awaiting_seq:
+            body["seq"] = room.seq
+        self._pending_joins.clear()
+        self._awaiting_seq.clear()
+        self._joined_this_pass.clear()
+        return out
 
     def _entered(self, room: _Room) -> dict[str, Any]:
-        return {
+        body = {
             "type": "entered", "room": room.name, "seq": room.seq, "topic": room.topic,
             "count": len(room.members), "members": _first_members(room),
             "ops": [room.members[f].name for f in room.ops if f in room.members],
             "private": room.private, "moderated": room.moderated,
             "topic_ops": room.topic_ops,
         }
+        self._await_seq(room, body)
+        return body
 
     def _part(self, peer: bytes, req: Part, now: float, origin: Origin) -> list[Outgoing]:
         member = self._by_peer[peer]
@@ -1281,6 +1356,7 @@ class Broker:
         for member in list(found.members.values()):
             extra = (member.peer,) if found.private and member.peer is not None else ()
             del found.members[member.folded]
+            found.shown = None
             del member.rooms[found.name]
             fields = {"name": member.name, "addr": member.shown, "reason": LeaveReason.CLOSED}
             out.append(self._room_event(found, now, "left", fields, extra=extra))
@@ -1298,6 +1374,7 @@ class Broker:
     def shutdown(self, now: float, reason: str = "shutdown") -> list[Outgoing]:
         """Everyone leaves; ``shutdown`` goes out and each client gets ``bye``."""
         out: list[Outgoing] = []
+        self._pending_joins.clear()  # nobody is there to hear of them
         for member in list(self._by_name.values()):
             if member.peer is not None:
                 out.append(Reply(member.peer, {"type": "bye", "reason": ByeReason.SHUTDOWN}))
@@ -1355,7 +1432,13 @@ class Broker:
             fields["by"] = by
         most = self.limits.announce_max
         quiet = reason in _QUIET_REASONS and most and len(room.members) > most
+        pending = self._pending_joins.get(room.name)
+        if pending is not None and pending.pop(member.folded, None) is not None:
+            # Its join was never announced: neither is its going (unless an
+            # operator's act, which is always announced).
+            quiet = quiet or reason in _QUIET_REASONS
         del room.members[member.folded]
+        room.shown = None
         del member.rooms[room.name]
         room.ops.discard(member.folded)
         if quiet:
@@ -1383,8 +1466,14 @@ class Broker:
 
 
 def _first_members(room: _Room) -> list[dict[str, str]]:
-    """At most ``MEMBERS_SHOWN`` members, so a join never costs the room's size."""
-    return [m.public for m in islice(room.members.values(), MEMBERS_SHOWN)]
+    """At most ``MEMBERS_SHOWN`` members, so a join never costs the room's size.
+
+    The list is shared by every reply until the room's first members change:
+    callers must not modify it.
+    """
+    if room.shown is None:
+        room.shown = [m.public for m in islice(room.members.values(), MEMBERS_SHOWN)]
+    return room.shown
 
 
 def _unique(items: Iterable[Any]) -> list[Any]:
