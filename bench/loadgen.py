@@ -117,8 +117,8 @@ class Conn:
 class Client:
     """One simulated user: its connections and where it is in joining."""
 
-    __slots__ = ("dealer", "failed", "index", "live_conn", "name", "pub_conn", "role",
-                 "sample", "settled", "started", "welcomed_at")
+    __slots__ = ("batches", "dealer", "failed", "index", "live_conn", "name", "pub_conn",
+                 "role", "sample", "settled", "started", "welcomed_at")
 
     def __init__(self, index: int, name: str, role: str, sample: bool) -> None:
         self.index = index
@@ -132,6 +132,7 @@ class Client:
         self.started = False
         self.settled = False  # welcomed or failed: no longer in the join window
         self.failed = ""
+        self.batches = False  # its welcome offered batches (the library then takes them)
 
 
 class Publisher:
@@ -368,7 +369,10 @@ class Worker:
             client.live_conn = dealer
             return
         sub = self._connect(client, "sub", "broadcast", ZmtpReader(), b"SUB")
-        room = BATCH_TOPIC if self.target.framing == "zchat-batch" else ROOM_TOPIC
+        # As zchat's library does: batches when the welcome offers them
+        # (coalescing is the default), the single-event topic otherwise.
+        batched = self.target.framing == "zchat-batch" or client.batches
+        room = BATCH_TOPIC if batched else ROOM_TOPIC
         sub.pending += [subscribe(room), subscribe(BROKER_TOPIC)]
         sub.then = COUNT
         client.live_conn = sub
@@ -411,6 +415,7 @@ class Worker:
         body = parts[-1]
         head = body[:24]
         if self.target.framing == "ceiling" or b"\xa7welcome" in head:
+            client.batches = b"\xa5batch\xc3" in body  # "batch": true
             self._welcomed(client, now)
         elif b"\xa5error" in head:
             client.failed = f"join refused: {body[:200]!r}"

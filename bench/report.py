@@ -26,6 +26,7 @@ STYLE = {
     "zchat-memory": ("tab:gray", "*"),
     "zchat-batch": ("tab:purple", "D"),
     "zchat-io2": ("tab:olive", "P"),
+    "zchat-before": ("tab:pink", "h"),
     "ceiling-io2": ("tab:brown", "X"),
     "ceiling": ("tab:green", "s"),
     "epoll": ("tab:red", "^"),

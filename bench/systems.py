@@ -1,14 +1,19 @@
 """The systems under test, each a real subprocess on loopback ephemeral ports.
 
     zchat        zchat-broker --quiet --rate 0 (default heartbeat 5 s, durable
-                 history in a fresh SQLite file, as shipped)
+                 history in a fresh SQLite file, batches on, as shipped); its
+                 subscribers take the batch topic when welcome offers it
     zchat-print  zchat-broker --rate 0, printing every chat line (into a pipe
                  that the bench drains), as the product runs by default
     zchat-batch  zchat-broker --quiet --rate 0 --coalesce 64, subscribers
-                 taking the coalesced ``\x01lobby\x00`` topic (PROTOCOL.md)
+                 taking the coalesced ``\x01lobby\x00`` topic (PROTOCOL.md):
+                 now the default, so the same as ``zchat``
     zchat-memory zchat-broker --quiet --rate 0 --db :memory: (history in memory,
                  not durable): beside ``zchat``, the cost of durability
     zchat-io2    zchat-broker --quiet --rate 0 --io-threads 2 (not by default)
+    zchat-before zchat as ``zchat``, but the code found under ``$ZCHAT_BENCH_BEFORE``
+                 (a directory holding a ``zchat`` package with ``broker`` inside,
+                 say an export of main): before and after a change in one run
     ceiling-io2  the ceiling with two libzmq I/O threads (not by default)
     ceiling      python -m zchat.bench.ceiling: libzmq forwarding in C
     epoll        python -m zchat.bench.baseline_epoll: the original design
@@ -60,6 +65,7 @@ SYSTEMS: Final = {
     "zchat-batch": ("zchat-batch", "zchat broker (--coalesce 64)"),
     "zchat-memory": ("zchat", "zchat broker (--db :memory:)"),
     "zchat-io2": ("zchat", "zchat broker (--io-threads 2)"),
+    "zchat-before": ("zchat", "zchat broker from $ZCHAT_BENCH_BEFORE (--quiet)"),
     "ceiling": ("ceiling", "ceiling: libzmq proxy in C"),
     "ceiling-io2": ("ceiling", "ceiling, two I/O threads"),
     "epoll": ("epoll", "original design: Python epoll"),
@@ -86,13 +92,24 @@ def _argv(name: str, data_dir: str) -> list[str]:
             return [*argv, "--quiet", "--io-threads", "2"]
         if name == "zchat-memory":
             return [*argv[:-2], "--db", ":memory:", "--quiet"]
-        return [*argv, "--quiet"] if name == "zchat" else argv
+        return [*argv, "--quiet"] if name in ("zchat", "zchat-before") else argv
     if name in ("ceiling", "ceiling-io2"):
         threads = "2" if name == "ceiling-io2" else "1"
         return [py, "-m", "zchat.bench.ceiling", "--io-threads", threads]
     if name == "epoll":
         return [py, "-m", "zchat.bench.baseline_epoll"]
     raise ValueError(f"unknown system {name!r}; known: {', '.join(SYSTEMS)}")
+
+
+def _env(name: str) -> dict[str, str]:
+    """What a system's environment adds: ``zchat-before`` imports the older code."""
+    if name != "zchat-before":
+        return {}
+    before = os.environ.get("ZCHAT_BENCH_BEFORE")
+    if not before:
+        raise StartError("zchat-before needs ZCHAT_BENCH_BEFORE (a tree with zchat/broker)")
+    # sys.path (PYTHONPATH first) is searched before the editable install's finder.
+    return {"PYTHONPATH": before}
 
 
 def _drain(stream: IO[bytes], keep: list[bytes], limit: int) -> None:
@@ -166,7 +183,10 @@ def start(name: str, timeout: float = 20.0) -> Running:
     proc = subprocess.Popen(
         _argv(name, data_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **_env(name)},
+        # -m puts the working directory first on sys.path: for zchat-before,
+        # the older tree itself, so that it is what gets imported.
+        cwd=_env(name).get("PYTHONPATH"),
     )
     if proc.stdout is None or proc.stderr is None:  # pragma: no cover - PIPE was asked
         raise StartError("no pipes to the system under test")

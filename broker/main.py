@@ -15,6 +15,7 @@ from zchat.state import Limits
 
 from .config import (
     DEFAULT_BROADCAST,
+    DEFAULT_COALESCE,
     DEFAULT_CONTROL,
     DEFAULT_INPUT,
     Config,
@@ -186,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     beh.add_argument("--quiet", action="store_true", default=env_default("quiet", False, env_flag),
                      help="do not print chat lines on stdout")
     beh.add_argument("--coalesce", metavar="N", type=int,
-                     default=env_default("coalesce", 0, int),
+                     default=env_default("coalesce", DEFAULT_COALESCE, int),
                      help="also publish room events coalesced, up to N per frame, on the batch "
                           "topic that zchat clients use (fewer frames per subscriber under "
                           "load; plain v1 subscribers are unaffected); 0 turns it off "

@@ -35,7 +35,7 @@ import msgpack
 import zmq
 
 from zchat.errors import ProtocolError
-from zchat.history import HistoryError, open_history
+from zchat.history import History, HistoryError, open_history
 from zchat.keys import load_server_keys
 from zchat.protocol import (
     BROKER_TOPIC,
@@ -48,7 +48,7 @@ from zchat.protocol import (
     parse_request,
     request_id,
 )
-from zchat.state import Broker, Deliver, Outgoing, Publish
+from zchat.state import Broker, Deliver, Outgoing, Reply
 
 from .auth import CurveGate
 from .config import Config
@@ -77,8 +77,9 @@ FDS_WANTED = 65_536  # two connections per client, for 10,000 clients and more
 ACCEPT_BACKLOG = 4096
 
 _NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)
+_send = zmq.backend.Socket.send  # the compiled send, under pyzmq's Python-level wrapper
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +180,8 @@ class Server:
         self.endpoints: Endpoints | None = None
         self.state: Broker | None = None
         self._packer = msgpack.Packer(use_bin_type=True)
-        self._outbox: list[Outgoing] = []
+        self._outbox: list[Outgoing] = []  # frames of the pass being decoded
+        self._held: list[Outgoing] = []  # frames of the pass being committed
         self.auth: CurveGate | None = None
         self.failure: str | None = None  # why the loop stopped, if not asked to
         self._batch: dict[str, list[bytes]] = {}  # packed events by room, per pass
@@ -336,6 +338,9 @@ class Server:
         zap = self.auth.socket if self.auth is not None else None
         if zap is not None:
             poller.register(zap, zmq.POLLIN)
+        committed = state.store.fileno()  # readable when a commit begun aside returned
+        if committed is not None:
+            poller.register(committed, zmq.POLLIN)
         relays = self.relays
         for sock in relays.sockets if relays is not None else ():
             poller.register(sock, zmq.POLLIN)
@@ -387,6 +392,7 @@ class Server:
                 self._before_sleep(state)
             self._queue(state.shutdown(time.time()))
             self._before_sleep(state)
+            self._finish_commit(state.store)
         finally:
             self._screen.flush(wait=2.0)
             try:
@@ -415,39 +421,75 @@ class Server:
     def _before_sleep(self, state: Broker) -> None:
         """What must happen before the loop polls again, in this order.
 
-        0. End the pass in the state: the joins it coalesced become one
+        1. Finish the previous pass's commit (begun on the writer thread at
+           the end of that pass; the loop decoded this pass meanwhile), then
+           send that pass's replies and publish its events and its
+           coalesced batches: only now, because nothing of a pass is
+           published or acked before its commit returned, so no client ever
+           sees a seq that a crash could take back. A failed commit stops
+           the broker, and then only the goodbyes go out.
+        2. End the pass in the state: the joins it coalesced become one
            event per room, before the commit that keeps it and the sends
            whose welcomes count it.
-        1. Commit the pass's events (one group commit). Nothing of the pass
-           is published or acked before the commit returned, so no client
-           ever sees a seq that a crash could take back; a failed commit
-           stops the broker, and then only the goodbyes go out.
-        2. Send the queued replies and publish the queued events: only now,
-           for the reason above.
-        3. Publish the coalesced batch: its events are committed now, and a
-           heartbeat of the next pass must not overtake them.
+        3. Commit this pass (one group commit). If input is waiting, begin
+           it on the writer thread and hold the pass's frames until it
+           returns (step 1 of the next pass; the poll wakes when it does);
+           if not, commit here and send at once. A pass that wrote nothing
+           sends at once, still after the previous pass's frames: a pong's
+           seqs must not overtake the events they count.
         4. Write the operator's screen: last, it is for people and may lag.
 
         Also run every ``RELEASE_EVERY`` frames of a long drain, so that a
         flood does not hold everyone's replies back. Nothing else commits.
         """
+        store = state.store
+        self._finish_commit(store)
         self._queue(state.end_pass(time.time()))
-        if self._outbox and self.failure is None:
-            try:
-                state.store.commit()
-            except HistoryError as exc:
-                # Acking what is not stored would be a lie: stop, loudly.
-                log.critical("%s; stopping without acking the last events", exc)
-                self.failure = str(exc)
-                self.stop()
-        if self._outbox and self.failure is not None:
-            # The store failed: nothing naming a seq goes out, only the goodbyes.
-            self._outbox = [o for o in self._outbox if o.body["type"] in ("bye", "shutdown")]
         if self._outbox:
+            if self.failure is None:
+                try:
+                    events = self.router.get(zmq.EVENTS)
+                    if isinstance(events, int) and events & _POLLIN:
+                        store.begin_commit()  # input waits: decode it meanwhile
+                    else:
+                        # Nothing to overlap: handing over would only add two
+                        # thread wake-ups (each a scheduler slice on a busy
+                        # machine) to every reply's latency.
+                        store.commit()
+                except HistoryError as exc:
+                    self._store_failed(exc)
             out, self._outbox = self._outbox, []
-            self._send_now(out)
-        self._flush_batch()
+            if store.committing:
+                self._held = out
+            else:
+                self._release(out)
         self._screen.flush()
+
+    def _finish_commit(self, store: History) -> None:
+        """Wait for the commit under way, then send the frames it held back."""
+        if store.committing:
+            try:
+                store.finish_commit()
+            except HistoryError as exc:
+                self._store_failed(exc)
+        if self._held:
+            out, self._held = self._held, []
+            self._release(out)
+
+    def _store_failed(self, exc: HistoryError) -> None:
+        # Acking what is not stored would be a lie: stop, loudly.
+        if self.failure is None:
+            log.critical("%s; stopping without acking the last events", exc)
+            self.failure = str(exc)
+        self.stop()
+
+    def _release(self, out: list[Outgoing]) -> None:
+        """Send one pass's frames, its batches after them: its events are durable."""
+        if self.failure is not None:
+            # The store failed: nothing naming a seq goes out, only the goodbyes.
+            out = [o for o in out if o.body["type"] in ("bye", "shutdown")]
+        self._send_now(out)
+        self._flush_batch()
 
     def _flush_batch(self) -> None:
         """Publish each room's events coalesced so far as one frame on its batch topic.
@@ -462,44 +504,54 @@ class Server:
         self._batch.clear()
 
     def _drain_input(self, state: Broker) -> bool:
-        """Handle what the input holds, up to ``DRAIN_BATCH`` frames; True if emptied."""
+        """Handle what the input holds, up to ``DRAIN_BATCH`` frames; True if emptied.
+
+        The hot path is a member's ``message``: its payload is decoded and
+        handed to ``Broker.message`` as the map it is, without a typed
+        request; anything else takes the general path (``parse_request``,
+        ``Broker.handle``). Frames are received as ``zmq.Frame``s and their
+        ``more`` read from the frame: a ``getsockopt(RCVMORE)`` per frame
+        costs more than the receive itself.
+        """
         router = self.router
         recv = router.recv
-        more = router.get
         max_frame = self.config.limits.max_frame
         guard = self.guard
         ledger = guard.ledger if guard is not None else None
+        is_member = state.is_member
+        message = state.message if self.auth is None else None
+        clock = time.time
         relays = self.relays
         for count in range(1, DRAIN_BATCH + 1):
             if count % RELEASE_EVERY == 0:
                 self._before_sleep(state)
                 self._drain_monitors()
             try:
-                peer = recv(_NOBLOCK)
+                head = recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 return True
+            peer = head.bytes
             if (ledger is not None and ledger.severed and peer in ledger.severed) or (
                     relays is not None and is_relayed(peer)):
                 # Queued before its connection was cut; or a direct peer under
                 # a relayed client's id, which only the relay link may speak for.
-                while more(_RCVMORE):
-                    recv(_NOBLOCK)
+                while head.more:
+                    head = recv(_NOBLOCK, copy=False)
                 continue
-            # A member's payload is copied into bytes (cheapest for small
-            # frames); a stranger's stays a Frame so that a join can read the
+            # A stranger's payload stays a Frame so that a join can read the
             # properties libzmq attached to it (address, descriptor, key).
-            stranger = not state.is_member(peer)
-            # Under CURVE every request's key is checked (User-Id of the frame).
-            framed = stranger or self.auth is not None
-            payload = recv(_NOBLOCK, copy=not framed) if more(_RCVMORE) else b""
-            size = len(payload)
+            stranger = not is_member(peer)
+            payload: zmq.Frame | None = recv(_NOBLOCK, copy=False) if head.more else None
+            size = len(payload) if payload is not None else 0
             extra = 0
-            while more(_RCVMORE):
-                size += len(recv(_NOBLOCK))
+            last = payload
+            while last is not None and last.more:
+                last = recv(_NOBLOCK, copy=False)
+                size += len(last)
                 extra += 1
-            now = time.time()
+            now = clock()
             fd = -1
-            if stranger and isinstance(payload, zmq.Frame):
+            if stranger and payload is not None:
                 fd = _frame_fd(payload)
                 if guard is not None and fd >= 0 and not self._admit_stranger(
                         guard, peer, fd, size, now):
@@ -512,9 +564,16 @@ class Server:
                     raise ProtocolError(
                         ErrorCode.BAD_FRAME, f"expected 1 payload frame, got {extra + 1}"
                     )
-                body = decode_frame(
-                    payload.buffer if isinstance(payload, zmq.Frame) else payload, max_frame
-                )
+                body = decode_frame(payload.buffer if payload is not None else b"", max_frame)
+                if message is not None and body["type"] == "message" and not stranger:
+                    try:
+                        said = message(peer, body, now)
+                    except Exception:
+                        self._internal_error(state, peer, body, request_id(body))
+                        continue
+                    if said is not None:
+                        self._outbox += said
+                        continue
                 request = parse_request(body)
             except ProtocolError as exc:
                 # A frame that decoded but is no valid request still gets its
@@ -525,7 +584,7 @@ class Server:
                 self._queue([state.error(peer, exc.code, exc.detail, rid, room)])
                 continue
             addr, key = "", None
-            if isinstance(payload, zmq.Frame):
+            if payload is not None:
                 if stranger and body["type"] == "join":
                     addr = _peer_address(payload)
                 if self.auth is not None:
@@ -534,19 +593,22 @@ class Server:
             try:
                 self._queue(state.handle(peer, request, now, addr, key))
             except Exception:
-                # A bug, not the peer's fault: it costs this request, never the broker.
-                self._internal_errors += 1
-                if self._internal_errors <= 10 or self._internal_errors % 1000 == 0:
-                    log.exception("internal error handling %s from %s (%d so far)",
-                                  body["type"], state.name_of(peer) or "a stranger",
-                                  self._internal_errors)
-                self._queue([state.error(peer, ErrorCode.INTERNAL,
-                                        "the broker failed on this request; see its log",
-                                        request.id)])
+                self._internal_error(state, peer, body, request.id)
                 continue
             if stranger and ledger is not None and fd >= 0 and state.is_member(peer):
                 ledger.bind(fd, peer)
         return False
+
+    def _internal_error(self, state: Broker, peer: bytes, body: dict[str, Any],
+                        rid: str | None) -> None:
+        """A bug, not the peer's fault: it costs this request, never the broker."""
+        self._internal_errors += 1
+        if self._internal_errors <= 10 or self._internal_errors % 1000 == 0:
+            log.exception("internal error handling %s from %s (%d so far)",
+                          body["type"], state.name_of(peer) or "a stranger",
+                          self._internal_errors)
+        self._queue([state.error(peer, ErrorCode.INTERNAL,
+                                "the broker failed on this request; see its log", rid)])
 
     def _admit_stranger(self, guard: Guard, peer: bytes, fd: int, size: int,
                         now: float) -> bool:
@@ -569,61 +631,87 @@ class Server:
         self._throttle.warning(exc.code, "%s sent a bad frame: %s", self._who(peer), exc)
 
     def _send_now(self, out: list[Outgoing]) -> None:
-        # Plain int flags and one reused Packer: pyzmq's send_multipart and
-        # msgpack.packb cost more in Python overhead than the sends themselves.
+        """Send one pass's frames: its PUB events and batches first, then its DEALER frames.
+
+        A reply goes out after the events of its pass, batches included, so
+        a client that has an ack, a welcome or an ``entered`` finds the
+        events they imply already sent, whichever topic it takes (with
+        batches on by default, the library takes the batch topic).
+        """
+        # Plain int flags, the backend's send (pyzmq's Python-level wrapper
+        # only adds draft-socket options) and one reused Packer: per frame,
+        # Python overhead costs more than the sends themselves. An event
+        # comes packed from the state (the bytes the store keeps).
         pack = self._packer.pack
-        pub_send = self.pub.send
+        pub = self.pub
         screen = self._screen if self._screen.on else None
         coalesce = self.config.coalesce
         batch = self._batch
+        direct = False
         for item in out:
-            if isinstance(item, Publish):
-                packed = pack(item.body)
-                if item.topic != BROKER_TOPIC:  # a public room's event
-                    if screen is not None:
-                        screen.add(item.body, item.sender_addr)
-                    if coalesce:
-                        room = item.body["room"]
-                        events = batch.setdefault(room, [])
-                        events.append(packed)
-                        if len(events) >= coalesce:
-                            self._flush_batch()
-                elif batch:
-                    self._flush_batch()  # heartbeats must not overtake events
-                pub_send(item.topic, _MORE_NOBLOCK)
-                pub_send(packed, _NOBLOCK)
+            if isinstance(item, Reply):
+                direct = True
                 continue
-            if isinstance(item, Deliver):  # a private room's event: members only
+            if isinstance(item, Deliver):  # a private room's event: sent below
+                direct = True
                 if screen is not None:
                     screen.add(item.body, item.sender_addr)
-                packed = pack(item.body)
-                for peer in item.peers:
-                    self._reply(peer, "event", packed)
                 continue
-            body = item.body
-            if body["type"] == "error" and body["code"] == ErrorCode.RATE_LIMITED:
-                self._throttle.warning("rate", "rate limited %s", self._who(item.peer))
-            self._reply(item.peer, body["type"], pack(body))
+            packed = item.packed
+            if packed is None:
+                packed = pack(item.body)
+            topic = item.topic
+            if topic != BROKER_TOPIC:  # a public room's event
+                if screen is not None:
+                    screen.add(item.body, item.sender_addr)
+                if coalesce:
+                    room = item.body["room"]
+                    events = batch.get(room)
+                    if events is None:
+                        events = batch[room] = []
+                    events.append(packed)
+                    if len(events) >= coalesce:
+                        self._flush_batch()
+            elif batch:
+                self._flush_batch()  # heartbeats must not overtake events
+            _send(pub, topic, _MORE_NOBLOCK)
+            _send(pub, packed, _NOBLOCK)
+        self._flush_batch()
+        if not direct:
+            return
+        reply = self._reply
+        for item in out:
+            if isinstance(item, Reply):
+                body = item.body
+                if body["type"] == "error" and body["code"] == ErrorCode.RATE_LIMITED:
+                    self._throttle.warning("rate", "rate limited %s", self._who(item.peer))
+                reply(item.peer, body, pack(body))
+            elif isinstance(item, Deliver):  # a private room's event, members only
+                packed = item.packed if item.packed is not None else pack(item.body)
+                for peer in item.peers:
+                    reply(peer, item.body, packed)
 
-    def _reply(self, peer: bytes, kind: str, packed: bytes) -> None:
+    def _reply(self, peer: bytes, body: dict[str, Any], packed: bytes) -> None:
         """One packed frame to one peer's DEALER, never blocking."""
         if self.relays is not None and is_relayed(peer):
             state = self.state
-            self.relays.reply(peer, kind, packed, state is not None and state.is_member(peer))
+            self.relays.reply(peer, str(body.get("type")), packed,
+                              state is not None and state.is_member(peer))
             return
+        router = self.router
         try:
             # With ROUTER_MANDATORY only the first frame can fail; the
             # second then goes out whole with it.
-            self.router.send(peer, _MORE_NOBLOCK)
+            _send(router, peer, _MORE_NOBLOCK)
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the peer is gone; EAGAIN: it reads too slowly.
             # Either way only that peer misses this reply.
             self._throttle.warning(
-                "unreachable", "reply %s to %s dropped: %s", kind, self._who(peer),
+                "unreachable", "reply %s to %s dropped: %s", body.get("type"), self._who(peer),
                 exc.strerror,
             )
             return
-        self.router.send(packed, _NOBLOCK)
+        _send(router, packed, _NOBLOCK)
         guard = self.guard
         if guard is not None:
             fd = guard.ledger.sent(peer, len(packed))

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import signal
+import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import zmq
 
 from conftest import RawClient, RunningBroker, launch_broker
 from zchat import Client, Message, Status
+from zchat.broker.config import Config
+from zchat.broker.server import Server
+from zchat.history import SqliteHistory
+from zchat.state import Limits
 
 SENDERS = 3
 PER_SENDER = 150
@@ -129,3 +137,70 @@ def test_second_broker_on_the_same_db_exits_4(start_broker: Callable[..., Runnin
         capture_output=True, text=True, timeout=30)
     assert clash.returncode == 4
     assert "cannot open history database" in clash.stderr
+
+
+def test_a_store_that_fills_up_stops_the_broker_and_nothing_unstored_goes_out(
+    ctx: zmq.Context[Any], tmp_path: Path,
+) -> None:
+    """SQLITE_FULL mid-stream: every ack and every published event names a stored seq.
+
+    The broker runs in this process (a real Server on loopback sockets) so
+    that its database can be capped (``PRAGMA max_page_count``) while it
+    commits on its writer thread and decodes the next pass.
+    """
+    db = tmp_path / "history.db"
+    server = Server(Config(input="tcp://127.0.0.1:0", broadcast="tcp://127.0.0.1:0",
+                           control="tcp://127.0.0.1:0", db=str(db), heartbeat=0.2,
+                           retention=3600.0, limits=Limits(rate=0.0)),
+                    screen=io.StringIO(), context=ctx)
+    endpoints = server.bind()
+    assert server.state is not None
+    store = server.state.store
+    assert isinstance(store, SqliteHistory)
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count={pages + 300}")  # about 1.2 MB more
+    loop = threading.Thread(target=server.run)
+    loop.start()
+    dealer = ctx.socket(zmq.DEALER)
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")  # singles, batches and heartbeats
+    sent = 1500
+    acks: dict[str, int] = {}
+    try:
+        dealer.connect(endpoints.input)
+        sub.connect(endpoints.broadcast)
+        dealer.send(msgpack.packb({"type": "join", "name": "ann", "id": "j"}))
+        assert dealer.poll(5000)
+        assert msgpack.unpackb(dealer.recv())["type"] == "welcome"
+        for n in range(sent):  # no waiting: passes of many messages, commits under way
+            dealer.send(msgpack.packb({"type": "message", "text": f"m{n} " + "w" * 2000,
+                                       "id": f"m{n}"}))
+        while dealer.poll(10_000):
+            reply = msgpack.unpackb(dealer.recv())
+            if reply["type"] == "bye":
+                break
+            if reply["type"] == "ack":
+                acks[reply["id"]] = reply["seq"]
+        loop.join(30)
+        assert not loop.is_alive(), "the broker went on after its store failed"
+        published: dict[int, str] = {}
+        while sub.poll(200):  # the loop is gone: what it sent has arrived or never will
+            frames = sub.recv_multipart()
+            body = msgpack.unpackb(frames[-1])
+            for event in body["events"] if body["type"] == "batch" else [body]:
+                if event["type"] == "message":
+                    published[event["seq"]] = event["text"]
+    finally:
+        server.stop()
+        loop.join(10)
+        dealer.close(linger=0)
+        sub.close(linger=0)
+    assert server.failure is not None and "cannot write history" in server.failure
+    assert 0 < len(acks) < sent, "the cap should stop the broker mid-stream"
+    with sqlite3.connect(db) as check:
+        stored = {seq: msgpack.unpackb(body).get("text", "") for seq, body in check.execute(
+            "SELECT seq, body FROM events WHERE room = 'lobby'")}
+    for rid, seq in acks.items():
+        assert stored.get(seq, "").startswith(rid + " "), f"{rid} acked as {seq}, not stored"
+    for seq, text in published.items():
+        assert stored.get(seq) == text, f"seq {seq} published, not stored"

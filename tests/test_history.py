@@ -27,6 +27,7 @@ def test_append_after_and_keep(store: MemoryHistory | SqliteHistory) -> None:
         store.append(event(seq))
     store.commit()
     store.prune(200.0)
+    store.commit()  # what prune forgets goes with the next commit, never on the side
     assert store.last_seq == 10
     assert [e["seq"] for e in store.after(0, 100)] == [6, 7, 8, 9, 10]
     assert [e["seq"] for e in store.after(7, 2)] == [8, 9]
@@ -40,8 +41,9 @@ def test_age_retention(tmp_path: Path) -> None:
         store.append(event(1, ts=100))
         store.append(event(2, ts=105))
         store.append(event(3, ts=111))
-        store.commit()  # as the loop does each pass; prune never commits
+        store.commit()  # as the loop does each pass
         store.prune(now=116)
+        store.commit()  # prune only says what the next commit forgets
         assert [e["seq"] for e in store.after(0, 10)] == [3]
         store.close()
 
@@ -68,6 +70,7 @@ def test_uncommitted_events_are_not_on_disk(tmp_path: Path) -> None:
     store.commit()
     store.append(event(2))  # never committed: as if the process died now
     store._db.close()
+    store._release_hold()  # a dead process's lock goes with it
     again = SqliteHistory(path)
     assert again.last_seq == 1
     again.close()
@@ -130,6 +133,7 @@ def test_last_seq_survives_retention_that_pruned_everything(tmp_path: Path) -> N
         first.append(event(seq, ts=100.0))
     first.commit()
     first.prune(now=103.0)
+    first.commit()
     assert len(first) == 0
     first.close()
     second = SqliteHistory(path, keep=0, max_age=2.0)
@@ -192,8 +196,9 @@ def test_a_failed_read_is_a_history_error(tmp_path: Path) -> None:
     store._db.close()  # any sqlite3 error will do: this one is certain
     with pytest.raises(HistoryError, match="history read failed"):
         store.after(0, 10)
+    store.prune(0.0)  # only noted: the commit that writes it fails
     with pytest.raises(HistoryError):
-        store.prune(0.0)
+        store.commit()
 
 
 def test_a_failed_commit_breaks_the_store_and_close_is_quiet(tmp_path: Path) -> None:
@@ -260,6 +265,7 @@ def test_rooms_have_their_own_logs_and_closed_rooms_keep_their_seq(
     store.save_room("dev", {"topic": "t"})
     store.commit()
     store.prune(200.0)
+    store.commit()
     assert [e["seq"] for e in store.after(0, 100, room="dev")] == [3, 4, 5, 6, 7]  # keep=5
     assert [e["seq"] for e in store.after(0, 100)] == [1]
     assert store.rooms()["dev"] == {"topic": "t"}

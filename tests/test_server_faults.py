@@ -37,6 +37,15 @@ def test_an_exception_in_one_request_is_answered_internal_and_logged(
         return handle(peer, request, now, addr, key)
 
     state.handle = faulty  # type: ignore[method-assign]
+    fast = state.message
+
+    def faulty_message(peer: bytes, body: dict[str, Any], now: float) -> list[Outgoing] | None:
+        # The loop's hot path for a member's message map: the same bug there.
+        if body.get("text") == "boom":
+            raise KeyError("a bug")
+        return fast(peer, body, now)
+
+    state.message = faulty_message  # type: ignore[method-assign]
     loop = threading.Thread(target=server.run)
     loop.start()
     dealer = ctx.socket(zmq.DEALER)

@@ -1,10 +1,18 @@
 """Where the rooms' events are kept: in memory, or durably in SQLite.
 
 The broker state appends each room event as it makes it and asks for ranges
-to answer ``history``; the broker loop calls ``commit()`` once per pass, and
-publishes and acks nothing of that pass before ``commit()`` returned. So a
-client never sees a seq that a crash could take back, and one fsync-free
-WAL commit covers many events (group commit).
+to answer ``history``; the broker loop commits once per pass, and publishes
+and acks nothing of that pass before that commit returned. So a client never
+sees a seq that a crash could take back, and one fsync-free WAL commit
+covers many events (group commit).
+
+Committing is the only write: nothing else (``after``, ``__len__``,
+``prune``) touches the database on the side, and every failure of the store
+is a ``HistoryError``. ``prune`` only says what the next commit forgets. The
+loop may split a commit in two, ``begin_commit()`` (hand the pass to a
+writer thread, return at once) and ``finish_commit()`` (wait for it, raise
+if it failed), and decode the next pass in between: sqlite3 releases the
+GIL while it writes. ``commit()`` is both at once.
 
 Every room has its own log with its own consecutive seqs; ``keep`` bounds
 each room's log. The store also keeps each room's settings (topic, modes,
@@ -19,14 +27,19 @@ is migrated: its events become ``lobby``'s), ``open_history``.
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import heapq
 import logging
 import os
+import queue
 import secrets
 import sqlite3
+import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
@@ -48,6 +61,13 @@ __all__ = [
 MEMORY = ":memory:"
 RECENT_IDS_SCANNED = 100_000  # events read at start for the ids of recent messages
 REPORT_EVERY = 60.0  # seconds between two log lines about the same store failure
+# Rows one INSERT statement writes. sqlite3 releases the GIL around each
+# statement step, and on the writer thread each step's release and
+# re-acquisition waits for the loop's thread to let go of the GIL (up to the
+# switch interval): one step per row (executemany) made a commit of 256
+# events wait on the loop 256 times, and put tens of milliseconds into p99.
+ROWS_PER_INSERT = 256
+CHECKPOINT_EVERY = 1.0  # seconds between two WAL checkpoints (off the commit path)
 
 log = logging.getLogger("zchat.history")
 T = TypeVar("T")
@@ -82,8 +102,12 @@ class History:
         return self.last_seqs.get(room, 0)
 
     def append(self, event: dict[str, Any], sender: str | None = None,
-               rid: str | None = None) -> None:
-        """Keep ``event`` (its ``seq`` is its room's last seq + 1)."""
+               rid: str | None = None, packed: bytes | None = None) -> None:
+        """Keep ``event`` (its ``seq`` is its room's last seq + 1).
+
+        ``packed``: the event already packed (MessagePack), as it is
+        published: a durable store keeps these bytes instead of packing again.
+        """
         raise NotImplementedError
 
     def rooms(self) -> dict[str, dict[str, Any]]:
@@ -113,9 +137,33 @@ class History:
 
     def commit(self) -> None:
         """Make everything appended so far durable (no-op in memory)."""
+        self.begin_commit()
+        self.finish_commit()
+
+    def begin_commit(self) -> None:
+        """Start making everything appended so far durable; return at once.
+
+        At most one commit is under way: a commit begun before is finished
+        first (and its failure raised).
+        """
+
+    def finish_commit(self) -> None:
+        """Wait until the commit begun last returned (``HistoryError`` if it failed)."""
+
+    @property
+    def committing(self) -> bool:
+        """Whether a commit was begun and not yet finished."""
+        return False
+
+    def fileno(self) -> int | None:
+        """A descriptor readable while a begun commit has returned and is not finished.
+
+        The loop polls it beside its sockets. None: commits never run aside.
+        """
+        return None
 
     def prune(self, now: float) -> None:
-        """Forget events past the count or age limit."""
+        """Forget events past the count or age limit (durably: with the next commit)."""
 
     def recent_ids(self, per_sender: int) -> RecentIds:
         """(id, seq, room) of the last messages of each sender, oldest first.
@@ -139,7 +187,7 @@ class MemoryHistory(History):
         self._packer = msgpack.Packer(use_bin_type=True)
 
     def append(self, event: dict[str, Any], sender: str | None = None,
-               rid: str | None = None) -> None:
+               rid: str | None = None, packed: bytes | None = None) -> None:
         room = event.get("room", ROOM)
         log_ = self._logs.get(room)
         if log_ is None:
@@ -213,11 +261,134 @@ DELETE FROM meta WHERE key = 'last_seq';
 """
 
 
+# (room, seq, ts, sender, rid, body): one row of ``events``
+_Row: TypeAlias = tuple[str, int, float, str | None, str | None, bytes]
+
+
+@dataclass(slots=True)
+class _Commit:
+    """What one commit writes, taken from the store on the loop's thread.
+
+    The writer thread reads nothing else of the store: while it writes,
+    the loop goes on appending to fresh lists.
+    """
+
+    rows: list[_Row]
+    # (room, last seq, settings): settings None closes the room, ``_KEEP`` keeps them
+    rooms: list[tuple[str, int, object]]  # object: bytes, None or _KEEP
+    dropped: list[str]  # rooms whose events go
+    trim: list[tuple[str, int]] = field(default_factory=list)  # (room, highest seq to forget)
+    horizon: float | None = None  # events older than this go (retention by age)
+
+
+_KEEP = object()  # a room's settings stay as they are; only its last seq moves
+
+
+class _Writer:
+    """One thread that runs commits handed to it, one at a time.
+
+    The loop hands a commit over (``submit``) and later collects its
+    result (``wait``); ``fileno`` turns readable when the result is in, so
+    the loop's poll wakes for it. sqlite3 releases the GIL while SQLite
+    writes, so the loop decodes its next pass meanwhile. The hand-over is
+    a ``SimpleQueue`` (a C lock, no Python-level condition variable: it is
+    paid once per pass) and the result comes back over a pipe.
+    """
+
+    def __init__(self, run: Callable[[_Commit], int]) -> None:
+        self._run = run
+        self._ready, self._done = os.pipe()
+        self._jobs: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
+        self._result: int | BaseException = 0
+        self.busy = False
+        self._thread = threading.Thread(target=self._serve, name="zchat-history-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def fileno(self) -> int:
+        return self._ready
+
+    def submit(self, job: _Commit) -> None:
+        self.busy = True
+        self._jobs.put(job)
+
+    def wait(self) -> int | BaseException:
+        """The deleted count of the commit handed over last, or what it raised."""
+        os.read(self._ready, 1)  # blocks until the writer is done
+        self.busy = False
+        return self._result
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._result = self._run(job)
+            except BaseException as exc:  # handed to the loop, which decides
+                self._result = exc
+            os.write(self._done, b"c")
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+        for fd in (self._ready, self._done):
+            os.close(fd)
+
+
+def _hold(path: str) -> int:
+    """Lock a file beside the database for this process; its descriptor.
+
+    One broker per database: a second one fails at start instead of
+    interleaving seqs. The lock goes with the process, however it ends.
+    """
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise OSError(f"in use by another broker ({exc.strerror})") from exc
+    return fd
+
+
+class _Checkpointer:
+    """Copies the WAL into the database on its own connection and thread.
+
+    A PASSIVE checkpoint never blocks the writer (WAL lets both run), so its
+    fsyncs no longer sit inside a commit. Every ``CHECKPOINT_EVERY`` seconds;
+    a failure is logged (once a minute) and tried again: the WAL only grows
+    meanwhile, and every commit stays durable in it.
+    """
+
+    def __init__(self, path: str, fsync: bool) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=5.0,
+                                   check_same_thread=False)
+        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        self._path = path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="zchat-history-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        said = -REPORT_EVERY
+        while not self._stop.wait(CHECKPOINT_EVERY):
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                if time.monotonic() - said >= REPORT_EVERY:
+                    said = time.monotonic()
+                    log.error("history checkpoint failed in %s: %s (said once a minute)",
+                              self._path, exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._db.close()
+
+
 class SqliteHistory(History):
     """Events in an SQLite database (WAL); survives the process.
 
-    The broker holds the database exclusively: a second broker on the same
-    file fails at start instead of interleaving seqs. ``fsync`` (SQLite
+    The broker holds the database alone (a lock on ``<db>.lock``): a second
+    broker on the same file fails at start instead of interleaving seqs. ``fsync`` (SQLite
     ``synchronous=FULL``) also survives a power cut, at the price of an
     fsync per commit; without it (``NORMAL``) a killed process loses
     nothing committed, a crashed machine may lose the last commits.
@@ -230,8 +401,12 @@ class SqliteHistory(History):
     Every failure is a ``HistoryError``. Opening reads the whole events
     table once (its count and the recent ids), so a corrupt database is
     found at start; a read that fails later costs that request only; a
-    failed commit marks the store broken: nothing more is written, and the
-    broker stops without acking what it could not store.
+    failed commit (pruning included) marks the store broken: nothing more
+    is written, and the broker stops without acking what it could not store.
+
+    One connection, used by one thread at a time (``_lock``): the writer
+    thread for a commit begun with ``begin_commit``, the loop's thread for
+    everything else. A read waits for a commit under way.
     """
 
     durable = True
@@ -240,27 +415,41 @@ class SqliteHistory(History):
                  max_age: float = 0.0, fsync: bool = False) -> None:
         super().__init__(keep, max_age)
         self.path = str(path)
-        # (room, seq, ts, sender, rid, body) appended and not yet committed
-        self._pending: list[tuple[str, int, float, str | None, str | None, bytes]] = []
+        self._pending: list[_Row] = []  # appended, not yet handed to a commit
+        self._inflight: list[_Row] = []  # handed to the commit under way
         self._pending_rooms: dict[str, bytes | None] = {}  # settings to write (None: closed)
         self._dropped: set[str] = set()  # rooms whose events to delete at commit
         self._touched: set[str] = set()  # rooms appended to since the last prune
+        self._prune_at: float | None = None  # the next commit prunes, as of this time
         self._packer = msgpack.Packer(use_bin_type=True)
         self._broken: str | None = None
         self._said: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._writer: _Writer | None = None  # started by the first begin_commit
+        self._checkpoints: _Checkpointer | None = None
+        self._hold = -1  # the descriptor whose lock says "this broker's database"
         try:
             if self.path != MEMORY:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            # A short busy timeout: a database held by another broker is an
-            # error to report at once, not a lock to wait for.
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=0.5)
+                self._hold = _hold(self.path)
+            # A short busy timeout: a database held by another program is an
+            # error to report at once, not a lock to wait for. Not bound to
+            # this thread: the writer thread commits (never at the same time).
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=0.5,
+                                       check_same_thread=False,
+                                       cached_statements=ROWS_PER_INSERT + 64)
         except (sqlite3.Error, OSError) as exc:
+            self._release_hold()
             raise HistoryError(f"cannot open history database {self.path}: {exc}") from exc
         try:
-            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
-            # Taking the write lock now makes a second broker fail here, at start.
+            if self.path != MEMORY:
+                # Checkpoints (the only fsyncs under NORMAL) run on their own
+                # connection and thread, never inside a commit: one took up
+                # to 18 ms here, and a commit waiting for it held back every
+                # ack and event of its pass.
+                self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._db.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -296,14 +485,29 @@ class SqliteHistory(History):
             self._recent: list[tuple[str, str, int, str]] = recent
         except (sqlite3.Error, ValueError, msgpack.ExtraData) as exc:
             self._db.close()
+            self._release_hold()
             raise HistoryError(f"cannot open history database {self.path}: {exc}") from exc
+        if self.path != MEMORY:
+            try:
+                self._checkpoints = _Checkpointer(self.path, fsync)
+            except sqlite3.Error as exc:
+                self._db.close()
+                self._release_hold()
+                raise HistoryError(f"cannot open history database {self.path}: {exc}") from exc
+
+    def _release_hold(self) -> None:
+        if self._hold >= 0:
+            os.close(self._hold)  # closing the descriptor drops its lock
+            self._hold = -1
 
     def append(self, event: dict[str, Any], sender: str | None = None,
-               rid: str | None = None) -> None:
+               rid: str | None = None, packed: bytes | None = None) -> None:
         room = event.get("room", ROOM)
-        self._pending.append(
-            (room, event["seq"], event["ts"], sender, rid, self._packer.pack(event)))
-        self.last_seqs[room] = event["seq"]
+        seq = event["seq"]
+        if packed is None:
+            packed = self._packer.pack(event)
+        self._pending.append((room, seq, event["ts"], sender, rid, packed))
+        self.last_seqs[room] = seq
         self._touched.add(room)
 
     def save_room(self, room: str, settings: dict[str, Any]) -> None:
@@ -316,84 +520,154 @@ class SqliteHistory(History):
         self._dropped.add(room)
         self._pending = [p for p in self._pending if p[0] != room]
 
+    @property
+    def committing(self) -> bool:
+        return self._writer is not None and self._writer.busy
+
+    def fileno(self) -> int | None:
+        if self._writer is None:
+            self._writer = _Writer(self._run_guarded)
+        return self._writer.fileno()
+
     def commit(self) -> None:
+        self.finish_commit()
+        job = self._take()
+        if job is not None:
+            self._collect(self._attempt(job))
+
+    def begin_commit(self) -> None:
+        self.finish_commit()
+        job = self._take()
+        if job is None:
+            return
+        if self._writer is None:
+            self._writer = _Writer(self._run_guarded)
+        self._writer.submit(job)
+
+    def finish_commit(self) -> None:
         if self._broken is not None:
             raise HistoryError(self._broken)
-        if not self._pending and not self._pending_rooms:
+        if self._writer is None or not self._writer.busy:
             return
+        self._collect(self._writer.wait())
+
+    def _take(self) -> _Commit | None:
+        """This pass's writes as one commit (None: nothing to write); the store goes on empty."""
+        if not self._pending and not self._pending_rooms and self._prune_at is None:
+            return None
         # Every room whose seq moved or whose settings changed: its last seq
         # goes with its events in the same commit.
         changed = {p[0] for p in self._pending} | set(self._pending_rooms)
+        rooms = [(room, self.last_seqs.get(room, 0), self._pending_rooms.get(room, _KEEP))
+                 for room in changed]
+        job = _Commit(self._pending, rooms, list(self._dropped))
+        if self._prune_at is not None:
+            # Only rooms that grew can be over their count: a prune costs the
+            # rooms that spoke, not every room there is.
+            if self.keep:
+                job.trim = [(room, self.last_seqs.get(room, 0) - self.keep)
+                            for room in self._touched]
+            if self.max_age:
+                job.horizon = self._prune_at - self.max_age
+            self._touched = set()
+            self._prune_at = None
+        self._inflight = self._pending
+        self._pending = []
+        self._pending_rooms = {}
+        self._dropped = set()
+        return job
+
+    def _run_guarded(self, job: _Commit) -> int:
+        with self._lock:
+            return self._write(job)
+
+    def _attempt(self, job: _Commit) -> int | BaseException:
+        """``_write`` on this thread: its count, or what it raised (for ``_collect``)."""
         try:
-            with self._db:
-                self._db.execute("BEGIN")
-                deleted = 0
-                for room in self._dropped:
-                    deleted += self._db.execute(
-                        "DELETE FROM events WHERE room = ?", (room,)).rowcount
-                self._db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
-                                     self._pending)
-                for room in changed:
-                    seq = self.last_seqs.get(room, 0)
-                    if room in self._pending_rooms:
-                        self._db.execute("INSERT OR REPLACE INTO rooms VALUES (?, ?, ?)",
-                                         (room, seq, self._pending_rooms[room]))
-                    else:
-                        self._db.execute(
-                            "INSERT INTO rooms VALUES (?, ?, NULL) ON CONFLICT(name) "
-                            "DO UPDATE SET last_seq = excluded.last_seq", (room, seq))
-        except sqlite3.Error as exc:
+            return self._run_guarded(job)
+        except Exception as exc:  # every failure of the store takes one path
+            return exc
+
+    def _write(self, job: _Commit) -> int:
+        """Write ``job`` in one transaction; the number of events deleted.
+
+        Runs on the writer thread (or the caller's, for ``commit``), holding
+        the connection's lock; reads nothing of the store but ``job``.
+        """
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            deleted = 0
+            for room in job.dropped:
+                deleted += db.execute("DELETE FROM events WHERE room = ?", (room,)).rowcount
+            rows = job.rows
+            for start in range(0, len(rows), ROWS_PER_INSERT):
+                chunk = rows[start:start + ROWS_PER_INSERT]
+                db.execute(_insert_rows(len(chunk)), [value for row in chunk for value in row])
+            for room, seq, settings in job.rooms:
+                if settings is _KEEP:
+                    db.execute("INSERT INTO rooms VALUES (?, ?, NULL) ON CONFLICT(name) "
+                               "DO UPDATE SET last_seq = excluded.last_seq", (room, seq))
+                else:
+                    db.execute("INSERT OR REPLACE INTO rooms VALUES (?, ?, ?)",
+                               (room, seq, settings))
+            for room, upto in job.trim:
+                deleted += db.execute("DELETE FROM events WHERE room = ? AND seq <= ?",
+                                      (room, upto)).rowcount
+            if job.horizon is not None:
+                deleted += db.execute("DELETE FROM events WHERE ts < ?",
+                                      (job.horizon,)).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # no transaction left to roll back: the error above says why
+            raise
+        return len(job.rows) - deleted
+
+    def _collect(self, result: int | BaseException) -> None:
+        """Take in a commit's result: its count, or the failure that breaks the store."""
+        self._inflight = []
+        if isinstance(result, BaseException):
             # What failed to commit was never acked; nothing more is written.
-            self._broken = f"cannot write history to {self.path}: {exc}"
-            self._pending.clear()
-            self._pending_rooms.clear()
-            raise HistoryError(self._broken) from exc
-        self._stored += len(self._pending) - deleted
-        self._pending.clear()
-        self._pending_rooms.clear()
-        self._dropped.clear()
+            # Whatever the writer raised, it is the store's failure: the
+            # broker's one path for it (stop without acking) must see it.
+            self._broken = f"cannot write history to {self.path}: {result}"
+            self._pending = []
+            self._pending_rooms = {}
+            raise HistoryError(self._broken) from result
+        self._stored += result
 
     def after(self, seq: int, limit: int, max_bytes: int = 0,
               room: str = ROOM) -> list[dict[str, Any]]:
-        # Events of this pass not yet committed are served from memory: the
-        # reply leaves with the pass, after the commit, like the events.
+        # Events not yet known to be committed are served from memory: the
+        # reply leaves with the pass, after its commit, like the events.
+        # A room closed since the last commit still has rows in the table:
+        # they are not read.
         try:
-            rows = self._db.execute(
-                "SELECT seq, body FROM events WHERE room = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (room, seq, limit))
-            pending = ((p[1], p[5]) for p in self._pending if p[0] == room and p[1] > seq)
-            # The cursor is read only as far as the budget goes.
-            bodies = (body for _, body in heapq.merge(rows, pending))
+            with self._lock:
+                rows = [] if room in self._dropped else self._db.execute(
+                    "SELECT seq, body FROM events WHERE room = ? AND seq > ? "
+                    "ORDER BY seq LIMIT ?", (room, seq, limit)).fetchall()
+            # What a commit under way (or just finished) holds may also be in
+            # the table already: each seq is taken once.
+            unsure = [(p[1], p[5]) for p in self._inflight
+                      if p[0] == room and p[1] > seq and room not in self._dropped]
+            pending = [(p[1], p[5]) for p in self._pending if p[0] == room and p[1] > seq]
+            merged = heapq.merge(rows, unsure, pending)
+            bodies = (body for _, body in _unique_seqs(merged))
             page = _within(((body, len(body)) for body in islice(bodies, limit)), max_bytes)
             return [msgpack.unpackb(body) for body, _ in page]
         except (sqlite3.Error, ValueError, msgpack.ExtraData) as exc:
             raise self._failure("read", exc) from exc
 
     def __len__(self) -> int:
-        return self._stored + len(self._pending)
+        return self._stored + len(self._inflight) + len(self._pending)
 
     def prune(self, now: float) -> None:
-        if self._broken is not None:
-            return
-        # Only rooms that grew can be over their count: a prune costs the
-        # rooms that spoke, not every room there is.
-        touched, self._touched = self._touched, set()
-        try:
-            with self._db:
-                self._db.execute("BEGIN")
-                deleted = 0
-                if self.keep:
-                    for room in touched:
-                        deleted += self._db.execute(
-                            "DELETE FROM events WHERE room = ? AND seq <= ?",
-                            (room, self.last_seqs.get(room, 0) - self.keep)).rowcount
-                if self.max_age:
-                    deleted += self._db.execute(
-                        "DELETE FROM events WHERE ts < ?", (now - self.max_age,)).rowcount
-        except sqlite3.Error as exc:
-            self._touched |= touched
-            raise self._failure("prune", exc) from exc
-        self._stored -= deleted
+        # Deleting is writing: it goes with the next commit, never on the side.
+        self._prune_at = now
 
     def recent_ids(self, per_sender: int) -> RecentIds:
         ids: RecentIds = {}
@@ -408,9 +682,15 @@ class SqliteHistory(History):
                 self.commit()
         finally:
             try:
-                self._db.close()
+                if self._writer is not None:
+                    self._writer.close()
+                if self._checkpoints is not None:
+                    self._checkpoints.close()
+                self._db.close()  # the last connection: it checkpoints the rest
             except sqlite3.Error as exc:
                 raise HistoryError(f"cannot close history database {self.path}: {exc}") from exc
+            finally:
+                self._release_hold()
 
     def _failure(self, what: str, exc: Exception) -> HistoryError:
         """A ``HistoryError``, logged once a minute per kind, not once per request."""
@@ -419,6 +699,21 @@ class SqliteHistory(History):
             self._said[what] = now
             log.error("history %s failed in %s: %s (said once a minute)", what, self.path, exc)
         return HistoryError(f"history {what} failed: {exc}")
+
+
+@functools.cache
+def _insert_rows(count: int) -> str:
+    """``INSERT INTO events`` of ``count`` rows in one statement (sqlite3 caches each)."""
+    return "INSERT INTO events VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?)"] * count)
+
+
+def _unique_seqs(rows: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+    """``rows`` (ascending by seq) with each seq once."""
+    last = None
+    for row in rows:
+        if row[0] != last:
+            last = row[0]
+            yield row
 
 
 def _within(sized: Iterable[tuple[T, int]], max_bytes: int) -> list[tuple[T, int]]:

@@ -59,12 +59,15 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Final, NamedTuple, TypeAlias
 
+import msgpack
+
 from zchat.errors import HistoryError, ProtocolError
 from zchat.history import History, MemoryHistory
 from zchat.protocol import (
     BROKER_TOPIC,
     HISTORY_PAGE,
     HISTORY_PAGE_MAX,
+    MAX_ID_CHARS,
     MAX_ROOM_CHARS,
     MEMBERS_SHOWN,
     MISSED_HEARTBEATS,
@@ -141,16 +144,19 @@ class Origin(NamedTuple):
     key: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+# The three kinds of ``Outgoing`` are named tuples, not frozen dataclasses:
+# one of each is made per message on the hot path, and a tuple is made in a
+# fraction of the time a frozen dataclass's ``__init__`` takes.
+
+
+class Reply(NamedTuple):
     """Send ``body`` to one peer (by routing id)."""
 
     peer: bytes
     body: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Publish:
+class Publish(NamedTuple):
     """Send ``body`` to every subscriber of ``topic``."""
 
     topic: bytes
@@ -159,15 +165,18 @@ class Publish:
     # screen: the event carries it, so nothing is looked up at print time,
     # when the sender may be gone. Never sent.
     sender_addr: str | None = None
+    # ``body`` packed once, as the store keeps it: the shell publishes these
+    # bytes instead of packing the event again (None: the shell packs).
+    packed: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Deliver:
+class Deliver(NamedTuple):
     """A private room's event, sent to each of ``peers`` on its DEALER (never PUB)."""
 
     peers: tuple[bytes, ...]
     body: dict[str, Any]
     sender_addr: str | None = None  # as in ``Publish``: for the screen, never sent
+    packed: bytes | None = None  # as in ``Publish``
 
 
 Outgoing: TypeAlias = Reply | Publish | Deliver
@@ -439,6 +448,7 @@ class Broker:
             _JOIN: (limits.join_rate, limits.join_burst, "joins"),
         }
         self._dedupe = _Dedupe(self.limits.dedupe, self.limits.dedupe_total)
+        self._packer = msgpack.Packer(use_bin_type=True)
         # 0 is "no limit" like every limit, but no name is longer than the protocol's 64.
         self._room_chars = min(limits.room_chars or MAX_ROOM_CHARS, MAX_ROOM_CHARS)
         self._history = history if history is not None else MemoryHistory(self.limits.history)
@@ -846,25 +856,60 @@ class Broker:
             raise ProtocolError(ErrorCode.FORBIDDEN,
                                 f"you are not an operator of {room.name!r}")
 
+    def message(self, peer: bytes, body: dict[str, Any], now: float) -> list[Outgoing] | None:
+        """A ``message`` map from a member's connection, as decoded: the hot path.
+
+        The same checks and the same result as ``handle(peer,
+        parse_request(body), now)``, without the typed request: a plain map
+        with a string ``text``, a valid or no ``id`` and a string or no
+        ``room``, from a member that joined without a key. For anything
+        else it returns None and the shell takes the general path, which
+        answers every oddity exactly as before.
+        """
+        member = self._by_peer.get(peer)
+        if member is None or member.key is not None:
+            return None
+        text = body.get("text")
+        rid = body.get("id")
+        room = body.get("room")
+        if (type(text) is not str or (room is not None and type(room) is not str)
+                or (rid is not None and (type(rid) is not str or len(rid) > MAX_ID_CHARS))):
+            return None
+        member.last_seen = now
+        self._activity.move_to_end(member.folded)
+        try:
+            return self._message(peer, member, text, room, rid, now)
+        except ProtocolError as exc:
+            # As ``handle`` answers: no room means lobby, and says so when refused.
+            raw = ROOM if room is None and exc.code in _ROOM_REFUSALS else room
+            named = named_room({"room": raw}) if raw is not None else None
+            return [self.error(peer, exc.code, exc.detail, rid, named)]
+
     def _say(self, peer: bytes, req: Say, now: float, origin: Origin) -> list[Outgoing]:
-        member = self._by_peer[peer]
-        if req.id is not None:
-            seen = self._dedupe.get(member.lineage, _MESSAGE + req.id)
+        return self._message(peer, self._by_peer[peer], req.text, req.room, req.id, now)
+
+    def _message(self, peer: bytes, member: _Member, text: str, raw_room: str | None,
+                 rid: str | None, now: float) -> list[Outgoing]:
+        if rid is not None:
+            seen = self._dedupe.get(member.lineage, _MESSAGE + rid)
             if seen is not None:
-                return [Reply(peer, {"type": "ack", "id": req.id, "room": seen[0],
+                return [Reply(peer, {"type": "ack", "id": rid, "room": seen[0],
                                      "seq": seen[1]})]
-        room = self._find(req.room, member, inside=True)
+        room = self._find(raw_room, member, inside=True)
         if room.moderated and member.folded not in room.ops:
             raise ProtocolError(ErrorCode.FORBIDDEN,
                                 f"{room.name!r} is moderated: only its operators speak")
-        self._check_text(req.text)  # after the room's own refusals, as PROTOCOL.md orders them
+        self._check_text(text)  # after the room's own refusals, as PROTOCOL.md orders them
         self._spend(_MESSAGE, member.folded, self._origin(member), now)
-        event = self._room_event(room, now, "message", {"from": member.name, "text": req.text},
-                                 dedupe=(member.lineage, req.id), sender_addr=member.shown)
-        if req.id is not None:
-            self._dedupe.put(member.lineage, _MESSAGE + req.id, (room.name, room.seq))
+        event = self._room_event(room, now, "message", {"from": member.name, "text": text},
+                                 dedupe=(member.lineage, rid), sender_addr=member.shown)
+        seq = room.seq
+        if rid is not None:
+            self._dedupe.put(member.lineage, _MESSAGE + rid, (room.name, seq))
+            ack = {"type": "ack", "seq": seq, "room": room.name, "id": rid}
+        else:
+            ack = {"type": "ack", "seq": seq, "room": room.name}
         self._counts["messages"] += 1
-        ack = with_id({"type": "ack", "seq": room.seq, "room": room.name}, req.id)
         return [event, Reply(peer, ack)]
 
     def _dm(self, peer: bytes, req: SendDm, now: float, origin: Origin) -> list[Outgoing]:
@@ -1354,15 +1399,17 @@ class Broker:
         """
         room.seq += 1
         body = {"type": kind, "room": room.name, "seq": room.seq, "ts": now, **fields}
+        # Packed once: the store keeps these bytes and the shell sends them.
+        packed = self._packer.pack(body)
         if dedupe is None:
-            self._history.append(body)
+            self._history.append(body, packed=packed)
         else:
-            self._history.append(body, *dedupe)
+            self._history.append(body, dedupe[0], dedupe[1], packed)
         if room.private:
             peers = tuple(m.peer for m in room.members.values() if m.peer is not None)
-            return Deliver(peers + extra, body, sender_addr)
+            return Deliver(peers + extra, body, sender_addr, packed)
         self._changed.add(room.name)
-        return Publish(room.pub_topic, body, sender_addr)
+        return Publish(room.pub_topic, body, sender_addr, packed)
 
     def _announce(self, room: _Room, now: float, kind: str,
                   fields: dict[str, Any]) -> list[Outgoing]:
