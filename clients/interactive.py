@@ -69,6 +69,7 @@ from zchat import (
     Direct,
     HandshakeFailed,
     Joined,
+    Joins,
     Left,
     Message,
     NameTaken,
@@ -120,6 +121,7 @@ from .render import (
     entered_line,
     help_lines,
     invited_line,
+    joins_others,
     notice,
     pending_line,
     refusal,
@@ -598,6 +600,8 @@ class Session:
             # Our own comings and goings (a reconnect, a broker shutdown) are
             # said by the connection lines; the room's echo of them is noise.
             return lines
+        if isinstance(item, Joins) and not joins_others(item, self.client.name):
+            return lines  # the same, coalesced (a big room): only we came
         return [*lines, render(item, self.view, now)]
 
     def _note(self, item: Status) -> bool:

@@ -17,13 +17,15 @@ Line shapes (``HH:MM`` first, then)::
     <alice> hello                      a message (yours in bold)
     * alice waves                      an action: a message "/me waves"
     --> bob (10.0.0.7) joined
+    --> bob (10.0.0.7) and carol (10.0.0.9) joined
+    --> bob, carol, dave and 27 more joined          a big room's `joins` (not naming you)
     <-- bob (10.0.0.7) left: lunch     left / timed out / was kicked ...
     [private from alice] psst          and [private to bob] on the sender's side
     -!- notice: maintenance at noon    an operator announcement
     -!- broker unreachable, retrying…  connection changes
 
 Defines ``Span``, ``Line``, ``View``, ``SentPrivate``, ``ACTION_PREFIX``,
-``render``, ``notice``, ``who_line``, ``help_lines``, ``to_ansi``,
+``render``, ``joins_others``, ``notice``, ``who_line``, ``help_lines``, ``to_ansi``,
 ``to_plain``, ``item_json``, ``is_action``, ``refusal``, ``pending_line``,
 ``wants_attention``, ``wrap``, ``width``.
 """
@@ -40,6 +42,7 @@ from zchat import (
     Direct,
     Invited,
     Joined,
+    Joins,
     Left,
     Member,
     Message,
@@ -65,6 +68,7 @@ __all__ = [
     "invited_line",
     "is_action",
     "item_json",
+    "joins_others",
     "mode_changes",
     "mode_line",
     "notice",
@@ -141,8 +145,12 @@ class SentPrivate:
     ts: float
 
 
-Item: TypeAlias = (Message | Joined | Left | Notice | TopicChanged | ModeChanged | OtherEvent
-                  | Direct | Invited | Status | SentPrivate)
+Item: TypeAlias = (Message | Joined | Joins | Left | Notice | TopicChanged | ModeChanged
+                  | OtherEvent | Direct | Invited | Status | SentPrivate)
+
+# A `joins` of at most this many others names each with an address; a bigger
+# one names this many less one, then "and N more" (never "and 1 more").
+JOINS_LISTED = 4
 
 
 def is_action(text: str) -> bool:
@@ -187,6 +195,8 @@ def render(item: Item, view: View, now: float | None = None) -> Line:
             _stamp(item.ts, view, now), (GREEN, "--> "), _name(item.name, view),
             (DIM, f" ({printable(item.addr)}) joined"),
         )
+    if isinstance(item, Joins):
+        return (_stamp(item.ts, view, now), (GREEN, "--> "), *_joins(item, view))
     if isinstance(item, Left):
         verb = LEAVE_VERBS.get(item.reason, f"left [{printable(item.reason)}]")
         if item.by and item.reason in (LeaveReason.KICKED, "banned"):
@@ -221,6 +231,31 @@ def render(item: Item, view: View, now: float | None = None) -> Line:
             (MAGENTA, "] "), (BOLD, printable(item.text)),
         )
     return _status(item, view, now)
+
+
+def joins_others(item: Joins, me: str) -> list[Member]:
+    """Who a ``joins`` announces, but us: our own coming is said by the connection lines."""
+    mine = fold_name(me)
+    return [member for member in item.members if fold_name(member.name) != mine]
+
+
+def _joins(item: Joins, view: View) -> list[Span]:
+    """``bob (10.0.0.7), carol (…) and dave (…) joined``, or ``bob, carol, dave
+    and 27 more joined`` when too many to list with their addresses."""
+    others = joins_others(item, view.me)
+    few = len(others) <= JOINS_LISTED
+    named = others if few else others[:JOINS_LISTED - 1]
+    spans: list[Span] = []
+    for index, member in enumerate(named):
+        if index:
+            last = few and index == len(named) - 1
+            spans.append((DIM, " and " if last else ", "))
+        spans.append(_name(member.name, view))
+        if few:
+            spans.append((DIM, f" ({printable(member.addr)})"))
+    more = f" and {len(others) - len(named)} more" if not few else ""
+    spans.append((DIM, f"{more} joined"))
+    return spans
 
 
 def _message(item: Message, view: View, now: float) -> Line:
@@ -558,6 +593,9 @@ def item_json(item: Item, me: str) -> dict[str, Any]:
         body["from"] = item.sender
     elif isinstance(item, Joined):
         body.update(type="joined", name=item.name, addr=item.addr)
+    elif isinstance(item, Joins):
+        members = [{"name": m.name, "addr": m.addr} for m in item.members]
+        body.update(type="joins", members=members, count=len(members))
     elif isinstance(item, Left):
         body.update(type="left", name=item.name, addr=item.addr, reason=item.reason)
         if item.detail:

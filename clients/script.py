@@ -61,6 +61,7 @@ from zchat import (
     Direct,
     HandshakeFailed,
     Joined,
+    Joins,
     Left,
     Message,
     NameTaken,
@@ -113,6 +114,7 @@ from .render import (
     View,
     in_room,
     item_json,
+    joins_others,
     render,
     room_refusal,
     to_plain,
@@ -214,6 +216,8 @@ class Script:
 
     def _mine(self, item: Item) -> bool:
         """Our own joined or left event: never printed (see the module doc)."""
+        if isinstance(item, Joins):
+            return not joins_others(item, self.me)  # only us: as our own `joined`
         return isinstance(item, Joined | Left) and fold_name(item.name) == fold_name(self.me)
 
     def _print_events(self) -> None:

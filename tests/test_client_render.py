@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zchat import Direct, Joined, Left, Member, Message, Notice, OtherEvent, Status
+from zchat import Direct, Joined, Joins, Left, Member, Message, Notice, OtherEvent, Status
 from zchat.clients.commands import (
     Clear,
     Help,
@@ -36,6 +36,7 @@ from zchat.clients.render import (
     help_lines,
     is_action,
     item_json,
+    joins_others,
     pending_line,
     refusal,
     render,
@@ -114,6 +115,36 @@ def test_peer_text_cannot_move_the_cursor() -> None:
 
 def test_join_line_has_name_and_address() -> None:
     assert plain(Joined(3, TS, "bob", "10.0.0.7")) == f"{STAMP} --> bob (10.0.0.7) joined"
+
+
+def people(*names: str) -> tuple[Member, ...]:
+    return tuple(Member(name, f"10.0.0.{n}") for n, name in enumerate(names, 1))
+
+
+@pytest.mark.parametrize(("names", "shown"), [
+    (("bob",), "bob (10.0.0.1) joined"),
+    (("bob", "carol"), "bob (10.0.0.1) and carol (10.0.0.2) joined"),
+    (("bob", "carol", "dave", "erin"),
+     "bob (10.0.0.1), carol (10.0.0.2), dave (10.0.0.3) and erin (10.0.0.4) joined"),
+    (("bob", "carol", "dave", "erin", "fay"), "bob, carol, dave and 2 more joined"),
+    (tuple(f"u{n}" for n in range(30)), "u0, u1, u2 and 27 more joined"),
+])
+def test_joins_line_names_few_with_addresses_and_counts_many(
+        names: tuple[str, ...], shown: str) -> None:
+    assert plain(Joins("big", 7, TS, people(*names))) == f"{STAMP} --> {shown}"
+
+
+def test_joins_line_leaves_us_out_and_keeps_each_names_colour() -> None:
+    # Our own coming is said by the connection lines, as our own `joined` is not shown.
+    item = Joins("big", 7, TS, people("bob", "ALICE", "carol"))
+    assert plain(item) == f"{STAMP} --> bob (10.0.0.1) and carol (10.0.0.3) joined"
+    assert [m.name for m in joins_others(item, "alice")] == ["bob", "carol"]
+    assert joins_others(Joins("big", 8, TS, people("Alice")), "alice") == []
+    styles = dict((text, sgr) for sgr, text in render(item, ALICE))
+    assert styles["bob"] == f"38;5;{name_colour('bob')}"
+    # A peer's name and address cannot move the cursor here either.
+    line = to_ansi(render(Joins("big", 9, TS, (Member("ev\x1b[2Jil", "\x1b[H"),)), ALICE))
+    assert "\x1b[2J" not in line and "\x1b[H" not in line
 
 
 @pytest.mark.parametrize(("reason", "detail", "shown"), [
@@ -199,6 +230,9 @@ def test_refusals_are_one_short_line(code: str, to: str | None, words: str) -> N
      {"type": "message", "room": "dev", "seq": 5, "ts": TS, "from": "bob", "text": "hi"}),
     (Joined(3, TS, "bob", "10.0.0.7", "dev"),
      {"type": "joined", "room": "dev", "seq": 3, "ts": TS, "name": "bob", "addr": "10.0.0.7"}),
+    (Joins("big", 6, TS, (Member("bob", "10.0.0.7"), Member("carol", "c"))),
+     {"type": "joins", "room": "big", "seq": 6, "ts": TS, "count": 2,
+      "members": [{"name": "bob", "addr": "10.0.0.7"}, {"name": "carol", "addr": "c"}]}),
     (Left(4, TS, "bob", "a", "kicked", detail="spam"),
      {"type": "left", "room": "lobby", "seq": 4, "ts": TS, "name": "bob", "addr": "a",
       "reason": "kicked", "detail": "spam"}),

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
+import zmq
 
 from conftest import RunningBroker, launch_broker, wait_item
 from zchat import (
@@ -18,6 +21,8 @@ from zchat import (
     Entered,
     ErrorCode,
     Invited,
+    Joined,
+    Joins,
     Left,
     Message,
     ModeChanged,
@@ -390,3 +395,75 @@ def test_async_client_fails_over_with_its_rooms(tmp_path: Path) -> None:
     finally:
         for broker in brokers:
             broker.release()
+
+
+STORM = 20  # joiners at once: several land in one pass of the broker's loop
+
+
+def dealers_ready(ctx: zmq.Context[Any], broker: RunningBroker,
+                  count: int) -> list[zmq.Socket[Any]]:
+    """``count`` raw DEALERs, each connected (its ping answered) before any joins."""
+    made = []
+    for _ in range(count):
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(broker.input)
+        dealer.send(msgpack.packb({"type": "ping", "id": "p"}))
+        made.append(dealer)
+    for dealer in made:
+        assert dealer.poll(10_000), "no pong"
+        assert msgpack.unpackb(dealer.recv())["type"] == "pong"
+    return made
+
+
+def test_a_join_storm_reaches_a_member_whole_and_in_seq_order(
+        start_broker: Callable[..., RunningBroker], ctx: zmq.Context[Any],
+        clients: Callable[..., Client]) -> None:
+    """Joins coalesced into `joins` events name everyone once, in seq order.
+
+    Every room coalesces here (--coalesce-joins-above 0). The broker is
+    stopped while the joins are sent, so that when it runs again they wait
+    in its input together and one pass of its loop reads several of them:
+    the first is a `joined`, the others of that pass one `joins`.
+    """
+    broker = start_broker("--coalesce-joins-above", "0", "--join-rate", "0",
+                          "--heartbeat", "5")
+    alice = clients(broker, "alice")
+    base = alice.enter("big").seq
+    names = [f"user{n:02}" for n in range(STORM)]
+    dealers = dealers_ready(ctx, broker, STORM)
+    broker.proc.send_signal(signal.SIGSTOP)
+    try:
+        for dealer, name in zip(dealers, names, strict=True):
+            dealer.send(msgpack.packb({"type": "join", "name": name, "rooms": ["big"]}))
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+    for dealer in dealers:
+        assert dealer.poll(10_000), "no welcome"
+        assert msgpack.unpackb(dealer.recv())["type"] == "welcome"
+    seqs: list[int] = []
+    arrived: list[str] = []
+    kinds: list[str] = []
+    deadline = time.monotonic() + 20
+    while sorted(arrived) != names:
+        item = alice.next_event(max(0.0, deadline - time.monotonic()))
+        assert item is not None, f"only {sorted(arrived)} arrived"
+        if isinstance(item, Joined | Joins) and item.room == "big":
+            seqs.append(item.seq)
+            kinds.append(type(item).__name__)
+            if isinstance(item, Joins):
+                arrived += [member.name for member in item.members]
+            else:
+                arrived.append(item.name)
+    # Each name once, the events one after another from where alice came in.
+    assert seqs == list(range(base + 1, base + 1 + len(seqs))), seqs
+    assert "Joins" in kinds, kinds  # else this storm tested nothing new
+    assert len(seqs) < STORM  # fewer events than joins: that is the point
+    state = alice.room_state("big")
+    assert state is not None and state.last_seq == seqs[-1]
+    assert state.count == STORM + 1
+    assert sorted(m.name for m in state.members) == sorted([*names, "alice"])
+    # History holds the same events, as any client filling a gap reads them.
+    page = alice.history(base, room="big")
+    assert [e.seq for e in page] == seqs
+    assert [type(e).__name__ for e in page] == kinds

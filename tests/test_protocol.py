@@ -25,6 +25,7 @@ from zchat.protocol import (
     HistoryPage,
     Join,
     Joined,
+    Joins,
     Leave,
     LeaveReason,
     Left,
@@ -159,6 +160,22 @@ def test_room_events_parse_to_typed_events() -> None:
     assert parse_event({**base, "type": "left", "name": "a", "addr": "x", "reason": "timeout"}
                        ) == Left(4, 1.5, "a", "x", "timeout")
     assert parse_event({**base, "type": "notice", "text": "hi"}) == Notice(4, 1.5, "hi")
+
+
+def test_a_joins_event_parses_to_its_members_in_order() -> None:
+    body = {"type": "joins", "room": "big", "seq": 7, "ts": 2.5, "count": 2,
+            "members": [{"name": "bob", "addr": "10.0.0.2"}, {"name": "ann", "addr": "x"}]}
+    assert parse_event(body) == Joins("big", 7, 2.5, (Member("bob", "10.0.0.2"),
+                                                      Member("ann", "x")))
+    # In a history page, among other events.
+    page = parse_reply({"type": "history", "room": "big", "id": "h",
+                        "events": [body, {**body, "type": "notice", "text": "hi", "seq": 8}]})
+    assert isinstance(page, HistoryPage)
+    assert [type(e) for e in page.events] == [Joins, Notice]
+    for broken in ({**body, "members": None}, {**body, "members": [{"name": "x"}]},
+                   {**body, "members": "bob"}):
+        with pytest.raises(ProtocolError):
+            parse_event(broken)
 
 
 def test_unknown_event_types_keep_their_seq() -> None:

@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,35 @@ from conftest import RawClient, RunningBroker
 
 Raw = Callable[[], RawClient]
 
+PING_EVERY = 0.2  # seconds: well within the fixture broker's 0.5 s heartbeat
 
-def admin(broker: RunningBroker, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "zchat.broker.admin", "--control", broker.control,
-         "--timeout", "10", *args], capture_output=True, text=True, timeout=30)
+
+def admin(broker: RunningBroker, *args: str,
+          members: tuple[RawClient, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Run ``zchat-admin``; ``members`` keep pinging while it runs.
+
+    A member silent for 3 heartbeats (1.5 s with the fixture's 0.5 s) is
+    dropped, and starting a Python on a busy machine can take that long: a
+    raw client that waits on the tool without pinging, as the protocol asks
+    of every client, would be gone (announced ``left`` ``timeout``) before
+    the operator's command reaches it.
+    """
+    argv = [sys.executable, "-m", "zchat.broker.admin", "--control", broker.control,
+            "--timeout", "10", *args]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        deadline = time.monotonic() + 30
+        while True:
+            for member in members:
+                member.send({"type": "ping"})  # its pong is skipped by request()
+            try:
+                out, err = proc.communicate(timeout=PING_EVERY)
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    raise
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def entered(client: RawClient, room: str, **fields: Any) -> dict[str, Any]:
@@ -159,17 +184,20 @@ def test_admin_rooms_who_op_close(raw: Raw, broker: RunningBroker) -> None:
     entered(alice, "dev")
     entered(bob, "dev")
     alice.request({"type": "part", "room": "dev", "id": "p"})  # dev has no operator now
-    listing = admin(broker, "rooms")
+    # Bob pings while each command runs: a member silent for 3 heartbeats
+    # would have timed out of dev before `close` (see admin()).
+    listing = admin(broker, "rooms", members=(bob,))
     assert listing.returncode == 0 and "#dev" in listing.stdout, listing
-    assert admin(broker, "op", "#dev", "bob").returncode == 0
+    assert admin(broker, "op", "#dev", "bob", members=(bob,)).returncode == 0
     mode = bob.wait_event(lambda e: e["type"] == "mode")
     assert (mode["op"], mode["name"]) == ("bob", "*")
-    who = json.loads(admin(broker, "--json", "who", "dev").stdout)
+    who = json.loads(admin(broker, "--json", "who", "dev", members=(bob,)).stdout)
     assert who["members"] == [{"name": "bob", "addr": "127.0.0.1", "op": True}]
-    assert admin(broker, "close", "dev", "too", "noisy").returncode == 0
+    assert admin(broker, "close", "dev", "too", "noisy", members=(bob,)).returncode == 0
     notice = bob.wait_event(lambda e: e["type"] == "notice")
     assert "too noisy" in notice["text"] and notice["room"] == "dev"
-    assert bob.wait_event(lambda e: e["type"] == "left")["reason"] == "closed"
+    left = bob.wait_event(lambda e: e["type"] == "left" and e["room"] == "dev")
+    assert (left["name"], left["reason"]) == ("bob", "closed")
     gone = bob.request({"type": "history", "room": "dev", "after": 0, "id": "h"})
     assert gone["code"] == "no_such_room"
     assert admin(broker, "close", "lobby").returncode == 1

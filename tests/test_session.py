@@ -22,6 +22,7 @@ from zchat.protocol import (
     ErrorCode,
     Invited,
     Joined,
+    Joins,
     Left,
     Member,
     Message,
@@ -692,7 +693,7 @@ def answer_snapshots(session: Session, out: list[Action], seqs: dict[str, int],
 
 def room_seqs(actions: list[Action]) -> list[tuple[str, int]]:
     return [(i.room, i.seq) for i in items(actions)
-            if isinstance(i, Message | Joined | Left | TopicChanged | ModeChanged)]
+            if isinstance(i, Message | Joined | Joins | Left | TopicChanged | ModeChanged)]
 
 
 def fills(actions: list[Action]) -> dict[str, dict[str, Any]]:
@@ -805,6 +806,79 @@ def test_topic_and_mode_events_keep_the_room_state_current() -> None:
     assert state is not None
     assert (state.topic, state.moderated, state.ops, state.count, state.last_seq) == (
         "hi", True, (), 1, 5)
+
+
+def joins(seq: int, room: str, *names: str) -> dict[str, Any]:
+    """A big room's coalesced joins: {type: "joins", room, seq, ts, members, count}."""
+    members = [{"name": name, "addr": f"10.0.0.{n}"} for n, name in enumerate(names, 1)]
+    return {"type": "joins", "room": room, "seq": seq, "ts": 1.0, "members": members,
+            "count": len(members)}
+
+
+def test_a_joins_event_changes_the_room_as_each_joined_would() -> None:
+    session = joined2(["lobby", "big"], {"big": 3})
+    bob = {"type": "joined", "room": "big", "seq": 4, "ts": 1.0, "name": "bob", "addr": "x"}
+    session.broadcast_received(on_topic(bob), T0)
+    # Bob comes again within the pass (a takeover by token, a new address):
+    # he is one member, counted once.
+    out = session.broadcast_received(on_topic(joins(5, "big", "carol", "Bob", "dave")), T0)
+    (event,) = items(out)
+    assert event == Joins("big", 5, 1.0, (Member("carol", "10.0.0.1"), Member("Bob", "10.0.0.2"),
+                                          Member("dave", "10.0.0.3")))
+    state = session.room_state("big")
+    assert state is not None and (state.count, state.last_seq) == (4, 5)
+    assert {m.name: m.addr for m in state.members} == {
+        "alice": "127.0.0.1", "Bob": "10.0.0.2", "carol": "10.0.0.1", "dave": "10.0.0.3"}
+    # Its members leave one by one, as any member does.
+    session.broadcast_received(on_topic(
+        {"type": "left", "room": "big", "seq": 6, "ts": 1.0, "name": "carol", "addr": "x",
+         "reason": "leave"}), T0)
+    state = session.room_state("big")
+    assert state is not None and state.count == 3
+    assert sorted(m.name for m in state.members) == ["Bob", "alice", "dave"]
+    # Another room's state is not touched, nor its seqs.
+    lobby = session.room_state("lobby")
+    assert lobby is not None and (lobby.count, lobby.last_seq) == (1, 0)
+
+
+def test_joins_on_the_dealer_and_in_history_come_in_seq_order() -> None:
+    # A private room's events come on the DEALER; a lost one is filled from history.
+    session = joined2(["lobby", "secret"], {"secret": 4})
+    out = session.reply_received(reply(**joins(5, "secret", "bob", "carol")), T0)
+    assert room_seqs(out) == [("secret", 5)]
+    out = session.reply_received(reply(**joins(8, "secret", "frank")), T0)
+    assert room_seqs(out) == []  # 6 and 7 are missing
+    fill = fills(out)["secret"]
+    assert fill["after"] == 5
+    page = [in_room(6, "secret"), joins(7, "secret", "dave", "erin")]
+    out = session.reply_received(reply(type="history", room="secret", events=page,
+                                       id=fill["id"]), T0)
+    assert room_seqs(out) == [("secret", 6), ("secret", 7), ("secret", 8)]
+    assert [e.members[0].name for e in items(out) if isinstance(e, Joins)] == ["dave", "frank"]
+    state = session.room_state("secret")
+    assert state is not None and state.count == 1 + 5
+    assert session.reply_received(reply(**joins(8, "secret", "frank")), T0) == []  # seen
+
+
+def test_a_look_back_finds_our_own_join_in_a_joins() -> None:
+    # Entered with the join into a big room: our coming may be one of a
+    # `joins`; what comes after it is ours, what came before it is not.
+    session = Session("alice", "tcp://h:5555", rooms=["lobby", "big"])
+    out = session.start(T0)
+    out = session.reply_received(welcome2(join_id(out), ["lobby", "big"], 3), T0)
+    asked = snapshots(out)
+    session.reply_received(entered(asked["lobby"], "lobby", 3), T0)
+    out = session.reply_received(entered(asked["big"], "big", 12, count=200), T0)
+    fill = fills(out)["big"]
+    page = [in_room(n, "big") for n in range(1, 10)]
+    page += [joins(10, "big", "bob", "ALICE", "carol"), in_room(11, "big"), in_room(12, "big")]
+    out = session.reply_received(reply(type="history", room="big", events=page,
+                                       id=fill["id"]), T0)
+    assert room_seqs(out) == [("big", 11), ("big", 12)]
+    assert statuses(out) == []
+    state = session.room_state("big")
+    # The snapshot (seq 12) already counts the joins of seq 10.
+    assert state is not None and (state.count, state.last_seq) == (200, 12)
 
 
 def test_entering_and_parting_subscribe_and_unsubscribe() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import zmq
 
@@ -514,3 +516,42 @@ def test_a_taken_name_is_said_on_the_login_form(
     box.send_keys("alicia" + Keys.ENTER)
     until(tab, lambda d: state(d) == "online")
     assert tab.find_element(By.ID, "me").text.startswith("alicia")
+
+
+def test_a_join_storm_shows_as_join_lines_and_fills_the_member_list(
+        start_broker: Callable[..., RunningBroker], browsers: Callable[[], Any],
+        ctx: zmq.Context[Any]) -> None:
+    # Every room coalesces a pass's joins here; the broker is stopped while
+    # they are sent, so one pass reads several: a `joined`, then a `joins`.
+    broker = start_broker("--heartbeat", HEARTBEAT, "--rate", "0", "--join-rate", "0",
+                          "--coalesce-joins-above", "0")
+    gw = Gateway(broker.input)
+    try:
+        alice = browsers()
+        login(alice, gw.url, "alice")
+        names = [HOSTILE_NAME, *(f"user{n:02}" for n in range(11))]
+        dealers = []
+        for _ in names:
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.connect(broker.input)
+            dealer.send(msgpack.packb({"type": "ping"}))
+            dealers.append(dealer)
+        for dealer in dealers:  # each connected before any joins
+            assert dealer.poll(10_000) and msgpack.unpackb(dealer.recv())["type"] == "pong"
+        broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            for dealer, name in zip(dealers, names, strict=True):
+                dealer.send(msgpack.packb({"type": "join", "name": name}))
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        until(alice, lambda d: d.find_element(By.ID, "count").text == f"({len(names) + 1})")
+        shown = alice.execute_script(
+            "return [...document.querySelectorAll('#members .nick')].map(n => n.textContent)")
+        assert sorted(shown) == sorted([*names, "alice"])
+        joins = until(alice, lambda d: d.find_elements(By.CSS_SELECTOR, "#log .line.joins"))
+        assert re.fullmatch(r"\d\d:\d\d --> .+ joined", joins[0].text), joins[0].text
+        assert alice.execute_script("return window.pwned") is None
+        assert alice.find_elements(By.CSS_SELECTOR, "#log img, #log script, #members img") == []
+    finally:
+        gw.stop()

@@ -32,7 +32,7 @@ from conftest import RunningBroker, wait_item
 from zchat import Client, Left, Message
 from zchat.display import name_colour
 from zchat.keys import make_keypair
-from zchat.protocol import Direct, Joined
+from zchat.protocol import Direct, Joined, Joins, Member
 from zchat.web.server import Config, parse_config
 from zchat.web.wire import (
     Dm,
@@ -85,6 +85,16 @@ def test_items_carry_room_seq_and_colour() -> None:
                     "addr": "10.0.0.7", "colour": colour("bob")}
     assert item_json(Message(4, 2.0, "bob", "<b>"), 9.0)["text"] == "<b>"
     assert item_json(Direct("eve", "psst", 3.0), 9.0)["from"] == "eve"
+
+
+def test_a_joins_item_lists_each_member_with_its_colour() -> None:
+    members = (Member("bob", "10.0.0.7"), Member("<i>carol</i>", "x"))
+    body = item_json(Joins("big", 5, 1.5, members), 9.0)
+    assert body == {"type": "joins", "room": "big", "seq": 5, "ts": 1.5, "count": 2,
+                    "members": [{"name": "bob", "addr": "10.0.0.7", "colour": colour("bob")},
+                                {"name": "<i>carol</i>", "addr": "x",
+                                 "colour": colour("<i>carol</i>")}]}
+    assert json.loads(json.dumps(body)) == body  # a JSON frame to the page as it is
 
 
 def test_options_come_from_zchat_variables(monkeypatch: pytest.MonkeyPatch) -> None:

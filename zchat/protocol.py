@@ -31,7 +31,7 @@ Broker -> client frames (``decode_frame`` on the client side, parsed by
 ``parse_event``)::
 
     room events (PUB, topic "<room>\\0"; a private room's on each member's
-        DEALER instead): joined, message, left, notice, topic, mode
+        DEALER instead): joined, joins, message, left, notice, topic, mode
     direct (DEALER): welcome, ack, error, pong, members, history, dm, bye,
         entered, parted, rooms, invited
     broker-wide (PUB, topic "\\0"): heartbeat, shutdown
@@ -90,6 +90,7 @@ __all__ = [
     "Invited",
     "Join",
     "Joined",
+    "Joins",
     "KickFrom",
     "Leave",
     "LeaveReason",
@@ -622,6 +623,21 @@ class Joined:
 
 
 @dataclass(frozen=True, slots=True)
+class Joins:
+    """Several members came into ``room`` at once: one event, one seq.
+
+    A big room's broker announces the joins of one pass of its loop after
+    the first as one ``joins`` (PROTOCOL.md, "Scale: big rooms"); each of
+    ``members`` is to be taken as a ``Joined``.
+    """
+
+    room: str
+    seq: int
+    ts: float
+    members: tuple[Member, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     seq: int
     ts: float
@@ -702,11 +718,13 @@ class Direct:
     ts: float
 
 
-Event: TypeAlias = Joined | Message | Left | Notice | TopicChanged | ModeChanged | OtherEvent
+Event: TypeAlias = (Joined | Joins | Message | Left | Notice | TopicChanged | ModeChanged
+                    | OtherEvent)
 
 # Room event types (an unknown type is an ``OtherEvent``): a frame of one of
 # these on the DEALER is a private room's event, not a reply.
-EVENT_TYPES: Final = frozenset({"joined", "message", "left", "notice", "topic", "mode"})
+EVENT_TYPES: Final = frozenset({"joined", "joins", "message", "left", "notice", "topic",
+                                "mode"})
 
 
 def _field(body: dict[str, Any], name: str, ftype: type | tuple[type, ...]) -> Any:
@@ -731,6 +749,9 @@ def parse_event(body: dict[str, Any]) -> Event:
         return Message(seq, ts, _field(body, "from", str), _field(body, "text", str), room)
     if kind == "joined":
         return Joined(seq, ts, _field(body, "name", str), _field(body, "addr", str), room)
+    if kind == "joins":
+        # `count` is only len(members): the list is what counts.
+        return Joins(room, seq, ts, tuple(parse_members(body.get("members"))))
     if kind == "left":
         return Left(
             seq, ts, _field(body, "name", str), _field(body, "addr", str),

@@ -91,6 +91,7 @@ from zchat.protocol import (
     HistoryPage,
     Invited,
     Joined,
+    Joins,
     LeaveReason,
     Left,
     Member,
@@ -1121,10 +1122,10 @@ class Session:
         """What ``event`` changes in what we know of ``room``."""
         match event:
             case Joined(name=name, addr=addr):
-                key = fold_name(name)
-                if key not in room.members:
-                    room.count += 1
-                room.members[key] = Member(name, addr)
+                self._came(room, Member(name, addr))
+            case Joins(members=members):
+                for member in members:
+                    self._came(room, member)
             case Left(name=name):
                 key = fold_name(name)
                 room.members.pop(key, None)
@@ -1141,6 +1142,14 @@ class Session:
                     room.ops[fold_name(event.op)] = event.op
                 if event.deop is not None:
                     room.ops.pop(fold_name(event.deop), None)
+
+    @staticmethod
+    def _came(room: _Room, member: Member) -> None:
+        """``member`` joined ``room`` (a ``joined``, or one of a ``joins``)."""
+        key = fold_name(member.name)
+        if key not in room.members:
+            room.count += 1
+        room.members[key] = member
 
     # ------------------------------------------------------------ room events
 
@@ -1241,11 +1250,20 @@ class Session:
             out += self._fill(room, now)
         return out
 
+    def _names_us(self, event: Event) -> bool:
+        """Whether ``event`` announces our own join (a big room's may be a ``joins``)."""
+        me = fold_name(self.name)
+        if isinstance(event, Joined):
+            return fold_name(event.name) == me
+        if isinstance(event, Joins):
+            return any(fold_name(member.name) == me for member in event.members)
+        return False
+
     def _deliver(self, room: _Room, event: Event) -> list[Action]:
         if room.quiet_to is not None:
             if event.seq <= room.quiet_to:
                 room.last_seq = event.seq  # from before we came in: passed over
-                if isinstance(event, Joined) and fold_name(event.name) == fold_name(self.name):
+                if self._names_us(event):
                     room.quiet_to = None  # ours: what follows is for us
                 return []
             room.quiet_to = None

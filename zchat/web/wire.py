@@ -49,6 +49,7 @@ from zchat.protocol import (
     Direct,
     Invited,
     Joined,
+    Joins,
     Left,
     Member,
     Message,
@@ -281,6 +282,10 @@ def item_json(item: Item, now: float) -> dict[str, Any]:
     if isinstance(item, Joined):
         return {"type": "joined", "room": item.room, "seq": item.seq, "ts": item.ts,
                 "name": item.name, "addr": item.addr, "colour": colour(item.name)}
+    if isinstance(item, Joins):
+        members = [member_json(member) for member in item.members]
+        return {"type": "joins", "room": item.room, "seq": item.seq, "ts": item.ts,
+                "members": members, "count": len(members)}
     if isinstance(item, Left):
         return {"type": "left", "room": item.room, "seq": item.seq, "ts": item.ts,
                 "name": item.name, "addr": item.addr, "reason": item.reason,

@@ -185,6 +185,16 @@
                   el("span", "text", " (" + item.addr + ") joined"));
       addLine(line, item.room, false);
       if (live) addMember(item.room, item);
+    } else if (type === "joins") {
+      // Several at once (a big room's broker coalesces a busy moment's joins).
+      const members = Array.isArray(item.members) ? item.members : [];
+      line.append(el("span", "what", "--> "), ...joinedNames(members), el("span", "text", " joined"));
+      addLine(line, item.room, false);
+      if (live) {
+        const entry = roomOf(item.room || "lobby");
+        for (const member of members) entry.members.set(fold(member.name), member);
+        drawMembers();
+      }
     } else if (type === "left") {
       const verbs = { leave: "left", timeout: "timed out", kicked: "was kicked",
                       shutdown: "left: the broker shut down", part: "left" };
@@ -254,6 +264,23 @@
       line.append(el("span", "text", "-!- a " + (item.event || type) + " event"));
       addLine(line, item.room, false);
     }
+  }
+
+  // A `joins` of at most this many names each with its address; a bigger one
+  // names one less, then "and N more" (as the terminal client does).
+  const JOINS_LISTED = 4;
+
+  function joinedNames(members) {
+    const few = members.length <= JOINS_LISTED;
+    const named = few ? members : members.slice(0, JOINS_LISTED - 1);
+    const nodes = [];
+    named.forEach((member, index) => {
+      if (index) nodes.push(el("span", "text", few && index === named.length - 1 ? " and " : ", "));
+      nodes.push(nick(member.name, member.colour));
+      if (few) nodes.push(el("span", "text", " (" + member.addr + ")"));
+    });
+    if (!few) nodes.push(el("span", "text", " and " + (members.length - named.length) + " more"));
+    return nodes;
   }
 
   function setTopic(inRoom, text) {
