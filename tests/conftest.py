@@ -31,6 +31,28 @@ settings.register_profile("zchat", deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("zchat")
 
+# Tests that share something heavy, or that are timed by what a screen shows,
+# run on one xdist worker per group (.ci/run: `pytest -n N --dist loadgroup`):
+# the Docker tests share one image build (a session fixture is per worker),
+# tmux and Chromium tests each own a screen whose redraws lag under load.
+XDIST_GROUPS = {
+    "test_docker.py": "docker",
+    "test_client_tmux.py": "screen",
+    "test_demo_script.py": "screen",
+    "test_web.py": "browser",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        group = XDIST_GROUPS.get(item.path.name)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    # The longest group first, so that a parallel run does not end waiting
+    # for it (the sort is stable: the order within files stays).
+    items.sort(key=lambda item: item.path.name != "test_docker.py")
+
+
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"input=(\S+) broadcast=(\S+) control=(\S+)")
 

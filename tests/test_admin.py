@@ -18,6 +18,17 @@ import zmq
 from conftest import RawClient, RunningBroker
 
 
+@pytest.fixture
+def broker(start_broker: Callable[..., RunningBroker]) -> RunningBroker:
+    """A broker whose silent members outlive a slow ``zchat-admin`` start.
+
+    The raw clients here join and then wait on the tool without pinging; at
+    the usual fixture's 0.5 s heartbeat they would be dropped after 1.5 s,
+    which a Python start on a loaded machine can take.
+    """
+    return start_broker("--heartbeat", "2", "--rate", "0")
+
+
 def admin(broker: RunningBroker | None, *args: str, timeout: float = 5.0,
           control: str | None = None) -> subprocess.CompletedProcess[str]:
     endpoint = control or (broker.control if broker else "")

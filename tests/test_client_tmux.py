@@ -556,8 +556,12 @@ def test_page_up_outside_tmux_opens_the_session_in_a_pager(broker: RunningBroker
         if time.monotonic() > deadline:
             raise AssertionError("PageUp opened no pager")
         time.sleep(0.05)
-    pager = tmux.run("capture-pane", "-p", "-t", "plain")
-    assert "<plain> remember this" in pager and "joined the lobby room" in pager
+    # less draws its page after the screen switch: wait for the page.
+    while not ("<plain> remember this" in (pager := tmux.run("capture-pane", "-p", "-t", "plain"))
+               and "joined the lobby room" in pager):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the pager shows no session:\n{pager}")
+        time.sleep(0.05)
     tmux.keys("plain", "q")
     tmux.wait_prompt("plain", "[plain]")
     tmux.type("plain", "back in the chat")
