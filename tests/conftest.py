@@ -43,6 +43,9 @@ XDIST_GROUPS = {
 }
 
 
+# tryfirst: xdist's worker reads the groups in its own hook of this name,
+# which runs before a conftest's unless told otherwise.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         group = XDIST_GROUPS.get(item.path.name)
