@@ -49,6 +49,7 @@ from .workloads import LADDER
 
 DELIVERY_GOAL = 0.999
 LATENCY_GOAL = 0.100
+READ_EVERY = 0.02  # seconds between a counting process's reads of its sockets
 FDS_PER_CLIENT = 4  # generator side: 2 sockets, each a TCP connection and a mailbox
 
 
@@ -56,27 +57,31 @@ FDS_PER_CLIENT = 4  # generator side: 2 sockets, each a TCP connection and a mai
 
 
 def _counter(pipe: multiprocessing.connection.Connection, endpoints: list[str]) -> None:
-    """Count what SUBs on ``lobby`` receive; answer "count" and "stop"."""
+    """Count what SUBs on ``lobby`` receive; answer "count" and "stop".
+
+    Each socket is read every ``READ_EVERY`` seconds, not on each wakeup: a
+    poll over hundreds of sockets per event would cost the generator more
+    CPU than the broker spends (``zchat-bench``'s count-only readers do the
+    same), and on 2 shared cores that CPU is the system's.
+    """
     ctx = zmq.Context()
     ctx.set(zmq.MAX_SOCKETS, len(endpoints) + 64)
-    poller = zmq.Poller()
     socks = []
     for endpoint in endpoints:
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"lobby\x00")
         sock.connect(endpoint)
-        poller.register(sock, zmq.POLLIN)
         socks.append(sock)
     pipe.send("ready")
     count = 0
     while True:
-        if pipe.poll(0):
+        if pipe.poll(READ_EVERY):
             if pipe.recv() == "stop":
                 pipe.send(count)
                 break
             pipe.send(count)
-        for sock, _ in poller.poll(20):
+        for sock in socks:
             while True:
                 try:
                     sock.recv_multipart(zmq.NOBLOCK)
@@ -128,7 +133,7 @@ def _p(values: list[float], fraction: float) -> float | None:
 
 
 def w1(layout: str, subscribers: int, keys: Path, *, relays: int = 2, seconds: float = 2.5,
-       drain: float = 1.5, counters: int = 4, samplers: int = 4, start_rate: int = 50,
+       drain: float = 1.5, counters: int = 2, samplers: int = 4, start_rate: int = 10,
        max_rate: int = 20_000) -> dict[str, Any]:
     """The W1 ladder at ``subscribers`` for one layout; every step, the best one."""
     procs, binput, _, pairs = _systems(layout, keys, relays)
@@ -176,7 +181,8 @@ def w1(layout: str, subscribers: int, keys: Path, *, relays: int = 2, seconds: f
             if time.monotonic() > deadline:
                 raise RuntimeError("subscribers not all live in 60 s")
         steps = []
-        best = None
+        best: dict[str, Any] | None = None
+        delivered_best: dict[str, Any] | None = None
         for rate in [r for r in LADDER if start_rate <= r <= max_rate]:
             _settle(total)
             sampling.latencies.clear()
@@ -218,14 +224,23 @@ def w1(layout: str, subscribers: int, keys: Path, *, relays: int = 2, seconds: f
                                   and p99 is not None and p99 < LATENCY_GOAL)
             steps.append(step)
             print(json.dumps({"layout": layout, "w1_step": step}), file=sys.stderr, flush=True)
-            if not step["passed"]:
+            if step["passed"]:
+                best = step
+            # On a shared machine the p99 is the scheduler's as much as the
+            # system's: the ladder goes on while every delivery is made (and
+            # p99 stays under a second), so both layouts have figures at the
+            # same rates even where neither meets the 100 ms goal.
+            if step["delivered_fraction"] < DELIVERY_GOAL or p99 is None or p99 > 1.0:
                 break
-            best = step
+            delivered_best = step
         publisher.close(linger=0)
         return {"layout": layout, "workload": "w1", "subscribers": subscribers,
                 "relays": relays if layout == "relays" else 0,
                 "throughput": best["rate"] if best else None,
-                "p99_ms_at_best": best["p99_ms"] if best else None, "steps": steps,
+                "p99_ms_at_best": best["p99_ms"] if best else None,
+                "all_delivered_up_to": delivered_best["rate"] if delivered_best else None,
+                "p99_ms_there": delivered_best["p99_ms"] if delivered_best else None,
+                "steps": steps,
                 "rss_mib": {name: round(rss_bytes(p.pid) / 2**20, 1)
                             for name, p in procs.items()}}
     finally:

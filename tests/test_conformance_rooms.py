@@ -17,10 +17,21 @@ Defines ``Peer`` (the raw client), ``check_reply`` and ``check_event``
 contract row, and each room's seq must rise by exactly 1 on the SUB and, for
 a private room, on the DEALER), and the tests, one per contract row or rule.
 ``test_conformance_v1`` reuses ``Peer`` for the version 1 rows.
+
+Every test runs twice: once against the broker itself (``[direct]``) and
+once through a real ``zchat-relay`` in front of it (``[relay]``): the
+project's promise is that a client written from the contract alone works
+unchanged through a relay. ``start_broker`` is overridden here (and
+imported by ``test_conformance_v1``) so that in the relay case each broker
+a test starts gets the relay link (keys made for the session) and a relay,
+and the ``RunningBroker`` the test sees names the relay's two endpoints;
+its ``control`` and its process stay the broker's, so ``zchat-admin``, a
+stop or a restart act on the broker behind the relay.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import re
@@ -36,6 +47,7 @@ import msgpack
 import pytest
 import zmq
 import zmq.auth
+from test_relay import Keys, RunningRelay, launch_relay, relay_endpoint
 
 from conftest import RunningBroker
 
@@ -304,6 +316,46 @@ def check_event(body: Body) -> None:
     assert isinstance(room, str) and ROOM_NAME.fullmatch(room), body
     assert isinstance(body.get("seq"), int) and body["seq"] >= 1, body
     assert isinstance(body.get("ts"), float), body
+
+
+# Options a relay takes from the broker's command line: client CURVE ends at
+# the relay, so its clients need it there.
+RELAY_TAKES = ("--secret-key", "--authorized-keys")
+
+
+@pytest.fixture(scope="session")
+def relay_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    """The relay link's keys (the broker's pair, two relays'), made once."""
+    return Keys(tmp_path_factory.mktemp("relay-keys") / "keys")
+
+
+@pytest.fixture(params=["direct", "relay"])
+def start_broker(request: pytest.FixtureRequest,
+                 start_broker: Callable[..., RunningBroker],
+                 relay_keys: Keys) -> Iterator[Callable[..., RunningBroker]]:
+    """conftest's ``start_broker``, or the same broker behind a ``zchat-relay``."""
+    if request.param == "direct":
+        yield start_broker
+        return
+    relays: list[RunningRelay] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> RunningBroker:
+        broker = start_broker(
+            *args, "--relay-bind", "tcp://127.0.0.1:0",
+            "--relay-broadcast", "tcp://127.0.0.1:0", "--relay-keys", str(relay_keys.relays),
+            "--relay-secret-key", relay_keys.secret("broker"), env=env)
+        taken = [a for i, a in enumerate(args) if a in RELAY_TAKES
+                 or (i and args[i - 1] in RELAY_TAKES)]
+        relay = launch_relay(relay_endpoint(broker), relay_keys, "relay-a", *taken)
+        relays.append(relay)
+        # A relay cuts whoever speaks before its link is up (as a dead
+        # broker would): a test starts once the link is there.
+        relay.wait_log("connected to the broker")
+        return dataclasses.replace(broker, input=relay.input, broadcast=relay.broadcast)
+
+    yield start
+    for relay in relays:
+        relay.release()
 
 
 @pytest.fixture
