@@ -21,9 +21,12 @@ from test_conformance_rooms import Net, Peer, names
 
 from conftest import RunningBroker
 
-# Each test against the broker directly and through a relay, as in that module.
+# Each test against the broker directly and through a relay, as in that module
+# (all of this module's tests: they are few).
 start_broker = rooms.start_broker
 relay_keys = rooms.relay_keys
+hop = rooms.hop
+pytest_generate_tests = rooms.pytest_generate_tests
 
 
 @pytest.fixture
