@@ -80,10 +80,10 @@ def _reader(pipe: multiprocessing.connection.Connection, endpoints: list[str]) -
     ctx.term()
 
 
-def _systems(layout: str, keys: Path) -> tuple[dict[str, subprocess.Popen[str]], str, str,
-                                               list[tuple[str, str]]]:
-    """Start the broker (and two relays); return them, the broker's input and
-    broadcast, and the (input, broadcast) pairs clients use."""
+def _systems(layout: str, keys: Path, relays: int = 2,
+             ) -> tuple[dict[str, subprocess.Popen[str]], str, str, list[tuple[str, str]]]:
+    """Start the broker (and ``relays`` relays); return them, the broker's input
+    and broadcast, and the (input, broadcast) pairs clients use."""
     py = sys.executable
     broker, (binput, bbroadcast, link) = _start(
         [py, "-m", "zchat.broker.main", "--quiet", "--rate", "0", "--db", ":memory:",
@@ -96,7 +96,7 @@ def _systems(layout: str, keys: Path) -> tuple[dict[str, subprocess.Popen[str]],
     pairs = [(binput, bbroadcast)]
     if layout == "relays":
         pairs = []
-        for name in ("relay1", "relay2"):
+        for name in (f"relay{n + 1}" for n in range(relays)):
             relay, (rinput, rbroadcast) = _start(
                 [py, "-m", "zchat.broker.relay_main", "--upstream", link,
                  "--upstream-key", str(keys / "broker.key"),
@@ -106,6 +106,15 @@ def _systems(layout: str, keys: Path) -> tuple[dict[str, subprocess.Popen[str]],
             procs[name] = relay
             pairs.append((rinput, rbroadcast))
     return procs, binput, bbroadcast, pairs
+
+
+def make_keys(keys: Path, relays: int) -> None:
+    """The link's keys in ``keys``: the broker's pair, ``relays`` relays' (in relays/)."""
+    make_keypair(keys, "broker")
+    (keys / "relays").mkdir()
+    for n in range(relays):
+        public, _ = make_keypair(keys, f"relay{n + 1}")
+        os.link(public, keys / "relays" / public.name)
 
 
 def _stop(procs: dict[str, subprocess.Popen[str]]) -> None:
@@ -335,11 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_fd_limits(8 * args.joined + 1024)  # each socket holds a descriptor and a mailbox
     with tempfile.TemporaryDirectory() as tmp:
         keys = Path(tmp)
-        make_keypair(keys, "broker")
-        (keys / "relays").mkdir()
-        for name in ("relay1", "relay2"):
-            public, _ = make_keypair(keys, name)
-            os.link(public, keys / "relays" / public.name)
+        make_keys(keys, 2)
         # Each result as soon as it is in: a later step that fails loses nothing.
         print(json.dumps({"machine_cpus": os.cpu_count()}), flush=True)
         layouts = args.layouts.split(",")

@@ -88,6 +88,7 @@ MAX_META: Final = 1024  # bytes of one meta frame (an address and a key fit in 1
 LINK_HEARTBEAT_MS: Final = 1000  # ZMTP heartbeats: a silent relay link is known gone in 3 s
 LINK_TIMEOUT_MS: Final = 3000
 LINK_HWM: Final = 1_000_000  # frames queued per relay: each carries many clients
+CLOSE_LINGER_MS: Final = 1000  # time to let the last events out to the relays at exit
 PROXY_HWM: Final = 1_000_000  # events queued towards the relays' proxy
 
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -410,6 +411,8 @@ class RelayLink:
             except zmq.ZMQError:
                 pass
             self._proxy.join(5)
+            if not self._proxy.is_alive():
+                self._forward_the_rest()
             self._proxy = None
         for name in ("monitor", "router", "xpub", "xsub", "control", "_proxy_control"):
             sock = getattr(self, name, None)
@@ -419,6 +422,23 @@ class RelayLink:
         if gate is not None:
             gate.close()
         self.context.term()
+
+
+    def _forward_the_rest(self) -> None:
+        """Send the relays what the broker published last (its ``left``s, ``shutdown``).
+
+        They are in the XSUB's inproc pipe when the loop closes, but the proxy
+        reads its control socket first, so ``TERMINATE`` stops it before it
+        moved them: a relay's clients would never hear the broker's goodbye.
+        The proxy thread has returned, so this thread may use its sockets.
+        """
+        self.xpub.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
+        while True:
+            try:
+                frames = self.xsub.recv_multipart(zmq.NOBLOCK)
+                self.xpub.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.ZMQError:  # nothing left, or a relay's queue is full
+                return
 
 
 def _last_endpoint(sock: zmq.Socket[Any]) -> str:

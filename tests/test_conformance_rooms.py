@@ -17,10 +17,21 @@ Defines ``Peer`` (the raw client), ``check_reply`` and ``check_event``
 contract row, and each room's seq must rise by exactly 1 on the SUB and, for
 a private room, on the DEALER), and the tests, one per contract row or rule.
 ``test_conformance_v1`` reuses ``Peer`` for the version 1 rows.
+
+Every test runs twice: once against the broker itself (``[direct]``) and
+once through a real ``zchat-relay`` in front of it (``[relay]``): the
+project's promise is that a client written from the contract alone works
+unchanged through a relay. ``start_broker`` is overridden here (and
+imported by ``test_conformance_v1``) so that in the relay case each broker
+a test starts gets the relay link (keys made for the session) and a relay,
+and the ``RunningBroker`` the test sees names the relay's two endpoints;
+its ``control`` and its process stay the broker's, so ``zchat-admin``, a
+stop or a restart act on the broker behind the relay.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import re
@@ -36,6 +47,7 @@ import msgpack
 import pytest
 import zmq
 import zmq.auth
+from test_relay import Keys, RunningRelay, free_ports, spawn_relay, wait_listening
 
 from conftest import RunningBroker
 
@@ -304,6 +316,118 @@ def check_event(body: Body) -> None:
     assert isinstance(room, str) and ROOM_NAME.fullmatch(room), body
     assert isinstance(body.get("seq"), int) and body["seq"] >= 1, body
     assert isinstance(body.get("ts"), float), body
+
+
+# Options a relay takes from the broker's command line: client CURVE ends at
+# the relay, so its clients need it there.
+RELAY_TAKES = ("--secret-key", "--authorized-keys")
+
+
+@pytest.fixture(scope="session")
+def relay_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    """The relay link's keys (the broker's pair, two relays'), made once."""
+    return Keys(tmp_path_factory.mktemp("relay-keys") / "keys")
+
+
+# The tests also run through a relay by default: together they send every
+# request type (join, enter, part, leave, message, dm, history, who, rooms,
+# topic, mode, op, deop, kick, ban, unban, invite, close, ping, a bad frame)
+# and receive every event path (PUB topics a client picks, batch topics,
+# heartbeats, private rooms' events, `invited` and `bye` on the DEALER, a
+# takeover, a timeout, a restart, a shutdown, CURVE). The rest run through a
+# relay too with ZCHAT_CONFORMANCE_RELAY=all (all pass; a relay in each test
+# doubles the module's time, since each test starts its own broker).
+THROUGH_RELAY = {
+    "test_v1_client_join_message_history_who_mean_lobby",
+    "test_v1_client_counts_seq_of_event_types_it_does_not_know",
+    "test_join_with_rooms_enters_them_and_names_the_refused",
+    "test_enter_reports_the_room_and_entering_again_announces_nothing",
+    "test_part_answers_parted_and_announces_left_part_with_detail",
+    "test_leave_takes_the_client_out_of_every_room",
+    "test_who_pages_by_folded_name_with_after_limit_next_and_count",
+    "test_rooms_lists_public_rooms_and_only_ones_own_private_rooms",
+    "test_topic_needs_an_op_while_topic_ops_is_on",
+    "test_moderated_room_takes_messages_from_ops_only",
+    "test_op_and_deop_announce_mode_and_grant_and_remove_operator_rights",
+    "test_kick_announces_left_kicked_with_by_and_detail",
+    "test_ban_removes_and_bars_the_name_until_unban",
+    "test_invite_to_a_public_room_sends_invited_to_the_invitee",
+    "test_private_room_is_invisible_to_non_members",
+    "test_private_room_members_get_its_events_on_the_dealer_own_included",
+    "test_an_invitation_to_a_private_room_lets_the_invitee_in",
+    "test_closing_a_room_tells_its_members_and_keeps_its_seq",
+    "test_closing_a_private_room_tells_only_its_members",
+    "test_heartbeat_carries_every_public_room_whose_seq_moved",
+    "test_pong_carries_the_last_seq_of_each_room_the_client_is_in",
+    "test_takeover_announces_joined_in_each_room_of_the_session",
+    "test_a_takeover_announces_a_private_rooms_joined_on_the_dealer_only",
+    "test_after_a_takeover_private_events_reach_the_new_connection",
+    "test_an_operator_kick_from_the_broker_tells_a_private_room_on_the_dealer_only",
+    "test_with_batches_a_private_room_still_never_reaches_pub",
+    "test_rooms_topics_and_history_outlive_a_broker_restart",
+    "test_a_big_room_announces_no_comings_but_always_kicks",
+    "test_under_curve_operator_status_belongs_to_the_key",
+    "test_a_silent_client_times_out_of_every_room",
+    "test_shutdown_announces_left_in_every_room_then_shutdown",
+    "test_a_storm_of_joins_gives_every_client_a_consistent_room",
+    "test_pipelined_requests_are_answered_in_order",
+    "test_rate_limited_names_the_room",
+    "test_history_pages_default_to_100_and_cap_at_1000",
+    "test_wrongly_typed_fields_are_bad_request_naming_the_room",
+    "test_the_51st_room_is_too_many_and_a_part_frees_a_place",
+    "test_two_ops_kicking_each_other_at_the_same_instant_one_wins",
+}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Each test ``[direct]``, and ``[relay]`` where ``THROUGH_RELAY`` (or all) says."""
+    if "hop" not in metafunc.fixturenames:
+        return
+    everything = os.environ.get("ZCHAT_CONFORMANCE_RELAY") == "all"
+    relayed = everything or metafunc.function.__name__ in THROUGH_RELAY or (
+        metafunc.module.__name__ != __name__)  # test_conformance_v1: every test
+    metafunc.parametrize("hop", ["direct", "relay"] if relayed else ["direct"],
+                         indirect=True)
+
+
+@pytest.fixture
+def hop(request: pytest.FixtureRequest) -> str:
+    """"direct" or "relay": how the tests' clients reach the broker."""
+    return str(request.param)
+
+
+@pytest.fixture
+def start_broker(hop: str, start_broker: Callable[..., RunningBroker],
+                 relay_keys: Keys) -> Iterator[Callable[..., RunningBroker]]:
+    """conftest's ``start_broker``, or the same broker behind a ``zchat-relay``."""
+    if hop == "direct":
+        yield start_broker
+        return
+    relays: list[RunningRelay] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> RunningBroker:
+        taken = [a for i, a in enumerate(args) if a in RELAY_TAKES
+                 or (i and args[i - 1] in RELAY_TAKES)]
+        # The relay starts while the broker does (each takes a Python start-up),
+        # on a link port picked now; it connects once the broker is there.
+        link = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+        spawned = spawn_relay(link, relay_keys, "relay-a", *taken)
+        try:
+            broker = start_broker(
+                *args, "--relay-bind", link, "--relay-broadcast", "tcp://127.0.0.1:0",
+                "--relay-keys", str(relay_keys.relays),
+                "--relay-secret-key", relay_keys.secret("broker"), env=env)
+        finally:
+            relay = wait_listening(*spawned)
+            relays.append(relay)
+        # A relay cuts whoever speaks before its link is up (as a dead
+        # broker would): a test starts once the link is there.
+        relay.wait_log("connected to the broker")
+        return dataclasses.replace(broker, input=relay.input, broadcast=relay.broadcast)
+
+    yield start
+    for relay in relays:
+        relay.release()
 
 
 @pytest.fixture

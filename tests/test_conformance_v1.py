@@ -3,7 +3,9 @@
 The same raw client as ``test_conformance_rooms`` (a DEALER, a SUB and
 msgpack, not zchat's library), for the version 1 rows: frames, names, `dm`,
 limits, takeover, leave. Every reply and frame it receives is also checked
-against its contract row by that client.
+against its contract row by that client. Like that module's tests, each test
+runs against the broker directly and through a ``zchat-relay`` (its
+``start_broker`` fixture).
 """
 
 from __future__ import annotations
@@ -13,10 +15,18 @@ from typing import Any
 
 import msgpack
 import pytest
+import test_conformance_rooms as rooms
 import zmq
 from test_conformance_rooms import Net, Peer, names
 
 from conftest import RunningBroker
+
+# Each test against the broker directly and through a relay, as in that module
+# (all of this module's tests: they are few).
+start_broker = rooms.start_broker
+relay_keys = rooms.relay_keys
+hop = rooms.hop
+pytest_generate_tests = rooms.pytest_generate_tests
 
 
 @pytest.fixture

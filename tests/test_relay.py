@@ -104,6 +104,13 @@ def _pump(stream: Any, lines: list[str]) -> None:
 
 
 def launch_relay(upstream: str, keys: Keys, name: str, *args: str) -> RunningRelay:
+    """Start ``zchat-relay`` in front of ``upstream``; return it once it listens."""
+    return wait_listening(*spawn_relay(upstream, keys, name, *args))
+
+
+def spawn_relay(upstream: str, keys: Keys, name: str,
+                *args: str) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start ``zchat-relay`` without waiting (the broker may start meanwhile)."""
     argv = [sys.executable, "-m", "zchat.broker.relay_main",
             "--upstream", upstream, "--upstream-key", keys.public("broker"),
             "--relay-key", keys.secret(name),
@@ -113,6 +120,11 @@ def launch_relay(upstream: str, keys: Keys, name: str, *args: str) -> RunningRel
     lines: list[str] = []
     for stream in (proc.stdout, proc.stderr):
         threading.Thread(target=_pump, args=(stream, lines), daemon=True).start()
+    return proc, lines
+
+
+def wait_listening(proc: subprocess.Popen[str], lines: list[str]) -> RunningRelay:
+    """The relay of ``spawn_relay`` once it printed its endpoints."""
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         for line in list(lines):
