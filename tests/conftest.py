@@ -33,24 +33,12 @@ settings.load_profile("zchat")
 
 # Tests that share something heavy, or that are timed by what a screen shows,
 # run on one xdist worker per group (.ci/run: `pytest -n N --dist loadgroup`):
-# the Docker tests share one image build (a session fixture is per worker),
-# tmux and Chromium tests each own a screen whose redraws lag under load.
-XDIST_GROUPS = {
-    "test_docker.py": "docker",
-    "test_client_tmux.py": "screen",
-    "test_demo_script.py": "screen",
-    "test_web.py": "browser",
-}
-
-
-# tryfirst: xdist's worker reads the groups in its own hook of this name,
-# which runs before a conftest's unless told otherwise.
-@pytest.hookimpl(tryfirst=True)
+# the Docker tests share one image build and one dockerd (a session fixture
+# is per worker): `xdist_group("docker")`; the tmux and Chromium tests each
+# drive a screen whose redraws lag under load: "screen" and "browser". Each
+# module says its group in `pytestmark`, where xdist reads it (a mark added
+# here, in a hook, comes after xdist has read the marks).
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        group = XDIST_GROUPS.get(item.path.name)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
     # The longest group first, so that a parallel run does not end waiting
     # for it (the sort is stable: the order within files stays).
     items.sort(key=lambda item: item.path.name != "test_docker.py")

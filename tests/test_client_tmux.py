@@ -34,7 +34,10 @@ import zmq
 from conftest import RunningBroker, wait_item
 from zchat import Client, Joined, Left, Message
 
-pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (.ci/run)")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (.ci/run)"),
+    pytest.mark.xdist_group("screen"),  # conftest.XDIST_GROUPS says why
+]
 
 WIDTH, HEIGHT = 110, 30
 _servers = itertools.count(1)
@@ -50,7 +53,10 @@ class Tmux:
         config.write_text("set -g remain-on-exit on\nset -g status off\n"
                           "set -g history-limit 5000\n")
         self.base = ["tmux", "-u", "-L", self.socket, "-f", str(config)]
-        self.env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "USER": "tester"}
+        # Not COLUMNS/LINES: xdist's workers set them (80x24), and a client
+        # that believed them would wrap at 80 in a 110-column pane.
+        inherited = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        self.env = {**inherited, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "USER": "tester"}
         self.started = False
 
     def run(self, *args: str) -> str:

@@ -71,6 +71,7 @@ RING = ("alice", "bob", "dave")
 pytestmark = [
     pytest.mark.docker,
     pytest.mark.slow,
+    pytest.mark.xdist_group("docker"),  # see conftest.XDIST_GROUPS
     pytest.mark.skipif(os.environ.get("ZCHAT_SKIP_DOCKER") == "1",
                        reason="ZCHAT_SKIP_DOCKER=1 asked not to run the Docker demo"),
 ]
@@ -683,7 +684,7 @@ if python3 -m pip install -e '.[test]' >/tmp/pip.log 2>&1; then
     echo "pip installed outside a venv"; exit 1
 fi
 grep -q externally-managed-environment /tmp/pip.log && echo "system pip refused: PEP 668"
-ZCHAT_SKIP_DOCKER=1 bash .ci/run -q -p no:cacheprovider tests/test_protocol.py \
+ZCHAT_SKIP_DOCKER=1 ZCHAT_SKIP_BROWSER=1 bash .ci/run -q -p no:cacheprovider tests/test_protocol.py \
     tests/test_admin.py::test_stats_and_who tests/test_admin.py::test_kick \
     tests/test_client_tmux.py::test_demo_script_runs_a_room_and_stops_what_it_started
 ./demo.sh --check
