@@ -38,6 +38,30 @@ settings.load_profile("zchat")
 # drive a screen whose redraws lag under load: "screen" and "browser". Each
 # module says its group in `pytestmark`, where xdist reads it (a mark added
 # here, in a hook, comes after xdist has read the marks).
+def unused_ports(count: int) -> list[int]:
+    """``count`` loopback TCP ports nobody holds now, for a test to bind later.
+
+    Picked below the kernel's ephemeral range (32768-60999 here): a port
+    from inside it may be handed meanwhile to any socket bound to port 0 or
+    connecting out (other xdist workers', or a client's own retries to that
+    very port, which can connect to itself), and then the bind fails.
+    """
+    import random
+    import socket
+
+    found: list[int] = []
+    while len(found) < count:
+        port = random.randrange(20000, 32768)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in found:
+            found.append(port)
+    return found
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # The longest group first, so that a parallel run does not end waiting
     # for it (the sort is stable: the order within files stays).
@@ -160,6 +184,11 @@ def launch_broker(*args: str, env: dict[str, str] | None = None,
         time.sleep(0.02)
     proc.kill()
     proc.wait(5)
+    for t in readers:  # they end at the pipes' end of file
+        t.join(5)
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:  # else a later test's GC warns of them (an error here)
+            pipe.close()
     raise AssertionError(f"broker did not start: {''.join(stderr)}")
 
 

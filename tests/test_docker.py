@@ -56,6 +56,7 @@ from typing import Any
 import pytest
 import zmq
 
+from conftest import unused_ports
 from zchat import BrokerUnreachable, Client, Message
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -317,14 +318,7 @@ def free_subnet() -> str:
 
 
 def free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    return unused_ports(count)
 
 
 @dataclass
@@ -684,7 +678,8 @@ if python3 -m pip install -e '.[test]' >/tmp/pip.log 2>&1; then
     echo "pip installed outside a venv"; exit 1
 fi
 grep -q externally-managed-environment /tmp/pip.log && echo "system pip refused: PEP 668"
-ZCHAT_SKIP_DOCKER=1 ZCHAT_SKIP_BROWSER=1 bash .ci/run -q -p no:cacheprovider tests/test_protocol.py \
+export ZCHAT_SKIP_DOCKER=1 ZCHAT_SKIP_BROWSER=1
+bash .ci/run -q -p no:cacheprovider tests/test_protocol.py \
     tests/test_admin.py::test_stats_and_who tests/test_admin.py::test_kick \
     tests/test_client_tmux.py::test_demo_script_runs_a_room_and_stops_what_it_started
 ./demo.sh --check

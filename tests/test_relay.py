@@ -23,7 +23,7 @@ import msgpack
 import pytest
 import zmq
 
-from conftest import RawClient, RunningBroker, wait_item
+from conftest import RawClient, RunningBroker, unused_ports, wait_item
 from zchat import Client
 from zchat.broker.relay import Relay, RelayConfig
 from zchat.errors import HandshakeFailed, NameTaken
@@ -552,16 +552,7 @@ def test_the_address_hook_is_never_asked_about_a_tcp_client(
 
 
 def free_ports(count: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    return unused_ports(count)
 
 
 def test_a_broker_restart_behind_relays_is_survived_without_loss(
