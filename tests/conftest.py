@@ -31,37 +31,11 @@ settings.register_profile("zchat", deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("zchat")
 
-# Tests that share something heavy, or that are timed by what a screen shows,
-# run on one xdist worker per group (.ci/run: `pytest -n N --dist loadgroup`):
-# the Docker tests share one image build and one dockerd (a session fixture
-# is per worker): `xdist_group("docker")`; the tmux and Chromium tests each
-# drive a screen whose redraws lag under load: "screen" and "browser". Each
-# module says its group in `pytestmark`, where xdist reads it (a mark added
-# here, in a hook, comes after xdist has read the marks).
-def unused_ports(count: int) -> list[int]:
-    """``count`` loopback TCP ports nobody holds now, for a test to bind later.
-
-    Picked below the kernel's ephemeral range (32768-60999 here): a port
-    from inside it may be handed meanwhile to any socket bound to port 0 or
-    connecting out (other xdist workers', or a client's own retries to that
-    very port, which can connect to itself), and then the bind fails.
-    """
-    import random
-    import socket
-
-    found: list[int] = []
-    while len(found) < count:
-        port = random.randrange(20000, 32768)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port not in found:
-            found.append(port)
-    return found
-
-
+# .ci/run spreads the suite over xdist workers a file at a time (`--dist
+# loadfile`): the Docker tests share one image build and one dockerd (a
+# session fixture is per worker), and a tmux or Chromium file keeps its
+# screens on one worker. (`--dist loadgroup` with `xdist_group` marks would
+# say it finer, but xdist 3.8 under pytest 9 ignores the marks.)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # The longest group first, so that a parallel run does not end waiting
     # for it (the sort is stable: the order within files stays).
@@ -157,7 +131,9 @@ def launch_broker(*args: str, env: dict[str, str] | None = None,
         *args,
     ]
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # errors="replace": a broker stopped mid-write may end on half a
+        # UTF-8 character (its screen writes without blocking).
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         preexec_fn=preexec_fn,
     )

@@ -34,10 +34,7 @@ import zmq
 from conftest import RunningBroker, wait_item
 from zchat import Client, Joined, Left, Message
 
-pytestmark = [
-    pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (.ci/run)"),
-    pytest.mark.xdist_group("screen"),  # conftest.XDIST_GROUPS says why
-]
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (.ci/run)")
 
 WIDTH, HEIGHT = 110, 30
 _servers = itertools.count(1)

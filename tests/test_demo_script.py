@@ -30,7 +30,7 @@ NOT_SOURCE = shutil.ignore_patterns(
     "wheelhouse", "bench-results",
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("screen")]  # see conftest.XDIST_GROUPS
+pytestmark = pytest.mark.slow
 
 
 def install_other_zchat(prefix: Path) -> tuple[Path, Path]:

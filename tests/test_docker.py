@@ -72,7 +72,6 @@ RING = ("alice", "bob", "dave")
 pytestmark = [
     pytest.mark.docker,
     pytest.mark.slow,
-    pytest.mark.xdist_group("docker"),  # see conftest.XDIST_GROUPS
     pytest.mark.skipif(os.environ.get("ZCHAT_SKIP_DOCKER") == "1",
                        reason="ZCHAT_SKIP_DOCKER=1 asked not to run the Docker demo"),
 ]

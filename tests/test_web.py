@@ -34,7 +34,7 @@ from zchat.display import name_colour
 from zchat.keys import make_keypair
 from zchat.web.wire import xterm_rgb
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser")]  # see conftest.XDIST_GROUPS
+pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
