@@ -36,6 +36,30 @@ settings.load_profile("zchat")
 # session fixture is per worker), and a tmux or Chromium file keeps its
 # screens on one worker. (`--dist loadgroup` with `xdist_group` marks would
 # say it finer, but xdist 3.8 under pytest 9 ignores the marks.)
+def unused_ports(count: int) -> list[int]:
+    """``count`` loopback TCP ports nobody holds now, for a test to bind later.
+
+    Picked below the kernel's ephemeral range (32768-60999 here): a port
+    from inside it may be handed meanwhile to any socket bound to port 0 or
+    connecting out (other xdist workers', or a client's own retries to that
+    very port, which can connect to itself), and then the bind fails.
+    """
+    import random
+    import socket
+
+    found: list[int] = []
+    while len(found) < count:
+        port = random.randrange(20000, 32768)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in found:
+            found.append(port)
+    return found
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # The longest group first, so that a parallel run does not end waiting
     # for it (the sort is stable: the order within files stays).
