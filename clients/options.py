@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "asked for when missing in a terminal)")
     p.add_argument("--connect", "-c", metavar="EP",
                    default=env("CONNECT", DEFAULT_CONNECT),
-                   help="the broker's input endpoint (env ZCHAT_CONNECT; default %(default)s)")
+                   help="the broker's (or a relay's) input endpoint; several, comma-separated, "
+                        "to fail over between relays (env ZCHAT_CONNECT; default %(default)s)")
     p.add_argument("--join", "-j", metavar="ROOMS", action="append",
                    default=[env("JOIN")] if env("JOIN") else [],
                    help="enter these rooms at start, comma-separated ('#dev,#ops'; the # may "

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import zmq
 
-from conftest import RunningBroker
+from conftest import RunningBroker, unused_ports
 from zchat import Client, Direct, Joined, Left, Message
 from zchat.client import Item
 
@@ -248,6 +248,23 @@ def test_broker_unreachable_exits_3() -> None:
     assert one_line(result.stderr) == (
         f"zchat-client: broker unreachable at tcp://127.0.0.1:{port} "
         "(no answer within 0.5 s)")
+
+
+def test_connect_takes_several_endpoints_and_fails_over_to_one_that_answers(
+        broker: RunningBroker, listen: Callable[[str], Client]) -> None:
+    # --connect as the library takes it (relays: tcp://r1:5555,tcp://r2:5555):
+    # the first names a port nobody listens on, so the client moves on.
+    bob = listen("bob")
+    dead = unused_ports(1)[0]
+    result = run_client(f"tcp://127.0.0.1:{dead},{broker.input}", "--name", "ferry",
+                        "--timeout", "10", "--say", "crossed over")
+    assert result.returncode == 0, result.stderr
+    assert "crossed over" in texts_from(
+        collect(bob, lambda got: "crossed over" in texts_from(got, "ferry")), "ferry")
+    # A malformed one among them is a usage error, said before any socket.
+    bad = run_client(f"{broker.input},tcp://nowhere", "--name", "ferry", "--say", "x")
+    assert bad.returncode == 2
+    assert one_line(bad.stderr) == "zchat-client: bad endpoint 'tcp://nowhere': expected tcp://HOST:PORT"
 
 
 def test_taken_name_exits_4(broker: RunningBroker, listen: Callable[[str], Client]) -> None:

@@ -784,21 +784,28 @@ def check_endpoint(endpoint: str) -> tuple[str, int] | None:
 
 
 def resolve_endpoint(endpoint: str) -> None:
-    """Check that the endpoint's host resolves (libzmq would retry forever).
+    """Check that each endpoint's host resolves (libzmq would retry forever).
+
+    ``endpoint`` may list several, comma-separated, as ``Client`` takes
+    them for fail-over: each must be well formed and resolve.
 
     Raises:
         ValueError: a malformed endpoint (see ``check_endpoint``).
         OSError: ``cannot resolve host 'X': ...``.
     """
-    address = check_endpoint(endpoint)
-    if address is None:
-        return
-    host, port = address
-    try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
-        raise OSError(f"cannot resolve host {host!r}: {reason}") from None
+    parts = split_endpoints(endpoint)
+    if not parts:
+        check_endpoint(endpoint)  # raises: an empty list names no broker
+    for part in parts:
+        address = check_endpoint(part)
+        if address is None:
+            continue
+        host, port = address
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+            raise OSError(f"cannot resolve host {host!r}: {reason}") from None
 
 
 
