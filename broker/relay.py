@@ -64,6 +64,7 @@ from zchat.protocol import DEFAULT_MAX_FRAME, ErrorCode, decode_frame, encode
 
 from .auth import CurveGate
 from .config import DEFAULT_BROADCAST, DEFAULT_INPUT, ConfigError, check_endpoint
+from .frames import frame_fd, frame_property, last_endpoint
 from .guard import FD_RESERVE, ConnectionLimits, Guard, Kind, seed_routing_ids, shutdown_fd
 from .relaylink import GONE, HELLO, LINK_VERSION, REQUEST, pack_meta
 from .server import advertised  # the broker's rule for what `pub` says
@@ -251,7 +252,7 @@ class Relay:
             self.close()
             raise OSError(f"cannot bind: {exc}") from exc
         self.dealer.connect(cfg.upstream)
-        self.endpoints = RelayEndpoints(_last_endpoint(self.router), _last_endpoint(self.xpub))
+        self.endpoints = RelayEndpoints(last_endpoint(self.router), last_endpoint(self.xpub))
         self._pub_told = cfg.advertise or advertised(cfg.broadcast, self.endpoints.broadcast)
         if cfg.upstream_broadcast is not None:
             self._feed_from(cfg.upstream_broadcast)
@@ -438,7 +439,7 @@ class Relay:
             while more(_RCVMORE):
                 size += len(recv(_NOBLOCK))
                 extra += 1
-            fd = _frame_fd(payload) if payload is not None else -1
+            fd = frame_fd(payload) if payload is not None else -1
             now = time.time()
             member = peer in members
             if member and fd >= 0 and ledger is not None and ledger.fd_of(peer) != fd:
@@ -469,13 +470,13 @@ class Relay:
                 self._pending_fd[peer] = fd
                 if len(self._pending_fd) > PENDING_FDS:
                     self._pending_fd.popitem(last=False)
-            key = _frame_property(payload, "User-Id") if self.auth is not None else None
+            key = frame_property(payload, "User-Id") if self.auth is not None else None
             meta = pack_meta(self._address(payload, peer), key)
             self.counts["requests"] += 1
             self._upstream([REQUEST, peer, meta, payload.bytes])
 
     def _address(self, frame: zmq.Frame, peer: bytes) -> str:
-        addr = _frame_property(frame, "Peer-Address")
+        addr = frame_property(frame, "Peer-Address")
         if addr:
             return addr
         if self._address_of is not None:
@@ -608,23 +609,3 @@ def _resolve(told: str, upstream: str) -> str:
         host = upstream.removeprefix("tcp://").rpartition(":")[0]
         return f"tcp://{host}:{told}"
     return told
-
-
-def _last_endpoint(sock: zmq.Socket[Any]) -> str:
-    endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
-    return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
-
-
-def _frame_property(frame: zmq.Frame, name: str) -> str | None:
-    try:
-        value = frame.get(name)
-    except zmq.ZMQError:
-        return None
-    return str(value) if value else None
-
-
-def _frame_fd(frame: zmq.Frame) -> int:
-    try:
-        return int(frame.get(zmq.SRCFD))
-    except (zmq.ZMQError, TypeError, ValueError):
-        return -1

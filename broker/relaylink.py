@@ -58,6 +58,7 @@ from zchat.protocol import ErrorCode, decode_frame, named_room, parse_request, r
 from zchat.state import Broker, Outgoing
 
 from .auth import CurveGate
+from .frames import frame_fd, last_endpoint
 
 __all__ = [
     "GONE",
@@ -238,7 +239,7 @@ class RelayLink:
             self.xpub.bind(cfg.broadcast)
         except zmq.ZMQError as exc:
             raise OSError(f"cannot bind the relay link: {exc}") from exc
-        self.endpoints = (_last_endpoint(self.router), _last_endpoint(self.xpub))
+        self.endpoints = (last_endpoint(self.router), last_endpoint(self.xpub))
         self._told = {"type": "hello", "version": LINK_VERSION,
                       "broadcast": cfg.advertise or self._advertised(cfg.broadcast,
                                                                     self.endpoints[1]),
@@ -327,7 +328,7 @@ class RelayLink:
             if len(frames) < 2:
                 continue
             rid = frames[0].bytes
-            link = self._link(rid, _frame_fd(frames[1]), state, queue, now)
+            link = self._link(rid, frame_fd(frames[1]), state, queue, now)
             tag = frames[1].bytes
             if tag == REQUEST and len(frames) == 5:
                 self._request(link, frames[2].bytes, frames[3].bytes, frames[4], state,
@@ -439,15 +440,3 @@ class RelayLink:
                 self.xpub.send_multipart(frames, zmq.NOBLOCK)
             except zmq.ZMQError:  # nothing left, or a relay's queue is full
                 return
-
-
-def _last_endpoint(sock: zmq.Socket[Any]) -> str:
-    endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
-    return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
-
-
-def _frame_fd(frame: zmq.Frame) -> int:
-    try:
-        return int(frame.get(zmq.SRCFD))
-    except (zmq.ZMQError, TypeError, ValueError):
-        return -1

@@ -53,6 +53,7 @@ from zchat.state import Broker, Deliver, Outgoing, Reply
 from .auth import CurveGate
 from .config import Config
 from .console import Console
+from .frames import frame_fd, frame_property, last_endpoint
 from .guard import FD_RESERVE, Guard, Kind, seed_routing_ids
 from .relaylink import RelayLink, is_relayed
 from .screen import Screen
@@ -265,9 +266,9 @@ class Server:
             self.close()
             raise OSError(f"cannot bind: {exc}") from exc
         self.endpoints = Endpoints(
-            input=self._last_endpoint(self.router),
-            broadcast=self._last_endpoint(self.pub),
-            control=self._last_endpoint(self.control),
+            input=last_endpoint(self.router),
+            broadcast=last_endpoint(self.pub),
+            control=last_endpoint(self.control),
         )
         # After the endpoints are read: the PUB's inproc feed is bound last.
         if cfg.relay is not None:
@@ -299,11 +300,6 @@ class Server:
         if self.state is None:  # pragma: no cover - bind() always sets it
             raise RuntimeError("bind() set no state")
         return self.state
-
-    @staticmethod
-    def _last_endpoint(sock: zmq.Socket[Any]) -> str:
-        endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
-        return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
 
     def install_signal_handlers(self) -> None:
         """SIGINT and SIGTERM stop the loop cleanly (also as PID 1)."""
@@ -552,7 +548,7 @@ class Server:
             now = clock()
             fd = -1
             if stranger and payload is not None:
-                fd = _frame_fd(payload)
+                fd = frame_fd(payload)
                 if guard is not None and fd >= 0 and not self._admit_stranger(
                         guard, peer, fd, size, now):
                     continue
@@ -589,7 +585,7 @@ class Server:
                     addr = _peer_address(payload)
                 if self.auth is not None:
                     # Our ZAP handler made the client's public key its User-Id.
-                    key = _frame_property(payload, "User-Id")
+                    key = frame_property(payload, "User-Id")
             try:
                 self._queue(state.handle(peer, request, now, addr, key))
             except Exception:
@@ -789,24 +785,8 @@ class Server:
             self.context.term()
 
 
-def _frame_property(frame: zmq.Frame, name: str) -> str | None:
-    try:
-        value = frame.get(name)
-    except zmq.ZMQError:
-        return None
-    return str(value) if value else None
-
-
-def _frame_fd(frame: zmq.Frame) -> int:
-    """The descriptor of the connection a frame came on (-1 if unknown)."""
-    try:
-        return int(frame.get(zmq.SRCFD))
-    except (zmq.ZMQError, TypeError, ValueError):
-        return -1
-
-
 def _peer_address(frame: zmq.Frame) -> str:
-    return _frame_property(frame, "Peer-Address") or "local"
+    return frame_property(frame, "Peer-Address") or "local"
 
 
 def advertised(configured: str, bound: str) -> str:
