@@ -495,8 +495,8 @@ class Server:
         At low load a pass holds one event, so nothing waits for company.
         """
         for room, packed in self._batch.items():
-            self.pub.send(batch_topic(room), _MORE_NOBLOCK)
-            self.pub.send(encode_batch(packed, room), _NOBLOCK)
+            _send(self.pub, batch_topic(room), _MORE_NOBLOCK)
+            _send(self.pub, encode_batch(packed, room), _NOBLOCK)
         self._batch.clear()
 
     def _drain_input(self, state: Broker) -> bool:
@@ -523,31 +523,34 @@ class Server:
                 self._before_sleep(state)
                 self._drain_monitors()
             try:
-                head = recv(_NOBLOCK, copy=False)
+                # The routing id as bytes (a Frame would cost more than the
+                # receive). A ROUTER always hands over the id with at least
+                # one frame after it, so the id's ``more`` need not be read.
+                peer = recv(_NOBLOCK)
             except zmq.Again:
                 return True
-            peer = head.bytes
+            # A payload stays a Frame: its ``more`` is read from it, and a
+            # stranger's join reads the properties libzmq attached to it
+            # (address, descriptor, key).
+            payload: zmq.Frame = recv(_NOBLOCK, copy=False)
             if (ledger is not None and ledger.severed and peer in ledger.severed) or (
                     relays is not None and is_relayed(peer)):
                 # Queued before its connection was cut; or a direct peer under
                 # a relayed client's id, which only the relay link may speak for.
-                while head.more:
-                    head = recv(_NOBLOCK, copy=False)
+                while payload.more:
+                    payload = recv(_NOBLOCK, copy=False)
                 continue
-            # A stranger's payload stays a Frame so that a join can read the
-            # properties libzmq attached to it (address, descriptor, key).
             stranger = not is_member(peer)
-            payload: zmq.Frame | None = recv(_NOBLOCK, copy=False) if head.more else None
-            size = len(payload) if payload is not None else 0
+            size = len(payload)
             extra = 0
             last = payload
-            while last is not None and last.more:
+            while last.more:
                 last = recv(_NOBLOCK, copy=False)
                 size += len(last)
                 extra += 1
             now = clock()
             fd = -1
-            if stranger and payload is not None:
+            if stranger:
                 fd = frame_fd(payload)
                 if guard is not None and fd >= 0 and not self._admit_stranger(
                         guard, peer, fd, size, now):
@@ -560,7 +563,7 @@ class Server:
                     raise ProtocolError(
                         ErrorCode.BAD_FRAME, f"expected 1 payload frame, got {extra + 1}"
                     )
-                body = decode_frame(payload.buffer if payload is not None else b"", max_frame)
+                body = decode_frame(payload.buffer, max_frame)
                 if message is not None and body["type"] == "message" and not stranger:
                     try:
                         said = message(peer, body, now)
@@ -580,12 +583,11 @@ class Server:
                 self._queue([state.error(peer, exc.code, exc.detail, rid, room)])
                 continue
             addr, key = "", None
-            if payload is not None:
-                if stranger and body["type"] == "join":
-                    addr = _peer_address(payload)
-                if self.auth is not None:
-                    # Our ZAP handler made the client's public key its User-Id.
-                    key = frame_property(payload, "User-Id")
+            if stranger and body["type"] == "join":
+                addr = _peer_address(payload)
+            if self.auth is not None:
+                # Our ZAP handler made the client's public key its User-Id.
+                key = frame_property(payload, "User-Id")
             try:
                 self._queue(state.handle(peer, request, now, addr, key))
             except Exception:
