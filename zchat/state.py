@@ -836,8 +836,10 @@ class Broker:
             raise ProtocolError(ErrorCode.RATE_LIMITED,
                                 f"more than {burst} {what} at once or {rate:g}/s; refused")
 
-    def _origin(self, member: _Member) -> Origin:
-        return Origin(member.addr, member.key)
+    def _spend_as(self, kind: str, member: _Member, now: float) -> None:
+        """``_spend`` for a member; its origin is made only when the budget is on."""
+        if self._rates[kind][0] > 0:
+            self._spend(kind, member.folded, Origin(member.addr, member.key), now)
 
     def _find(self, raw: str | None, member: _Member | None, *, inside: bool) -> _Room:
         """The room a request names (None: lobby), as ``member`` may see it.
@@ -903,7 +905,7 @@ class Broker:
             raise ProtocolError(ErrorCode.FORBIDDEN,
                                 f"{room.name!r} is moderated: only its operators speak")
         self._check_text(text)  # after the room's own refusals, as PROTOCOL.md orders them
-        self._spend(_MESSAGE, member.folded, self._origin(member), now)
+        self._spend_as(_MESSAGE, member, now)
         event = self._room_event(room, now, "message", {"from": member.name, "text": text},
                                  dedupe=(member.lineage, rid), sender_addr=member.shown)
         seq = room.seq
@@ -928,7 +930,7 @@ class Broker:
             # Acking a dm that can only be dropped would be a lie.
             raise ProtocolError(ErrorCode.NO_SUCH_USER,
                                 f"{target.name!r} lost its connection; try again later")
-        self._spend(_MESSAGE, member.folded, self._origin(member), now)
+        self._spend_as(_MESSAGE, member, now)
         if req.id is not None:
             self._dedupe.put(member.lineage, _DM + req.id, ("", 0))
         self._counts["dms"] += 1
@@ -965,7 +967,7 @@ class Broker:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'limit' must not be negative")
         if req.after is not None and not isinstance(req.after, str):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'after' must be a member name")
-        self._spend(_QUERY, member.folded, self._origin(member), now)
+        self._spend_as(_QUERY, member, now)
         # By case-folded name as people read it (the unique fold breaks ties),
         # so that a name given as `after` has one place in the order.
         keys = sorted((m.name.casefold(), m.folded) for m in room.members.values())
@@ -987,7 +989,7 @@ class Broker:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'limit' must not be negative")
         member = self._by_peer[peer]
         room = self._find(req.room, member, inside=False)
-        self._spend(_QUERY, member.folded, self._origin(member), now)
+        self._spend_as(_QUERY, member, now)
         try:
             events = self.history(req.after, limit, self.limits.page_bytes, room.name)
         except HistoryError as exc:
@@ -1022,7 +1024,7 @@ class Broker:
         out: list[Outgoing] = []
         if name not in member.rooms:
             # Only a real entry is charged: entering again just answers again.
-            self._spend(_QUERY, member.folded, self._origin(member), now)
+            self._spend_as(_QUERY, member, now)
             out = self._admit(member, name, req.private, now)
         out.append(Reply(peer, with_id(self._entered(member.rooms[name]), req.id)))
         return out
@@ -1127,7 +1129,7 @@ class Broker:
     def _part(self, peer: bytes, req: Part, now: float, origin: Origin) -> list[Outgoing]:
         member = self._by_peer[peer]
         room = self._find(req.room, member, inside=True)
-        self._spend(_QUERY, member.folded, self._origin(member), now)
+        self._spend_as(_QUERY, member, now)
         out = self._leave_room(member, room, LeaveReason.PART, now, self._cut(req.reason))
         out.append(Reply(peer, with_id({"type": "parted", "room": room.name}, req.id)))
         return out
@@ -1135,7 +1137,7 @@ class Broker:
     def _list_rooms(self, peer: bytes, req: ListRooms, now: float,
                     origin: Origin) -> list[Outgoing]:
         member = self._by_peer[peer]
-        self._spend(_QUERY, member.folded, self._origin(member), now)
+        self._spend_as(_QUERY, member, now)
         items = [self._room_item(room) for room in self._rooms.values()
                  if not room.private or member.folded in room.members]
         return [Reply(peer, with_id({"type": "rooms", "rooms": items}, req.id))]
@@ -1152,7 +1154,7 @@ class Broker:
         if room.topic_ops:
             self._need_op(member, room)
         self._check_text(req.text)
-        self._spend(_MESSAGE, member.folded, self._origin(member), now)
+        self._spend_as(_MESSAGE, member, now)
         room.topic = req.text
         self._history.save_room(room.name, room.settings())
         event = self._room_event(room, now, "topic", {"name": member.name, "text": req.text})
@@ -1169,7 +1171,7 @@ class Broker:
         changes = {k: v for k, v in asked.items() if v is not None and getattr(room, k) != v}
         if not changes:
             return [self._ack(peer, room, req.id)]
-        self._spend(_MESSAGE, member.folded, self._origin(member), now)
+        self._spend_as(_MESSAGE, member, now)
         for key, value in changes.items():
             setattr(room, key, value)
         if room.private:
@@ -1194,7 +1196,7 @@ class Broker:
         target = self._target(room, req.name)
         if target.folded in room.ops:
             return [self._ack(peer, room, req.id)]
-        self._spend(_MESSAGE, member.folded, self._origin(member), now)
+        self._spend_as(_MESSAGE, member, now)
         out = self._make_op(room, target, member.name, now)
         return [*out, self._ack(peer, room, req.id, room.seq)]
 
@@ -1212,7 +1214,7 @@ class Broker:
         target = self._target(room, req.name)
         if target.folded not in room.ops:
             return [self._ack(peer, room, req.id)]
-        self._spend(_MESSAGE, member.folded, self._origin(member), now)
+        self._spend_as(_MESSAGE, member, now)
         room.ops.discard(target.folded)
         if target.key is not None and target.key in room.op_keys:
             room.op_keys.discard(target.key)
@@ -1226,7 +1228,7 @@ class Broker:
         room = self._find(req.room, member, inside=True)
         self._need_op(member, room)
         target = self._target(room, req.name)
-        self._spend(_MESSAGE, member.folded, self._origin(member), now)
+        self._spend_as(_MESSAGE, member, now)
         out = self._leave_room(target, room, LeaveReason.KICKED, now, self._cut(req.reason),
                                by=member.name)
         return [*out, self._ack(peer, room, req.id, room.seq)]
@@ -1239,7 +1241,7 @@ class Broker:
         folded = fold_name(name)
         if folded in room.bans:
             return [self._ack(peer, room, req.id)]
-        self._spend(_MESSAGE, member.folded, self._origin(member), now)
+        self._spend_as(_MESSAGE, member, now)
         room.bans[folded] = name
         room.invites.pop(folded, None)
         self._history.save_room(room.name, room.settings())
@@ -1257,7 +1259,7 @@ class Broker:
         shown = room.bans.get(fold_name(req.name))
         if shown is None:
             return [self._ack(peer, room, req.id)]
-        self._spend(_MESSAGE, member.folded, self._origin(member), now)
+        self._spend_as(_MESSAGE, member, now)
         del room.bans[fold_name(req.name)]
         self._history.save_room(room.name, room.settings())
         event = self._room_event(room, now, "mode", {"name": member.name, "unban": shown})
@@ -1271,7 +1273,7 @@ class Broker:
         target = self._by_name.get(fold_name(req.name))
         if target is None or target.peer is None:
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody called {req.name!r} is here")
-        self._spend(_MESSAGE, member.folded, self._origin(member), now)
+        self._spend_as(_MESSAGE, member, now)
         if room.private:
             room.invites[target.folded] = None
             if len(room.invites) > self.limits.invites_kept:
