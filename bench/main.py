@@ -36,7 +36,7 @@ from .workloads import W1Settings, W2Settings, calibrate, run_w1, run_w2
 
 __all__ = ["build_parser", "main"]
 
-W1_SYSTEMS = ["zchat", "zchat-memory", "zchat-print", "zchat-batch", "ceiling", "epoll"]
+W1_SYSTEMS = ["zchat", "zchat-memory", "zchat-print", "zchat-batch", "floor", "ceiling", "epoll"]
 W2_SYSTEMS = ["zchat", "ceiling", "epoll"]
 # A system that will not start, or a generator process that stops answering,
 # costs that one entry, not the whole run.

@@ -14,6 +14,9 @@
     zchat-before zchat as ``zchat``, but the code found under ``$ZCHAT_BENCH_BEFORE``
                  (a directory holding a ``zchat`` package with ``broker`` inside,
                  say an export of main): before and after a change in one run
+    floor        python -m zchat.bench.floor: the Python floor, zchat's wire
+                 work per message (decode, event, publish, batch, ack) and none of
+                 its logic or history: what any Python broker of this shape pays
     ceiling-io2  the ceiling with two libzmq I/O threads (not by default)
     ceiling      python -m zchat.bench.ceiling: libzmq forwarding in C
     epoll        python -m zchat.bench.baseline_epoll: the original design
@@ -66,6 +69,7 @@ SYSTEMS: Final = {
     "zchat-memory": ("zchat", "zchat broker (--db :memory:)"),
     "zchat-io2": ("zchat", "zchat broker (--io-threads 2)"),
     "zchat-before": ("zchat", "zchat broker from $ZCHAT_BENCH_BEFORE (--quiet)"),
+    "floor": ("zchat", "Python floor: zchat's wire work alone"),
     "ceiling": ("ceiling", "ceiling: libzmq proxy in C"),
     "ceiling-io2": ("ceiling", "ceiling, two I/O threads"),
     "epoll": ("epoll", "original design: Python epoll"),
@@ -96,6 +100,8 @@ def _argv(name: str, data_dir: str) -> list[str]:
     if name in ("ceiling", "ceiling-io2"):
         threads = "2" if name == "ceiling-io2" else "1"
         return [py, "-m", "zchat.bench.ceiling", "--io-threads", threads]
+    if name == "floor":
+        return [py, "-m", "zchat.bench.floor"]
     if name == "epoll":
         return [py, "-m", "zchat.bench.baseline_epoll"]
     raise ValueError(f"unknown system {name!r}; known: {', '.join(SYSTEMS)}")
