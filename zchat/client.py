@@ -289,6 +289,24 @@ class _SessionView:
     """
 
     _session: Session
+    _ids: Iterator[str]
+    endpoint: str
+    timeout: float
+
+    def _start_session(self, endpoint: str, name: str, broadcast: str | None, timeout: float,
+                       token: str | None, since: int | None, encrypted: bool,
+                       rooms: Iterable[str]) -> None:
+        """Check the arguments both shells take alike and make their ``Session``."""
+        endpoint, name = _arguments(endpoint, name)
+        if not name:
+            raise ValueError("a name is needed to join")
+        _check_endpoints(endpoint)
+        self.endpoint = endpoint
+        self.timeout = timeout
+        prefix = secrets.token_hex(4)
+        self._session = Session(name, endpoint, broadcast=broadcast, token=token, since=since,
+                                encrypted=encrypted, id_prefix=f"{prefix}-s", rooms=rooms)
+        self._ids = (f"{prefix}-{n}" for n in itertools.count(1))
 
     @property
     def name(self) -> str:
@@ -425,16 +443,9 @@ class Client(_SessionView):
         rooms: Iterable[str] = (ROOM,),
         routing_id: Callable[[], bytes] | None = None,
     ) -> None:
-        endpoint, name = _arguments(endpoint, name)
-        if not name:
-            raise ValueError("a name is needed to join")
-        _check_endpoints(endpoint)
-        self.endpoint = endpoint
-        self.timeout = timeout
-        prefix = secrets.token_hex(4)
-        self._session = Session(name, endpoint, broadcast=broadcast, token=token, since=since,
-                                encrypted=keys is not None, id_prefix=f"{prefix}-s",
-                                rooms=rooms)
+        self._start_session(endpoint, name, broadcast, timeout, token, since,
+                            keys is not None, rooms)
+        name = self._session.name
         self._ctx = context or zmq.Context.instance()
         self._items: queue.Queue[Item | None] = queue.Queue()
         self._on_item = on_item
@@ -442,7 +453,6 @@ class Client(_SessionView):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._ids = (f"{prefix}-{n}" for n in itertools.count(1))
         self._futures: dict[str, concurrent.futures.Future[Any]] = {}  # the I/O thread's
         self._closed = threading.Event()
         self._close_reason = "closed"
@@ -840,17 +850,8 @@ class AsyncClient(_SessionView):
         rooms: Iterable[str] = (ROOM,),
         routing_id: Callable[[], bytes] | None = None,
     ) -> None:
-        endpoint, name = _arguments(endpoint, name)
-        if not name:
-            raise ValueError("a name is needed to join")
-        _check_endpoints(endpoint)
-        self.endpoint = endpoint
-        self.timeout = timeout
-        prefix = secrets.token_hex(4)
-        self._session = Session(name, endpoint, broadcast=broadcast, token=token, since=since,
-                                encrypted=keys is not None, id_prefix=f"{prefix}-s",
-                                rooms=rooms)
-        self._ids = (f"{prefix}-{n}" for n in itertools.count(1))
+        self._start_session(endpoint, name, broadcast, timeout, token, since,
+                            keys is not None, rooms)
         self._sockets = _Sockets(context or zmq.Context.instance(), keys, routing_id)
         self._items: asyncio.Queue[Item | None] = asyncio.Queue()
         self._futures: dict[str, asyncio.Future[Any]] = {}
