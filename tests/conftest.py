@@ -70,6 +70,25 @@ ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"input=(\S+) broadcast=(\S+) control=(\S+)")
 
 
+def wait_line(lines: list[str], pattern: str, timeout: float = 10.0, *, count: int = 1,
+              what: str = "program", alive: Callable[[], bool] | None = None) -> str:
+    """Wait until ``count`` of ``lines`` (filled by a reader thread) match ``pattern``.
+
+    Returns the ``count``-th match. Gives up early once ``alive()`` says no more
+    lines can come (the program exited and its output was read).
+    """
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [line for line in list(lines) if regex.search(line)]
+        if len(found) >= count:
+            return found[count - 1]
+        if alive is not None and not alive():
+            break
+        time.sleep(0.02)
+    raise AssertionError(f"no {what} line matched {pattern!r}; output:\n" + "".join(lines))
+
+
 @dataclass
 class RunningBroker:
     """A ``zchat-broker`` subprocess and what it printed."""
@@ -85,17 +104,9 @@ class RunningBroker:
     def wait_output(self, pattern: str, timeout: float = 10.0, *,
                     stderr: bool = False) -> str:
         """Wait until a stdout (or stderr) line matches ``pattern``; return it."""
-        regex = re.compile(pattern)
         lines = self.stderr_lines if stderr else self.stdout_lines
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(lines):
-                if regex.search(line):
-                    return line
-            if self.proc.poll() is not None and not self._readers_alive():
-                break
-            time.sleep(0.02)
-        raise AssertionError(f"no broker line matched {pattern!r}; output:\n" + "".join(lines))
+        return wait_line(lines, pattern, timeout, what="broker",
+                         alive=lambda: self.proc.poll() is None or self._readers_alive())
 
     def _readers_alive(self) -> bool:
         return any(t.is_alive() for t in getattr(self, "_readers", []))

@@ -23,7 +23,7 @@ import msgpack
 import pytest
 import zmq
 
-from conftest import RawClient, RunningBroker, unused_ports, wait_item
+from conftest import RawClient, RunningBroker, unused_ports, wait_item, wait_line
 from zchat import Client
 from zchat.broker.relay import Relay, RelayConfig
 from zchat.errors import HandshakeFailed, NameTaken
@@ -88,14 +88,7 @@ class RunningRelay:
 
     def wait_log(self, pattern: str, timeout: float = 10.0, *, count: int = 1) -> str:
         """Wait until ``count`` lines of the relay's output match ``pattern``."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [line for line in list(self.lines) if regex.search(line)]
-            if len(found) >= count:
-                return found[-1]
-            time.sleep(0.02)
-        raise AssertionError(f"no relay line matched {pattern!r}:\n" + "".join(self.lines))
+        return wait_line(self.lines, pattern, timeout, count=count, what="relay")
 
 
 def _pump(stream: Any, lines: list[str]) -> None:
