@@ -706,14 +706,19 @@ def worker_main(pipe: multiprocessing.connection.Connection, target: Target) -> 
 
 
 class Handle:
-    """The main process's end of one worker: its process and call pipe."""
+    """The main process's end of one worker process: the process and its call pipe.
 
-    def __init__(self, name: str, target: Target) -> None:
+    ``main(pipe, *args)`` runs in a fresh (spawned) process and answers each
+    ``{"op": ..., **args}`` it reads from ``pipe`` with one reply; ``stop``
+    asks it to end, then kills it if it does not.
+    """
+
+    def __init__(self, name: str, main: Callable[..., None] = worker_main,
+                 *args: Any) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.name = name
         self.pipe, child = ctx.Pipe()
-        self.process = ctx.Process(target=worker_main, args=(child, target), name=name,
-                                   daemon=True)
+        self.process = ctx.Process(target=main, args=(child, *args), name=name, daemon=True)
         self.process.start()
         child.close()
 
@@ -740,4 +745,4 @@ class Handle:
 
 def spawn(name: str, target: Target) -> Handle:
     """Start one worker process for ``target``."""
-    return Handle(name, target)
+    return Handle(name, worker_main, target)

@@ -58,6 +58,7 @@ from typing import Any, Final
 import msgpack
 
 from . import profiler, systems
+from .loadgen import Handle
 from .wire import ZmtpReader, greeting, pack, ready, subscribe, zmtp_frame
 
 __all__ = ["StormSettings", "fitting", "last_seq", "ratios", "run_storm", "source_address", "table"]
@@ -444,35 +445,6 @@ def _worker_main(pipe: multiprocessing.connection.Connection) -> None:
     StormWorker(pipe).run()
 
 
-class _Handle:
-    def __init__(self, name: str) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.name = name
-        self.pipe, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child,), name=name, daemon=True)
-        self.process.start()
-        child.close()
-
-    def call(self, op: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
-        self.pipe.send({"op": op, **args})
-        if not self.pipe.poll(timeout):
-            raise TimeoutError(f"storm worker {self.name} did not answer {op!r} in {timeout}s")
-        reply: dict[str, Any] = self.pipe.recv()
-        return reply
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            try:
-                self.call("stop", timeout=10)
-            except (OSError, EOFError, TimeoutError):
-                pass
-            self.process.join(10)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(5)
-        self.pipe.close()
-
-
 # ------------------------------------------------------------ the systems
 
 
@@ -561,12 +533,12 @@ def run_storm(name: str, clients: int, cfg: StormSettings, say: Progress) -> dic
     """One storm of ``clients`` joins against system ``name`` (``zchat`` or ``ceiling``)."""
     result: dict[str, Any] = {"system": name, "clients": clients, "error": None}
     run = _start(name, cfg.heartbeat)
-    handles: list[_Handle] = []
+    handles: list[Handle] = []
     try:
         time.sleep(0.2)  # the broker's resident memory at rest, before anyone connects
         rss0 = run.rss_bytes()
         processes = max(1, min(cfg.processes, clients))
-        handles = [_Handle(f"storm-{name}-{w}") for w in range(processes)]
+        handles = [Handle(f"storm-{name}-{w}", _worker_main) for w in range(processes)]
         input_addr = _address(run.endpoints["input"])
         broadcast_addr = _address(run.endpoints["broadcast"])
         for w, handle in enumerate(handles):
