@@ -202,16 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--authorized-keys", metavar="DIR",
                      default=env_default("authorized-keys", None),
                      help="directory of the public .key files of admitted clients")
-    for title, defaults, table in (
-            ("limits per person (0 turns one off)", Limits(), PERSON_LIMITS),
-            ("limits per connection and address (0 turns one off)", ConnectionLimits(),
-             CONNECTION_LIMITS)):
-        group = p.add_argument_group(title)
-        for option in table:
-            default = env_default(option.flag, getattr(defaults, option.field), option.kind)
-            group.add_argument(f"--{option.flag}", metavar=option.metavar, type=option.kind,
-                               default=default,
-                               help=f"{option.help} (default: %(default)s)")
+    add_limits(p, "limits per person (0 turns one off)", Limits(), PERSON_LIMITS)
+    add_limits(p, "limits per connection and address (0 turns one off)", ConnectionLimits(),
+               CONNECTION_LIMITS)
     rel = p.add_argument_group("relays (zchat-relay; the link is always CURVE)")
     rel.add_argument("--relay-bind", metavar="EP", default=env_default("relay-bind", None),
                      help="ROUTER that relays send their clients' requests to (default: no "
@@ -225,11 +218,25 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--relay-secret-key", metavar="FILE",
                      default=env_default("relay-secret-key", None),
                      help="the broker's .key_secret for the relay link (default: --secret-key)")
+    add_log_level(p)
+    return p
+
+
+def add_limits(p: argparse.ArgumentParser, title: str, defaults: object,
+               table: Sequence[LimitOption]) -> None:
+    """One option per limit of ``table`` (``ZCHAT_<FLAG>`` as its default), in a group."""
+    group = p.add_argument_group(title)
+    for option in table:
+        default = env_default(option.flag, getattr(defaults, option.field), option.kind)
+        group.add_argument(f"--{option.flag}", metavar=option.metavar, type=option.kind,
+                           default=default, help=f"{option.help} (default: %(default)s)")
+
+
+def add_log_level(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", metavar="LEVEL",
                    default=env_default("log-level", "INFO", str.upper),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
-    return p
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -12,7 +12,16 @@ from zchat.keys import KeyFileError
 
 from .config import DEFAULT_BROADCAST, DEFAULT_INPUT, ConfigError
 from .guard import ConnectionLimits
-from .main import CONNECTION_LIMITS, ENV_PREFIX, EXIT_BIND, EXIT_CONFIG, EXIT_OK, env_default
+from .main import (
+    CONNECTION_LIMITS,
+    ENV_PREFIX,
+    EXIT_BIND,
+    EXIT_CONFIG,
+    EXIT_OK,
+    add_limits,
+    add_log_level,
+    env_default,
+)
 from .relay import Relay, RelayConfig
 from .server import raise_fd_limit
 
@@ -67,23 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--authorized-keys", metavar="DIR",
                      default=env_default("authorized-keys", None),
                      help="directory of the public .key files of admitted clients")
-    group = p.add_argument_group("limits per connection and address (0 turns one off)")
-    defaults = ConnectionLimits()
-    for option in CONNECTION_LIMITS:
-        group.add_argument(f"--{option.flag}", metavar=option.metavar, type=option.kind,
-                           default=env_default(option.flag, getattr(defaults, option.field),
-                                               option.kind),
-                           help=f"{option.help} (default: %(default)s)")
+    add_limits(p, "limits per connection and address (0 turns one off)", ConnectionLimits(),
+               CONNECTION_LIMITS)
     p.add_argument("--max-frame", metavar="BYTES", type=int,
                    default=env_default("max-frame", 64 * 1024, int),
                    help="bytes in one client frame, as the broker's (default: %(default)s)")
     p.add_argument("--io-threads", metavar="N", type=int,
                    default=env_default("io-threads", 1, int),
                    help="libzmq I/O threads (default: %(default)s)")
-    p.add_argument("--log-level", metavar="LEVEL",
-                   default=env_default("log-level", "INFO", str.upper),
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
+    add_log_level(p)
     return p
 
 
