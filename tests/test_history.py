@@ -36,6 +36,38 @@ def test_append_after_and_keep(store: MemoryHistory | SqliteHistory) -> None:
     store.close()
 
 
+def test_a_growing_room_is_trimmed_a_little_at_each_commit_not_all_at_the_prune(
+        tmp_path: Path) -> None:
+    # Trimmed only at the heartbeat's prune, a busy room's commit deleted
+    # all that a heartbeat had added, and that pass's acks waited for it.
+    from zchat.history import TRIM_SLACK
+
+    keep = 160
+    slack = keep // TRIM_SLACK
+    path = tmp_path / "t.db"
+    store = SqliteHistory(path, keep=keep)
+    most = 0
+    for seq in range(1, 2001):
+        store.append(event(seq))
+        if seq % 7 == 0:  # passes of 7 events
+            store.commit()
+            most = max(most, len(store))
+    store.commit()
+    assert keep < most <= keep + slack + 7  # never the 2,000 a prune-only store held
+    assert len(store.after(0, 10_000)) == len(store)
+    store.prune(200.0)
+    store.commit()
+    assert [e["seq"] for e in store.after(0, 10_000)] == list(range(2001 - keep, 2001))
+    store.close()
+    reopened = SqliteHistory(path, keep=keep)  # the count it starts from is the stored one
+    assert len(reopened) == keep and reopened.last_seq == 2000
+    for seq in range(2001, 2001 + slack + 1):
+        reopened.append(event(seq))
+    reopened.commit()
+    assert len(reopened) == keep
+    reopened.close()
+
+
 def test_age_retention(tmp_path: Path) -> None:
     for store in (MemoryHistory(keep=0, max_age=10), SqliteHistory(tmp_path / "a.db", 0, 10)):
         store.append(event(1, ts=100))
