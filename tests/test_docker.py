@@ -4,8 +4,9 @@ The Dockerfile and docker-compose.yml stay exactly what a user with Docker
 Hub and PyPI runs; only this test adds the offline pieces:
 
 1. An engine: a running one (``docker info`` answers) is reused; otherwise
-   Debian's ``dockerd`` is started here (vfs storage, no iptables, no default
-   bridge) and stopped at the end. Missing tools are installed with apt.
+   Debian's ``dockerd`` is started here (overlay2 storage where the kernel
+   has overlayfs, else vfs; no iptables, no default bridge) and stopped by
+   the last test process to use it. Missing tools are installed with apt.
 2. ``python:3.11-slim``: if the engine lacks it (no registry is reachable),
    an equivalent is built with mmdebstrap from Debian packages and imported
    under that tag, then kept as a cache for the next run.
@@ -134,7 +135,7 @@ def install_tools(*tools: str) -> None:
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         unavailable(f"{', '.join(missing)} missing and no root apt-get to install them")
-    with file_lock(DEBIAN_LOCK):
+    with file_lock(APT_LOCK):
         missing = sorted({TOOLS[tool] for tool in tools if shutil.which(tool) is None})
         if not missing:
             return  # another worker installed them meanwhile
@@ -199,9 +200,11 @@ class Engine:
 LOCK_DIR = Path(tempfile.gettempdir())
 ENGINE_LOCK = LOCK_DIR / "zchat-test-dockerd.lock"
 ENGINE_STATE = LOCK_DIR / "zchat-test-dockerd.json"
-# apt-get and mmdebstrap (image builds) one at a time: dpkg's lock would fail
-# a second apt-get, and two images of the same tag would be built twice.
-DEBIAN_LOCK = LOCK_DIR / "zchat-test-debian.lock"
+# apt-get one at a time (dpkg's lock would fail a second one), and each
+# image built once (IMAGE_LOCK per tag); two different images may be built
+# at once (mmdebstrap keeps its apt state to itself).
+APT_LOCK = LOCK_DIR / "zchat-test-apt.lock"
+IMAGE_LOCK = str(LOCK_DIR / "zchat-test-image-{}.lock")
 
 
 @contextlib.contextmanager
@@ -258,28 +261,43 @@ def write_engine_state(state: dict[str, Any]) -> None:
 _started: dict[int, subprocess.Popen[bytes]] = {}
 
 
+def storage_drivers() -> list[str]:
+    """overlay2 where the kernel has overlayfs, else (or if it fails) vfs.
+
+    vfs copies an image's whole filesystem for every layer built and every
+    container made (some 25 of them here), which made the engine the
+    busiest process of a CI run; overlay2 copies nothing.
+    """
+    filesystems = Path("/proc/filesystems").read_text().split()
+    return ["overlay2", "vfs"] if "overlay" in filesystems else ["vfs"]
+
+
 def start_dockerd(log: Path) -> int:
     """Start Debian's dockerd; return its pid once it answers."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            ["dockerd", "--iptables=false", "--bridge=none", "--storage-driver=vfs"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    _started[proc.pid] = proc
-    started = Engine(proc.pid, log)
+    failures = []
+    for driver in storage_drivers():
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                ["dockerd", "--iptables=false", "--bridge=none", f"--storage-driver={driver}"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        _started[proc.pid] = proc
 
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"dockerd exited {proc.returncode}:\n{started.log_tail()}")
-        return engine_answers()
+        def up(proc: subprocess.Popen[bytes] = proc) -> bool:
+            return proc.poll() is not None or engine_answers()
 
-    try:
-        wait_until("dockerd to answer", up, 60)
-    except BaseException:
-        stop_dockerd(proc.pid)
-        raise
-    return proc.pid
+        try:
+            wait_until("dockerd to answer", up, 60)
+        except BaseException:
+            stop_dockerd(proc.pid)
+            raise
+        if proc.poll() is None:
+            return proc.pid
+        failures.append(f"--storage-driver={driver}: exited {proc.returncode}")
+        remove_stale_pid_file()
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+    raise AssertionError(f"dockerd did not start ({'; '.join(failures)}):\n{tail}")
 
 
 def reap_started() -> None:
@@ -379,13 +397,13 @@ def image_exists(tag: str) -> bool:
 def ensure_image(tag: str, build: Callable[[], None]) -> None:
     """Build ``tag`` with mmdebstrap unless the engine has it (kept as a cache).
 
-    One build at a time, machine-wide (DEBIAN_LOCK): a worker that waited
-    finds the image another one built.
+    One build of a tag at a time, machine-wide (IMAGE_LOCK): a worker that
+    waited finds the image another one built.
     """
     if image_exists(tag):
         return
     install_tools("mmdebstrap")
-    with file_lock(DEBIAN_LOCK):
+    with file_lock(Path(IMAGE_LOCK.format(re.sub(r"\W", "_", tag)))):
         if not image_exists(tag):
             build()
 
