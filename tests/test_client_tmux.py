@@ -138,6 +138,12 @@ def count(screen: str, text: str) -> int:
     return screen.count(text)
 
 
+def echoed(name: str, text: str) -> str:
+    """A regex for ``name``'s line as the broker sent it back (time first),
+    not the ``(pending) <name> ...`` line shown above the input meanwhile."""
+    return rf"\d\d:\d\d <{name}> {text}"
+
+
 def test_two_people_chat_and_a_third_joins(broker: RunningBroker, tmux: Tmux) -> None:
     ep = f"--connect {broker.input}"
     tmux.client("alice", "--name alice", ep)
@@ -386,7 +392,7 @@ def test_ctrl_c_clears_a_half_typed_line_and_leaves_on_an_empty_one(
     tmux.keys("cc", "C-c")
     tmux.wait_prompt("cc", "[cc]")
     tmux.type("cc", "still here")
-    tmux.wait("cc", r"<cc> still here")
+    tmux.wait("cc", echoed("cc", "still here"))
     tmux.keys("cc", "C-c")
     assert tmux.exit_status("cc") == 0
 
@@ -497,7 +503,7 @@ def test_own_leave_and_join_are_not_shown_across_a_broker_shutdown(
     tmux.client("sid", "--name sid", f"--connect {first.input}")
     tmux.wait_prompt("sid", "[sid]")
     tmux.type("sid", "before")
-    tmux.wait("sid", r"<sid> before")
+    tmux.wait("sid", echoed("sid", "before"))
     first.stop(signal.SIGTERM)
     tmux.wait_prompt("sid", "[sid offline]")
     start_broker("--heartbeat", "0.5", "--rate", "0", "--db", db,
@@ -505,7 +511,7 @@ def test_own_leave_and_join_are_not_shown_across_a_broker_shutdown(
     tmux.wait("sid", r"-!- reconnected", timeout=15)
     tmux.wait_prompt("sid", "[sid]")
     tmux.type("sid", "after")
-    screen = tmux.wait("sid", r"<sid> after")
+    screen = tmux.wait("sid", echoed("sid", "after"))
     assert "sid (127.0.0.1) left" not in screen and "--> sid" not in screen
     assert count(screen, "<sid> before") == 1
 
@@ -552,7 +558,8 @@ def test_page_up_outside_tmux_opens_the_session_in_a_pager(broker: RunningBroker
                           f"--name plain --connect {broker.input}")
     tmux.wait_prompt("plain", "[plain]")
     tmux.type("plain", "remember this")
-    tmux.wait("plain", r"<plain> remember this")
+    # Sent, not pending: the pager shows what was said, not the input area.
+    tmux.wait("plain", echoed("plain", "remember this"))
     tmux.keys("plain", "PageUp")
     deadline = time.monotonic() + 10
     while tmux.run("display", "-p", "-t", "plain", "#{alternate_on}").strip() != "1":
@@ -568,7 +575,7 @@ def test_page_up_outside_tmux_opens_the_session_in_a_pager(broker: RunningBroker
     tmux.keys("plain", "q")
     tmux.wait_prompt("plain", "[plain]")
     tmux.type("plain", "back in the chat")
-    tmux.wait("plain", r"<plain> back in the chat")
+    tmux.wait("plain", echoed("plain", "back in the chat"))
 
 
 # ------------------------------------------------------------------ rooms
@@ -607,8 +614,10 @@ def test_two_people_in_two_rooms_switch_windows(broker: RunningBroker, tmux: Tmu
     tmux.keys("bob", "M-3")
     wait_visible(tmux, "bob", r"\[3:#ops\] 1:status 2:#dev\n\[bob\]")
     tmux.type("bob", "and this about ops")
-    # alice, in #dev, sees only that #ops has news; Alt-3 shows it.
-    screen = wait_visible(tmux, "alice", r"\[2:#dev\] 1:status 3:#ops\+1\n")
+    # alice, in #dev, sees only that #ops has news; Alt-3 shows it. Two
+    # lines: bob's join there, then his line (waiting for +1 matched the join
+    # alone, before the line, and failed when the line came first).
+    screen = wait_visible(tmux, "alice", r"\[2:#dev\] 1:status 3:#ops\+2\n")
     assert "about ops" not in screen
     tmux.keys("alice", "M-3")
     screen = wait_visible(tmux, "alice",
