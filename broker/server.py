@@ -364,7 +364,8 @@ class Server:
                 ready = dict(poller.poll(int(timeout * 1000) + 1))
                 # Woken much later than asked: the process did not run (stopped,
                 # a paused machine), and members' pings may still be on their way.
-                overslept = time.monotonic() - asleep - timeout > OVERSLEEP
+                woke = time.monotonic()
+                overslept = woke - asleep - timeout > OVERSLEEP
                 if any(monitor in ready for monitor in monitors):
                     # Connections first: a closed one must be known before a
                     # newcomer reusing its routing id is read.
@@ -380,6 +381,10 @@ class Server:
                 relayed_all = relays is None or relays.serve(ready, state, self._queue,
                                                               time.time())
                 now = time.time()
+                # The same when the pass itself took that long: the process was
+                # stopped between the poll and here, and the pings that came
+                # meanwhile are read next pass, after this one's expiry.
+                overslept = overslept or time.monotonic() - woke > OVERSLEEP
                 if overslept or not self._caught_up or not relayed_all:
                     # Liveness never punishes a client for the broker's own
                     # backlog: while input is still queued (a join storm), or
