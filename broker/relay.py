@@ -397,7 +397,18 @@ class Relay:
                           "--relay-keys, and --upstream-key the broker's?)", self.config.upstream)
 
     def _upstream_lost(self) -> None:
-        """The broker is gone: its clients see it as they would a broker's death."""
+        """The broker is gone: its clients see it as they would a broker's death.
+
+        What it said before it went is passed on first: a broker that stops
+        sends each member a ``bye`` and then closes, and the poll can report
+        both at once; cut first, a member's ``bye`` was lost. A member told
+        ``bye`` in that last word keeps its connection (it knows, and its
+        next request finds the link down and is cut then); every other
+        client connection is cut, as a dead broker's would close.
+        """
+        joined = set(self._members)
+        self._drain_upstream()
+        told = joined - self._members
         self.up = False
         log.warning("lost the broker at %s; cutting %d client(s), reconnecting",
                     self.config.upstream, len(self._members))
@@ -405,9 +416,12 @@ class Relay:
         self._members.clear()
         self._pending_fd.clear()
         if self.guard is not None:
-            for fd, _kind in list(self.guard.ledger.connections(Kind.INPUT)):
-                shutdown_fd(fd)
-                self.counts["cut_upstream_down"] += 1
+            ledger = self.guard.ledger
+            spared = {ledger.fd_of(peer) for peer in told}
+            for fd, _kind in list(ledger.connections(Kind.INPUT)):
+                if fd not in spared:
+                    shutdown_fd(fd)
+                    self.counts["cut_upstream_down"] += 1
 
     def _upstream(self, frames: list[bytes]) -> bool:
         try:
