@@ -281,6 +281,9 @@ def test_a_reload_keeps_the_name_and_loses_nothing(
     wait_item(carol, lambda i: seen.append(i) or (
         isinstance(i, Message) and i.text == "after the reload"))
     assert not [i for i in seen if isinstance(i, (Joined, Left)) and i.name == "alice"], seen
+    # Carol having the line says nothing of alice's page: her own line comes
+    # back to it through the gateway's SUB, maybe later than to carol.
+    wait_line(alice, "<alice> after the reload")
     lines = said(alice)
     assert lines == ["<alice> before the reload", "<carol> during the reload",
                      "<alice> after the reload"]
