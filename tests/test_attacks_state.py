@@ -229,7 +229,11 @@ def test_f7_history_replies_are_bounded_and_history_floods_are_refused(
         if sum(kinds.values()) == 2000:
             break
     assert kinds.get("history", 0) <= 20 + 5 * (elapsed + 2), kinds
-    assert kinds.get("rate_limited", 0) >= 1500, kinds
+    # Refused past its budget; or, on a machine slow enough that the pages it
+    # never reads pile up first, cut for them (--max-backlog) before the
+    # refusals reach it. Either way it is answered no more than the budget.
+    cut = any("of replies not read" in line for line in broker.stderr_lines)
+    assert cut or kinds.get("rate_limited", 0) >= 1500, kinds
     # 2,000 replies of 15 MiB would have been 30 GB; what is held is small.
     assert rss_kib(broker) - before < 64 * 1024
     answered_within(honest)
