@@ -51,16 +51,44 @@ def _start(argv: list[str], pattern: re.Pattern[str]) -> tuple[subprocess.Popen[
     return proc, list(match.groups())
 
 
+def lobby_subscriber(ctx: zmq.Context[Any], endpoint: str, *,
+                     unbounded: bool = True) -> zmq.Socket[Any]:
+    """A SUB on lobby's single-event topic at ``endpoint`` (no receive bound unless told)."""
+    sock: zmq.Socket[Any] = ctx.socket(zmq.SUB)
+    if unbounded:
+        sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.SUBSCRIBE, b"lobby\x00")
+    sock.connect(endpoint)
+    return sock
+
+
+def await_broadcast(subs: Sequence[zmq.Socket[Any]], deadline: float) -> tuple[int, float]:
+    """Read each of ``subs`` until the "to everyone" message, until ``deadline`` (monotonic).
+
+    Returns how many never had it, and the wall-clock time the last one that
+    did got it (0.0 if none did).
+    """
+    missed, last = 0, 0.0
+    for sub in subs:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sub.poll(int(1000 * left) + 1):
+                missed += 1
+                break
+            topic, body = sub.recv_multipart()
+            if topic == b"lobby\x00" and b"to everyone" in body:
+                last = max(last, time.time())
+                break
+    return missed, last
+
+
 def _reader(pipe: multiprocessing.connection.Connection, endpoints: list[str]) -> None:
     """Count what ``len(endpoints)`` SUB sockets receive until told to stop."""
     ctx = zmq.Context()
     poller = zmq.Poller()
     socks = []
     for endpoint in endpoints:
-        sock = ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.SUBSCRIBE, b"lobby\x00")
-        sock.connect(endpoint)
+        sock = lobby_subscriber(ctx, endpoint)
         poller.register(sock, zmq.POLLIN)
         socks.append(sock)
     pipe.send("ready")
@@ -145,9 +173,7 @@ def measure(layout: str, subscribers: int, rate: float, seconds: float, readers:
         publisher.connect(binput)
         publisher.send(msgpack.packb({"type": "join", "name": "publisher"}))
         publisher.recv()
-        probe = ctx.socket(zmq.SUB)
-        probe.setsockopt(zmq.SUBSCRIBE, b"lobby\x00")
-        probe.connect(targets[-1])
+        probe = lobby_subscriber(ctx, targets[-1], unbounded=False)
         # Subscriptions travel up through the relays: wait until one arrives.
         while True:
             publisher.send(msgpack.packb({"type": "message", "text": "warm-up"}))
@@ -205,9 +231,7 @@ def join_cost(layout: str, clients: int, keys: Path) -> dict[str, Any]:
             dealer = ctx.socket(zmq.DEALER)
             dealer.connect(input_)
             dealer.send(msgpack.packb({"type": "join", "name": f"c{n}"}))
-            sub = ctx.socket(zmq.SUB)
-            sub.setsockopt(zmq.SUBSCRIBE, b"lobby\x00")
-            sub.connect(broadcast)
+            sub = lobby_subscriber(ctx, broadcast, unbounded=False)
             dealers.append(dealer)
             subs.append(sub)
         socks += dealers + subs
@@ -243,17 +267,7 @@ def join_cost(layout: str, clients: int, keys: Path) -> dict[str, Any]:
         sent = time.monotonic()
         publisher.send(msgpack.packb({"type": "message", "text": "to everyone"}))
         # Heartbeats keep coming, so each wait is bounded by one deadline for all.
-        deadline = sent + 30
-        missed = 0
-        for sub in reversed(subs):
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sub.poll(int(1000 * left) + 1):
-                    missed += 1
-                    break
-                topic, body = sub.recv_multipart()
-                if topic == b"lobby\x00" and b"to everyone" in body:
-                    break
+        missed, _ = await_broadcast(subs[::-1], sent + 30)
         to_last = time.monotonic() - sent
         return {
             "layout": layout, "clients": clients, "join_all_s": round(joined, 2),

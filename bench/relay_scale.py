@@ -43,7 +43,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from .relay_cost import _stop, _systems, make_keys
+from .relay_cost import _stop, _systems, await_broadcast, lobby_subscriber, make_keys
 from .systems import cpu_seconds, raise_fd_limits, rss_bytes
 from .workloads import LADDER
 
@@ -66,13 +66,7 @@ def _counter(pipe: multiprocessing.connection.Connection, endpoints: list[str]) 
     """
     ctx = zmq.Context()
     ctx.set(zmq.MAX_SOCKETS, len(endpoints) + 64)
-    socks = []
-    for endpoint in endpoints:
-        sock = ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.SUBSCRIBE, b"lobby\x00")
-        sock.connect(endpoint)
-        socks.append(sock)
+    socks = [lobby_subscriber(ctx, endpoint) for endpoint in endpoints]
     pipe.send("ready")
     count = 0
     while True:
@@ -97,13 +91,7 @@ class _Samplers:
     """A few SUBs in the publisher's process; each event's latency from its sending."""
 
     def __init__(self, ctx: zmq.Context[Any], endpoints: list[str]) -> None:
-        self.socks = []
-        for endpoint in endpoints:
-            sock = ctx.socket(zmq.SUB)
-            sock.setsockopt(zmq.RCVHWM, 0)
-            sock.setsockopt(zmq.SUBSCRIBE, b"lobby\x00")
-            sock.connect(endpoint)
-            self.socks.append(sock)
+        self.socks = [lobby_subscriber(ctx, endpoint) for endpoint in endpoints]
         self.latencies: list[float] = []
         self.count = 0
 
@@ -331,19 +319,7 @@ def _joiner(pipe: multiprocessing.connection.Connection, first: int,
                 sub.recv_multipart()
     pipe.send({"joined_at": joined, "started": start, "live": live})
     pipe.recv()  # the broadcast is on its way
-    last = 0.0
-    missed = 0
-    until = time.monotonic() + 60
-    for sub in subs:
-        while True:
-            left = until - time.monotonic()
-            if left <= 0 or not sub.poll(int(1000 * left) + 1):
-                missed += 1
-                break
-            topic, body = sub.recv_multipart()
-            if topic == b"lobby\x00" and b"to everyone" in body:
-                last = max(last, time.time())
-                break
+    missed, last = await_broadcast(subs, time.monotonic() + 60)
     pipe.send({"last": last, "missed": missed})
     pipe.recv()
     for sock in (*dealers, *subs):
