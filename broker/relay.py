@@ -170,6 +170,7 @@ class Relay:
         self.guard: Guard | None = None
         self.auth: CurveGate | None = None
         self._members: set[bytes] = set()  # clients the broker last said are joined
+        self._released: set[bytes] = set()  # connected, once members, let go by the broker
         self._pending_fd: OrderedDict[bytes, int] = OrderedDict()  # strangers' descriptors
         self._forget: deque[bytes] = deque()
         self._stopping = False
@@ -181,6 +182,7 @@ class Relay:
         self._packer = msgpack.Packer(use_bin_type=True)
         self.counts = {"requests": 0, "replies": 0, "dropped": 0, "cut_upstream_down": 0}
         self.upstream_changes = 0  # times the link came up (the first included)
+        self._poller: zmq.Poller | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -220,23 +222,13 @@ class Relay:
             sock.setsockopt(zmq.HANDSHAKE_IVL, handshake_ms)
         self._monitors = [guard.watch(self.router, Kind.INPUT, ctx),
                           guard.watch(self.xpub, Kind.BROADCAST, ctx)]
-        self.dealer = self.upstream_context.socket(zmq.DEALER)
-        # Requests are not queued for a broker that is not there: a client
-        # retries, and a stale join must not arrive minutes later.
-        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
-        self.dealer.setsockopt(zmq.SNDHWM, UPSTREAM_HWM)
-        self.dealer.setsockopt(zmq.RCVHWM, UPSTREAM_HWM)
-        self.dealer.setsockopt(zmq.HEARTBEAT_IVL, UPSTREAM_HEARTBEAT_MS)
-        self.dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, UPSTREAM_TIMEOUT_MS)
-        self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        self.dealer.setsockopt(zmq.LINGER, 0)
-        link_keys.apply(self.dealer)
+        self._link_keys = link_keys
+        self._open_link()
         self.xsub = self.upstream_context.socket(zmq.XSUB)
         self.xsub.setsockopt(zmq.RCVHWM, UPSTREAM_HWM)
         self.xsub.setsockopt(zmq.LINGER, 0)
         self.xsub.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         link_keys.apply(self.xsub)
-        self.upstream_monitor = self.dealer.get_monitor_socket(_UPSTREAM_EVENTS)
         control = f"inproc://zchat-relay-control-{secrets.token_hex(8)}"
         self.control = ctx.socket(zmq.PAIR)
         self.control.setsockopt(zmq.LINGER, 0)
@@ -259,6 +251,45 @@ class Relay:
         else:
             self._start_proxy()  # clients' subscriptions wait in the XSUB until it connects
         return self.endpoints
+
+    def _open_link(self) -> None:
+        """Make the DEALER to the broker and its monitor (not yet connected).
+
+        Not ``ZMQ_IMMEDIATE``: under it libzmq drops, when the connection
+        closes, whatever the socket received and this loop has not read yet
+        (the pipe is terminated at once), and a stopping broker's last
+        ``bye`` to each member was lost whenever the close was seen first.
+        What IMMEDIATE gave, that no request waits for a broker that is not
+        there, the loop keeps itself: it forwards nothing while the link is
+        down, and replaces the socket when the link goes (``_upstream_lost``),
+        so a request queued on the dead connection never reaches a broker
+        restarted later.
+        """
+        dealer = self.upstream_context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.SNDHWM, UPSTREAM_HWM)
+        dealer.setsockopt(zmq.RCVHWM, UPSTREAM_HWM)
+        dealer.setsockopt(zmq.HEARTBEAT_IVL, UPSTREAM_HEARTBEAT_MS)
+        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, UPSTREAM_TIMEOUT_MS)
+        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        dealer.setsockopt(zmq.LINGER, 0)
+        self._link_keys.apply(dealer)
+        self.dealer = dealer
+        self.upstream_monitor = dealer.get_monitor_socket(_UPSTREAM_EVENTS)
+
+    def _reopen_link(self) -> None:
+        """Replace the link's socket: what was queued on the dead one goes with it."""
+        poller = self._poller
+        for sock in (self.dealer, self.upstream_monitor):
+            if poller is not None:
+                poller.unregister(sock)
+        self.dealer.disable_monitor()
+        self.upstream_monitor.close(linger=0)
+        self.dealer.close(linger=0)
+        self._open_link()
+        if poller is not None:
+            poller.register(self.dealer, zmq.POLLIN)
+            poller.register(self.upstream_monitor, zmq.POLLIN)
+        self.dealer.connect(self.config.upstream)
 
     # ------------------------------------------------------------ the proxy
 
@@ -332,7 +363,7 @@ class Relay:
         guard = self.guard
         if guard is None:  # pragma: no cover - bind() always makes it
             raise RuntimeError("bind() made no guard")
-        poller = zmq.Poller()
+        self._poller = poller = zmq.Poller()
         for sock in (self.router, self.dealer, self.upstream_monitor, *self._monitors):
             poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
@@ -373,6 +404,7 @@ class Relay:
         if kind is not Kind.INPUT:
             return
         self._members.discard(peer)
+        self._released.discard(peer)
         if self.up:
             self._upstream([GONE, peer])
 
@@ -401,27 +433,31 @@ class Relay:
 
         What it said before it went is passed on first: a broker that stops
         sends each member a ``bye`` and then closes, and the poll can report
-        both at once; cut first, a member's ``bye`` was lost. A member told
-        ``bye`` in that last word keeps its connection (it knows, and its
-        next request finds the link down and is cut then); every other
-        client connection is cut, as a dead broker's would close.
+        both at once. Then every client connection is cut, as a dead broker's
+        would close, except those of clients the broker itself let go (a
+        ``bye``, a ``left``, an ``ack`` of ``leave``) while still connected:
+        such a client knows, and its last reply may still wait in this
+        relay's queue, which a cut would drop (its next request finds the
+        link down and is cut then).
         """
-        joined = set(self._members)
         self._drain_upstream()
-        told = joined - self._members
         self.up = False
-        log.warning("lost the broker at %s; cutting %d client(s), reconnecting",
-                    self.config.upstream, len(self._members))
         # The broker has dropped every client of this link: none is joined now.
         self._members.clear()
         self._pending_fd.clear()
+        cut = 0
         if self.guard is not None:
             ledger = self.guard.ledger
-            spared = {ledger.fd_of(peer) for peer in told}
+            spared = {ledger.fd_of(peer) for peer in self._released}
             for fd, _kind in list(ledger.connections(Kind.INPUT)):
                 if fd not in spared:
                     shutdown_fd(fd)
-                    self.counts["cut_upstream_down"] += 1
+                    cut += 1
+        self._released.clear()
+        self.counts["cut_upstream_down"] += cut
+        log.warning("lost the broker at %s; cut %d client connection(s), reconnecting",
+                    self.config.upstream, cut)
+        self._reopen_link()
 
     def _upstream(self, frames: list[bytes]) -> bool:
         try:
@@ -536,13 +572,15 @@ class Relay:
         elif flag == b"m":
             if client not in self._members:
                 self._joined(client)
-        else:
+        elif client in self._members:
             self._members.discard(client)
+            self._released.add(client)
         self.counts["replies"] += 1
         self._reply(client, payload)
 
     def _joined(self, client: bytes) -> None:
         self._members.add(client)
+        self._released.discard(client)
         fd = self._pending_fd.pop(client, None)
         if fd is not None and self.guard is not None:
             self.guard.ledger.bind(fd, client)

@@ -619,6 +619,31 @@ def test_a_dead_relays_clients_time_out_at_the_broker_as_dropped_connections(
     broker.wait_output("relay link from fd .* closed: 1 client", stderr=True)
 
 
+def test_a_stopping_brokers_bye_reaches_a_client_of_a_relay_that_was_not_reading(
+        ctx: zmq.Context[Any], start_broker: Callable[..., RunningBroker],
+        start_relay: Callable[..., RunningRelay], keys: Keys) -> None:
+    # The broker says bye and closes the link while the relay is held still:
+    # when it runs again, its I/O thread reads the bye and the close before
+    # its loop reads either. libzmq drops what a socket has not yet read when
+    # its connection closes under ZMQ_IMMEDIATE; the relay must not lose it.
+    broker = start_broker(*relay_broker_args(keys))
+    relay = start_relay(relay_endpoint(broker), keys)
+    alice = RawClient(ctx, relay)  # type: ignore[arg-type]
+    alice.join("alice")
+    relay.proc.send_signal(signal.SIGSTOP)
+    try:
+        assert broker.stop() == 0
+    finally:
+        relay.proc.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while True:
+        reply = alice.recv(max(0.1, deadline - time.monotonic()))
+        if reply.get("type") == "bye":
+            break
+    assert reply["reason"] == "shutdown"
+    relay.wait_log("lost the broker")
+
+
 # ------------------------------------------------------------- fail-over
 
 
