@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,48 @@ def test_last_seq_survives_retention_that_pruned_everything(tmp_path: Path) -> N
     second = SqliteHistory(path, keep=0, max_age=2.0)
     assert second.last_seq == 6  # never 0: seq 1..6 were acked under this epoch
     second.close()
+
+
+def test_a_room_only_ever_added_to_keeps_its_seq_when_age_empties_it(tmp_path: Path) -> None:
+    # Commits that only add events leave the rooms' rows behind (one INSERT
+    # each); the commit whose retention empties a room must bring its row up
+    # to date, even when that commit holds none of the room's events.
+    path = tmp_path / "h.db"
+    first = SqliteHistory(path, keep=0, max_age=2.0)
+    for seq in range(1, 5):
+        first.append({**event(seq, ts=100.0), "room": "dev"})
+        first.commit()  # insert-only commits
+    first.append({**event(1, ts=100.0), "room": "ops"})
+    first.commit()
+    first.append(event(1, ts=103.0))  # lobby's, in the commit that prunes
+    first.prune(now=103.0)
+    first.commit()
+    assert first.after(0, 10, room="dev") == [] and first.after(0, 10, room="ops") == []
+    first.close()
+    second = SqliteHistory(path, keep=0, max_age=2.0)
+    assert (second.seq_of("dev"), second.seq_of("ops"), second.seq_of("lobby")) == (4, 1, 1)
+    second.close()
+
+
+def test_insert_only_commits_are_found_again_without_a_clean_close(tmp_path: Path) -> None:
+    # Their rooms' rows are behind (or absent): reopening takes the last seq
+    # from the stored events, as after a kill -9.
+    path = tmp_path / "h.db"
+    first = SqliteHistory(path)
+    first.save_room("dev", {"topic": "t"})
+    first.commit()
+    for seq in range(1, 4):
+        first.append({**event(seq), "room": "dev"})
+        first.append({**event(seq), "room": "new"})
+        first.commit()
+    crashed = tmp_path / "crashed.db"  # what is on disk now, as a kill -9 leaves it
+    for suffix in ("", "-wal"):
+        shutil.copyfile(f"{path}{suffix}", f"{crashed}{suffix}")
+    second = SqliteHistory(crashed)
+    assert (second.seq_of("dev"), second.seq_of("new")) == (3, 3)
+    assert second.rooms() == {"dev": {"topic": "t"}}
+    second.close()
+    first.close()
 
 
 def test_pages_are_bounded_in_bytes(store: MemoryHistory | SqliteHistory) -> None:

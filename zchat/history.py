@@ -230,8 +230,8 @@ class MemoryHistory(History):
 _SCHEMA = """
 -- meta: 'epoch' and 'schema' ('2'), where version 1 also kept 'last_seq' (lobby's)
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- every room ever given a seq: its last one (kept when every event is pruned,
--- and when the room is closed), and its settings (NULL once closed)
+-- rooms given a seq: a last seq no lower than any a deletion took away (the
+-- highest stored event may say more), and settings (NULL once closed)
 CREATE TABLE IF NOT EXISTS rooms (
     name TEXT PRIMARY KEY,
     last_seq INTEGER NOT NULL,
@@ -394,10 +394,12 @@ class SqliteHistory(History):
     fsync per commit; without it (``NORMAL``) a killed process loses
     nothing committed, a crashed machine may lose the last commits.
 
-    Each room's last seq is kept in ``rooms`` by the same commit as its
-    events, so it survives even when retention has pruned every event, or
-    the room was closed: a seq once acked is never given again under the
-    same epoch.
+    A room's last seq is its highest stored event's, or its row in
+    ``rooms`` where that is higher: a commit that can delete a room's newest
+    events (retention by age, closing the room) writes every room's row up
+    to date in the same transaction, so a seq once acked is never given
+    again under the same epoch, even when every event is gone. A commit
+    that only adds events is a single INSERT and leaves the rows behind.
 
     Every failure is a ``HistoryError``. Opening reads the whole events
     table once (its count and the recent ids), so a corrupt database is
@@ -423,6 +425,7 @@ class SqliteHistory(History):
         # Per room, a seq no stored event is below (the oldest one, or less
         # once the age limit deleted some): how far the room is over its count.
         self._first: dict[str, int] = {}
+        self._behind: set[str] = set()  # rooms whose row's last_seq is below their events'
         self._prune_at: float | None = None  # the next commit prunes, as of this time
         self._packer = msgpack.Packer(use_bin_type=True)
         self._broken: str | None = None
@@ -561,19 +564,26 @@ class SqliteHistory(History):
         """This pass's writes as one commit (None: nothing to write); the store goes on empty."""
         if not self._pending and not self._pending_rooms and self._prune_at is None:
             return None
-        # Every room whose seq moved or whose settings changed: its last seq
-        # goes with its events in the same commit.
         grown = {p[0] for p in self._pending}
-        changed = grown | set(self._pending_rooms)
-        rooms = [(room, self.last_seqs.get(room, 0), self._pending_rooms.get(room, _KEEP))
-                 for room in changed]
-        job = _Commit(self._pending, rooms, list(self._dropped))
-        if self.keep:
-            job.trim = self._trims(grown)
-        if self._prune_at is not None:
-            if self.max_age:
-                job.horizon = self._prune_at - self.max_age
+        trim = self._trims(grown) if self.keep else []
+        # Most commits only add events: one INSERT, no transaction around
+        # it (see ``_write``), and the rooms' rows are left behind (the
+        # highest stored event says a room's last seq). A commit that may
+        # delete a room's newest events (retention by age, a room dropped)
+        # or changes settings brings every row behind up to date first.
+        rooms: list[tuple[str, int, object]] = []
+        horizon = None
+        if self._pending_rooms or self._dropped or self._prune_at is not None:
+            changed = self._behind | grown | set(self._pending_rooms)
+            rooms = [(room, self.last_seqs.get(room, 0), self._pending_rooms.get(room, _KEEP))
+                     for room in changed]
+            self._behind = set()
+            if self._prune_at is not None and self.max_age:
+                horizon = self._prune_at - self.max_age
             self._prune_at = None
+        else:
+            self._behind |= grown
+        job = _Commit(self._pending, rooms, list(self._dropped), trim, horizon)
         self._inflight = self._pending
         self._pending = []
         self._pending_rooms = {}
@@ -618,12 +628,20 @@ class SqliteHistory(History):
         the connection's lock; reads nothing of the store but ``job``.
         """
         db = self._db
+        rows = job.rows
+        if (0 < len(rows) <= ROWS_PER_INSERT and not job.rooms and not job.dropped
+                and not job.trim and job.horizon is None):
+            # One statement is one transaction: one step, so one wait for
+            # the GIL on the writer thread, where BEGIN, the room rows and
+            # COMMIT made it four (each up to the switch interval while the
+            # loop runs).
+            db.execute(_insert_rows(len(rows)), [value for row in rows for value in row])
+            return len(rows)
         db.execute("BEGIN")
         try:
             deleted = 0
             for room in job.dropped:
                 deleted += db.execute("DELETE FROM events WHERE room = ?", (room,)).rowcount
-            rows = job.rows
             for start in range(0, len(rows), ROWS_PER_INSERT):
                 chunk = rows[start:start + ROWS_PER_INSERT]
                 db.execute(_insert_rows(len(chunk)), [value for row in chunk for value in row])
