@@ -19,6 +19,7 @@ import msgpack
 import pytest
 
 from zchat.bench.report import markdown, summarize, tables
+from zchat.bench.systems import cpu_seconds
 from zchat.bench.wire import (
     MESSAGE_MARK,
     LengthPrefixReader,
@@ -90,6 +91,34 @@ def test_length_prefix_reader_splits_frames_across_reads() -> None:
         got += [parts[0] for parts in reader.feed(stream[start:start + 7])]
     assert got == frames
     assert MESSAGE_MARK not in stream
+
+
+def test_a_systems_cpu_is_counted_finer_than_a_clock_tick_and_with_exited_threads() -> None:
+    # A step of a light system spends a few ms: counted in 10 ms ticks it
+    # read as 0 (the quick run's ceiling at 200/s once did), or as 10.
+    burn = ("import sys, threading, time\n"
+            "def burn():\n"
+            "    end = time.thread_time() + 0.004\n"
+            "    while time.thread_time() < end: pass\n"
+            "print('ready', flush=True); sys.stdin.readline()\n"
+            "t = threading.Thread(target=burn); t.start(); t.join()\n"
+            "print('done', flush=True); sys.stdin.readline()\n")
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline() == "ready\n"
+        before = cpu_seconds(child.pid)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "done\n"
+        spent = cpu_seconds(child.pid) - before  # the burning thread has exited
+        assert 0.004 <= spent < 0.009, spent
+    finally:
+        child.kill()
+        child.wait()
+        child.stdin.close()
+        child.stdout.close()
 
 
 @pytest.mark.slow
