@@ -480,6 +480,10 @@ class SqliteHistory(History):
             stored = 0
             for name, first_seq, kept_seq, count in self._db.execute(
                     "SELECT room, min(seq), max(seq), count(*) FROM events GROUP BY room"):
+                if int(kept_seq) > self.last_seqs.get(name, 0):
+                    # Left behind by insert-only commits before a stop: the
+                    # first commit that may delete events writes it.
+                    self._behind.add(name)
                 self.last_seqs[name] = max(self.last_seqs.get(name, 0), int(kept_seq))
                 self._first[name] = int(first_seq)
                 stored += count
