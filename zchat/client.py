@@ -77,6 +77,7 @@ from zchat.session import (
     Action,
     Closed,
     CloseDealer,
+    CloseSub,
     Emit,
     HandshakeFault,
     Item,
@@ -175,6 +176,8 @@ class _Sockets:
                 self.close_dealer()
             case OpenSub(endpoint, topics):
                 self.open_sub(endpoint, topics)
+            case CloseSub():
+                self.close_sub()
             case Subscribe(topic):
                 if self.sub is not None:
                     self.sub.setsockopt(zmq.SUBSCRIBE, topic)
@@ -262,9 +265,13 @@ class _Sockets:
             self.dealer.close(linger=0)
             self.dealer = None
 
-    def open_sub(self, endpoint: str, topics: tuple[bytes, ...]) -> None:
+    def close_sub(self) -> None:
         if self.sub is not None:
             self.sub.close(linger=0)
+            self.sub = None
+
+    def open_sub(self, endpoint: str, topics: tuple[bytes, ...]) -> None:
+        self.close_sub()
         self.sub = sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         if self.keys is not None:
@@ -275,9 +282,7 @@ class _Sockets:
 
     def close(self) -> None:
         self.close_dealer()
-        if self.sub is not None:
-            self.sub.close(linger=0)
-            self.sub = None
+        self.close_sub()
 
 
 class _SessionView:

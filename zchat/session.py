@@ -16,7 +16,7 @@ returns, in order::
     the poll timed out               -> tick(now); the next is at deadline()
 
     actions: OpenDealer(endpoint), CloseDealer, Send(body), OpenSub(endpoint,
-             topics), Subscribe(topic), Unsubscribe(topic), Emit(item),
+             topics), CloseSub, Subscribe(topic), Unsubscribe(topic), Emit(item),
              Resolve(rid, value), Reject(rid, error), Welcomed(welcome),
              Closed(reason, error)
 
@@ -122,6 +122,7 @@ __all__ = [
     "RETRY_MIN",
     "Action",
     "CloseDealer",
+    "CloseSub",
     "Closed",
     "Emit",
     "HandshakeFault",
@@ -301,6 +302,11 @@ class OpenSub:
 
 
 @dataclass(frozen=True, slots=True)
+class CloseSub:
+    """Close the SUB socket: its broadcast endpoint belongs to a broker left behind."""
+
+
+@dataclass(frozen=True, slots=True)
 class Subscribe:
     """Add ``topic`` to the SUB's subscriptions (a room entered)."""
 
@@ -353,8 +359,8 @@ class Closed:
 
 
 Action: TypeAlias = (
-    OpenDealer | CloseDealer | Send | OpenSub | Subscribe | Unsubscribe | Emit | Resolve
-    | Reject | Welcomed | Closed
+    OpenDealer | CloseDealer | Send | OpenSub | CloseSub | Subscribe | Unsubscribe | Emit
+    | Resolve | Reject | Welcomed | Closed
 )
 
 
@@ -631,7 +637,7 @@ class Session:
             case Phase.JOINING:
                 if now - self._attempt_at >= JOIN_ATTEMPT_SECONDS:
                     # No answer: with several endpoints, the next one may.
-                    self._next_endpoint()
+                    out += self._next_endpoint()
                     self._wait_to_join(now)
             case Phase.WAITING:
                 if now >= self._attempt_at:
@@ -851,9 +857,18 @@ class Session:
             self._purpose.pop(rid, None)
             self._about.pop(rid, None)
 
-    def _next_endpoint(self) -> None:
+    def _next_endpoint(self) -> list[Action]:
+        """Move on to the next endpoint (fail-over), round robin.
+
+        Moving to another one also closes the SUB, whose broadcast endpoint
+        is the one left behind's (unless the user named the broadcast): left
+        open, it retried a dead relay for ever, and libzmq resolves a host
+        name in the I/O thread that the new DEALER shares, so a name that
+        no longer resolved (a container gone) held up the fail-over.
+        """
         index = self.endpoints.index(self.endpoint) if self.endpoint in self.endpoints else -1
-        self.endpoint = self.endpoints[(index + 1) % len(self.endpoints)]
+        before, self.endpoint = self.endpoint, self.endpoints[(index + 1) % len(self.endpoints)]
+        return [CloseSub()] if self.endpoint != before and self._broadcast is None else []
 
     def _join(self, now: float) -> list[Action]:
         self._goto(Phase.JOINING)
@@ -1018,7 +1033,7 @@ class Session:
         self.welcome = None
         self._early_ping = math.inf
         if move_on:
-            self._next_endpoint()  # fail-over: the next broker may be there
+            out += self._next_endpoint()  # fail-over: the next broker may be there
         self._goto(Phase.WAITING)
         self._attempt_at = now + self._retry
         return out
