@@ -68,8 +68,8 @@ CLOSE_LINGER_MS = 1000  # time to flush `bye` and `shutdown` at exit
 MAX_SUBSCRIPTION = 4096  # bytes of one frame a subscriber may send (a topic, or a handshake)
 MAX_CONTROL_FRAME = 64 * 1024  # bytes of one operator command
 OVERSLEEP = 0.5  # seconds a poll may return late before the loop counts as having lagged
-# The history writer takes the GIL back after each SQLite call of a commit
-# (five or more per commit) while the loop decodes the next pass. With the
+# The history writer (commits aside: --fsync) takes the GIL back after each
+# SQLite call of a commit while the loop decodes the next pass. With the
 # loop busy, each take waits for CPython's switch interval (5 ms by
 # default), and the pass's acks and events wait for the commit. 0.5 ms
 # lets the writer in sooner; W1, three runs each way, median p99: S = 10 at
@@ -343,7 +343,8 @@ class Server:
         zap = self.auth.socket if self.auth is not None else None
         if zap is not None:
             poller.register(zap, zmq.POLLIN)
-        committed = state.store.fileno()  # readable when a commit begun aside returned
+        # Readable when a commit begun aside returned.
+        committed = state.store.fileno() if state.store.commits_aside else None
         if committed is not None:
             poller.register(committed, zmq.POLLIN)
         relays = self.relays
@@ -441,10 +442,11 @@ class Server:
         2. End the pass in the state: the joins it coalesced become one
            event per room, before the commit that keeps it and the sends
            whose welcomes count it.
-        3. Commit this pass (one group commit). If input is waiting, begin
-           it on the writer thread and hold the pass's frames until it
-           returns (step 1 of the next pass; the poll wakes when it does);
-           if not, commit here and send at once. A pass that wrote nothing
+        3. Commit this pass (one group commit). If the commit waits on the
+           disk (``--fsync``) and input is waiting, begin it on the writer
+           thread and hold the pass's frames until it returns (step 1 of
+           the next pass; the poll wakes when it does); if not, commit here
+           and send at once. A pass that wrote nothing
            sends at once, still after the previous pass's frames: a pong's
            seqs must not overtake the events they count.
         4. Write the operator's screen: last, it is for people and may lag.
@@ -459,12 +461,13 @@ class Server:
             if self.failure is None:
                 try:
                     events = self.router.get(zmq.EVENTS)
-                    if isinstance(events, int) and events & _POLLIN:
+                    if store.commits_aside and isinstance(events, int) and events & _POLLIN:
                         store.begin_commit()  # input waits: decode it meanwhile
                     else:
-                        # Nothing to overlap: handing over would only add two
-                        # thread wake-ups (each a scheduler slice on a busy
-                        # machine) to every reply's latency.
+                        # Nothing to overlap, or nothing to wait for (no
+                        # fsync): handing over would only add thread
+                        # wake-ups and GIL hand-overs to every reply's
+                        # latency, and CPU.
                         store.commit()
                 except HistoryError as exc:
                     self._store_failed(exc)

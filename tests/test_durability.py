@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 import zmq
 
 from conftest import RawClient, RunningBroker, launch_broker
@@ -26,11 +27,15 @@ SENDERS = 3
 PER_SENDER = 150
 
 
+@pytest.mark.parametrize("fsync", [(), ("--fsync",)], ids=["on-the-loop", "fsync-aside"])
 def test_kill_9_loses_nothing_acked_and_resumes(
     start_broker: Callable[..., RunningBroker], tmp_path: Path, ctx: zmq.Context[Any],
+    fsync: tuple[str, ...],
 ) -> None:
+    # Both commit paths: on the loop (the default), and on the writer thread
+    # while the loop decodes the next pass (commits that fsync).
     db = str(tmp_path / "history.db")
-    options = ("--db", db, "--rate", "0", "--heartbeat", "0.3")
+    options = ("--db", db, "--rate", "0", "--heartbeat", "0.3", *fsync)
     first = start_broker(*options)
     epoch = RawClient(ctx, first).request({"type": "ping"})  # the broker answers
     assert epoch["type"] == "pong"
@@ -139,24 +144,26 @@ def test_second_broker_on_the_same_db_exits_4(start_broker: Callable[..., Runnin
     assert "cannot open history database" in clash.stderr
 
 
+@pytest.mark.parametrize("fsync", [False, True], ids=["on-the-loop", "fsync-aside"])
 def test_a_store_that_fills_up_stops_the_broker_and_nothing_unstored_goes_out(
-    ctx: zmq.Context[Any], tmp_path: Path,
+    ctx: zmq.Context[Any], tmp_path: Path, fsync: bool,
 ) -> None:
     """SQLITE_FULL mid-stream: every ack and every published event names a stored seq.
 
     The broker runs in this process (a real Server on loopback sockets) so
     that its database can be capped (``PRAGMA max_page_count``) while it
-    commits on its writer thread and decodes the next pass.
+    commits, on the loop or (fsync) on its writer thread while it decodes
+    the next pass.
     """
     db = tmp_path / "history.db"
     server = Server(Config(input="tcp://127.0.0.1:0", broadcast="tcp://127.0.0.1:0",
                            control="tcp://127.0.0.1:0", db=str(db), heartbeat=0.2,
-                           retention=3600.0, limits=Limits(rate=0.0)),
+                           retention=3600.0, limits=Limits(rate=0.0), fsync=fsync),
                     screen=io.StringIO(), context=ctx)
     endpoints = server.bind()
     assert server.state is not None
     store = server.state.store
-    assert isinstance(store, SqliteHistory)
+    assert isinstance(store, SqliteHistory) and store.commits_aside is fsync
     pages = store._db.execute("PRAGMA page_count").fetchone()[0]
     store._db.execute(f"PRAGMA max_page_count={pages + 300}")  # about 1.2 MB more
     loop = threading.Thread(target=server.run)
