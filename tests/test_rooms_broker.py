@@ -67,7 +67,7 @@ def dealer_event(client: RawClient, match: Callable[[dict[str, Any]], bool],
 def test_two_rooms_each_on_its_own_topic(raw: Raw) -> None:
     alice, bob, carol = raw(), raw(), raw()
     alice.join("alice")
-    bob.join("bob")
+    bob.join("bob", keep_alive=[alice])
     carol.subscribe(b"lobby\x00")
     welcome = carol.request({"type": "join", "name": "carol", "rooms": ["lobby", "Dev"]})
     assert welcome["rooms"] == ["lobby", "dev"] and welcome["room"] == "lobby"
@@ -94,8 +94,8 @@ def test_two_rooms_each_on_its_own_topic(raw: Raw) -> None:
 def test_private_room_is_invisible_to_a_third(raw: Raw) -> None:
     alice, bob, eve = raw(), raw(), raw()
     alice.join("alice")
-    bob.join("bob")
-    eve.join("eve")  # her SUB takes every topic
+    bob.join("bob", keep_alive=[alice])
+    eve.join("eve", keep_alive=[alice, bob])  # her SUB takes every topic
     entered(alice, "secret", private=True)
     assert bob.request({"type": "enter", "room": "secret", "id": "x"})["code"] == "forbidden"
     alice.request({"type": "invite", "room": "secret", "name": "bob", "id": "i"})
@@ -180,7 +180,7 @@ def test_v1_client_sees_lobby_only_as_before(raw: Raw) -> None:
 def test_admin_rooms_who_op_close(raw: Raw, broker: RunningBroker) -> None:
     alice, bob = raw(), raw()
     alice.join("alice")
-    bob.join("bob")
+    bob.join("bob", keep_alive=[alice])
     entered(alice, "dev")
     entered(bob, "dev")
     alice.request({"type": "part", "room": "dev", "id": "p"})  # dev has no operator now
