@@ -239,10 +239,15 @@ def cpu_seconds(pid: int) -> float:
         pass
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
+            return _stat_seconds(stat.read())
     except OSError:
         return 0.0
+
+
+def _stat_seconds(raw: bytes) -> float:
+    """utime + stime of a ``/proc/.../stat`` line, in seconds (10 ms ticks)."""
     # After the ")" of the command name: state is field 3, utime 14, stime 15.
+    fields = raw.rsplit(b")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
 
 
@@ -280,8 +285,7 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
             with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as schedstat:
                 seconds = int(schedstat.read().split()[0]) / 1e9  # ns on a CPU
         except (OSError, ValueError, IndexError):
-            fields = raw.rsplit(b")", 1)[1].split()
-            seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+            seconds = _stat_seconds(raw)
         threads[int(tid)] = (name, seconds)
     return threads
 
