@@ -279,9 +279,9 @@ class Relay:
     def _reopen_link(self) -> None:
         """Replace the link's socket: what was queued on the dead one goes with it."""
         poller = self._poller
-        for sock in (self.dealer, self.upstream_monitor):
-            if poller is not None:
-                poller.unregister(sock)
+        if poller is not None:
+            poller.unregister(self.dealer)
+            poller.unregister(self.upstream_monitor)
         self.dealer.disable_monitor()
         self.upstream_monitor.close(linger=0)
         self.dealer.close(linger=0)
