@@ -204,9 +204,15 @@ def test_a_store_that_fills_up_stops_the_broker_and_nothing_unstored_goes_out(
         sub.close(linger=0)
     assert server.failure is not None and "cannot write history" in server.failure
     assert 0 < len(acks) < sent, "the cap should stop the broker mid-stream"
+    stored = {}
     with sqlite3.connect(db) as check:
-        stored = {seq: msgpack.unpackb(body).get("text", "") for seq, body in check.execute(
-            "SELECT seq, body FROM events WHERE room = 'lobby'")}
+        # Each row holds a room's events first..last back to back.
+        for first, last, bodies in check.execute(
+                "SELECT first, last, bodies FROM segments WHERE room = 'lobby'"):
+            events = list(msgpack.Unpacker(io.BytesIO(bodies)))
+            assert len(events) == last - first + 1
+            for seq, event in enumerate(events, first):
+                stored[seq] = event.get("text", "")
     for rid, seq in acks.items():
         assert stored.get(seq, "").startswith(rid + " "), f"{rid} acked as {seq}, not stored"
     for seq, text in published.items():

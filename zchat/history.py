@@ -22,8 +22,9 @@ closed and made again goes on from it, so no seq is given twice in an epoch.
 
 Defines: ``History`` (the interface), ``MemoryHistory`` (bounded deques, lost
 with the process), ``SqliteHistory`` (WAL, survives the process; seqs, epoch,
-rooms and recent message ids carry over a restart, and a version 1 database
-is migrated: its events become ``lobby``'s), ``open_history``.
+rooms and recent message ids carry over a restart; a room's events of one
+commit are one row, and a version 1 or 2 database is migrated at open),
+``open_history``.
 """
 
 from __future__ import annotations
@@ -62,12 +63,17 @@ __all__ = [
 MEMORY = ":memory:"
 RECENT_IDS_SCANNED = 100_000  # events read at start for the ids of recent messages
 REPORT_EVERY = 60.0  # seconds between two log lines about the same store failure
+# Events one row of ``segments`` holds at most: a commit writes a room's
+# events of its pass as one row (a row per event cost 4-7 us of CPU an event
+# here, SQLite's B-tree work per row; a row per pass ~0.5), and a history
+# read unpacks at most this many events it does not return.
+SEGMENT_EVENTS = 256
 # Rows one INSERT statement writes. sqlite3 releases the GIL around each
 # statement step, and on the writer thread each step's release and
 # re-acquisition waits for the loop's thread to let go of the GIL (up to the
-# switch interval): one step per row (executemany) made a commit of 256
-# events wait on the loop 256 times, and put tens of milliseconds into p99.
-ROWS_PER_INSERT = 256
+# switch interval): one step per row (executemany) put tens of milliseconds
+# into p99.
+ROWS_PER_INSERT = 64
 CHECKPOINT_EVERY = 1.0  # seconds between two WAL checkpoints (off the commit path)
 TRIM_SLACK = 16  # a room past its count by keep // TRIM_SLACK events is trimmed at once
 
@@ -232,7 +238,7 @@ class MemoryHistory(History):
 
 
 _SCHEMA = """
--- meta: 'epoch' and 'schema' ('2'), where version 1 also kept 'last_seq' (lobby's)
+-- meta: 'epoch' and 'schema' ('3'), where version 1 also kept 'last_seq' (lobby's)
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- rooms given a seq: a last seq no lower than any a deletion took away (the
 -- highest stored event may say more), and settings (NULL once closed)
@@ -241,22 +247,37 @@ CREATE TABLE IF NOT EXISTS rooms (
     last_seq INTEGER NOT NULL,
     settings BLOB              -- MessagePack map (see zchat.state), NULL: closed
 );
+-- a room's events, consecutive seqs first..last, as one commit wrote them: a
+-- rowid table: rows this large (kilobytes, overflow pages) would be copied
+-- into the interior pages of a WITHOUT ROWID table's B-tree
+CREATE TABLE IF NOT EXISTS segments (
+    room TEXT NOT NULL,
+    first INTEGER NOT NULL,    -- the seq of its first event
+    last INTEGER NOT NULL,     -- the seq of its last event
+    ts0 REAL NOT NULL,         -- no event in it is older (a trim may leave it lower)
+    ts REAL NOT NULL,          -- its newest event's ts
+    ids BLOB,                  -- MessagePack array, per event [sender's dedupe lineage,
+                               -- request id] or nil (NULL: no event has one)
+    bodies BLOB NOT NULL       -- the events as published (MessagePack), back to back
+);
+CREATE UNIQUE INDEX IF NOT EXISTS segments_by_room ON segments (room, first, last);
 """
-_EVENTS = """
+# Version 2 kept a row per event; version 1 one room's events keyed by seq
+# alone (they became lobby's). Both are read into segments at open.
+_EVENTS_V2 = """
 CREATE TABLE IF NOT EXISTS events (
     room TEXT NOT NULL,
-    seq INTEGER NOT NULL,      -- consecutive per room
+    seq INTEGER NOT NULL,
     ts REAL NOT NULL,
-    sender TEXT,               -- the sender's dedupe lineage (see zchat.state)
-    rid TEXT,                  -- the request id of that message
-    body BLOB NOT NULL,        -- the event as published (MessagePack)
+    sender TEXT,
+    rid TEXT,
+    body BLOB NOT NULL,
     PRIMARY KEY (room, seq)
 ) WITHOUT ROWID;
 """
-# Version 1 kept one room's events keyed by seq alone: they become lobby's.
 _MIGRATE_V1 = """
 ALTER TABLE events RENAME TO events_v1;
-""" + _EVENTS + """
+""" + _EVENTS_V2 + """
 INSERT INTO events SELECT 'lobby', seq, ts, sender, rid, body FROM events_v1;
 DROP TABLE events_v1;
 INSERT OR IGNORE INTO rooms
@@ -266,8 +287,10 @@ DELETE FROM meta WHERE key = 'last_seq';
 """
 
 
-# (room, seq, ts, sender, rid, body): one row of ``events``
+# (room, seq, ts, sender, rid, body): one event appended, not yet committed
 _Row: TypeAlias = tuple[str, int, float, str | None, str | None, bytes]
+# (room, first, last, ts0, ts, ids, bodies): one row of ``segments``
+_Segment: TypeAlias = tuple[str, int, int, float, float, bytes | None, bytes]
 
 
 @dataclass(slots=True)
@@ -405,11 +428,19 @@ class SqliteHistory(History):
     again under the same epoch, even when every event is gone. A commit
     that only adds events is a single INSERT and leaves the rows behind.
 
-    Every failure is a ``HistoryError``. Opening reads the whole events
-    table once (its count and the recent ids), so a corrupt database is
-    found at start; a read that fails later costs that request only; a
-    failed commit (pruning included) marks the store broken: nothing more
-    is written, and the broker stops without acking what it could not store.
+    A commit writes each room's events of its pass as one row of
+    ``segments`` (``SEGMENT_EVENTS`` at most), their packed bytes back to
+    back: SQLite's work is per row, and a row per event cost 2-3 times the
+    CPU per event at the 40-256 events a busy pass holds. Trimming to the
+    count or the age cuts inside a row exactly (the row that straddles the
+    cut is written again without its head), so what is kept is what a
+    row per event kept.
+
+    Every failure is a ``HistoryError``. Opening checks every page once
+    (``quick_check``), so a corrupt database is found at start; a read
+    that fails later costs that request only; a failed commit (pruning
+    included) marks the store broken: nothing more is written, and the
+    broker stops without acking what it could not store.
 
     One connection, used by one thread at a time (``_lock``): the writer
     thread for a commit begun with ``begin_commit``, the loop's thread for
@@ -471,17 +502,25 @@ class SqliteHistory(History):
                 if statement.strip():
                     self._db.execute(statement)
             columns = [row[1] for row in self._db.execute("PRAGMA table_info(events)")]
-            statements = _EVENTS if not columns else _MIGRATE_V1 if "room" not in columns else ""
-            for statement in statements.split(";"):
-                if statement.strip():
-                    self._db.execute(statement)
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', '2')")
+            if columns:
+                if "room" not in columns:
+                    for statement in _MIGRATE_V1.split(";"):
+                        if statement.strip():
+                            self._db.execute(statement)
+                _migrate_v2(self._db)
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', '3')")
             row = self._db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('epoch', ?)", (self.epoch,))
             else:
                 self.epoch = row[0]
             self._db.execute("COMMIT")
+            # A row's events live mostly in overflow pages, which nothing
+            # below reads: every page is walked once now, while a corrupt
+            # database is still a clean exit 4 rather than a failed read later.
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise ValueError("; ".join(problems))
             for name, last, settings in self._db.execute(
                     "SELECT name, last_seq, settings FROM rooms"):
                 self.last_seqs[name] = int(last)
@@ -489,7 +528,8 @@ class SqliteHistory(History):
                     self._settings[name] = msgpack.unpackb(settings)
             stored = 0
             for name, first_seq, kept_seq, count in self._db.execute(
-                    "SELECT room, min(seq), max(seq), count(*) FROM events GROUP BY room"):
+                    "SELECT room, min(first), max(last), sum(last - first + 1) "
+                    "FROM segments GROUP BY room"):
                 if int(kept_seq) > self.last_seqs.get(name, 0):
                     # Left behind by insert-only commits before a stop: the
                     # first commit that may delete events writes it.
@@ -499,11 +539,7 @@ class SqliteHistory(History):
                 stored += count
             self._stored: int = stored
             # Read now, while a failure is still a clean exit 4.
-            recent = self._db.execute(
-                "SELECT sender, rid, seq, room FROM events WHERE rid IS NOT NULL "
-                "ORDER BY ts DESC, seq DESC LIMIT ?", (RECENT_IDS_SCANNED,)).fetchall()
-            recent.reverse()
-            self._recent: list[tuple[str, str, int, str]] = recent
+            self._recent: list[tuple[str, str, int, str]] = self._read_recent()
         except (sqlite3.Error, ValueError, msgpack.ExtraData) as exc:
             self._db.close()
             self._release_hold()
@@ -515,6 +551,26 @@ class SqliteHistory(History):
                 self._db.close()
                 self._release_hold()
                 raise HistoryError(f"cannot open history database {self.path}: {exc}") from exc
+
+    def _read_recent(self) -> list[tuple[str, str, int, str]]:
+        """(sender, id, seq, room) of the last ``RECENT_IDS_SCANNED`` stored messages with an id."""
+        recent: list[tuple[str, str, int, str]] = []
+        cursor = self._db.execute("SELECT room, first, ids FROM segments WHERE ids IS NOT NULL "
+                                  "ORDER BY ts DESC, first DESC")
+        try:
+            for room, first, packed in cursor:
+                ids = msgpack.unpackb(packed)
+                for offset in range(len(ids) - 1, -1, -1):
+                    pair = ids[offset]
+                    if pair is not None:
+                        recent.append((pair[0], pair[1], first + offset, room))
+                if len(recent) >= RECENT_IDS_SCANNED:
+                    break
+        finally:
+            cursor.close()
+        del recent[RECENT_IDS_SCANNED:]
+        recent.reverse()
+        return recent
 
     def _release_hold(self) -> None:
         if self._hold >= 0:
@@ -636,28 +692,29 @@ class SqliteHistory(History):
             return exc
 
     def _write(self, job: _Commit) -> int:
-        """Write ``job`` in one transaction; the number of events deleted.
+        """Write ``job`` in one transaction; by how many events the store grew.
 
         Runs on the writer thread (or the caller's, for ``commit``), holding
         the connection's lock; reads nothing of the store but ``job``.
         """
         db = self._db
-        rows = job.rows
-        if (0 < len(rows) <= ROWS_PER_INSERT and not job.rooms and not job.dropped
+        segments = _segments(job.rows)
+        if (0 < len(segments) <= ROWS_PER_INSERT and not job.rooms and not job.dropped
                 and not job.trim and job.horizon is None):
             # One statement is one transaction: BEGIN, the room rows and
             # COMMIT were three statements more, each with its own fixed
             # cost (and, on the writer thread, its own wait for the GIL).
-            db.execute(_insert_rows(len(rows)), [value for row in rows for value in row])
-            return len(rows)
+            db.execute(_insert_segments(len(segments)), [v for seg in segments for v in seg])
+            return len(job.rows)
         db.execute("BEGIN")
         try:
             deleted = 0
             for room in job.dropped:
-                deleted += db.execute("DELETE FROM events WHERE room = ?", (room,)).rowcount
-            for start in range(0, len(rows), ROWS_PER_INSERT):
-                chunk = rows[start:start + ROWS_PER_INSERT]
-                db.execute(_insert_rows(len(chunk)), [value for row in chunk for value in row])
+                deleted += _count(db, "WHERE room = ?", (room,))
+                db.execute("DELETE FROM segments WHERE room = ?", (room,))
+            for start in range(0, len(segments), ROWS_PER_INSERT):
+                chunk = segments[start:start + ROWS_PER_INSERT]
+                db.execute(_insert_segments(len(chunk)), [v for seg in chunk for v in seg])
             for room, seq, settings in job.rooms:
                 if settings is _KEEP:
                     db.execute("INSERT INTO rooms VALUES (?, ?, NULL) ON CONFLICT(name) "
@@ -666,11 +723,19 @@ class SqliteHistory(History):
                     db.execute("INSERT OR REPLACE INTO rooms VALUES (?, ?, ?)",
                                (room, seq, settings))
             for room, upto in job.trim:
-                deleted += db.execute("DELETE FROM events WHERE room = ? AND seq <= ?",
-                                      (room, upto)).rowcount
+                deleted += _count(db, "WHERE room = ? AND last <= ?", (room, upto))
+                db.execute("DELETE FROM segments WHERE room = ? AND last <= ?", (room, upto))
+                # The one row that holds both sides of the cut loses its head.
+                for row in db.execute("SELECT * FROM segments WHERE room = ? AND first <= ?",
+                                      (room, upto)).fetchall():
+                    deleted += _cut(db, row, upto=upto)
             if job.horizon is not None:
-                deleted += db.execute("DELETE FROM events WHERE ts < ?",
-                                      (job.horizon,)).rowcount
+                horizon = job.horizon
+                deleted += _count(db, "WHERE ts < ?", (horizon,))
+                db.execute("DELETE FROM segments WHERE ts < ?", (horizon,))
+                for row in db.execute("SELECT * FROM segments WHERE ts0 < ?",
+                                      (horizon,)).fetchall():
+                    deleted += _cut(db, row, horizon=horizon)
             db.execute("COMMIT")
         except BaseException:
             try:
@@ -700,10 +765,20 @@ class SqliteHistory(History):
         # A room closed since the last commit still has rows in the table:
         # they are not read.
         try:
-            with self._lock:
-                rows = [] if room in self._dropped else self._db.execute(
-                    "SELECT seq, body FROM events WHERE room = ? AND seq > ? "
-                    "ORDER BY seq LIMIT ?", (room, seq, limit)).fetchall()
+            rows: list[tuple[int, bytes]] = []
+            if room not in self._dropped:
+                with self._lock:
+                    cursor = self._db.execute(
+                        "SELECT first, last, bodies FROM segments WHERE room = ? AND last > ? "
+                        "ORDER BY first", (room, seq))
+                    try:
+                        for first, last, bodies in cursor:
+                            rows += islice(_split(first, last, bodies), max(0, seq + 1 - first),
+                                           None)
+                            if len(rows) >= limit:
+                                break
+                    finally:
+                        cursor.close()  # a statement left open holds a read snapshot
             # What a commit under way (or just finished) holds may also be in
             # the table already: each seq is taken once.
             unsure = [(p[1], p[5]) for p in self._inflight
@@ -756,9 +831,98 @@ class SqliteHistory(History):
 
 
 @functools.cache
-def _insert_rows(count: int) -> str:
-    """``INSERT INTO events`` of ``count`` rows in one statement (sqlite3 caches each)."""
-    return "INSERT INTO events VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?)"] * count)
+def _insert_segments(count: int) -> str:
+    """``INSERT INTO segments`` of ``count`` rows in one statement (sqlite3 caches each)."""
+    return "INSERT INTO segments VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * count)
+
+
+def _segments(rows: list[_Row]) -> list[_Segment]:
+    """``rows`` as segments: each room's consecutive events, ``SEGMENT_EVENTS`` at most a row."""
+    runs: dict[str, list[_Row]] = {}
+    segments = []
+    for row in rows:
+        run = runs.get(row[0])
+        if run is not None and (row[1] != run[-1][1] + 1 or len(run) >= SEGMENT_EVENTS):
+            segments.append(_segment(run))
+            run = None
+        if run is None:
+            run = runs[row[0]] = []
+        run.append(row)
+    segments += (_segment(run) for run in runs.values())
+    return segments
+
+
+def _segment(run: list[_Row]) -> _Segment:
+    stamps = [row[2] for row in run]
+    ids = [None if row[4] is None else (row[3], row[4]) for row in run]
+    return (run[0][0], run[0][1], run[-1][1], min(stamps), max(stamps),
+            msgpack.packb(ids) if any(ids) else None, b"".join([row[5] for row in run]))
+
+
+def _split(first: int, last: int, bodies: bytes) -> Iterator[tuple[int, bytes]]:
+    """(seq, packed event) of each event of a segment, in order (``ValueError``: corrupt)."""
+    unpacker = msgpack.Unpacker()
+    unpacker.feed(bodies)
+    start = 0
+    for seq in range(first, last + 1):
+        unpacker.skip()  # msgpack.OutOfData (a ValueError): fewer events than seqs
+        end = unpacker.tell()
+        yield seq, bodies[start:end]
+        start = end
+    if start != len(bodies):
+        raise ValueError(f"segment {first}..{last}: bytes past its last event")
+
+
+def _count(db: sqlite3.Connection, where: str, args: tuple[object, ...]) -> int:
+    """How many events the segments ``where`` selects hold."""
+    row = db.execute("SELECT coalesce(sum(last - first + 1), 0) FROM segments " + where,
+                     args).fetchone()
+    return int(row[0])
+
+
+def _cut(db: sqlite3.Connection, segment: _Segment, upto: int = 0,
+         horizon: float | None = None) -> int:
+    """Delete a segment's leading events up to seq ``upto``, or older than ``horizon``; how many."""
+    room, first, last, _ts0, newest, ids, bodies = segment
+    events = list(_split(first, last, bodies))
+    gone = 0
+    while gone < len(events) and (
+            events[gone][0] <= upto if horizon is None else _stamp(events[gone][1]) < horizon):
+        gone += 1
+    key = (room, first)
+    if gone == len(events):
+        db.execute("DELETE FROM segments WHERE room = ? AND first = ?", key)
+        return gone
+    oldest = _stamp(events[gone][1])  # its ts0 exact again: not read for age twice
+    if not gone:
+        db.execute("UPDATE segments SET ts0 = ? WHERE room = ? AND first = ?", (oldest, *key))
+        return 0
+    kept_ids = None
+    if ids is not None:
+        rest = msgpack.unpackb(ids)[gone:]
+        kept_ids = msgpack.packb(rest) if any(rest) else None
+    offset = sum(len(packed) for _, packed in events[:gone])
+    db.execute("DELETE FROM segments WHERE room = ? AND first = ?", key)
+    db.execute(_insert_segments(1), (room, first + gone, last, oldest, newest, kept_ids,
+                                     bodies[offset:]))
+    return gone
+
+
+def _stamp(packed: bytes) -> float:
+    ts = msgpack.unpackb(packed)["ts"]
+    return float(ts)
+
+
+def _migrate_v2(db: sqlite3.Connection) -> None:
+    """Version 2's ``events`` (a row per event) become segments, in the transaction under way."""
+    cursor = db.execute("SELECT room, seq, ts, sender, rid, body FROM events ORDER BY room, seq")
+    while batch := cursor.fetchmany(4096):
+        segments = _segments(batch)
+        for start in range(0, len(segments), ROWS_PER_INSERT):
+            chunk = segments[start:start + ROWS_PER_INSERT]
+            db.execute(_insert_segments(len(chunk)), [v for seg in chunk for v in seg])
+    cursor.close()
+    db.execute("DROP TABLE events")
 
 
 def _unique_seqs(rows: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
