@@ -521,6 +521,10 @@ class SqliteHistory(History):
             problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)")]
             if problems != ["ok"]:
                 raise ValueError("; ".join(problems))
+            # The check walked every page through SQLite's cache: let it go,
+            # so the cache holds what the broker reads, not what the check
+            # happened to walk last.
+            self._db.execute("PRAGMA shrink_memory")
             for name, last, settings in self._db.execute(
                     "SELECT name, last_seq, settings FROM rooms"):
                 self.last_seqs[name] = int(last)
