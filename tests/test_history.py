@@ -383,7 +383,8 @@ CREATE TABLE events (room TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,
 """
 
 
-def test_a_version_2_database_s_rows_become_segments(tmp_path: Path) -> None:
+def test_a_version_2_database_s_rows_become_segments(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import sqlite3
 
     import msgpack
@@ -405,6 +406,7 @@ def test_a_version_2_database_s_rows_become_segments(tmp_path: Path) -> None:
     db.commit()
     db.close()
     store = SqliteHistory(path)
+    assert "rewritten to format 3 (a row per room and commit): 11 events" in caplog.text
     assert (store.epoch, store.seq_of("dev"), store.seq_of("lobby"), len(store)) == (
         "v2-epoch", 12, 3, 11)
     assert [e["text"] for e in store.after(4, 3, room="dev")] == ["d5", "d6", "d7"]
@@ -415,7 +417,9 @@ def test_a_version_2_database_s_rows_become_segments(tmp_path: Path) -> None:
     assert "events" not in tables
     assert store._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
     store.close()
+    caplog.clear()
     again = SqliteHistory(path)  # migrated once: opening again changes nothing
+    assert "rewritten" not in caplog.text
     assert [e["seq"] for e in again.after(0, 100, room="dev")] == list(range(3, 11))
     again.close()
 
