@@ -461,12 +461,16 @@ def test_cuts_inside_a_row_are_exact_and_survive_reopen(tmp_path: Path) -> None:
     again.close()
 
 
-def test_a_row_with_bytes_past_its_events_is_a_failed_read(tmp_path: Path) -> None:
+@pytest.mark.parametrize("last, tail", [(1, b"\xc1"), (2, b""), (1, b"\x92")],
+                         ids=["bytes past its events", "a seq without an event",
+                              "an event cut short"])
+def test_a_row_that_does_not_hold_its_seqs_is_a_failed_read(
+        tmp_path: Path, last: int, tail: bytes) -> None:
     import msgpack
 
     store = SqliteHistory(tmp_path / "h.db")
-    store._db.execute("INSERT INTO segments VALUES ('lobby', 1, 1, 1.0, 1.0, NULL, ?)",
-                      (msgpack.packb(event(1)) + b"\xc1",))
+    store._db.execute("INSERT INTO segments VALUES ('lobby', 1, ?, 1.0, 1.0, NULL, ?)",
+                      (last, msgpack.packb(event(1)) + tail))
     with pytest.raises(HistoryError, match="history read failed"):
         store.after(0, 10)
     store.close()

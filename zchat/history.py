@@ -873,7 +873,10 @@ def _split(first: int, last: int, bodies: bytes) -> Iterator[tuple[int, bytes]]:
     unpacker.feed(bodies)
     start = 0
     for seq in range(first, last + 1):
-        unpacker.skip()  # msgpack.OutOfData (a ValueError): fewer events than seqs
+        try:
+            unpacker.skip()
+        except msgpack.OutOfData:  # not a ValueError, unlike the other unpack errors
+            raise ValueError(f"segment {first}..{last}: no event for seq {seq}") from None
         end = unpacker.tell()
         yield seq, bodies[start:end]
         start = end
