@@ -102,6 +102,14 @@ def _thread(step: dict[str, Any]) -> str:
     return f"{step.get('busiest_thread', '')} {_fmt(step.get('busiest_thread_pct'), '.0f')}%"
 
 
+def _at_half(entry: dict[str, Any]) -> str:
+    """p99 of the step at half the highest rate, and that rate: ``8.8 @ 16,000``."""
+    half = entry.get("at_half") or {}
+    if half.get("p99_ms") is None:
+        return "-"
+    return f"{half['p99_ms']:.1f} @ {half['rate']:,}" + ("" if half.get("passed") else " FAIL")
+
+
 def tables(results: dict[str, Any]) -> str:
     """The W1 and W2 tables, as printed at the end of a run and in the README."""
     out = []
@@ -125,9 +133,9 @@ def tables(results: dict[str, Any]) -> str:
         out.append(_table(headers, rows))
     if w1:
         headers = ["W1 throughput", "S", "max msg/s", "deliveries/s", "p50 ms", "p99 ms",
-                   "CPU%", "us/msg", "us/msg@fail", "busiest thread", "gen CPU%",
-                   "gen us/dlv", "sys us/dlv", "headroom", "x ceiling", "x original",
-                   "next step failed on"]
+                   "p99 ms @ half", "CPU%", "us/msg", "us/msg@fail", "busiest thread",
+                   "gen CPU%", "gen us/dlv", "sys us/dlv", "headroom", "x ceiling",
+                   "x original", "next step failed on"]
         rows = []
         sizes = sorted({s for per in w1.values() for s in per}, key=int)
         for size in sizes:
@@ -152,6 +160,7 @@ def tables(results: dict[str, Any]) -> str:
                     name, str(size), rate,
                     _fmt(best.get("deliveries_per_s"), ","),
                     _fmt(best.get("p50_ms"), ".1f"), _fmt(best.get("p99_ms"), ".1f"),
+                    _at_half(entry),
                     _fmt(best.get("system_cpu_pct"), ".0f"),
                     _fmt(best.get("system_us_per_msg"), ".1f"),
                     _fmt(fail.get("system_us_per_msg"), ".1f"),
@@ -260,7 +269,11 @@ def chart(results: dict[str, Any], path: str) -> str | None:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The W1 figures as the README's Markdown tables: rates and ratios, CPU per message."""
+    """The W1 figures as the README's Markdown tables.
+
+    Rates and ratios; CPU per message; p99 (ms) at half each system's
+    highest rate (``p99 @ rate``).
+    """
     w1 = results.get("w1", {})
     ratios = results.get("ratios") or summarize(results)
     generator = results.get("generator", {})
@@ -309,4 +322,9 @@ def markdown(results: dict[str, Any]) -> str:
                 gen.append(step["generator_us_per_delivery"] * int(size))
         cells.append(f"{min(gen):,.0f}-{max(gen):,.0f}" if gen else "-")
         cpu.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + "\n".join(cpu)
+    head = ["S", *names]
+    half = ["| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
+    for size in sizes:
+        half.append("| " + " | ".join(
+            [f"{int(size):,}", *(_at_half(w1[name].get(size) or {}) for name in names)]) + " |")
+    return "\n".join(lines) + "\n\n" + "\n".join(cpu) + "\n\n" + "\n".join(half)

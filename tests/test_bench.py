@@ -134,6 +134,10 @@ def test_quick_run_measures_every_system(tmp_path: Path) -> None:
         entry = results["w1"][name]["5"]
         assert entry["error"] is None, entry["error"]
         assert entry["steps"], name
+        # One step more at half the highest rate passed, for the p99 target.
+        assert entry["at_half"] == entry["steps"][-1], name
+        assert entry["at_half"]["rate"] == round(entry["best"]["rate"] / 2), name
+        assert entry["at_half"]["half_of"] == entry["best"]["rate"]
         for step in entry["steps"]:
             assert step["expected"] > 0
             assert step["delivered"] > 0, (name, step)
@@ -177,9 +181,12 @@ def test_quick_run_measures_every_system(tmp_path: Path) -> None:
     assert "S=5" in proc.stderr and "N=20" in proc.stderr
     assert tables({**results, "ratios": summarize(results)}) in proc.stdout
     # The README's tables come from the same file: rates with their ratio to
-    # the ceiling, and CPU per message at one rate that every system ran.
+    # the ceiling, CPU per message at one rate that every system ran, and
+    # p99 at half each one's highest rate.
     md = markdown(results)
     assert "generator into a sink" in md and "| S | at msg/s |" in md, md
+    half = results["w1"]["zchat"]["5"]["at_half"]
+    assert f"{half['p99_ms']:.1f} @ {half['rate']:,}" in md, md  # p99 at half the highest
 
 
 def test_headroom_adds_the_publishers_and_the_subscribers_shares() -> None:
