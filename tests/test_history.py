@@ -474,3 +474,22 @@ def test_a_row_that_does_not_hold_its_seqs_is_a_failed_read(
     with pytest.raises(HistoryError, match="history read failed"):
         store.after(0, 10)
     store.close()
+
+
+def test_the_wal_is_copied_into_the_database_on_its_own(tmp_path: Path) -> None:
+    # Commits only append to the WAL; the checkpoint thread copies it into
+    # the database file (and lets the WAL start over) every CHECKPOINT_EVERY.
+    from zchat.history import CHECKPOINT_EVERY
+
+    path = tmp_path / "h.db"
+    store = SqliteHistory(path)
+    empty = path.stat().st_size
+    for seq in range(1, 2001):
+        store.append(event(seq, text="c" * 500))
+        if seq % 100 == 0:
+            store.commit()
+    deadline = time.monotonic() + 20 * CHECKPOINT_EVERY + 5
+    while path.stat().st_size < empty + 1_000_000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.stat().st_size >= empty + 1_000_000, "the events never left the WAL"
+    store.close()
