@@ -719,7 +719,7 @@ class SqliteHistory(History):
             # One statement is one transaction: BEGIN, the room rows and
             # COMMIT were three statements more, each with its own fixed
             # cost (and, on the writer thread, its own wait for the GIL).
-            db.execute(_insert_segments(len(segments)), [v for seg in segments for v in seg])
+            _insert(db, segments)
             return len(job.rows)
         db.execute("BEGIN")
         try:
@@ -727,9 +727,7 @@ class SqliteHistory(History):
             for room in job.dropped:
                 deleted += _count(db, "WHERE room = ?", (room,))
                 db.execute("DELETE FROM segments WHERE room = ?", (room,))
-            for start in range(0, len(segments), ROWS_PER_INSERT):
-                chunk = segments[start:start + ROWS_PER_INSERT]
-                db.execute(_insert_segments(len(chunk)), [v for seg in chunk for v in seg])
+            _insert(db, segments)
             for room, seq, settings in job.rooms:
                 if settings is _KEEP:
                     db.execute("INSERT INTO rooms VALUES (?, ?, NULL) ON CONFLICT(name) "
@@ -851,6 +849,13 @@ def _insert_segments(count: int) -> str:
     return "INSERT INTO segments VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * count)
 
 
+def _insert(db: sqlite3.Connection, segments: list[_Segment]) -> None:
+    """Write ``segments``, ``ROWS_PER_INSERT`` rows a statement."""
+    for start in range(0, len(segments), ROWS_PER_INSERT):
+        chunk = segments[start:start + ROWS_PER_INSERT]
+        db.execute(_insert_segments(len(chunk)), [v for seg in chunk for v in seg])
+
+
 def _segments(rows: list[_Row]) -> list[_Segment]:
     """``rows`` as segments: each room's consecutive events, ``SEGMENT_EVENTS`` at most a row."""
     runs: dict[str, list[_Row]] = {}
@@ -901,21 +906,24 @@ def _count(db: sqlite3.Connection, where: str, args: tuple[object, ...]) -> int:
 def _cut(db: sqlite3.Connection, segment: _Segment, upto: int = 0,
          horizon: float | None = None) -> int:
     """Delete a segment's leading events up to seq ``upto``, or older than ``horizon``; how many."""
-    room, first, last, _ts0, newest, ids, bodies = segment
+    room, first, last, ts0, newest, ids, bodies = segment
     events = list(_split(first, last, bodies))
-    gone = 0
-    while gone < len(events) and (
-            events[gone][0] <= upto if horizon is None else _stamp(events[gone][1]) < horizon):
-        gone += 1
+    if horizon is None:
+        # By count: no event need be read, and ts0 stays a bound below.
+        gone = min(len(events), max(0, upto - first + 1))
+    else:
+        gone = 0
+        while gone < len(events) and _stamp(events[gone][1]) < horizon:
+            gone += 1
+        # Its ts0 exact again, so that the next prune passes it by (the clock
+        # may have gone back within it: the oldest is not always the first).
+        ts0 = min((_stamp(packed) for _, packed in events[gone:]), default=ts0)
     key = (room, first)
     if gone == len(events):
         db.execute("DELETE FROM segments WHERE room = ? AND first = ?", key)
         return gone
-    # Its ts0 exact again, so that the next prune passes it by (the clock
-    # may have gone back within it: the oldest is not always the first).
-    oldest = min(_stamp(packed) for _, packed in events[gone:])
     if not gone:
-        db.execute("UPDATE segments SET ts0 = ? WHERE room = ? AND first = ?", (oldest, *key))
+        db.execute("UPDATE segments SET ts0 = ? WHERE room = ? AND first = ?", (ts0, *key))
         return 0
     kept_ids = None
     if ids is not None:
@@ -923,8 +931,7 @@ def _cut(db: sqlite3.Connection, segment: _Segment, upto: int = 0,
         kept_ids = msgpack.packb(rest) if any(rest) else None
     offset = sum(len(packed) for _, packed in events[:gone])
     db.execute("DELETE FROM segments WHERE room = ? AND first = ?", key)
-    db.execute(_insert_segments(1), (room, first + gone, last, oldest, newest, kept_ids,
-                                     bodies[offset:]))
+    _insert(db, [(room, first + gone, last, ts0, newest, kept_ids, bodies[offset:])])
     return gone
 
 
@@ -942,10 +949,7 @@ def _migrate_v2(db: sqlite3.Connection) -> int:
     cursor = db.execute("SELECT room, seq, ts, sender, rid, body FROM events ORDER BY room, seq")
     while batch := cursor.fetchmany(4096):
         moved += len(batch)
-        segments = _segments(batch)
-        for start in range(0, len(segments), ROWS_PER_INSERT):
-            chunk = segments[start:start + ROWS_PER_INSERT]
-            db.execute(_insert_segments(len(chunk)), [v for seg in chunk for v in seg])
+        _insert(db, _segments(batch))
     cursor.close()
     db.execute("DROP TABLE events")
     return moved
