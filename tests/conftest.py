@@ -94,6 +94,18 @@ ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"input=(\S+) broadcast=(\S+) control=(\S+)")
 
 
+def wait_until(what: str, condition: Any, timeout: float, interval: float = 0.5) -> Any:
+    """Poll ``condition()`` until it returns something true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
 def wait_line(lines: list[str], pattern: str, timeout: float = 10.0, *, count: int = 1,
               what: str = "program", alive: Callable[[], bool] | None = None) -> str:
     """Wait until ``count`` of ``lines`` (filled by a reader thread) match ``pattern``.

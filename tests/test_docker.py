@@ -64,7 +64,7 @@ from typing import Any
 import pytest
 import zmq
 
-from conftest import unused_ports
+from conftest import unused_ports, wait_until
 from zchat import BrokerUnreachable, Client, Message
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,18 +105,6 @@ def run(*argv: str | Path, timeout: float = 120, check: bool = True,
             f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
         )
     return result
-
-
-def wait_until(what: str, condition: Any, timeout: float, interval: float = 0.5) -> Any:
-    """Poll ``condition()`` until it returns something true; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 # ------------------------------------------------------------------ engine

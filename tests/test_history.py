@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_until
 from zchat.history import HistoryError, MemoryHistory, SqliteHistory, open_history
 from zchat.protocol import Join, Leave, Say
 from zchat.state import Broker, Limits
@@ -488,8 +489,7 @@ def test_the_wal_is_copied_into_the_database_on_its_own(tmp_path: Path) -> None:
         store.append(event(seq, text="c" * 500))
         if seq % 100 == 0:
             store.commit()
-    deadline = time.monotonic() + 20 * CHECKPOINT_EVERY + 5
-    while path.stat().st_size < empty + 1_000_000 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert path.stat().st_size >= empty + 1_000_000, "the events never left the WAL"
+    wait_until("the events to leave the WAL",
+               lambda: path.stat().st_size >= empty + 1_000_000,
+               20 * CHECKPOINT_EVERY + 5, interval=0.05)
     store.close()
